@@ -1,0 +1,199 @@
+"""What every command shares: option types with the same names everywhere, the model-loading options,
+and the guard that turns typed errors into a message and an exit code.
+
+Nothing here imports torch: `mlops --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import traceback
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from mlops_cli import render
+from mlops_cli.core.errors import MlopsError, ResourceError, UsageError
+
+if TYPE_CHECKING:
+    from mlops_cli.core.loading import LoadOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+TOLERANCE_HELP = "An element passes when |candidate - reference| <= atol + rtol * |reference|."
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", show_default=False,
+    help="Model reference: a Hugging Face folder, a weights file (+ --arch), a TorchScript (.pt, needs "
+         "--trust-code) or torch.export .pt2 file, an .onnx file, or builtin:NAME (see `mlops zoo list`).")]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: auto (CUDA when visible), cpu, cuda.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or hints.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for generated inputs and random choices.")]
+InputOpt = Annotated[list[str] | None, typer.Option(
+    "--input", show_default=False,
+    help="Input spec name:dtype[d0,d1,...], repeatable; a dim may be named (batch, sequence=32). Named dims "
+         "(the first by default) are varied by multi-shape checks. Example: --input x:float32[batch=2,3,224,224]")]
+AtolOpt = Annotated[list[str] | None, typer.Option(
+    "--atol", show_default=False,
+    help=f"Absolute tolerance, or NAME=VALUE for one output (repeatable). {TOLERANCE_HELP}")]
+RtolOpt = Annotated[list[str] | None, typer.Option(
+    "--rtol", show_default=False, help=f"Relative tolerance, or NAME=VALUE for one output. {TOLERANCE_HELP}")]
+
+
+# Loading options shared by every command that takes a MODEL (added by @model_options).
+_LOAD_PARAMETERS: list[tuple[str, Any, Any]] = [
+    ("arch", Annotated[str | None, typer.Option(
+        "--arch", rich_help_panel="Loading", show_default=False,
+        help="Architecture for a weights file: module.path:Factory or path/to/file.py:Factory (runs that code).")],
+     None),
+    ("arch_kwargs", Annotated[str | None, typer.Option(
+        "--arch-kwargs", rich_help_panel="Loading", show_default=False,
+        help='Keyword arguments for --arch: JSON (\'{"num_classes": 10}\') or k=v,k=v.')], None),
+    ("key", Annotated[str | None, typer.Option(
+        "--key", rich_help_panel="Loading", show_default=False,
+        help="Key of the state_dict inside a training checkpoint (found automatically: state_dict, model, net...).")],
+     None),
+    ("strip_prefix", Annotated[str | None, typer.Option(
+        "--strip-prefix", rich_help_panel="Loading", show_default=False,
+        help="Drop this prefix from weight names (e.g. 'module.' from DataParallel).")], None),
+    ("task", Annotated[str | None, typer.Option(
+        "--task", rich_help_panel="Loading", show_default=False,
+        help="Hugging Face head to load (sequence-classification, causal-lm, ...) instead of config.architectures.")],
+     None),
+    ("trust_code", Annotated[bool, typer.Option(
+        "--trust-code", rich_help_panel="Loading", help="Allow code-carrying files (TorchScript archives).")], False),
+    ("trust_remote_code", Annotated[bool, typer.Option(
+        "--trust-remote-code", rich_help_panel="Loading",
+        help="Allow Hugging Face models whose repository ships custom code.")], False),
+]
+
+
+def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
+    """`{"a": 1}` or `a=1,b=x` -> dict (values parsed as JSON where they can be)."""
+    if not text:
+        return {}
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise UsageError("--arch-kwargs must be a JSON object")
+        return value
+    result: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in stripped.split(","))):
+        name, sep, raw = part.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise UsageError(f"--arch-kwargs: {part!r} is not NAME=VALUE")
+        try:
+            result[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[name.strip()] = raw
+    return result
+
+
+def model_options(fn: F) -> F:
+    """Add the shared loading options to a command; it receives them as `load: LoadOptions`."""
+    signature = inspect.signature(fn)
+    names = [name for name, _, _ in _LOAD_PARAMETERS]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in _LOAD_PARAMETERS]
+    kept = [p for p in signature.parameters.values() if p.name != "load"]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mlops_cli.core.loading import LoadOptions
+
+        values = {name: kwargs.pop(name) for name in names}
+        values["arch_kwargs"] = parse_arch_kwargs(values["arch_kwargs"])
+        return fn(*args, load=LoadOptions(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=kept + extra)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != "load"}
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_tolerances(atol: list[str] | None, rtol: list[str] | None, default: tuple[float, float]) -> Any:
+    """`--atol 1e-4 --atol logits=1e-3` -> Tolerances (global value plus per-output overrides)."""
+    from mlops_cli.services.parity import Tolerances
+
+    base = {"atol": default[0], "rtol": default[1]}
+    per_output: dict[str, list[float | None]] = {}
+    for kind, values in (("atol", atol or []), ("rtol", rtol or [])):
+        for value in values:
+            name, sep, number = value.rpartition("=")
+            try:
+                parsed = float(number)
+            except ValueError as exc:
+                raise UsageError(f"--{kind} {value!r} is not a number or NAME=NUMBER") from exc
+            if parsed < 0:
+                raise UsageError(f"--{kind} must not be negative")
+            if sep:
+                per_output.setdefault(name, [None, None])[0 if kind == "atol" else 1] = parsed
+            else:
+                base[kind] = parsed
+    return Tolerances(base["atol"], base["rtol"], {k: (v[0], v[1]) for k, v in per_output.items()})
+
+
+def show_warnings(loaded: Any, quiet: bool = False) -> None:
+    """Loader warnings (e.g. a tokenizer that failed to load) as hints on stderr."""
+    if not quiet:
+        for message in getattr(loaded, "warnings", []):
+            render.hint(f"warning: {message}")
+
+
+def guarded(fn: F) -> F:
+    """Run a command: typed errors become one message + hint on stderr and their exit code.
+
+    Unexpected exceptions are internal errors (exit 1); MLOPS_DEBUG=1 shows the traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = os.environ.get("MLOPS_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except MlopsError as exc:
+            if debug:
+                traceback.print_exc()
+            render.error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except MemoryError as exc:
+            if debug:
+                traceback.print_exc()
+            err = ResourceError("out of memory", hint="Use a smaller batch/shape or a machine with more memory.")
+            render.error(err.message, err.hint)
+            raise typer.Exit(err.exit_code) from exc
+        except OSError as exc:
+            if debug:
+                traceback.print_exc()
+            code = 7 if exc.errno == 28 else 1
+            render.error(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": "),
+                         "Free some disk space." if code == 7 else "Run with MLOPS_DEBUG=1 for the traceback.")
+            raise typer.Exit(code) from exc
+        except Exception as exc:  # a bug in mlops (or an unhandled library error)
+            if debug:
+                traceback.print_exc()
+            render.error(f"internal error: {type(exc).__name__}: {exc}",
+                         "This is a bug in mlops; rerun with MLOPS_DEBUG=1 and report the traceback.")
+            raise typer.Exit(1) from exc
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,205 @@
+"""What is this file? Formats are detected from content (magic bytes, archive layout), never extensions.
+
+Also the safe readers for each weights format: safetensors (headers validated against the file size
+before anything is allocated) and torch pickles (always `weights_only=True`, memory-mapped, on CPU).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from mlops_cli.core.errors import InputError, UnsafeInputError
+
+HF_CONFIG = "config.json"
+SIDECAR = "mlops.json"  # written by `mlops zoo save` / prune: names the builtin architecture of a weights file
+_TORCH_LEGACY_MAGIC = bytes.fromhex("8a0a6cfc9c46f9206aa850")  # pickled magic number of torch's legacy format
+_ONNX_SECOND_FIELDS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}  # ModelProto field tags after ir_version
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+class Format(str, enum.Enum):
+    SAFETENSORS = "safetensors"
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy-pickle"
+    TORCHSCRIPT = "torchscript"
+    EXPORTED_PROGRAM = "torch-export-pt2"
+    AOTI_PACKAGE = "aoti-package"
+    ONNX = "onnx"
+    NPZ = "numpy-npz"
+    HF_FOLDER = "hf-folder"
+    WEIGHTS_FOLDER = "weights-folder"
+
+
+WEIGHT_FORMATS = {Format.SAFETENSORS, Format.TORCH_ZIP, Format.TORCH_LEGACY}
+
+
+def detect_format(path: str | Path) -> Format:
+    """Identify a model file or folder by its content; InputError (exit 3) for anything unusable."""
+    target = Path(path)
+    if not target.exists():
+        raise InputError(f"no such file or folder: {target}", hint="Check the path, or use builtin:NAME.")
+    if target.is_dir():
+        return _detect_folder(target)
+    size = target.stat().st_size
+    if size == 0:
+        raise InputError(f"{target} is empty (0 bytes)", hint="The download or save was interrupted; redo it.")
+    with open(target, "rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise InputError(f"{target} is a Git LFS pointer, not the real file",
+                         hint="Run `git lfs pull` (or download the file itself) and try again.")
+    if head.startswith(b"PK\x03\x04"):
+        return _detect_zip(target)
+    if _looks_like_safetensors(head, size):
+        return Format.SAFETENSORS
+    if head[:1] == b"\x80" and _TORCH_LEGACY_MAGIC in head[:16]:
+        return Format.TORCH_LEGACY
+    if len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in _ONNX_SECOND_FIELDS:
+        return Format.ONNX
+    raise InputError(f"{target} is not a format mlops understands",
+                     hint="Supported: safetensors, torch.save zip/legacy pickles, TorchScript, torch.export "
+                          ".pt2, ONNX, and Hugging Face model folders.")
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 8 + header_len <= size
+
+
+def _detect_folder(folder: Path) -> Format:
+    if (folder / HF_CONFIG).is_file():
+        return Format.HF_FOLDER
+    if (folder / SIDECAR).is_file():
+        return Format.WEIGHTS_FOLDER
+    raise InputError(f"{folder} is a folder without {HF_CONFIG} (not a Hugging Face model folder)",
+                     hint="Point at the weights file inside it, or at a folder made by save_pretrained.")
+
+
+def _detect_zip(path: Path) -> Format:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            archive_format = next((n for n in names if n.endswith("/archive_format") or n == "archive_format"), None)
+            format_text = archive.read(archive_format).decode(errors="replace").strip() if archive_format else ""
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InputError(f"{path} is a corrupt or truncated zip archive ({exc})",
+                         hint="Re-save or re-download the file.") from exc
+    if any("/aotinductor/" in n or n.startswith("data/aotinductor") for n in names):
+        return Format.AOTI_PACKAGE
+    if format_text == "pt2" or any(n.endswith("models/model.json") for n in names):
+        return Format.EXPORTED_PROGRAM
+    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+        return Format.TORCHSCRIPT
+    if any(n.endswith("data.pkl") for n in names):
+        return Format.TORCH_ZIP
+    if names and all(n.endswith(".npy") for n in names):
+        return Format.NPZ
+    raise InputError(f"{path} is a zip archive but not one mlops understands (no data.pkl, code/ or .pt2 layout)")
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Parse and validate a safetensors header without reading any tensor data.
+
+    Returns (tensors, metadata), where tensors maps name -> {dtype, shape, nbytes}. Every declared size
+    and offset is checked against the real file size, so a tiny file cannot make us allocate gigabytes.
+    """
+    target = Path(path)
+    size = target.stat().st_size
+    with open(target, "rb") as handle:
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise InputError(f"{target} is truncated: no safetensors header")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise InputError(f"{target} declares a {header_len}-byte header but the file has {size} bytes",
+                             hint="The file is truncated or not safetensors.")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{target} has a corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise InputError(f"{target} has a corrupt safetensors header (not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - header_len
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{target}: tensor {name!r} has a malformed header entry") from exc
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{target}: tensor {name!r} has unsupported dtype {dtype}")
+        count = 1
+        for dim in shape:
+            count *= int(dim)
+        nbytes = count * SAFETENSORS_DTYPES[dtype]
+        if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
+            raise InputError(f"{target}: tensor {name!r} declares {nbytes} bytes at [{begin}, {end}) "
+                             f"but the data section has {data_size} bytes",
+                             hint="The file is truncated or corrupt; re-download it.")
+        tensors[name] = {"dtype": dtype, "shape": shape, "nbytes": nbytes}
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+# ---------------------------------------------------------------- torch pickles
+
+_GLOBAL_PATTERN = re.compile(r"GLOBAL ([\w.]+)|global[s]? [`'\"]?([\w.]+\.[\w]+)")
+
+
+def torch_load_weights(path: str | Path) -> Any:
+    """`torch.load` with weights_only=True, memory-mapped, onto the CPU; never a full unpickle.
+
+    A refused global means the file holds code or an unknown class: UnsafeInputError (exit 4) naming it.
+    """
+    import pickle
+
+    import torch
+
+    target = Path(path)
+    mmap = detect_format(target) == Format.TORCH_ZIP
+    try:
+        return torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        names = sorted({a or b for a, b in _GLOBAL_PATTERN.findall(text)})
+        if "weights_only" in text or names:
+            raise UnsafeInputError(
+                f"{target} holds Python objects that a safe load refuses: {', '.join(names) or 'unknown globals'}",
+                hint="Save only the state_dict (torch.save(model.state_dict(), ...)) or convert to safetensors. "
+                     "mlops never falls back to full unpickling.") from exc
+        raise InputError(f"{target} is a corrupt torch pickle ({text.splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{target} could not be read as a torch checkpoint: {first_line}",
+                         hint="The file is truncated or corrupt; re-save or re-download it.") from exc
+
+
+def load_tensor_file(path: str | Path, fmt: Format | None = None) -> Any:
+    """Load a weights file (safetensors or torch pickle) as Python objects holding CPU tensors."""
+    fmt = fmt or detect_format(path)
+    if fmt == Format.SAFETENSORS:
+        read_safetensors_header(path)
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise InputError(f"{path} could not be read as safetensors: {exc}") from exc
+    if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
+        return torch_load_weights(path)
+    raise InputError(f"{path} is {fmt.value}, not a weights file")

@@ -1,0 +1,380 @@
+"""Model references -> loaded models. One MODEL argument, many kinds, detected by content.
+
+Safe by default: weights load with `weights_only=True` or from safetensors, keys are matched strictly
+(missing, unexpected and mis-shaped keys are named in the error), and code-carrying formats
+(TorchScript, `trust_remote_code` models, architectures named by a file) need an explicit trust flag.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
+from mlops_cli.core.formats import SIDECAR, WEIGHT_FORMATS, Format, detect_format, load_tensor_file
+
+BUILTIN_PREFIX = "builtin:"
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "weights", "ema")
+TASK_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "image-classification": "AutoModelForImageClassification",
+    "feature-extraction": "AutoModel",
+}
+
+
+class ModelKind(str, enum.Enum):
+    HF = "huggingface"
+    MODULE = "torch-module"  # weights + architecture
+    TORCHSCRIPT = "torchscript"
+    EXPORTED = "torch-export"
+    ONNX = "onnx"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a MODEL reference; mirrors the shared loading options of every command."""
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+    strip_prefix: str | None = None
+    task: str | None = None
+    trust_code: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoadedModel:
+    """A loaded, runnable model and what we know about it. `module` is None for ONNX models."""
+
+    reference: str
+    kind: ModelKind
+    format: Format | None
+    module: Any = None
+    path: Path | None = None
+    config: Any = None
+    tokenizer: Any = None
+    input_specs: tuple[str, ...] = ()  # `--input` style specs known for this model (plain modules)
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint_extras: dict[str, Any] = field(default_factory=dict)  # non-weight keys of a training checkpoint
+    state_key: str | None = None
+    warnings: list[str] = field(default_factory=list)  # shown by the command as hints on stderr
+
+    @property
+    def is_torch(self) -> bool:
+        return self.module is not None
+
+    @property
+    def name(self) -> str:
+        return self.reference
+
+
+def load_model(reference: str, options: LoadOptions | None = None) -> LoadedModel:
+    """Resolve a MODEL reference into a LoadedModel (torch modules in eval mode, on CPU)."""
+    options = options or LoadOptions()
+    if reference.startswith(BUILTIN_PREFIX):
+        return _load_builtin(reference)
+    path = Path(reference)
+    fmt = detect_format(path)
+    if fmt == Format.HF_FOLDER:
+        return _load_hf_folder(path, options)
+    if fmt == Format.WEIGHTS_FOLDER:
+        return _load_weights_folder(path, options)
+    if fmt in WEIGHT_FORMATS:
+        return _load_weights_file(path, fmt, options, _read_sidecar(path.parent))
+    if fmt == Format.TORCHSCRIPT:
+        return _load_torchscript(path, options)
+    if fmt == Format.EXPORTED_PROGRAM:
+        return _load_exported(path)
+    if fmt == Format.ONNX:
+        check_onnx_external_data(path)
+        return LoadedModel(reference, ModelKind.ONNX, fmt, path=path)
+    raise InputError(f"{path} is {fmt.value}, which cannot be run as a model",
+                     hint="Pass a weights file with --arch, a model folder, a TorchScript, .pt2 or .onnx file.")
+
+
+# ---------------------------------------------------------------- builtin
+
+
+def _load_builtin(reference: str) -> LoadedModel:
+    from mlops_cli import zoo
+
+    name = reference[len(BUILTIN_PREFIX):]
+    entry = zoo.entry(name)
+    module, tokenizer = zoo.build(name)
+    if entry.kind == "hf":
+        return LoadedModel(reference, ModelKind.HF, None, module=module, config=module.config, tokenizer=tokenizer)
+    return LoadedModel(reference, ModelKind.MODULE, None, module=module, input_specs=entry.inputs,
+                       arch=zoo.ARCH_PATHS[name])
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+
+def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=options.trust_remote_code,
+                                                         local_files_only=True)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UnsafeInputError(f"{folder} needs custom code from the model repository to load",
+                                   hint="Review the code, then pass --trust-remote-code.") from exc
+        raise InputError(f"{folder}/config.json could not be used: {exc}") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{folder}/config.json could not be read: {exc}") from exc
+    if getattr(config, "auto_map", None) and not options.trust_remote_code:
+        raise UnsafeInputError(f"{folder} declares custom code (auto_map in config.json)",
+                               hint="Review the code, then pass --trust-remote-code.")
+    model_class = _hf_model_class(config, options.task, folder)
+    _check_hf_weights_present(folder)
+    try:
+        model, info = model_class.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UnsafeInputError(f"{folder}: weights hold Python objects a safe load refuses: {message}") from exc
+        raise InputError(f"{folder}: the weights do not fit {model_class.__name__}: {message}",
+                         hint="Check --task and that config.json matches the weights.") from exc
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        raise InputError(
+            f"{folder}: weights do not match {model_class.__name__}: {_describe_key_problems(problems)}",
+            hint="The checkpoint belongs to another architecture or head; pass --task to pick the class.")
+    loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=model.eval(), path=folder,
+                         config=config)
+    loaded.tokenizer = _load_hf_tokenizer(folder, options, loaded.warnings)
+    return loaded
+
+
+def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
+    import transformers
+
+    if task:
+        if task not in TASK_CLASSES:
+            raise UsageError(f"unknown --task {task!r}", hint=f"Choose one of: {', '.join(TASK_CLASSES)}.")
+        return getattr(transformers, TASK_CLASSES[task])
+    for name in getattr(config, "architectures", None) or []:
+        model_class = getattr(transformers, name, None)
+        if model_class is not None:
+            return model_class
+    raise InputError(f"{folder}/config.json names no architecture transformers knows "
+                     f"({getattr(config, 'architectures', None)})",
+                     hint=f"Pass --task, one of: {', '.join(TASK_CLASSES)}.")
+
+
+def _check_hf_weights_present(folder: Path) -> None:
+    weight_files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
+    if not weight_files:
+        raise InputError(f"{folder} has config.json but no weights (*.safetensors or *.bin)",
+                         hint="Copy the weight files into the folder.")
+    for weights in weight_files:
+        if weights.suffix != ".json":
+            detect_format(weights)  # empty / LFS-pointer / corrupt files fail here with a plain message
+
+
+def _load_hf_tokenizer(folder: Path, options: LoadOptions, warnings: list[str]) -> Any:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+    if not any((folder / name).exists() for name in names):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                             trust_remote_code=options.trust_remote_code)
+    except Exception as exc:  # a broken tokenizer should not stop weight-only operations
+        warnings.append(f"the tokenizer in {folder} could not be loaded ({exc}); using random token ids")
+        return None
+
+
+# ---------------------------------------------------------------- weights + architecture
+
+
+def _read_sidecar(folder: Path) -> dict[str, Any]:
+    sidecar = folder / SIDECAR
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{sidecar} could not be read: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _load_weights_folder(folder: Path, options: LoadOptions) -> LoadedModel:
+    sidecar = _read_sidecar(folder)
+    weights = folder / str(sidecar.get("weights", "model.safetensors"))
+    if weights.parent.resolve() != folder.resolve():
+        raise UnsafeInputError(f"{folder / SIDECAR} points outside its folder: {sidecar.get('weights')}")
+    return _load_weights_file(weights, detect_format(weights), options, sidecar)
+
+
+def _load_weights_file(path: Path, fmt: Format, options: LoadOptions, sidecar: dict[str, Any]) -> LoadedModel:
+    content = load_tensor_file(path, fmt)
+    state_dict, key, extras = split_checkpoint(content, options.key, path)
+    arch = options.arch or sidecar.get("arch")
+    if not arch:
+        raise UsageError(f"{path} holds only weights: mlops needs the architecture to build the model",
+                         hint="Pass --arch module.path:Factory (or file.py:Factory) and --arch-kwargs if needed. "
+                              "`mlops inspect` shows what the file holds.")
+    arch_kwargs = options.arch_kwargs or dict(sidecar.get("arch_kwargs") or {})
+    if not options.arch and not str(arch).startswith("mlops_cli."):
+        raise UnsafeInputError(f"{path.parent / SIDECAR} names the architecture {arch}, which would run its code",
+                               hint=f"Pass --arch {arch} yourself if you trust it.")
+    module = build_architecture(arch, arch_kwargs, trust_code=True)
+    state_dict = strip_prefix(state_dict, options.strip_prefix)
+    load_state_dict_strict(module, state_dict, path)
+    return LoadedModel(str(path), ModelKind.MODULE, fmt, module=module.eval(), path=path,
+                       input_specs=tuple(sidecar.get("inputs") or ()), arch=arch, arch_kwargs=arch_kwargs,
+                       checkpoint_extras=extras, state_key=key)
+
+
+def is_tensor_dict(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def split_checkpoint(content: Any, key: str | None, path: Path) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """Find the state_dict in a file: the whole file, `--key`, or a well-known training-checkpoint key."""
+    if not isinstance(content, dict):
+        raise InputError(f"{path} holds a {type(content).__name__}, not a state_dict or checkpoint dict")
+    if key is not None:
+        if key not in content:
+            raise InputError(f"{path} has no key {key!r}", hint=f"Its top-level keys: {', '.join(map(str, content))}.")
+        if not is_tensor_dict(content[key]):
+            raise InputError(f"{path}[{key!r}] is not a state_dict (a dict of tensors)")
+        return content[key], key, {k: v for k, v in content.items() if k != key}
+    if is_tensor_dict(content):
+        return content, None, {}
+    for candidate in CHECKPOINT_KEYS:
+        if is_tensor_dict(content.get(candidate)):
+            return content[candidate], candidate, {k: v for k, v in content.items() if k != candidate}
+    raise InputError(f"{path} is a dict without a recognisable state_dict",
+                     hint=f"Name it with --key; top-level keys: {', '.join(map(str, list(content)[:20]))}.")
+
+
+def strip_prefix(state_dict: dict[str, Any], prefix: str | None) -> dict[str, Any]:
+    if not prefix:
+        return state_dict
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def build_architecture(arch: str, arch_kwargs: dict[str, Any], trust_code: bool) -> Any:
+    """Import `module.path:Factory` or `path/to/file.py:Factory` and call it with `arch_kwargs`."""
+    target, sep, attribute = arch.rpartition(":")
+    if not sep or not target or not attribute:
+        raise UsageError(f"--arch {arch!r} is not of the form module.path:Factory or file.py:Factory")
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_file():
+                raise InputError(f"--arch file not found: {file}")
+            spec = importlib.util.spec_from_file_location(f"mlops_arch_{file.stem}", file)
+            assert spec and spec.loader
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as exc:
+        raise InputError(f"--arch: cannot import {target}: {exc}") from exc
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise InputError(f"--arch: {target} has no attribute {attribute!r}")
+    try:
+        return factory(**arch_kwargs)
+    except TypeError as exc:
+        raise UsageError(f"--arch {arch}: calling it with {arch_kwargs} failed: {exc}",
+                         hint="Fix --arch-kwargs.") from exc
+
+
+def load_state_dict_strict(module: Any, state_dict: dict[str, Any], source: Path | str) -> None:
+    """Load weights, failing (exit 3) on any missing, unexpected or mis-shaped key, all named."""
+    expected = module.state_dict()
+    problems: dict[str, list[str]] = {
+        "missing_keys": sorted(set(expected) - set(state_dict)),
+        "unexpected_keys": sorted(set(state_dict) - set(expected)),
+        "mismatched_keys": sorted(
+            f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape)),
+    }
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        hint = "Check --arch/--arch-kwargs, or --key for the state_dict inside a checkpoint."
+        unexpected = problems.get("unexpected_keys", [])
+        if unexpected and all(k.startswith("module.") for k in unexpected):
+            hint = "The weights were saved from DataParallel: pass --strip-prefix module."
+        raise InputError(f"{source}: weights do not match the architecture: {_describe_key_problems(problems)}",
+                         hint=hint)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _describe_key_problems(problems: dict[str, list[str]], limit: int = 5) -> str:
+    parts = []
+    for kind, keys in problems.items():
+        shown = ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+        parts.append(f"{len(keys)} {kind.replace('_', ' ')}: {shown}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- code-carrying and graph formats
+
+
+def _load_torchscript(path: Path, options: LoadOptions) -> LoadedModel:
+    if not options.trust_code:
+        raise UnsafeInputError(f"{path} is a TorchScript archive: it carries code that runs when loaded",
+                               hint="Pass --trust-code if you trust where it came from.")
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as exc:
+        raise InputError(f"{path} could not be loaded as TorchScript: {str(exc).splitlines()[0]}") from exc
+    return LoadedModel(str(path), ModelKind.TORCHSCRIPT, Format.TORCHSCRIPT, module=module.eval(), path=path)
+
+
+def _load_exported(path: Path) -> LoadedModel:
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise InputError(f"{path} could not be loaded as a torch.export program: {str(exc).splitlines()[0]}") from exc
+    return LoadedModel(str(path), ModelKind.EXPORTED, Format.EXPORTED_PROGRAM, module=program.module(), path=path)
+
+
+def check_onnx_external_data(path: Path) -> None:
+    """Refuse ONNX files whose external-data locations escape the model's folder (exit 4)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InputError(f"{path} is not a valid ONNX model: {exc}") from exc
+    folder = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        resolved = (folder / location).resolve()
+        if folder not in resolved.parents:
+            raise UnsafeInputError(f"{path}: initializer {tensor.name!r} points outside the model folder: {location}")
+        if not resolved.is_file():
+            raise InputError(f"{path}: external data file missing: {location}",
+                             hint="Copy the .data file(s) next to the .onnx file.")

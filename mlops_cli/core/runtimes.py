@@ -1,0 +1,178 @@
+"""One Runner interface over torch eager, TorchScript, torch.export programs and ONNX Runtime.
+
+A runner takes a dict of numpy arrays and returns a dict of named numpy arrays, so the parity engine,
+timing and summaries treat every backend the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.loading import LoadedModel, ModelKind
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is a usage error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible", hint="Use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}", hint="Use auto, cpu or cuda.")
+    return device
+
+
+@dataclass
+class Runner:
+    """Runs a model on numpy inputs; `call` is the backend-specific function."""
+
+    name: str
+    backend: str
+    device: str
+    input_names: list[str] | None
+    call: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    dropped_inputs: list[str] = field(default_factory=list)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.call(inputs)
+
+
+def runner_for(loaded: LoadedModel, device: str = "cpu") -> Runner:
+    """The right runner for a loaded model."""
+    if loaded.kind == ModelKind.ONNX:
+        return onnx_runner(loaded, device)
+    return torch_runner(loaded, device)
+
+
+# ---------------------------------------------------------------- torch
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    import torch
+
+    tensor = value.detach()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
+def flatten_outputs(output: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """Name a model's outputs: ModelOutput/dict keys, `output` for one tensor, `output_i` for tuples.
+
+    Caches (past_key_values) and other non-tensor values are skipped: they are not results.
+    """
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return {prefix or "output": to_numpy(output)}
+    if isinstance(output, dict) or hasattr(output, "keys") and hasattr(output, "__getitem__"):
+        result: dict[str, np.ndarray] = {}
+        for key in output.keys():
+            if key in ("past_key_values", "cache"):
+                continue
+            value = output[key]
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, torch.Tensor):
+                result[name] = to_numpy(value)
+            elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+                result.update({f"{name}.{i}": to_numpy(v) for i, v in enumerate(value)})
+        return result
+    if isinstance(output, (tuple, list)):
+        result = {}
+        for index, value in enumerate(output):
+            if isinstance(value, torch.Tensor):
+                result[f"{prefix}.{index}" if prefix else f"output_{index}"] = to_numpy(value)
+        return result
+    raise InputError(f"the model returned a {type(output).__name__}, which mlops cannot compare")
+
+
+def forward_parameter_names(module: Any) -> list[str] | None:
+    """Names of a module's forward arguments (TorchScript schemas and Python signatures alike)."""
+    forward = getattr(module, "forward", None)
+    schema = getattr(forward, "schema", None)
+    if schema is not None:
+        return [arg.name for arg in schema.arguments[1:]]
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
+    import torch
+
+    module = loaded.module
+    if loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
+        module.to(device)
+    names = forward_parameter_names(module)
+    extra: dict[str, Any] = {}
+    if loaded.kind == ModelKind.HF and names:
+        if "use_cache" in names:
+            extra["use_cache"] = False
+        if "return_dict" in names:
+            extra["return_dict"] = True
+
+    def call(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()}
+        with torch.inference_mode():
+            if names is not None and set(tensors) <= set(names):
+                output = module(**tensors, **extra)
+            else:
+                output = module(*tensors.values())
+        return flatten_outputs(output)
+
+    backend = {ModelKind.TORCHSCRIPT: "torchscript", ModelKind.EXPORTED: "torch.export"}.get(loaded.kind, "torch")
+    return Runner(loaded.reference, backend, device, names, call)
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+def onnx_session(path: Any, device: str = "cpu", options: Any = None) -> Any:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UsageError("--device cuda: this onnxruntime has no CUDA provider",
+                             hint="pip install onnxruntime-gpu, or use --device cpu.")
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:
+        raise InputError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
+
+
+def onnx_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
+    session = onnx_session(loaded.path, device)
+    graph_inputs = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+    output_names = [o.name for o in session.get_outputs()]
+    runner = Runner(loaded.reference, "onnxruntime", device, list(graph_inputs), lambda _: {})
+
+    def call(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in graph_inputs if name not in inputs]
+        if missing:
+            raise InputError(f"{loaded.reference} needs inputs that were not given: {', '.join(missing)}")
+        runner.dropped_inputs = [name for name in inputs if name not in graph_inputs]
+        feed = {name: np.asarray(inputs[name]).astype(dtype or inputs[name].dtype, copy=False)
+                for name, dtype in graph_inputs.items()}
+        return dict(zip(output_names, session.run(output_names, feed), strict=True))
+
+    runner.call = call
+    return runner

@@ -1,0 +1,183 @@
+"""The parity engine: does a candidate model compute the same thing as a reference?
+
+Used by `verify-parity` and by every command that produces an artefact (exports, compression, pruning)
+to check its result. Runs both sides on several input sets, compares every output with tolerances,
+excludes padded positions, times both sides, and guards against the usual traps: shape-specialised
+traces, dropout left on, output mismatches, NaN/inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlops_cli.core.compare import OutputDiff, compare_arrays
+from mlops_cli.core.inputs import InputSet
+from mlops_cli.core.runtimes import Runner
+from mlops_cli.core.timing import Timing, measure
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Default atol/rtol plus per-output overrides (`--atol logits=1e-4`)."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    per_output: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    def for_output(self, name: str) -> tuple[float, float]:
+        atol, rtol = self.per_output.get(name, (None, None))
+        return (self.atol if atol is None else atol, self.rtol if rtol is None else rtol)
+
+
+@dataclass(frozen=True)
+class ShapeResult:
+    """Comparison of all outputs on one input set."""
+
+    label: str
+    input_shapes: dict[str, tuple[int, ...]]
+    outputs: tuple[OutputDiff, ...]
+    passed: bool
+    error: str | None = None
+    reference_latency: Timing | None = None
+    candidate_latency: Timing | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.reference_latency and self.candidate_latency and self.candidate_latency.median_ms:
+            return self.reference_latency.median_ms / self.candidate_latency.median_ms
+        return None
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    reference: str
+    candidate: str
+    reference_backend: str
+    candidate_backend: str
+    device: str
+    atol: float
+    rtol: float
+    shapes: tuple[ShapeResult, ...]
+    passed: bool
+    verdict: str
+    notes: tuple[str, ...] = ()
+    masked_positions_excluded: bool = True
+
+
+def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet],
+                 tolerances: Tolerances | None = None, *, include_masked: bool = False,
+                 time_runs: bool = True, repeats: int = 10, check_determinism: bool = True) -> ParityReport:
+    """Run both sides on every input set and compare every output."""
+    tolerances = tolerances or Tolerances()
+    notes: list[str] = []
+    results: list[ShapeResult] = []
+    for index, input_set in enumerate(input_sets):
+        result = _compare_on(reference, candidate, input_set, tolerances, include_masked, time_runs, repeats)
+        if index == 0 and check_determinism and result.error is None:
+            problem = _nondeterminism(reference, candidate, input_set)
+            if problem:
+                notes.append(problem)
+                result = ShapeResult(result.label, result.input_shapes, result.outputs, False, problem,
+                                     result.reference_latency, result.candidate_latency)
+        results.append(result)
+    dropped = sorted(set(candidate.dropped_inputs) | set(reference.dropped_inputs))
+    if dropped:
+        notes.append(f"inputs not taken by one side (not fed to it): {', '.join(dropped)}")
+    passed = all(r.passed for r in results) and bool(results)
+    return ParityReport(
+        reference=reference.name, candidate=candidate.name,
+        reference_backend=reference.backend, candidate_backend=candidate.backend,
+        device=candidate.device, atol=tolerances.atol, rtol=tolerances.rtol,
+        shapes=tuple(results), passed=passed, verdict=_verdict(results, passed),
+        notes=tuple(notes), masked_positions_excluded=not include_masked,
+    )
+
+
+def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, tolerances: Tolerances,
+                include_masked: bool, time_runs: bool, repeats: int) -> ShapeResult:
+    shapes = {name: tuple(array.shape) for name, array in input_set.tensors.items()}
+    try:
+        ref_out = reference(_feed(reference, input_set))
+    except Exception as exc:
+        return ShapeResult(input_set.label, shapes, (), False, f"reference failed: {_first_line(exc)}")
+    try:
+        cand_out = candidate(_feed(candidate, input_set))
+    except Exception as exc:
+        return ShapeResult(input_set.label, shapes, (), False,
+                           f"candidate failed at {input_set.label}: {_first_line(exc)} "
+                           "(was it traced or exported with fixed shapes?)")
+    mask = None if include_masked else input_set.tensors.get("attention_mask")
+    diffs = _match_outputs(ref_out, cand_out, tolerances, mask)
+    ref_time = cand_time = None
+    if time_runs:
+        ref_feed, cand_feed = _feed(reference, input_set), _feed(candidate, input_set)
+        ref_time = measure(lambda: reference(ref_feed), warmup=2, repeats=repeats, device=reference.device)
+        cand_time = measure(lambda: candidate(cand_feed), warmup=2, repeats=repeats, device=candidate.device)
+    return ShapeResult(input_set.label, shapes, tuple(diffs), all(d.passed for d in diffs) and bool(diffs),
+                       None if diffs else "no outputs to compare", ref_time, cand_time)
+
+
+def _feed(runner: Runner, input_set: InputSet) -> dict[str, np.ndarray]:
+    """Inputs in the runner's own argument order where it is known (positional backends need it)."""
+    tensors = input_set.tensors
+    if runner.backend == "onnxruntime" or not runner.input_names:
+        return tensors
+    ordered = {name: tensors[name] for name in runner.input_names if name in tensors}
+    if len(ordered) == len(tensors):
+        return ordered
+    return tensors
+
+
+def _match_outputs(ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarray], tolerances: Tolerances,
+                   mask: np.ndarray | None) -> list[OutputDiff]:
+    """Pair outputs by name; by position when the names differ but the counts agree."""
+    if set(ref_out) == set(cand_out):
+        pairs = [(name, name) for name in ref_out]
+    elif len(ref_out) == len(cand_out):
+        pairs = list(zip(ref_out, cand_out, strict=True))
+    else:
+        atol, rtol = tolerances.atol, tolerances.rtol
+        return [OutputDiff("(outputs)", (len(ref_out),), (len(cand_out),), atol, rtol, False,
+                           problem=f"output count mismatch: reference has {len(ref_out)} ({', '.join(ref_out)}), "
+                                   f"candidate has {len(cand_out)} ({', '.join(cand_out)})")]
+    diffs = []
+    for ref_name, cand_name in pairs:
+        atol, rtol = tolerances.for_output(ref_name)
+        label = ref_name if ref_name == cand_name else f"{ref_name} ~ {cand_name}"
+        diffs.append(compare_arrays(label, ref_out[ref_name], cand_out[cand_name], atol, rtol, mask))
+    return diffs
+
+
+def _nondeterminism(reference: Runner, candidate: Runner, input_set: InputSet) -> str | None:
+    """Run each side twice: different results mean dropout (train mode) or another random op is active."""
+    for side, runner in (("reference", reference), ("candidate", candidate)):
+        feed = _feed(runner, input_set)
+        first, second = runner(feed), runner(feed)
+        for name, value in first.items():
+            if name in second and value.shape == second[name].shape and not np.array_equal(value, second[name]):
+                return (f"the {side} is non-deterministic: two runs on the same input differ in {name!r} "
+                        "(dropout left on / model in train mode?)")
+    return None
+
+
+def _verdict(results: list[ShapeResult], passed: bool) -> str:
+    if passed:
+        worst = max((d.max_abs or 0.0 for r in results for d in r.outputs), default=0.0)
+        return f"all outputs within tolerance on {len(results)} input set(s); worst max |diff| {worst:.3g}"
+    for result in results:
+        if result.error:
+            return result.error
+        for diff in result.outputs:
+            if diff.problem:
+                return f"{diff.name} at {result.label}: {diff.problem}"
+    failing = [(d, r) for r in results for d in r.outputs if not d.passed]
+    diff, result = max(failing, key=lambda pair: pair[0].max_abs or 0.0)
+    return (f"{diff.name} at {result.label}: max |diff| {diff.max_abs:.3g} exceeds atol {diff.atol:g} + "
+            f"rtol {diff.rtol:g}*|ref| (would pass with atol >= {diff.min_atol_to_pass:.3g})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

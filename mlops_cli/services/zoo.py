@@ -1,0 +1,63 @@
+"""`mlops zoo`: list the built-in models and save one as an ordinary checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlops_cli import zoo
+from mlops_cli.core.formats import SIDECAR
+from mlops_cli.core.io import atomic_dir
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    reference: str
+    kind: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ZooListing:
+    models: tuple[ZooModel, ...]
+
+
+@dataclass(frozen=True)
+class ZooSaveReport:
+    name: str
+    path: str
+    files: dict[str, int]
+    parameters: int
+    usage: str  # how to pass the saved folder to other commands
+
+
+def list_models() -> ZooListing:
+    return ZooListing(tuple(ZooModel(e.name, f"builtin:{e.name}", e.kind, e.description)
+                            for e in zoo.ENTRIES.values()))
+
+
+def save_model(name: str, output: Path, force: bool = False) -> ZooSaveReport:
+    """Write a built-in model as a Hugging Face folder (HF models) or safetensors + mlops.json (modules)."""
+    entry = zoo.entry(name)
+    module, tokenizer = zoo.build(name)
+    with atomic_dir(output, force) as folder:
+        if entry.kind == "hf":
+            module.save_pretrained(folder, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            usage = f"mlops summarize {output}"
+        else:
+            from safetensors.torch import save_file
+
+            state = {k: v.contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            sidecar = {"weights": "model.safetensors", "arch": zoo.ARCH_PATHS[name], "arch_kwargs": {},
+                       "inputs": list(entry.inputs)}
+            (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+            usage = (f"mlops summarize {output}   (or: mlops summarize {output}/model.safetensors "
+                     f"--arch {zoo.ARCH_PATHS[name]} --input {entry.inputs[0]})")
+        files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
+    parameters = sum(p.numel() for p in module.parameters())
+    return ZooSaveReport(name, str(output), files, parameters, usage)

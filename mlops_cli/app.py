@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -36,10 +37,57 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def load_job_file(path: Path) -> dict[str, Any]:
+    """A job file (YAML or TOML) maps command paths to option defaults, e.g. {"export": {"onnx": {...}}}."""
+    from mlops_cli.core.errors import InputError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # OSError, YAML and TOML syntax errors alike
+        raise InputError(f"job file {path} could not be read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"job file {path} must map command names to their options")
+    return _normalise_keys(data)
+
+
+def _normalise_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Option names may be written as on the command line (`max-new-tokens`) or as parameters."""
+    return {
+        (key.replace("-", "_") if not isinstance(value, dict) else key): (
+            _normalise_keys(value) if isinstance(value, dict) else value)
+        for key, value in data.items()
+    }
+
+
+def _config(ctx: typer.Context, value: Path | None) -> Path | None:
+    if value is not None:
+        from mlops_cli import render
+        from mlops_cli.core.errors import MlopsError
+
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_job_file(value)}
+        except MlopsError as exc:
+            render.error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+    return value
+
+
 @app.callback()
 def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
+    config: Annotated[Path | None, typer.Option(
+        "--config", callback=_config, is_eager=True, show_default=False,
+        help="Job file (YAML/TOML) giving option defaults per command, e.g. configs/ci-export.yaml; "
+             "options on the command line win.")] = None,
 ) -> None:
     """Model-ops toolbox for PyTorch checkpoints."""
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from typing import Any
 from pathlib import Path
 
 from mlops_cli.core.errors import OutputError
@@ -110,3 +111,86 @@ def atomic_dir(path: str | Path, force: bool = False, inputs: Iterable[str | Pat
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------- checkpoint writers
+
+_SERIALIZATION_ID = ".data/serialization_id"
+
+
+def save_torch(obj: object, path: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """`torch.save` atomically and reproducibly: identical objects give byte-identical files.
+
+    torch writes a random `serialization_id` record and names the archive after the file; we write
+    through a file handle (archive name `archive`) and replace the id with a digest of the other records.
+    """
+    import torch
+
+    with atomic_file(path, force, inputs) as temp:
+        with open(temp, "wb") as handle:
+            torch.save(obj, handle)
+        make_torch_zip_deterministic(temp)
+    return Path(path)
+
+
+def make_torch_zip_deterministic(path: Path) -> None:
+    """Rewrite a torch zip's serialization_id in place with a digest of its other records' CRCs."""
+    import hashlib
+    import struct
+    import zipfile
+    import zlib
+
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    target = next((i for i in infos if i.filename.endswith(_SERIALIZATION_ID)), None)
+    if target is None or target.compress_type != zipfile.ZIP_STORED or target.header_offset >= 0xFFFFFFFF:
+        return
+    digest = hashlib.sha256()
+    for info in infos:
+        if info is not target:
+            digest.update(f"{info.filename}:{info.CRC}:{info.file_size};".encode())
+    new_id = str(int.from_bytes(digest.digest(), "big")).encode()[: target.file_size].zfill(target.file_size)
+    crc = zlib.crc32(new_id)
+    with open(path, "r+b") as handle:
+        handle.seek(target.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", handle.read(4))
+        handle.seek(target.header_offset + 14)
+        handle.write(struct.pack("<I", crc))
+        handle.seek(target.header_offset + 30 + name_len + extra_len)
+        handle.write(new_id)
+        _patch_central_directory_crc(handle, target.filename, crc)
+
+
+def _patch_central_directory_crc(handle: object, filename: str, crc: int) -> None:
+    import struct
+
+    fh: Any = handle
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(max(0, size - 65_557))
+    tail = fh.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0:
+        return
+    directory_size, directory_offset = struct.unpack_from("<II", tail, end + 12)
+    fh.seek(directory_offset)
+    directory = fh.read(directory_size)
+    position = 0
+    while position + 46 <= len(directory) and directory[position:position + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", directory, position + 28)
+        name = directory[position + 46: position + 46 + name_len].decode("utf-8", "replace")
+        if name == filename:
+            fh.seek(directory_offset + position + 16)
+            fh.write(struct.pack("<I", crc))
+            return
+        position += 46 + name_len + extra_len + comment_len
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None,
+                     force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """Write tensors as safetensors atomically (the format itself is deterministic)."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path, force, inputs) as temp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata=metadata)
+    return Path(path)

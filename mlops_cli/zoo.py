@@ -49,15 +49,12 @@ def _nn() -> Any:
     return nn
 
 
-class _Lazy:
-    """Namespace so ConvNet/LeNet classes are defined only when torch is imported (not on --help)."""
-
-    classes: dict[str, type] = {}
+_CNN_CLASSES: dict[str, type] = {}  # defined on first use, so importing the zoo never imports torch
 
 
 def _define_cnns() -> dict[str, type]:
-    if _Lazy.classes:
-        return _Lazy.classes
+    if _CNN_CLASSES:
+        return _CNN_CLASSES
     nn = _nn()
 
     class ConvNet(nn.Module):
@@ -91,16 +88,16 @@ def _define_cnns() -> dict[str, type]:
             return self.classifier(self.features(x).flatten(1))
 
     ConvNet.__module__ = LeNet.__module__ = __name__
-    _Lazy.classes = {"ConvNet": ConvNet, "LeNet": LeNet}
-    return _Lazy.classes
+    _CNN_CLASSES.update(ConvNet=ConvNet, LeNet=LeNet)
+    return _CNN_CLASSES
 
 
-def ConvNet(num_classes: int = 10) -> Any:  # noqa: N802 - a factory named like the class it builds
+def ConvNet(num_classes: int = 10) -> Any:
     """Factory for `--arch mlops_cli.zoo:ConvNet`."""
     return _define_cnns()["ConvNet"](num_classes)
 
 
-def LeNet(num_classes: int = 10) -> Any:  # noqa: N802
+def LeNet(num_classes: int = 10) -> Any:
     """Factory for `--arch mlops_cli.zoo:LeNet`."""
     return _define_cnns()["LeNet"](num_classes)
 

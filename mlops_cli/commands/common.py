@@ -14,15 +14,12 @@ import traceback
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from mlops_cli import render
 from mlops_cli.core.errors import MlopsError, ResourceError, UsageError
-
-if TYPE_CHECKING:
-    from mlops_cli.core.loading import LoadOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 TOLERANCE_HELP = "An element passes when |candidate - reference| <= atol + rtol * |reference|."

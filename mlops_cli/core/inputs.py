@@ -23,6 +23,7 @@ DTYPES = {
     "bool": np.bool_, "uint8": np.uint8, "int8": np.int8,
 }
 DEFAULT_DIM_SIZES = {"batch": 2, "sequence": 16, "seq": 16, "sequence_length": 16, "height": 32, "width": 32}
+VISION_MODEL_TYPES = ("vit", "deit", "convnext", "resnet", "swin", "beit", "mobilenet_v2", "dinov2", "efficientnet")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*:\s*(\w+)\s*\[([^\]]*)\]\s*$")
 
@@ -100,14 +101,16 @@ def specs_for(loaded: Any, explicit: list[str] | None = None) -> list[InputSpec]
     if loaded.kind.value == "onnx" and loaded.path is not None:
         return onnx_input_specs(loaded.path)
     raise UsageError(f"{loaded.reference}: mlops cannot tell what inputs this model takes",
-                     hint="Describe them with --input name:dtype[d0,d1,...], e.g. --input x:float32[batch=2,3,224,224].")
+                     hint="Describe them with --input name:dtype[d0,d1,...], "
+                          "e.g. --input x:float32[batch=2,3,224,224].")
 
 
 def hf_input_specs(config: Any, module: Any = None) -> list[InputSpec]:
     """The inputs a Hugging Face model takes, from its config (and forward signature when known)."""
     accepted = set(inspect.signature(module.forward).parameters) if module is not None else set()
-    if getattr(config, "model_type", "") in ("vit", "deit", "convnext", "resnet", "swin", "beit", "mobilenet_v2") \
-            or (hasattr(config, "num_channels") and hasattr(config, "image_size") and not hasattr(config, "vocab_size")):
+    is_vision = getattr(config, "model_type", "") in VISION_MODEL_TYPES or (
+        hasattr(config, "num_channels") and hasattr(config, "image_size") and not hasattr(config, "vocab_size"))
+    if is_vision:
         size = int(getattr(config, "image_size", 224))
         channels = int(getattr(config, "num_channels", 3))
         return [InputSpec("pixel_values", "float32",
@@ -143,11 +146,14 @@ def onnx_input_specs(path: Path) -> list[InputSpec]:
 
 
 def _normalise_dim_name(symbol: str, index: int) -> str:
+    """Map exporter-generated symbols (s0, s1, unk__0...) onto the dims our checks vary."""
     lowered = symbol.lower()
-    if "batch" in lowered or lowered in ("n", "s0") and index == 0:
+    if "batch" in lowered:
         return "batch"
     if "seq" in lowered or "length" in lowered:
         return "sequence"
+    if re.fullmatch(r"s\d+|unk__\d+|dynamic.*|n", lowered) and index <= 1:
+        return "batch" if index == 0 else "sequence"
     return symbol
 
 

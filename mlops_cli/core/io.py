@@ -11,8 +11,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from mlops_cli.core.errors import OutputError
 

@@ -179,7 +179,8 @@ def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
 
 
 def _check_hf_weights_present(folder: Path) -> None:
-    weight_files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
+    weight_files = [p for p in folder.iterdir()
+                    if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
     if not weight_files:
         raise InputError(f"{folder} has config.json but no weights (*.safetensors or *.bin)",
                          hint="Copy the weight files into the folder.")

@@ -38,6 +38,7 @@ def inspect_tables(report: InspectReport) -> Iterator[RenderableType]:
     if report.metadata:
         yield key_values("Metadata", report.metadata.items())
     if report.files:
-        yield table("Files", ("file", "bytes"), ((n, fmt_bytes(s)) for n, s in report.files.items()), numeric=("bytes",))
+        yield table("Files", ("file", "bytes"), ((n, fmt_bytes(s)) for n, s in report.files.items()),
+                    numeric=("bytes",))
     for line in report.notes:
         yield note(line)

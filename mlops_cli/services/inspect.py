@@ -23,7 +23,7 @@ from mlops_cli.core.formats import (
     load_tensor_file,
     read_safetensors_header,
 )
-from mlops_cli.core.loading import CHECKPOINT_KEYS, BUILTIN_PREFIX, is_tensor_dict
+from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict
 
 LARGEST_SHOWN = 5
 SAFETENSORS_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -156,16 +156,12 @@ def summarize_value(value: Any) -> str:
 
 def _inspect_folder(folder: Path, fmt: Format) -> InspectReport:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    config: dict[str, Any] = {}
     config_path = folder / (HF_CONFIG if fmt == Format.HF_FOLDER else SIDECAR)
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{config_path} could not be read: {exc}") from exc
-    if fmt == Format.HF_FOLDER:
-        config = {k: raw[k] for k in CONFIG_FIELDS if k in raw}
-    else:
-        config = raw
+    config = {k: raw[k] for k in CONFIG_FIELDS if k in raw} if fmt == Format.HF_FOLDER else raw
     infos: list[TensorInfo] = []
     metadata: dict[str, str] = {}
     notes: list[str] = []

@@ -133,7 +133,11 @@ def gpt2_tokenizer() -> Any:
 
 
 def train_tokenizer_files(out_dir: Path) -> None:
-    """Regenerate the bundled tokenizer files from the corpus (deterministic; used by a test)."""
+    """Regenerate the bundled tokenizer files from the corpus.
+
+    BPE training is deterministic; WordPiece training breaks frequency ties arbitrarily from run to run, so
+    the bundled files, not a fresh training, define the built-in tokenizers.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     lines = corpus_lines()

@@ -171,8 +171,14 @@ def torch_load_weights(path: str | Path) -> Any:
     import torch
 
     target = Path(path)
-    mmap = detect_format(target) == Format.TORCH_ZIP
+    # torch.load picks a loader by extension (".safetensors" -> safetensors); we go by content, so a torch
+    # file with that name is read through a file handle (no mmap then: torch needs a path for it).
+    by_handle = target.name.endswith(".safetensors")
+    mmap = detect_format(target) == Format.TORCH_ZIP and not by_handle
     try:
+        if by_handle:
+            with open(target, "rb") as handle:
+                return torch.load(handle, map_location="cpu", weights_only=True)
         return torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)

@@ -1,0 +1,94 @@
+"""Formats are detected by content; unusable files fail with exit 3 and a plain message."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from mlops_cli.core.errors import InputError
+from mlops_cli.core.formats import Format, detect_format, load_tensor_file, read_safetensors_header
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """One file of each kind, all with misleading extensions (detection must not look at them)."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("formats")
+    layer = torch.nn.Linear(3, 2)
+    save_file(layer.state_dict(), str(root / "weights.bin"))
+    torch.save(layer.state_dict(), root / "zip.safetensors")
+    torch.save(layer.state_dict(), root / "legacy.onnx", _use_new_zipfile_serialization=False)
+    torch.jit.save(torch.jit.script(layer), root / "script.pt")
+    torch.export.save(torch.export.export(layer, (torch.randn(1, 3),)), root / "program.pt")
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
+    onnx.save(helper.make_model(graph), root / "model.pt")
+    np.savez(root / "inputs.npz", x=np.zeros((2, 3), np.float32))
+    return root
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("weights.bin", Format.SAFETENSORS), ("zip.safetensors", Format.TORCH_ZIP), ("legacy.onnx", Format.TORCH_LEGACY),
+    ("script.pt", Format.TORCHSCRIPT), ("program.pt", Format.EXPORTED_PROGRAM), ("model.pt", Format.ONNX),
+    ("inputs.npz", Format.NPZ),
+])
+def test_detect_by_content(files, name, expected) -> None:
+    assert detect_format(files / name) == expected
+
+
+def test_weights_load_from_every_weight_format(files) -> None:
+    for name in ("weights.bin", "zip.safetensors", "legacy.onnx"):
+        state = load_tensor_file(files / name)
+        assert sorted(state) == ["bias", "weight"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "empty"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n", "Git LFS pointer"),
+    (b"PK\x03\x04garbage-that-is-not-a-zip", "corrupt or truncated zip"),
+    (b"hello, I am a text file" * 3, "not a format mlops understands"),
+])
+def test_unusable_files_exit_3(tmp_path, content, message) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message) as info:
+        detect_format(path)
+    assert info.value.exit_code == 3
+
+
+def test_missing_path(tmp_path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        detect_format(tmp_path / "absent.pt")
+
+
+def test_truncated_safetensors_is_caught_before_allocating(files, tmp_path) -> None:
+    data = (files / "weights.bin").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[:-4])
+    with pytest.raises(InputError, match="data section has 28 bytes"):
+        load_tensor_file(truncated)
+
+
+def test_huge_declared_tensor_in_tiny_file_is_refused(tmp_path) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 40_000_000_000]}})
+    path = tmp_path / "bomb.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 16)
+    with pytest.raises(InputError, match="declares 40000000000 bytes"):
+        read_safetensors_header(path)
+
+
+def test_truncated_torch_zip_is_input_error(files, tmp_path) -> None:
+    data = (files / "zip.safetensors").read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as info:
+        load_tensor_file(path)
+    assert info.value.exit_code == 3

@@ -1,0 +1,64 @@
+"""Example inputs: --input specs, realistic text inputs with real padding, several shape sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlops_cli.core.errors import UsageError
+from mlops_cli.core.inputs import Dim, make_inputs, model_shape_sets, parse_input_spec, shape_sets
+from mlops_cli.core.loading import load_model
+
+
+def test_parse_input_spec_named_and_fixed_dims() -> None:
+    spec = parse_input_spec("x:float32[batch=4,3,224,224]")
+    assert spec.name == "x" and spec.dtype == "float32"
+    assert spec.dims == (Dim(4, "batch"), Dim(3), Dim(224), Dim(224))
+    assert spec.shape({"batch": 1}) == (1, 3, 224, 224)
+    ids = parse_input_spec("input_ids:int64[batch,sequence=32]")
+    assert ids.dims == (Dim(2, "batch"), Dim(32, "sequence"))
+
+
+def test_first_dim_is_varied_by_default() -> None:
+    spec = parse_input_spec("x:float32[2,3]")
+    assert spec.dims[0] == Dim(2, "batch")
+    sets = shape_sets([spec])
+    assert [s.tensors["x"].shape for s in sets] == [(1, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("text", ["x:float32", "x:complex[2]", "x:float32[channels]", "1x:float32[2]"])
+def test_bad_specs_are_usage_errors(text) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_input_spec(text)
+    assert info.value.exit_code == 2
+
+
+def test_text_inputs_are_realistic() -> None:
+    specs = [parse_input_spec(s) for s in
+             ("input_ids:int64[batch=4,sequence=10]", "attention_mask:int64[batch=4,sequence=10]",
+              "token_type_ids:int64[batch=4,sequence=10]")]
+    inputs = make_inputs(specs, vocab_size=50, pad_token_id=0).tensors
+    mask = inputs["attention_mask"]
+    assert mask.sum(axis=1).min() >= 1  # never an all-zero row (the tips' §7 trap)
+    assert (mask.sum(axis=1) < 10).any()  # and real padding on some rows
+    real_ids = inputs["input_ids"][mask.astype(bool)]
+    assert real_ids.min() >= 5 and real_ids.max() < 50
+    assert (inputs["input_ids"][~mask.astype(bool)] == 0).all()  # padded positions hold the pad id
+    assert set(np.unique(inputs["token_type_ids"])) == {0, 1}
+
+
+def test_shape_sets_cover_batches_and_lengths_for_a_text_model() -> None:
+    loaded = load_model("builtin:tiny-bert")
+    sets = model_shape_sets(loaded)
+    shapes = {s.tensors["input_ids"].shape for s in sets}
+    batches = {b for b, _ in shapes}
+    lengths = {n for _, n in shapes}
+    assert 1 in batches and max(batches) > 1
+    assert len(lengths) >= 2 and max(lengths) <= loaded.config.max_position_embeddings
+    assert set(sets[0].tensors) == {"input_ids", "attention_mask", "token_type_ids"}
+
+
+def test_vision_model_inputs_from_config() -> None:
+    loaded = load_model("builtin:tiny-vit")
+    sets = model_shape_sets(loaded)
+    assert [s.tensors["pixel_values"].shape for s in sets] == [(1, 3, 32, 32), (3, 3, 32, 32)]

@@ -1,0 +1,112 @@
+"""Output writing: atomic, no silent overwrite, no symlinks, never over the input, reproducible bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+
+from mlops_cli.core import io
+from mlops_cli.core.errors import OutputError
+
+
+def test_write_bytes_is_atomic_and_readable_by_others(tmp_path) -> None:
+    target = tmp_path / "out.bin"
+    old_umask = os.umask(0o022)
+    try:
+        io.write_bytes(target, b"hello")
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == b"hello"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_existing_output_needs_force(tmp_path) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(OutputError, match="already exists") as info:
+        io.write_bytes(target, b"new")
+    assert info.value.exit_code == 5 and "--force" in info.value.hint
+    assert target.read_bytes() == b"old"
+    io.write_bytes(target, b"new", force=True)
+    assert target.read_bytes() == b"new"
+
+
+def test_never_writes_through_a_symlink(tmp_path) -> None:
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"keep")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with pytest.raises(OutputError, match="symbolic link"):
+        io.write_bytes(link, b"x", force=True)
+    assert real.read_bytes() == b"keep"
+
+
+def test_never_overwrites_its_input(tmp_path) -> None:
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(b"weights")
+    with pytest.raises(OutputError, match="overwrite the input"):
+        io.write_bytes(source, b"x", force=True, inputs=[source])
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(OutputError, match="overwrite the input"):
+        io.check_output(folder, force=True, inputs=[folder / "model.safetensors"])
+
+
+def test_interrupted_write_leaves_nothing_behind(tmp_path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(KeyboardInterrupt), io.atomic_file(target) as temp:
+        temp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), io.atomic_dir(tmp_path / "folder") as temp_dir:
+        (temp_dir / "a.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_with_force(tmp_path) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("old")
+    old_umask = os.umask(0o022)
+    try:
+        with io.atomic_dir(folder, force=True) as temp:
+            (temp / "new.txt").write_text("new")
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in folder.iterdir()) == ["new.txt"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / "new.txt").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the old copy is gone
+
+
+def test_missing_output_folder_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(OutputError, match="does not exist"):
+        io.write_bytes(tmp_path / "nope" / "out.bin", b"x")
+
+
+def test_save_torch_is_byte_identical_and_loads(tmp_path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    checkpoint = {"net": torch.nn.Linear(8, 4).state_dict(), "epoch": 3}
+    digests = []
+    for name in ("a.pt", "b.pt"):
+        io.save_torch(checkpoint, tmp_path / name)
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["net"]["weight"], checkpoint["net"]["weight"])
+
+
+def test_save_safetensors_is_byte_identical(tmp_path) -> None:
+    import torch
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "ids": torch.arange(4)}
+    io.save_safetensors(tensors, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    io.save_safetensors(tensors, tmp_path / "b.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

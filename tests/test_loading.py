@@ -1,0 +1,218 @@
+"""Model references and the safety rules of loading (each rule of the foundation issue has a test)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
+from mlops_cli.core.inputs import example_inputs
+from mlops_cli.core.loading import LoadOptions, ModelKind, load_model
+from mlops_cli.core.runtimes import runner_for
+
+CONVNET = LoadOptions(arch="mlops_cli.zoo:ConvNet")
+
+
+class Evil:
+    """Unpickling this would run code: a safe load must refuse it without running anything."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _convnet_state() -> dict[str, torch.Tensor]:
+    from mlops_cli import zoo
+
+    return zoo.build("convnet")[0].state_dict()
+
+
+def _outputs(loaded):
+    return runner_for(loaded)(example_inputs(loaded).tensors)
+
+
+def test_pickle_with_code_is_refused_and_never_run(tmp_path, cli) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Evil(str(marker))}, path)
+    with pytest.raises(UnsafeInputError) as info:
+        load_model(str(path), CONVNET)
+    assert info.value.exit_code == 4
+    assert "open" in info.value.message  # the offending global is named
+    result = cli("inspect", path)
+    assert result.exit_code == 4
+    assert "refuses" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_unknown_class_is_refused(tmp_path) -> None:
+    path = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # a whole module, not a state_dict
+    with pytest.raises(UnsafeInputError, match=r"torch\.nn\.modules\.linear\.Linear") as info:
+        load_model(str(path), CONVNET)
+    assert "state_dict" in info.value.hint
+
+
+def test_torchscript_needs_trust_code(tmp_path) -> None:
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), path)
+    with pytest.raises(UnsafeInputError, match="TorchScript") as info:
+        load_model(str(path))
+    assert "--trust-code" in info.value.hint
+    loaded = load_model(str(path), LoadOptions(trust_code=True))
+    assert loaded.kind == ModelKind.TORCHSCRIPT
+
+
+def test_remote_code_needs_trust_remote_code(zoo_dir, tmp_path) -> None:
+    folder = tmp_path / "remote"
+    shutil.copytree(zoo_dir / "tiny-bert", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsafeInputError, match="custom code") as info:
+        load_model(str(folder))
+    assert "--trust-remote-code" in info.value.hint
+
+
+def test_training_checkpoint_state_dict_found_automatically(tmp_path) -> None:
+    state = _convnet_state()
+    path = tmp_path / "ckpt.pt"
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    torch.save({"net": state, "optimizer": optimizer.state_dict(), "epoch": 4}, path)
+    loaded = load_model(str(path), CONVNET)
+    assert loaded.state_key == "net"
+    assert loaded.checkpoint_extras["epoch"] == 4
+    assert torch.equal(loaded.module.out.weight, state["out.weight"])
+
+
+def test_key_option_and_wrong_key(tmp_path) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save({"ema_weights": _convnet_state(), "step": 10}, path)
+    with pytest.raises(InputError, match="without a recognisable state_dict") as info:
+        load_model(str(path), CONVNET)
+    assert "--key" in info.value.hint and "ema_weights" in info.value.hint
+    loaded = load_model(str(path), LoadOptions(arch="mlops_cli.zoo:ConvNet", key="ema_weights"))
+    assert loaded.state_key == "ema_weights"
+    with pytest.raises(InputError, match="no key 'nope'"):
+        load_model(str(path), LoadOptions(arch="mlops_cli.zoo:ConvNet", key="nope"))
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path) -> None:
+    state = _convnet_state()
+    del state["out.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["fc.0.weight"] = torch.zeros(7, 7)
+    path = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    with pytest.raises(InputError) as info:
+        load_model(str(path), CONVNET)
+    message = info.value.message
+    assert info.value.exit_code == 3
+    assert "missing keys: out.bias" in message
+    assert "unexpected keys: extra.weight" in message
+    assert "fc.0.weight: file (7, 7) vs model (128, 1568)" in message
+
+
+def test_dataparallel_prefix_needs_strip_prefix(tmp_path) -> None:
+    path = tmp_path / "dp.pt"
+    torch.save({f"module.{k}": v for k, v in _convnet_state().items()}, path)
+    with pytest.raises(InputError) as info:
+        load_model(str(path), CONVNET)
+    assert "--strip-prefix module." in info.value.hint
+    loaded = load_model(str(path), LoadOptions(arch="mlops_cli.zoo:ConvNet", strip_prefix="module."))
+    assert loaded.kind == ModelKind.MODULE
+
+
+def test_weights_without_arch_is_a_usage_error(tmp_path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(_convnet_state(), path)
+    with pytest.raises(UsageError, match="architecture") as info:
+        load_model(str(path))
+    assert "--arch" in info.value.hint
+
+
+def test_arch_from_a_file_with_kwargs(tmp_path) -> None:
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "def make(width=4):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))\n")
+    state = {"0.weight": torch.ones(6, 3), "0.bias": torch.zeros(6), "2.weight": torch.ones(2, 6),
+             "2.bias": torch.zeros(2)}
+    torch.save(state, tmp_path / "w.pt")
+    options = LoadOptions(arch=f"{tmp_path / 'net.py'}:make", arch_kwargs={"width": 6})
+    loaded = load_model(str(tmp_path / "w.pt"), options)
+    out = loaded.module(torch.ones(1, 3))
+    assert out.tolist() == [[18.0, 18.0]]
+    with pytest.raises(UsageError, match=r"--arch-kwargs|calling it"):
+        load_model(str(tmp_path / "w.pt"), LoadOptions(arch=f"{tmp_path / 'net.py'}:make", arch_kwargs={"depth": 1}))
+
+
+def test_checkpoint_saved_on_cuda_loads_on_cpu(tmp_path, monkeypatch) -> None:
+    """Storages tagged 'cuda:0' (as written on a GPU box) are mapped to the CPU."""
+    import torch.serialization as serialization
+
+    path = tmp_path / "gpu.pt"
+    monkeypatch.setattr(serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save(_convnet_state(), path)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does on this machine
+        torch.load(path, weights_only=True)
+    loaded = load_model(str(path), CONVNET)
+    assert loaded.module.out.weight.device.type == "cpu"
+
+
+def test_sidecar_cannot_name_foreign_code(zoo_dir, tmp_path) -> None:
+    folder = tmp_path / "convnet"
+    shutil.copytree(zoo_dir / "convnet", folder)
+    sidecar = json.loads((folder / "mlops.json").read_text())
+    sidecar["arch"] = "os:system"
+    (folder / "mlops.json").write_text(json.dumps(sidecar))
+    with pytest.raises(UnsafeInputError, match="would run its code"):
+        load_model(str(folder))
+
+
+def test_saved_zoo_models_load_back_identically(zoo_dir) -> None:
+    for name in ("tiny-bert", "convnet"):
+        saved = load_model(str(zoo_dir / name))
+        builtin = load_model(f"builtin:{name}")
+        for key, value in _outputs(builtin).items():
+            np.testing.assert_allclose(_outputs(saved)[key], value, atol=1e-6)
+    weights_only = load_model(str(zoo_dir / "convnet" / "model.safetensors"))  # sidecar found beside it
+    assert weights_only.arch == "mlops_cli.zoo:ConvNet"
+
+
+def test_hf_folder_with_wrong_weights_is_exit_3(zoo_dir, tmp_path) -> None:
+    folder = tmp_path / "broken"
+    shutil.copytree(zoo_dir / "tiny-bert", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as info:
+        load_model(str(folder))
+    assert info.value.exit_code == 3
+    assert "do not fit" in info.value.message or "do not match" in info.value.message
+
+
+def test_hf_folder_without_weights_or_with_lfs_pointer(zoo_dir, tmp_path) -> None:
+    folder = tmp_path / "lfs"
+    shutil.copytree(zoo_dir / "tiny-bert", folder)
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    with pytest.raises(InputError, match="Git LFS pointer"):
+        load_model(str(folder))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="no weights"):
+        load_model(str(folder))
+
+
+def test_unknown_builtin_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="unknown built-in model") as info:
+        load_model("builtin:resnet9000")
+    assert "tiny-bert" in info.value.hint

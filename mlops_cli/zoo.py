@@ -43,19 +43,13 @@ def corpus_lines() -> list[str]:
 # ---------------------------------------------------------------- plain modules (the tips' CNNs)
 
 
-def _nn() -> Any:
-    import torch.nn as nn
-
-    return nn
-
-
 _CNN_CLASSES: dict[str, type] = {}  # defined on first use, so importing the zoo never imports torch
 
 
 def _define_cnns() -> dict[str, type]:
     if _CNN_CLASSES:
         return _CNN_CLASSES
-    nn = _nn()
+    import torch.nn as nn
 
     class ConvNet(nn.Module):
         """The MNIST-sized ConvNet of the tips (§4): two conv blocks and three linear layers."""
@@ -129,7 +123,7 @@ def gpt2_tokenizer() -> Any:
     from transformers import GPT2Tokenizer
 
     vocab, merges = bpe_vocab_and_merges()
-    return GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=128)
+    return GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=128)  # type: ignore[arg-type]
 
 
 def train_tokenizer_files(out_dir: Path) -> None:
@@ -169,7 +163,8 @@ def _tiny_bert() -> tuple[Any, Any]:
     tokenizer = bert_tokenizer()
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        num_labels=2,  # type: ignore[call-arg]
         architectures=["BertForSequenceClassification"],
     )
     return BertForSequenceClassification(config), tokenizer
@@ -192,7 +187,8 @@ def _tiny_vit() -> tuple[Any, Any]:
 
     config = ViTConfig(
         image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, num_labels=10, architectures=["ViTForImageClassification"],
+        num_attention_heads=2, intermediate_size=64, num_labels=10,  # type: ignore[call-arg]
+        architectures=["ViTForImageClassification"],
     )
     return ViTForImageClassification(config), None
 

@@ -64,34 +64,40 @@ def to_numpy(value: Any) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def flatten_outputs(output: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    """Name a model's outputs: ModelOutput/dict keys, `output` for one tensor, `output_i` for tuples.
+def named_tensors(output: Any, prefix: str = "") -> dict[str, Any]:
+    """Name a model's output tensors: ModelOutput/dict keys, `output` for one tensor, `output_i` for tuples.
 
-    Caches (past_key_values) and other non-tensor values are skipped: they are not results.
+    Caches (past_key_values) and other non-tensor values are skipped: they are not results. The same
+    names are used by every runner and by the ONNX exporter, so exported graphs and runners agree.
     """
     import torch
 
     if isinstance(output, torch.Tensor):
-        return {prefix or "output": to_numpy(output)}
-    if isinstance(output, dict) or hasattr(output, "keys") and hasattr(output, "__getitem__"):
-        result: dict[str, np.ndarray] = {}
-        for key in output.keys():
+        return {prefix or "output": output}
+    if isinstance(output, dict) or (hasattr(output, "keys") and hasattr(output, "__getitem__")):
+        result: dict[str, Any] = {}
+        for key in output.keys():  # noqa: SIM118 - mappings that are not dicts may iterate differently
             if key in ("past_key_values", "cache"):
                 continue
             value = output[key]
             name = f"{prefix}.{key}" if prefix else str(key)
             if isinstance(value, torch.Tensor):
-                result[name] = to_numpy(value)
+                result[name] = value
             elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-                result.update({f"{name}.{i}": to_numpy(v) for i, v in enumerate(value)})
+                result.update({f"{name}.{i}": v for i, v in enumerate(value)})
         return result
     if isinstance(output, (tuple, list)):
         result = {}
         for index, value in enumerate(output):
             if isinstance(value, torch.Tensor):
-                result[f"{prefix}.{index}" if prefix else f"output_{index}"] = to_numpy(value)
+                result[f"{prefix}.{index}" if prefix else f"output_{index}"] = value
         return result
     raise InputError(f"the model returned a {type(output).__name__}, which mlops cannot compare")
+
+
+def flatten_outputs(output: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """`named_tensors` as numpy arrays (what runners return)."""
+    return {name: to_numpy(value) for name, value in named_tensors(output, prefix).items()}
 
 
 def forward_parameter_names(module: Any) -> list[str] | None:
@@ -107,6 +113,24 @@ def forward_parameter_names(module: Any) -> list[str] | None:
     return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def call_options(loaded: LoadedModel, names: list[str] | None) -> dict[str, Any]:
+    """Fixed keyword arguments for calling a model: HF models without caches, returning named outputs."""
+    extra: dict[str, Any] = {}
+    if loaded.kind == ModelKind.HF and names:
+        if "use_cache" in names:
+            extra["use_cache"] = False
+        if "return_dict" in names:
+            extra["return_dict"] = True
+    return extra
+
+
+def call_module(module: Any, names: list[str] | None, tensors: dict[str, Any], extra: dict[str, Any]) -> Any:
+    """Call a module by keyword when its forward names every input, else positionally (TorchScript, graphs)."""
+    if names is not None and set(tensors) <= set(names):
+        return module(**tensors, **extra)
+    return module(*tensors.values())
+
+
 def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
     import torch
 
@@ -114,20 +138,12 @@ def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
     if loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
         module.to(device)
     names = forward_parameter_names(module)
-    extra: dict[str, Any] = {}
-    if loaded.kind == ModelKind.HF and names:
-        if "use_cache" in names:
-            extra["use_cache"] = False
-        if "return_dict" in names:
-            extra["return_dict"] = True
+    extra = call_options(loaded, names)
 
     def call(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()}
         with torch.inference_mode():
-            if names is not None and set(tensors) <= set(names):
-                output = module(**tensors, **extra)
-            else:
-                output = module(*tensors.values())
+            output = call_module(module, names, tensors, extra)
         return flatten_outputs(output)
 
     backend = {ModelKind.TORCHSCRIPT: "torchscript", ModelKind.EXPORTED: "torch.export"}.get(loaded.kind, "torch")

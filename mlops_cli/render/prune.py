@@ -1,0 +1,166 @@
+"""Tables for `mlops prune`: what was pruned, what it saves (raw vs compressed, MACs), drift and latency."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from rich.console import RenderableType
+from rich.text import Text
+
+from mlops_cli.render import fmt_bytes, fmt_count, fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
+from mlops_cli.render.parity import parity_tables
+from mlops_cli.services.prune import AmountResult, PruneReport, SizeFigures
+
+DRIFT_COLUMNS = ("input set", "output", "max |diff|", "mean |diff|", "cosine", "top-1")
+
+
+def prune_tables(report: PruneReport) -> Iterator[RenderableType]:
+    yield key_values(f"Pruning: {report.model}", _settings(report))
+    if report.is_sweep:
+        yield _sweep_table(report)
+    else:
+        yield from _single_tables(report, report.results[0])
+    yield from _skipped_notes(report.skipped)
+    for line in report.notes:
+        yield note(line)
+    if report.enforced:
+        yield verdict(report.passed, report.verdict)
+    else:
+        yield Text.assemble(Text(" DRIFT ", style="bold black on yellow"), " ", report.verdict)
+
+
+def _skipped_notes(skipped: tuple[tuple[str, str], ...], shown: int = 4) -> Iterator[RenderableType]:
+    """One line per reason: 'left alone, <reason>: a, b, c and 5 more'."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        yield note(f"left alone, {reason}: {', '.join(names[:shown])}{more}")
+
+
+def _settings(report: PruneReport) -> list[tuple[str, object]]:
+    method = report.method
+    if report.method == "ln-structured":
+        method += f" (n={report.n:g}" + (f", dim={report.dim})" if report.dim is not None else ")")
+    pairs: list[tuple[str, object]] = [
+        ("method", method + ("  + structural shrink" if report.structured_shrink else "")),
+        ("amount", ", ".join(f"{r.amount:g}" for r in report.results)),
+        ("layers pruned", f"{len(report.targets)} ({len(report.skipped)} left alone)"),
+        ("output kind", report.model_kind),
+        ("device", report.device),
+    ]
+    if report.method == "random":
+        pairs.append(("seed", report.seed))
+    return pairs
+
+
+# ---------------------------------------------------------------- one amount
+
+
+def _single_tables(report: PruneReport, result: AmountResult) -> Iterator[RenderableType]:
+    if report.structured_shrink:
+        yield table("Tensors shrunk", ("tensor", "type", "shape before", "shape after", "removed"),
+                    ((layer.name, layer.module_type, list(layer.shape_before or ()), list(layer.shape),
+                      fmt_pct(layer.sparsity)) for layer in result.layers), numeric=("removed",))
+    else:
+        yield table("Sparsity per layer", ("layer", "type", "shape", "zeros", "elements", "sparsity"),
+                    ((layer.name, layer.module_type, list(layer.shape), layer.zeros, layer.elements,
+                      fmt_pct(layer.sparsity)) for layer in result.layers),
+                    numeric=("zeros", "elements", "sparsity"),
+                    caption=f"pruned layers: {fmt_pct(result.target_sparsity, 2)} zeros; whole model: "
+                            f"{fmt_pct(result.model_sparsity, 2)} of {fmt_count(result.parameters)} parameters")
+    yield table("Before / after", ("figure", "before", "after", "change"), _before_after(report, result),
+                numeric=("before", "after", "change"))
+    yield from _drift_tables(report, result)
+    if result.output:
+        yield key_values("Output", [("written", result.output),
+                                    *((name, fmt_bytes(size)) for name, size in result.output_files.items()),
+                                    ("reload check", result.reloaded or "-")])
+
+
+def _before_after(report: PruneReport, result: AmountResult) -> Iterator[tuple[str, str, str, str]]:
+    yield ("parameters", fmt_count(report.parameters_before), fmt_count(result.parameters),
+           _change(report.parameters_before, result.parameters))
+    yield ("zero parameters", fmt_pct(report.model_zeros_before / max(report.parameters_before, 1), 2),
+           fmt_pct(result.model_sparsity, 2), "")
+    yield from _size_rows(report.size_before, result.size)
+    if result.macs is not None or report.macs_before is not None:
+        yield ("MACs (one forward)", fmt_count(report.macs_before), fmt_count(result.macs),
+               _change(report.macs_before, result.macs))
+    if result.latency:
+        latency = result.latency
+        yield (f"latency p50 ({latency.input_set})", fmt_ms(latency.before.median_ms), fmt_ms(latency.after.median_ms),
+               f"{latency.speedup:.2f}x speed-up" if latency.speedup else "")
+        yield ("latency p90", fmt_ms(latency.before.p90_ms), fmt_ms(latency.after.p90_ms), "")
+
+
+def _size_rows(before: SizeFigures, after: SizeFigures) -> Iterator[tuple[str, str, str, str]]:
+    yield "weights, raw", fmt_bytes(before.raw_bytes), fmt_bytes(after.raw_bytes), _change(before.raw_bytes,
+                                                                                           after.raw_bytes)
+    yield "weights, gzip -6", fmt_bytes(before.gzip_bytes), fmt_bytes(after.gzip_bytes), _change(before.gzip_bytes,
+                                                                                                 after.gzip_bytes)
+
+
+def _change(before: float | None, after: float | None) -> str:
+    if not before or after is None:
+        return "-"
+    return f"{(after - before) / before:+.1%}"
+
+
+def _drift_tables(report: PruneReport, result: AmountResult) -> Iterator[RenderableType]:
+    title = f"Drift vs the unpruned model (amount {result.amount:g})"
+    if "atol" in report.thresholds:
+        yield from list(parity_tables(result.parity, title=title))[:-1]  # our verdict covers the thresholds
+        return
+    rows = []
+    for shape in result.parity.shapes:
+        if shape.error and not shape.outputs:
+            rows.append((shape.label, "-", "-", "-", "-", Text(shape.error, style="red")))
+        for diff in shape.outputs:
+            rows.append((shape.label, diff.name, fmt_float(diff.max_abs), fmt_float(diff.mean_abs),
+                         fmt_float(diff.cosine, 6), fmt_pct(diff.top1_agreement)))
+    yield table(title, DRIFT_COLUMNS, rows, numeric=DRIFT_COLUMNS[2:],
+                caption="pruning changes the outputs by design: this is how much (top-1: share of predictions "
+                        "unchanged)")
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def _sweep_table(report: PruneReport) -> RenderableType:
+    shrink = report.structured_shrink
+    columns = ["amount", "removed" if shrink else "sparsity", "model zeros", "params",
+               *(["MACs"] if shrink else []), "raw size", "gzip size", "max |diff|", "cosine", "top-1",
+               "latency p50", "speed-up"]
+    if report.enforced:
+        columns.append("result")
+    if any(r.output for r in report.results):
+        columns.append("output")
+    rows = [_sweep_row(report, result) for result in report.results]
+    baseline = ["0 (input)", "-", fmt_pct(report.model_zeros_before / max(report.parameters_before, 1), 2),
+                fmt_count(report.parameters_before), *([fmt_count(report.macs_before)] if shrink else []),
+                fmt_bytes(report.size_before.raw_bytes), fmt_bytes(report.size_before.gzip_bytes), "-", "-", "-",
+                fmt_ms(report.results[0].latency.before.median_ms) if report.results[0].latency else "-", "-"]
+    baseline += [""] * (len(columns) - len(baseline))
+    return table("Sweep: one row per amount", columns, [baseline, *rows],
+                 numeric=[c for c in columns if c not in ("amount", "result", "output")],
+                 caption="latency: pruned model, timed A/B against the unpruned one on the default input")
+
+
+def _sweep_row(report: PruneReport, result: AmountResult) -> list[object]:
+    drift = result.drift
+    row: list[object] = [
+        f"{result.amount:g}", fmt_pct(result.target_sparsity), fmt_pct(result.model_sparsity, 2),
+        fmt_count(result.parameters), *([fmt_count(result.macs)] if report.structured_shrink else []),
+        fmt_bytes(result.size.raw_bytes), fmt_bytes(result.size.gzip_bytes),
+        fmt_float(drift.max_abs) if not drift.error else Text(drift.error, style="red"),
+        fmt_float(drift.cosine, 6), fmt_pct(drift.top1_agreement),
+        fmt_ms(result.latency.after.median_ms) if result.latency else "-",
+        f"{result.latency.speedup:.2f}x" if result.latency and result.latency.speedup else "-",
+    ]
+    if report.enforced:
+        row.append(Text("PASS", style="green") if result.passed else Text(f"FAIL: {result.failure}", style="red"))
+    if any(r.output for r in report.results):
+        row.append(result.output or "-")
+    return row

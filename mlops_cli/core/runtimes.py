@@ -154,8 +154,14 @@ def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
 
 
 def onnx_session(path: Any, device: str = "cpu", options: Any = None) -> Any:
+    """An InferenceSession on `device`. By default its worker threads do not spin-wait after a run:
+    spinning threads keep the CPU busy for a while and would slow down (and skew the timing of) the
+    PyTorch side running next to it in a parity check or benchmark."""
     import onnxruntime as ort
 
+    if options is None:
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():

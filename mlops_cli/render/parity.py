@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from rich.console import RenderableType
 from rich.text import Text
 
-from mlops_cli.render import fmt_float, fmt_ms, fmt_pct, note, table, verdict
+from mlops_cli.render import fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
 from mlops_cli.services.parity import ParityReport
+from mlops_cli.services.verify_parity import VerifyParityReport
 
 PARITY_COLUMNS = ("input set", "output", "max |diff|", "max rel", "mean |diff|", "p99 |diff|", "cosine",
                   "top-1", "min atol", "result")
@@ -21,15 +22,16 @@ def parity_rows(report: ParityReport) -> Iterator[tuple[object, ...]]:
             yield (shape.label, "-", "-", "-", "-", "-", "-", "-", "-", Text(f"FAIL: {shape.error}", style="red"))
             continue
         for diff in shape.outputs:
-            status = Text("PASS", style="green") if diff.passed else Text(f"FAIL{': ' + diff.problem if diff.problem else ''}",
-                                                                        style="red")
+            failure = f"FAIL: {diff.problem}" if diff.problem else "FAIL"
+            status = Text("PASS", style="green") if diff.passed else Text(failure, style="red")
             yield (shape.label, diff.name, fmt_float(diff.max_abs), fmt_float(diff.max_rel), fmt_float(diff.mean_abs),
                    fmt_float(diff.p99_abs), fmt_float(diff.cosine, 6), fmt_pct(diff.top1_agreement),
                    fmt_float(diff.min_atol_to_pass), status)
 
 
-def parity_tables(report: ParityReport, title: str | None = None) -> Iterator[RenderableType]:
-    """The parity table, the latency table and the verdict line."""
+def parity_tables(report: ParityReport, title: str | None = None, *,
+                  with_verdict: bool = True) -> Iterator[RenderableType]:
+    """The parity table, the latency table and the verdict line (left out for callers with their own)."""
     masked = "padded positions excluded" if report.masked_positions_excluded else "padded positions included"
     yield table(title or f"Parity: {report.candidate} ({report.candidate_backend}) vs {report.reference} "
                          f"({report.reference_backend})",
@@ -44,4 +46,21 @@ def parity_tables(report: ParityReport, title: str | None = None) -> Iterator[Re
              f"{s.speedup:.2f}x" if s.speedup else "-") for s in timed), numeric=LATENCY_COLUMNS[1:])
     for line in report.notes:
         yield note(line)
+    if with_verdict:
+        yield verdict(report.passed, report.verdict)
+
+
+def verify_parity_tables(report: VerifyParityReport) -> Iterator[RenderableType]:
+    """`verify-parity`: what was compared on what, then the parity tables and verdict."""
+    parity = report.parity
+    yield key_values("Parity check", [
+        ("reference", f"{report.reference} ({parity.reference_backend})"),
+        ("candidate", f"{report.candidate} ({parity.candidate_backend})"),
+        ("device", parity.device),
+        ("tolerances", f"preset {report.preset}: atol {parity.atol:g}, rtol {parity.rtol:g}"),
+        ("inputs", f"{report.input_sets} input set(s) from {report.input_source}"),
+    ])
+    yield from parity_tables(parity, title="Per output and input set", with_verdict=False)
+    if report.worst_output:
+        yield note(f"worst output: {report.worst_output}")
     yield verdict(report.passed, report.verdict)

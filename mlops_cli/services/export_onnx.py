@@ -611,6 +611,9 @@ def _report(reference: str, target: Path, files: dict[str, int], written: OnnxWr
                    else f"{target.name} does not match {reference}: {verification.verdict}")
     if written.fallback_reason:
         notes.insert(0, f"dynamo exporter failed, used the legacy exporter: {written.fallback_reason}")
+    custom = [domain for domain in info.op_domains if domain not in ("ai.onnx", "ai.onnx.ml")]
+    if custom:
+        notes.append(f"the graph uses {', '.join(custom)} operators: it runs on ONNX Runtime only")
     dims = sorted({name for axes in written.dynamic_axes.values() for name in axes.values()})
     return ExportOnnxReport(
         model=reference, output=str(target), files=files, exporter_used=written.exporter_used,

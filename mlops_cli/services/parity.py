@@ -8,6 +8,7 @@ traces, dropout left on, output mismatches, NaN/inf.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ class ShapeResult:
     error: str | None = None
     reference_latency: Timing | None = None
     candidate_latency: Timing | None = None
+    speed_ratio: float | None = None  # reference median / candidate median (> 1: the candidate is faster)
 
     @property
     def speedup(self) -> float | None:
@@ -80,11 +82,14 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
             if problem:
                 notes.append(problem)
                 result = ShapeResult(result.label, result.input_shapes, result.outputs, False, problem,
-                                     result.reference_latency, result.candidate_latency)
+                                     result.reference_latency, result.candidate_latency, result.speed_ratio)
         results.append(result)
     dropped = sorted(set(candidate.dropped_inputs) | set(reference.dropped_inputs))
     if dropped:
         notes.append(f"inputs not taken by one side (not fed to it): {', '.join(dropped)}")
+    paired = sorted({d.name for r in results for d in r.outputs if " ~ " in d.name})
+    if paired:
+        notes.append(f"outputs named differently, paired by position: {', '.join(paired)}")
     passed = all(r.passed for r in results) and bool(results)
     return ParityReport(
         reference=reference.name, candidate=candidate.name,
@@ -115,8 +120,9 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
         ref_feed, cand_feed = _feed(reference, input_set), _feed(candidate, input_set)
         ref_time = measure(lambda: reference(ref_feed), warmup=2, repeats=repeats, device=reference.device)
         cand_time = measure(lambda: candidate(cand_feed), warmup=2, repeats=repeats, device=candidate.device)
+    ratio = ref_time.median_ms / cand_time.median_ms if ref_time and cand_time and cand_time.median_ms else None
     return ShapeResult(input_set.label, shapes, tuple(diffs), all(d.passed for d in diffs) and bool(diffs),
-                       None if diffs else "no outputs to compare", ref_time, cand_time)
+                       None if diffs else "no outputs to compare", ref_time, cand_time, ratio)
 
 
 def _feed(runner: Runner, input_set: InputSet) -> dict[str, np.ndarray]:
@@ -130,24 +136,39 @@ def _feed(runner: Runner, input_set: InputSet) -> dict[str, np.ndarray]:
     return tensors
 
 
+# Names exporters and plain modules give when they know no better: `output`, `output_0`, `linear_13`.
+_GENERIC_OUTPUT = re.compile(r"^(output|out)?_?\d*$|^[a-z]+(_[a-z]+)*_\d+$")
+
+
 def _match_outputs(ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarray], tolerances: Tolerances,
                    mask: np.ndarray | None) -> list[OutputDiff]:
-    """Pair outputs by name; by position when the names differ but the counts agree."""
-    if set(ref_out) == set(cand_out):
-        pairs = [(name, name) for name in ref_out]
-    elif len(ref_out) == len(cand_out):
-        pairs = list(zip(ref_out, cand_out, strict=True))
-    else:
-        atol, rtol = tolerances.atol, tolerances.rtol
+    """Pair outputs by name. Outputs whose names differ are paired by position only when one side's
+    leftover names are generic (`output`, `linear_13`); descriptive names that differ are a mismatch."""
+    atol, rtol = tolerances.atol, tolerances.rtol
+    ref_rest = [name for name in ref_out if name not in cand_out]
+    cand_rest = [name for name in cand_out if name not in ref_out]
+    if len(ref_out) != len(cand_out):
         return [OutputDiff("(outputs)", (len(ref_out),), (len(cand_out),), atol, rtol, False,
-                           problem=f"output count mismatch: reference has {len(ref_out)} ({', '.join(ref_out)}), "
-                                   f"candidate has {len(cand_out)} ({', '.join(cand_out)})")]
+                           problem=f"output count mismatch: reference has {len(ref_out)} ({_described(ref_out)}), "
+                                   f"candidate has {len(cand_out)} ({_described(cand_out)})")]
+    generic = all(_GENERIC_OUTPUT.match(n) for n in ref_rest) or all(_GENERIC_OUTPUT.match(n) for n in cand_rest)
+    if ref_rest and not generic:
+        return [OutputDiff("(outputs)", (len(ref_out),), (len(cand_out),), atol, rtol, False,
+                           problem=f"output names differ: reference has {_described(ref_out, ref_rest)}, "
+                                   f"candidate has {_described(cand_out, cand_rest)}")]
+    pairs = [(name, name) for name in ref_out if name in cand_out]
+    pairs += list(zip(ref_rest, cand_rest, strict=True))
     diffs = []
     for ref_name, cand_name in pairs:
         atol, rtol = tolerances.for_output(ref_name)
         label = ref_name if ref_name == cand_name else f"{ref_name} ~ {cand_name}"
         diffs.append(compare_arrays(label, ref_out[ref_name], cand_out[cand_name], atol, rtol, mask))
     return diffs
+
+
+def _described(outputs: dict[str, np.ndarray], names: list[str] | None = None) -> str:
+    """`logits (2, 10), probs (2, 10)`: names with shapes, for mismatch messages."""
+    return ", ".join(f"{name} {tuple(outputs[name].shape)}" for name in (outputs if names is None else names))
 
 
 def _nondeterminism(reference: Runner, candidate: Runner, input_set: InputSet) -> str | None:

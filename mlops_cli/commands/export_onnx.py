@@ -1,0 +1,109 @@
+"""`mlops export onnx MODEL -o model.onnx`.
+
+No `from __future__ import annotations`: `@model_options` rebuilds the signature and typer must see the
+Annotated option types as objects, not strings.
+"""
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from mlops_cli.commands.common import (
+    AtolOpt,
+    Device,
+    DeviceOpt,
+    ForceOpt,
+    InputOpt,
+    JsonOpt,
+    ModelArg,
+    OutputOpt,
+    QuietOpt,
+    RtolOpt,
+    SeedOpt,
+    guarded,
+    model_options,
+    parse_tolerances,
+)
+from mlops_cli.commands.export import export_app
+from mlops_cli.commands.verify_parity import IncludePaddingOpt, Preset, PresetOpt, RepeatsOpt
+
+if TYPE_CHECKING:
+    from mlops_cli.core.loading import LoadOptions
+
+
+class Exporter(str, Enum):
+    auto = "auto"
+    dynamo = "dynamo"
+    legacy = "legacy"
+
+
+class Optimize(str, Enum):
+    none = "none"
+    slim = "slim"
+    ort = "ort"
+    all = "all"
+
+
+@guarded
+@model_options
+def export_onnx_command(
+    model: ModelArg,
+    output: OutputOpt,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset: 20 (default), 18-21 (legacy: <= 20).")] = 20,
+    static: Annotated[bool, typer.Option("--static", help="Fix every dim to the example's shape.")] = False,
+    exporter: Annotated[Exporter, typer.Option(
+        "--exporter", help="dynamo (torch.export), legacy (TorchScript tracing), or auto: dynamo, then legacy "
+                           "if it fails (the reason is shown).")] = Exporter.auto,
+    external_data: Annotated[bool, typer.Option(
+        "--external-data", help="Write the weights to MODEL.onnx.data beside the graph (automatic above 1.5 GiB).")
+    ] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Verify the export against the model at several shapes (exit 6 on mismatch).")
+    ] = True,
+    optimize: Annotated[Optimize, typer.Option(
+        "--optimize", help="Graph optimisation, each pass re-verified and dropped if it changes the outputs: "
+                           "slim (onnxslim, portable), ort (ONNX Runtime offline, extended; needs ONNX Runtime), "
+                           "all (both).")] = Optimize.none,
+    inputs: InputOpt = None,
+    seed: SeedOpt = 0,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    preset: PresetOpt = Preset.fp32,
+    include_padding: IncludePaddingOpt = False,
+    device: DeviceOpt = Device.cpu,
+    repeats: RepeatsOpt = 10,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    load: "LoadOptions",
+) -> None:
+    """Export a model to ONNX with named inputs/outputs and dynamic batch/sequence dims, run onnx.checker, and
+    verify the file with ONNX Runtime at shapes other than the example's. Exit 6 (file kept) when it does not match.
+
+    Example: mlops export onnx builtin:tiny-bert -o bert.onnx --optimize all --json
+    """
+    from mlops_cli import render
+    from mlops_cli.core.compare import PRESETS
+    from mlops_cli.core.errors import ValidationFailed
+    from mlops_cli.render.export_onnx import export_onnx_tables
+    from mlops_cli.services.export_onnx import ExportOnnxSettings, export_onnx
+
+    settings = ExportOnnxSettings(
+        opset=opset, static=static, exporter=exporter.value, external_data=external_data, verify=verify,
+        optimize=optimize.value, inputs=tuple(inputs or ()), seed=seed,
+        tolerances=parse_tolerances(atol, rtol, PRESETS[preset.value]), include_padding=include_padding,
+        device=device.value, repeats=repeats, force=force, load=load)
+    with render.progress(f"exporting {model} to ONNX", quiet=quiet):
+        report = export_onnx(model, Path(output), settings)
+    if not quiet and report.fallback_reason:
+        render.hint(f"dynamo exporter failed, used legacy: {report.fallback_reason}")
+    render.emit(report, as_json, export_onnx_tables)
+    if not report.passed:
+        raise ValidationFailed(report.verdict, hint=f"{report.output} was kept for inspection.")
+
+
+def register(app: typer.Typer) -> None:
+    export_app.command("onnx")(export_onnx_command)

@@ -288,12 +288,6 @@ class _Profiler:
 # ---------------------------------------------------------------- calling a module
 
 
-def forward_names(module: Any) -> list[str] | None:
-    from mlops_cli.core.runtimes import forward_parameter_names
-
-    return forward_parameter_names(module)
-
-
 def to_tensors(inputs: Mapping[str, Any], device: Any = None) -> dict[str, torch.Tensor]:
     """numpy arrays or tensors -> tensors on `device` (the module's device when None)."""
     result = {}
@@ -317,13 +311,16 @@ def _module_tensors(module: Any) -> Iterator[torch.Tensor]:
 def call_module(module: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     """Call a model the way its inputs are named: keywords when its forward takes those names, else in order.
 
-    Hugging Face models get `use_cache=False`: a key/value cache is not part of one forward pass.
+    A torch.export module checks calls against its exported (positional) signature, so it gets them in order.
+    Models with a `use_cache` argument get `use_cache=False`: a key/value cache is not part of one forward pass.
     """
-    names = forward_names(module)
-    if names is not None and set(tensors) <= set(names):
-        extra = {"use_cache": False} if "use_cache" in names else {}
-        return module(**tensors, **extra)
-    return module(*tensors.values())
+    from mlops_cli.core import runtimes
+
+    names = runtimes.forward_parameter_names(module)
+    if getattr(module, "_in_spec", None) is not None:  # torch.export's unlifted module
+        names = None
+    extra = {"use_cache": False} if names and "use_cache" in names else {}
+    return runtimes.call_module(module, names, dict(tensors), extra)
 
 
 def profile_forward(module: Any, inputs: Mapping[str, Any], *, by_module: bool = True, record_shapes: bool = False,

@@ -1,0 +1,398 @@
+"""`mlops summarize`: what to know about a model before shipping it.
+
+Parameters (total, unique with tied weights counted once and named, trainable, by dtype, bytes stored and
+in memory), a layer table from one instrumented forward pass (output shapes, parameters, MACs from
+core/flops, attention included), totals per example, an activation-memory estimate and the warm forward
+time. ONNX files get their graph facts (inputs with symbolic dims, opset, ops, initializers, external
+data) from services/inspect plus an ONNX Runtime timing. TorchScript and .pt2 get what can be known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlops_cli.core.errors import UsageError
+from mlops_cli.core.inputs import InputSet, make_inputs, specs_for, text_properties
+from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind, load_model
+from mlops_cli.core.timing import Timing, measure
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class DtypeCount:
+    dtype: str
+    tensors: int
+    elements: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ParameterSummary:
+    """Counts in elements, sizes in bytes. `total` counts a tied tensor once per name, `unique` once."""
+
+    total: int
+    unique: int
+    trainable: int | None  # None where the format has no such notion (ONNX initializers)
+    buffers: int | None
+    by_dtype: tuple[DtypeCount, ...]  # unique parameters and buffers
+    tied: tuple[tuple[str, ...], ...]  # groups of names sharing one tensor
+    parameter_bytes: int  # unique parameters in memory
+    buffer_bytes: int
+    memory_bytes: int  # parameters + buffers, each tensor once
+
+
+@dataclass(frozen=True)
+class StoredSize:
+    """What the model takes on disk."""
+
+    path: str
+    format: str
+    file_bytes: int  # weight file(s) (and ONNX external data) on disk
+    tensor_bytes: int  # tensor payload in those files (tied weights are usually stored once)
+    tensors: int
+    files: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    path: str  # "" for the whole model
+    type: str
+    depth: int
+    output_shapes: tuple[tuple[int, ...], ...]  # first call's output tensors
+    params: int  # parameters inside this module (each tensor once)
+    macs: int  # MACs of all its calls in the pass
+    calls: int
+
+
+@dataclass(frozen=True)
+class ComputeSummary:
+    """Figures of one forward pass at the given inputs; per-example values divide by the batch size."""
+
+    batch_size: int
+    macs: int
+    flops: int
+    macs_per_example: float
+    flops_per_example: float
+    attention_macs: int
+    by_op: dict[str, int]
+    activation_peak_bytes: int | None
+    activation_total_bytes: int | None
+    measured_peak_bytes: int | None = None  # CUDA only: torch.cuda.max_memory_allocated during the pass
+
+
+@dataclass(frozen=True)
+class OnnxSummary:
+    opset: dict[str, int]
+    ir_version: int
+    producer: str
+    inputs: dict[str, str]  # name -> dtype[dims], symbolic dims by name
+    outputs: dict[str, str]
+    nodes: int
+    ops: dict[str, int]
+    initializers: int
+    initializer_bytes: int
+    external_data: dict[str, int]  # file -> bytes
+
+
+@dataclass(frozen=True)
+class SummaryReport:
+    reference: str
+    kind: str
+    model_class: str
+    device: str
+    parameters: ParameterSummary
+    stored: StoredSize | None
+    compute: ComputeSummary | None
+    layers: tuple[LayerRow, ...]
+    depth: int
+    timing: Timing | None
+    inputs: dict[str, str] = field(default_factory=dict)  # the forward pass's inputs: name -> dtype[shape]
+    onnx: OnnxSummary | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SummarizeOptions:
+    inputs: tuple[str, ...] = ()  # --input specs
+    batch_size: int | None = None
+    seq_len: int | None = None
+    depth: int = 3
+    device: str = "auto"
+    warmup: int = 2
+    repeats: int = 10  # 0: no timing
+    seed: int = 0
+
+
+def summarize(reference: str, load: LoadOptions | None = None,
+              options: SummarizeOptions | None = None) -> tuple[SummaryReport, LoadedModel]:
+    """Load and summarize a model; returns the report and the loaded model (for its warnings)."""
+    from mlops_cli.core.runtimes import resolve_device
+
+    options = options or SummarizeOptions()
+    if options.depth < 0:
+        raise UsageError("--depth must be 0 or more")
+    device = resolve_device(options.device)
+    loaded = load_model(reference, load or LoadOptions())
+    if loaded.kind == ModelKind.ONNX:
+        return summarize_onnx(loaded, options, device), loaded
+    return summarize_torch(loaded, options, device), loaded
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def summary_inputs(loaded: LoadedModel, options: SummarizeOptions) -> InputSet:
+    """One input set: --input specs (or the model's own), resized by --batch-size/--seq-len."""
+    specs = specs_for(loaded, list(options.inputs) or exported_input_specs(loaded) or None)
+    named = {dim.name for spec in specs for dim in spec.dims if dim.name}
+    sizes: dict[str, int] = {}
+    requested = (("--batch-size", "batch", options.batch_size), ("--seq-len", "sequence", options.seq_len))
+    for option, dim, value in requested:
+        if value is None:
+            continue
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1")
+        if dim not in named:
+            raise UsageError(f"{option}: the model's inputs have no '{dim}' dimension "
+                             f"({', '.join(str(s) for s in specs)})",
+                             hint=f"Name the dimension in --input, e.g. --input x:float32[{dim}={value},...].")
+        sizes[dim] = value
+    vocab, pad_id, max_positions = text_properties(loaded)
+    if options.seq_len and max_positions and options.seq_len > max_positions:
+        raise UsageError(f"--seq-len {options.seq_len} is longer than the model's {max_positions} positions")
+    return make_inputs(specs, sizes, seed=options.seed, vocab_size=vocab, pad_token_id=pad_id)
+
+
+def exported_input_specs(loaded: LoadedModel) -> list[str]:
+    """A torch.export program records its example inputs' shapes on the graph's placeholders."""
+    if loaded.kind != ModelKind.EXPORTED or not hasattr(loaded.module, "graph"):
+        return []
+    specs = []
+    for node in loaded.module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if value is not None and hasattr(value, "shape"):
+            dims = [f"batch={int(d)}" if i == 0 else str(int(d)) for i, d in enumerate(value.shape)]
+            specs.append(f"{node.name}:{str(value.dtype).removeprefix('torch.')}[{','.join(dims)}]")
+    return specs
+
+
+def describe_inputs(inputs: InputSet | None) -> dict[str, str]:
+    """name -> dtype[d0, d1, ...] of an input set."""
+    if inputs is None:
+        return {}
+    return {name: f"{value.dtype}[{', '.join(str(d) for d in value.shape)}]" for name, value in inputs.tensors.items()}
+
+
+# ---------------------------------------------------------------- torch models
+
+
+def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str) -> SummaryReport:
+    module = loaded.module
+    if loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module stays on its export device
+        module.to(device)
+    notes: list[str] = []
+    parameters = parameter_summary(module)
+    if parameters.tied:
+        notes.append("tied weights (one tensor, several names): "
+                     + "; ".join(" = ".join(group) for group in parameters.tied))
+    compute, layers, timing = None, _layer_rows(module, options.depth, None), None
+    try:
+        inputs = summary_inputs(loaded, options)
+    except UsageError as exc:
+        if options.inputs or options.batch_size or options.seq_len:
+            raise
+        inputs = None
+        notes.append(f"no forward pass: {exc.message}. Describe the inputs with --input name:dtype[d0,d1,...] "
+                     "to get MACs, shapes, activation memory and timing.")
+    if inputs is not None:
+        compute, profile = _profile(module, inputs, device)
+        layers = _layer_rows(module, options.depth, profile)
+        timing = _time_torch(module, inputs, options, device) if options.repeats > 0 else None
+        if loaded.kind == ModelKind.TORCHSCRIPT:
+            notes.append("TorchScript runs its submodules in C++: per-layer shapes and MACs are not visible, "
+                         "the totals are exact.")
+        if any(op.endswith(("_native_multi_head_attention", "_transformer_encoder_layer_fwd"))
+               for op in compute.by_op):
+            notes.append("fused nn.MultiheadAttention/TransformerEncoderLayer kernels are counted whole "
+                         "(projections + attention); their attention share is not split out.")
+    stored = stored_size(loaded.path, loaded.format.value if loaded.format else "") if loaded.path else None
+    if stored is None:
+        notes.append("built-in model: not stored on disk (`mlops zoo save` writes it as files)")
+    return SummaryReport(
+        reference=loaded.reference, kind=loaded.kind.value, model_class=_type_name(module), device=device,
+        parameters=parameters, stored=stored, compute=compute, layers=layers, depth=options.depth, timing=timing,
+        inputs=describe_inputs(inputs), notes=tuple(notes))
+
+
+def _tensor_key(tensor: Any) -> tuple:
+    """Two names hold the same tensor when they view the same memory the same way (tied weights)."""
+    if tensor.device.type == "meta":
+        return (id(tensor),)
+    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def _named_tensors(module: Any, kind: str) -> list[tuple[str, Any]]:
+    """Every (name, tensor), tied names included (TorchScript modules cannot list duplicates)."""
+    method = getattr(module, f"named_{kind}")
+    try:
+        return list(method(remove_duplicate=False))
+    except TypeError:
+        return list(method())
+
+
+def parameter_summary(module: Any) -> ParameterSummary:
+    named_parameters = _named_tensors(module, "parameters")
+    named_buffers = _named_tensors(module, "buffers")
+    groups: dict[tuple, list[str]] = {}
+    unique: dict[tuple, Any] = {}
+    for name, tensor in named_parameters:
+        key = _tensor_key(tensor)
+        groups.setdefault(key, []).append(name)
+        unique.setdefault(key, tensor)
+    buffers = {_tensor_key(t): t for _, t in named_buffers if _tensor_key(t) not in unique}
+    by_dtype: dict[str, list[int]] = {}
+    for tensor in [*unique.values(), *buffers.values()]:
+        entry = by_dtype.setdefault(str(tensor.dtype).removeprefix("torch."), [0, 0, 0])
+        entry[0] += 1
+        entry[1] += tensor.numel()
+        entry[2] += tensor.numel() * tensor.element_size()
+    parameter_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+    buffer_bytes = sum(t.numel() * t.element_size() for t in buffers.values())
+    return ParameterSummary(
+        total=sum(t.numel() for _, t in named_parameters),
+        unique=sum(t.numel() for t in unique.values()),
+        trainable=sum(t.numel() for t in unique.values() if t.requires_grad),
+        buffers=sum(t.numel() for t in buffers.values()),
+        by_dtype=tuple(DtypeCount(d, *v) for d, v in sorted(by_dtype.items(), key=lambda kv: -kv[1][2])),
+        tied=tuple(tuple(names) for names in groups.values() if len(names) > 1),
+        parameter_bytes=parameter_bytes, buffer_bytes=buffer_bytes, memory_bytes=parameter_bytes + buffer_bytes)
+
+
+def _profile(module: Any, inputs: InputSet, device: str) -> tuple[ComputeSummary, Any]:
+    import torch
+
+    from mlops_cli.core.flops import profile_forward
+
+    batch = int(inputs.sizes.get("batch") or next(iter(inputs.tensors.values())).shape[0] or 1)
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:  # untested here (no GPU): the allocator's own peak, on top of what was allocated before
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    profile = profile_forward(module, inputs.tensors, record_shapes=True, track_memory=True)
+    measured = None
+    if cuda:
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated() - baseline
+    macs = profile.macs
+    compute = ComputeSummary(
+        batch_size=batch,
+        macs=macs.macs, flops=macs.flops, macs_per_example=macs.macs / batch, flops_per_example=macs.flops / batch,
+        attention_macs=macs.attention_macs, by_op=dict(sorted(macs.by_op.items(), key=lambda kv: -kv[1])),
+        activation_peak_bytes=profile.activation_peak_bytes, activation_total_bytes=profile.activation_total_bytes,
+        measured_peak_bytes=measured)
+    return compute, profile
+
+
+def _layer_rows(module: Any, depth: int, profile: Any) -> tuple[LayerRow, ...]:
+    rows = []
+    for path, sub in module.named_modules():
+        level = path.count(".") + 1 if path else 0
+        if level > depth:
+            continue
+        call = profile.modules.get(path) if profile is not None else None
+        macs = profile.macs.by_module.get(path, 0) if profile is not None else 0
+        if not path and profile is not None:
+            macs = profile.macs.macs  # the whole model, including ops outside any module's hooks
+        params = sum(p.numel() for p in sub.parameters())
+        rows.append(LayerRow(path, _type_name(sub), level, call.output_shapes if call else (), params, macs,
+                             call.calls if call else 0))
+    return tuple(rows)
+
+
+def _type_name(module: Any) -> str:
+    name = type(module).__name__
+    original = getattr(module, "original_name", None)  # TorchScript keeps the Python class name here
+    return str(original) if name == "RecursiveScriptModule" and original else name.removesuffix("Impl")
+
+
+def _time_torch(module: Any, inputs: InputSet, options: SummarizeOptions, device: str) -> Timing:
+    import torch
+
+    from mlops_cli.core.flops import call_module, module_device, to_tensors
+
+    tensors = to_tensors(inputs.tensors, module_device(module))
+
+    def forward() -> None:
+        with torch.inference_mode():
+            call_module(module, tensors)
+
+    return measure(forward, warmup=options.warmup, repeats=options.repeats, device=str(module_device(module)))
+
+
+# ---------------------------------------------------------------- stored size
+
+
+def stored_size(path: Path, format_name: str) -> StoredSize:
+    """Size on disk from services/inspect (headers and zip directories; nothing is run)."""
+    from mlops_cli.services.inspect import inspect_path
+
+    report = inspect_path(str(path))
+    files = dict(report.files)
+    file_bytes = report.file_bytes
+    if path.is_dir():
+        files = {name: size for name, size in files.items() if name.endswith(WEIGHT_SUFFIXES)}
+        file_bytes = sum(files.values())
+    return StoredSize(str(path), report.format, file_bytes, report.tensor_bytes, report.tensor_count,
+                      files if path.is_dir() else {})
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def summarize_onnx(loaded: LoadedModel, options: SummarizeOptions, device: str) -> SummaryReport:
+    from mlops_cli.core.runtimes import runner_for
+    from mlops_cli.services.inspect import inspect_path
+
+    assert loaded.path is not None
+    report = inspect_path(str(loaded.path))
+    external = external_data_files(loaded.path)
+    graph = report.graph
+    onnx_summary = OnnxSummary(
+        opset=graph["opset"], ir_version=graph["ir_version"], producer=graph["producer"], inputs=graph["inputs"],
+        outputs=graph["outputs"], nodes=graph["nodes"], ops=graph["ops"], initializers=report.tensor_count,
+        initializer_bytes=report.tensor_bytes, external_data=external)
+    parameters = ParameterSummary(
+        total=report.element_count, unique=report.element_count, trainable=None, buffers=None,
+        by_dtype=tuple(DtypeCount(d.dtype, d.tensors, d.elements, d.nbytes) for d in report.dtypes), tied=(),
+        parameter_bytes=report.tensor_bytes, buffer_bytes=0, memory_bytes=report.tensor_bytes)
+    stored = StoredSize(str(loaded.path), report.format, report.file_bytes + sum(external.values()),
+                        report.tensor_bytes, report.tensor_count, {loaded.path.name: report.file_bytes, **external})
+    notes = ["MACs, activation memory and the layer table need the torch model: summarize the checkpoint the "
+             "ONNX file was exported from. The forward time is ONNX Runtime's."]
+    timing = None
+    inputs = summary_inputs(loaded, options)
+    if options.repeats > 0:
+        runner = runner_for(loaded, device)
+        timing = measure(lambda: runner(inputs.tensors), warmup=options.warmup, repeats=options.repeats)
+    return SummaryReport(
+        reference=loaded.reference, kind=loaded.kind.value, model_class="onnx graph", device=device,
+        parameters=parameters, stored=stored, compute=None, layers=(), depth=options.depth, timing=timing,
+        inputs=describe_inputs(inputs), onnx=onnx_summary, notes=tuple(notes))
+
+
+def external_data_files(path: Path) -> dict[str, int]:
+    """External-data files an ONNX model references (locations were checked to stay in its folder at load)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and location not in files:
+                files[location] = (path.parent / location).stat().st_size
+    return files

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.errors import UsageError
+from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.inputs import InputSet, make_inputs, specs_for, text_properties
 from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind, load_model
 from mlops_cli.core.timing import Timing, measure
@@ -282,7 +282,12 @@ def _profile(module: Any, inputs: InputSet, device: str) -> tuple[ComputeSummary
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    profile = profile_forward(module, inputs.tensors, record_shapes=True, track_memory=True)
+    try:
+        profile = profile_forward(module, inputs.tensors, record_shapes=True, track_memory=True)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"the forward pass failed on inputs {describe_inputs(inputs)}: {message}",
+                         hint="Describe the inputs the model takes with --input name:dtype[d0,d1,...].") from exc
     measured = None
     if cuda:
         torch.cuda.synchronize()

@@ -818,8 +818,7 @@ class _Pruner:
         info = {"method": self.options.method, "amount": amount, "seed": self.options.seed,
                 "structured_shrink": self.options.structured_shrink}
         if kind == "safetensors":
-            metadata = self._safetensors_metadata(info)
-            save_safetensors(state, output, metadata, self.force, input_paths(self.loaded))
+            save_safetensors(state, output, self._safetensors_metadata(), self.force, input_paths(self.loaded))
             return {output.name: output.stat().st_size}
         if kind == "torch":
             content = {self.loaded.state_key: state, **self.loaded.checkpoint_extras} if self.loaded.state_key \
@@ -833,11 +832,14 @@ class _Pruner:
                 self._write_weights_folder(module, state, folder, info)
             return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
-    def _safetensors_metadata(self, info: dict[str, Any]) -> dict[str, str]:
-        metadata: dict[str, str] = {}
+    def _safetensors_metadata(self) -> dict[str, str]:
+        """The input's metadata, unchanged: safetensors writes metadata keys in hash order, so adding a key
+        would make the bytes differ from run to run (what was pruned is recorded by the report instead)."""
         if self.loaded.path is not None and self.loaded.format == Format.SAFETENSORS:
             _, metadata = read_safetensors_header(self.loaded.path)
-        return {**metadata, "format": metadata.get("format", "pt"), "mlops.prune": json.dumps(info, sort_keys=True)}
+            if metadata:
+                return metadata
+        return {"format": "pt"}
 
     def _write_hf_folder(self, module: Any, folder: Path) -> None:
         """Tokenizer and other files copied from the input; config and weights written by save_pretrained."""
@@ -872,11 +874,11 @@ class _Pruner:
             sidecar.update(arch=REBUILD_ARCH, arch_kwargs=arch_kwargs)
         else:
             sidecar.update(arch=arch, arch_kwargs=self.loaded.arch_kwargs)
-        sidecar.update(weights=weights, inputs=list(self.loaded.input_specs), pruned=info)
+        sidecar.update(weights=weights, inputs=list(self.options.inputs or self.loaded.input_specs), pruned=info)
         if weights.endswith(".safetensors"):
             from safetensors.torch import save_file
 
-            save_file(state, str(folder / weights), metadata={"format": "pt", "mlops.prune": json.dumps(info)})
+            save_file(state, str(folder / weights), metadata={"format": "pt"})  # what was done: in mlops.json
         else:
             save_torch(state, folder / weights)
         (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,280 @@
+"""`mlops prune`: exact sparsity per method, permanent pruning (no weight_orig/weight_mask), outputs of the same
+kind as the input that load back, structural shrink that really removes parameters and MACs, sweeps, thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlops_cli.core.errors import UnsafeInputError, UsageError
+from mlops_cli.core.formats import read_safetensors_header
+from mlops_cli.core.loading import LoadOptions, load_model
+from mlops_cli.services.prune import PruneOptions, prune_model, rebuild
+
+FAST = {"repeats": 1, "warmup": 0}
+CONVNET_TARGETS = ["conv1.0", "conv2.0", "fc.0", "fc.2"]  # `out` is the classifier head: left alone
+
+
+def run(reference: str, output: Path | None = None, load: LoadOptions | None = None, force: bool = False,
+        **options: object):
+    return prune_model(reference, load or LoadOptions(), PruneOptions(**{**FAST, **options}), output, force)
+
+
+def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters())
+
+
+def assert_no_reparametrisation(keys: object) -> None:
+    leftovers = [k for k in keys if k.endswith(("_orig", "_mask"))]  # type: ignore[attr-defined]
+    assert not leftovers, f"pruning re-parametrisation left in the output: {leftovers}"
+
+
+# ---------------------------------------------------------------- exact sparsity per method
+
+
+def test_l1_prunes_each_layer_exactly_and_leaves_the_head_alone(tmp_path: Path) -> None:
+    report = run("builtin:convnet", tmp_path / "out", method="l1", amounts=(0.3,))
+    result = report.results[0]
+    assert list(report.targets) == CONVNET_TARGETS
+    assert ("out", "the classifier/LM head (name it with --include to prune it)") in report.skipped
+    for layer in result.layers:
+        assert layer.zeros == round(0.3 * layer.elements), layer.name
+    reloaded = load_model(str(tmp_path / "out")).module
+    for name in CONVNET_TARGETS:
+        weight = reloaded.get_submodule(name).weight
+        assert int((weight == 0).sum()) == round(0.3 * weight.numel())
+    assert int((reloaded.out.weight == 0).sum()) == 0
+    original = load_model("builtin:convnet").module.fc[0].weight.abs().flatten()
+    pruned = reloaded.fc[0].weight.abs().flatten()
+    removed = original[pruned == 0]
+    assert removed.max() <= original[pruned != 0].min()  # L1: the smallest magnitudes went, not arbitrary ones
+
+
+def test_random_is_seeded_and_deterministic(tmp_path: Path) -> None:
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        result = run("builtin:convnet", tmp_path / name, method="random", amounts=(0.4,), seed=seed).results[0]
+        assert all(layer.zeros == round(0.4 * layer.elements) for layer in result.layers)
+    same_a, same_b, other = ((tmp_path / n / "model.safetensors").read_bytes() for n in "abc")
+    assert same_a == same_b
+    assert same_a != other
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_ln_structured_zeroes_whole_slices(dim: int) -> None:
+    report = run("builtin:convnet", method="ln-structured", amounts=(0.5,), n=1.0, dim=dim)
+    assert report.dim == dim
+    for layer in report.results[0].layers:
+        slices = layer.shape[dim]
+        assert layer.zeros == round(0.5 * slices) * (layer.elements // slices), layer.name
+
+
+def test_global_prunes_the_exact_total_across_layers() -> None:
+    result = run("builtin:lenet", method="global", amounts=(0.6,)).results[0]
+    assert result.target_zeros == round(0.6 * result.target_elements)
+    per_layer = {layer.name: layer.sparsity for layer in result.layers}
+    assert len(set(round(s, 3) for s in per_layer.values())) > 1  # global: layers end up with different sparsity
+
+
+# ---------------------------------------------------------------- outputs like the input, loading back
+
+
+@pytest.mark.parametrize("method", ["l1", "random", "ln-structured", "global"])
+def test_tiny_bert_folder_in_hf_folder_out(method: str, zoo_dir: Path, tmp_path: Path) -> None:
+    source = zoo_dir / "tiny-bert"
+    out = tmp_path / "pruned"
+    report = run(str(source), out, method=method, amounts=(0.5,))
+    result = report.results[0]
+    assert "bert.embeddings.word_embeddings" in dict(report.skipped)
+    assert "classifier" in dict(report.skipped)
+    if method in ("l1", "random"):
+        assert all(layer.zeros == round(0.5 * layer.elements) for layer in result.layers)
+    elif method == "global":
+        assert result.target_zeros == round(0.5 * result.target_elements)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    saved = load_file(str(out / "model.safetensors"))
+    assert_no_reparametrisation(saved)
+    assert set(saved) == set(load_file(str(source / "model.safetensors")))
+    assert result.reloaded == "loads back through mlops; outputs identical to the pruned model"
+    reloaded = load_model(str(out))
+    original = load_model(str(source))
+    assert torch.equal(reloaded.module.classifier.weight, original.module.classifier.weight)
+    assert reloaded.tokenizer is not None
+
+
+def test_safetensors_file_keeps_dtype_and_metadata(zoo_dir: Path, tmp_path: Path) -> None:
+    state = load_file(str(zoo_dir / "convnet" / "model.safetensors"))
+    source = tmp_path / "half.safetensors"
+    save_file({k: v.half() for k, v in state.items()}, str(source), metadata={"format": "pt", "origin": "test"})
+    out = tmp_path / "pruned.safetensors"
+    load = LoadOptions(arch="mlops_cli.zoo:ConvNet")
+    report = run(str(source), out, load, amounts=(0.5,), inputs=("x:float32[batch=2,1,28,28]",))
+    assert report.model_kind == "safetensors"
+    header, metadata = read_safetensors_header(out)
+    assert {info["dtype"] for info in header.values()} == {"F16"}  # not silently upcast to fp32
+    assert metadata == {"format": "pt", "origin": "test"}
+    assert_no_reparametrisation(header)
+    assert abs(out.stat().st_size - source.stat().st_size) < 200  # zeros do not shrink a dense file (metadata only)
+    assert load_model(str(out), load).module.fc[0].weight.dtype == torch.float32
+
+
+def test_training_checkpoint_keeps_its_other_entries(zoo_dir: Path, tmp_path: Path) -> None:
+    state = load_file(str(zoo_dir / "convnet" / "model.safetensors"))
+    source = tmp_path / "ckpt.pt"
+    torch.save({"net": state, "epoch": 3, "optimizer": {"lr": 0.1}}, source)
+    out = tmp_path / "pruned.pt"
+    load = LoadOptions(arch="mlops_cli.zoo:ConvNet")
+    report = run(str(source), out, load, amounts=(0.2,), inputs=("x:float32[batch=2,1,28,28]",))
+    assert report.model_kind == "torch"
+    saved = torch.load(out, weights_only=True)
+    assert saved["epoch"] == 3 and saved["optimizer"] == {"lr": 0.1}
+    assert_no_reparametrisation(saved["net"])
+    assert int((saved["net"]["fc.0.weight"] == 0).sum()) == round(0.2 * saved["net"]["fc.0.weight"].numel())
+    assert any("optimizer state still refers to the unpruned weights" in n for n in report.notes)
+    assert load_model(str(out), load).state_key == "net"
+
+
+def test_include_and_exclude_select_by_module_name() -> None:
+    only_fc = run("builtin:convnet", include=("^fc\\.",), amounts=(0.5,))
+    assert list(only_fc.targets) == ["fc.0", "fc.2"]
+    with_head = run("builtin:convnet", include=("^out$", "^fc\\.0$"), amounts=(0.5,))
+    assert list(with_head.targets) == ["fc.0", "out"]
+    no_conv = run("builtin:convnet", exclude=("^conv",), amounts=(0.5,))
+    assert list(no_conv.targets) == ["fc.0", "fc.2"]
+    assert dict(no_conv.skipped)["conv1.0"] == "matches --exclude"
+    embeddings = run("builtin:tiny-bert", include=("word_embeddings",), amounts=(0.5,))
+    assert list(embeddings.targets) == ["bert.embeddings.word_embeddings"]
+    assert embeddings.results[0].layers[0].zeros == round(0.5 * embeddings.results[0].layers[0].elements)
+    with pytest.raises(UsageError, match="no layer to prune"):
+        run("builtin:convnet", include=("nothing-matches",))
+
+
+def test_sweep_reports_one_row_per_amount_and_writes_suffixed_outputs(tmp_path: Path) -> None:
+    report = run("builtin:convnet", tmp_path / "swept", amounts=(0.1, 0.5, 0.9))
+    assert [r.amount for r in report.results] == [0.1, 0.5, 0.9]
+    assert [r.output for r in report.results] == [str(tmp_path / f"swept-{a}") for a in ("0.1", "0.5", "0.9")]
+    sparsities = [r.target_sparsity for r in report.results]
+    gzip_sizes = [r.size.gzip_bytes for r in report.results]
+    drifts = [r.drift.max_abs for r in report.results]
+    assert sparsities == sorted(sparsities) and gzip_sizes == sorted(gzip_sizes, reverse=True)
+    assert drifts[0] < drifts[-1]
+    assert len({r.size.raw_bytes for r in report.results}) == 1  # dense raw size never changes
+    assert report.results[0].size.raw_bytes == report.size_before.raw_bytes
+    assert not (tmp_path / "swept").exists()
+    for amount in ("0.1", "0.5", "0.9"):
+        assert load_model(str(tmp_path / f"swept-{amount}")).module is not None
+
+
+# ---------------------------------------------------------------- structural shrink
+
+
+def test_structured_shrink_of_a_cnn_reduces_parameters_and_macs_and_loads_back(tmp_path: Path) -> None:
+    out = tmp_path / "shrunk"
+    report = run("builtin:convnet", out, structured_shrink=True, amounts=(0.5,))
+    result = report.results[0]
+    assert result.parameters < report.parameters_before * 0.5
+    assert report.macs_before and result.macs and result.macs < report.macs_before * 0.5
+    assert result.size.raw_bytes < report.size_before.raw_bytes * 0.5
+    shapes = {layer.name: layer.shape for layer in result.layers}
+    assert shapes["conv1.0.weight"] == (8, 1, 3, 3) and shapes["out.weight"] == (10, 32)
+    sidecar = json.loads((out / "mlops.json").read_text())
+    assert sidecar["arch"] == "mlops_cli.services.prune:rebuild"
+    assert sidecar["arch_kwargs"]["arch"] == "mlops_cli.zoo:ConvNet"
+    reloaded = load_model(str(out))  # no --arch needed: mlops' own architecture
+    assert sum(p.numel() for p in reloaded.module.parameters()) == result.parameters
+    assert reloaded.module.conv1[0].out_channels == 8
+    assert reloaded.module(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    assert result.reloaded == "loads back through mlops; outputs identical to the pruned model"
+
+
+@pytest.mark.parametrize(("model", "field", "width"), [("tiny-bert", "intermediate_size", 64),
+                                                       ("tiny-gpt2", "n_inner", 128)])
+def test_structured_shrink_of_hf_feed_forward_updates_the_config(model: str, field: str, width: int,
+                                                                  zoo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shrunk"
+    report = run(str(zoo_dir / model), out, structured_shrink=True, amounts=(0.25,))
+    result = report.results[0]
+    assert json.loads((out / "config.json").read_text())[field] == width - round(0.25 * width)
+    assert result.parameters < report.parameters_before
+    assert result.macs is not None and report.macs_before is not None and result.macs < report.macs_before
+    assert result.reloaded == "loads back through mlops; outputs identical to the pruned model"
+    assert any("attention heads are kept" in n for n in report.notes)
+
+
+def test_global_shrink_of_hf_is_refused_with_a_reason() -> None:
+    with pytest.raises(UsageError, match="different widths"):
+        run("builtin:tiny-vit", structured_shrink=True, method="global")
+
+
+def test_rebuild_never_builds_code_from_outside_mlops(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeInputError, match="outside mlops"):
+        rebuild("os:system", {"command": "echo unsafe"})
+    folder = tmp_path / "crafted"
+    folder.mkdir()
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
+    (folder / "mlops.json").write_text(json.dumps({"arch": "mlops_cli.services.prune:rebuild",
+                                                   "arch_kwargs": {"arch": "evil.py:Net", "shapes": {}}}))
+    with pytest.raises(UnsafeInputError):
+        load_model(str(folder))
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_command_json_and_threshold_exit_codes(cli, tmp_path: Path) -> None:
+    ok = cli("prune", "builtin:lenet", "--amount", "0.3", "--repeats", "1", "--warmup", "0", "--json")
+    assert ok.exit_code == 0, ok.stderr
+    data = ok.json()
+    assert data["enforced"] is False and data["results"][0]["drift"]["max_abs"] > 0
+    assert data["results"][0]["latency"]["before"]["median_ms"] > 0
+    strict = cli("prune", "builtin:lenet", "--amount", "0.3", "--max-drift", "1e-9", "--repeats", "1", "--json")
+    assert strict.exit_code == 6
+    assert strict.json()["passed"] is False and "exceeds --max-drift" in strict.stderr
+    atol = cli("prune", "builtin:lenet", "--amount", "0.3", "--atol", "1e-6", "--rtol", "0", "--repeats", "1")
+    assert atol.exit_code == 6 and "max |diff|" in atol.stdout
+    loose = cli("prune", "builtin:lenet", "--amount", "0.1", "--max-drift", "100", "--min-top1", "0", "--repeats", "1")
+    assert loose.exit_code == 0 and "PASS" in loose.stdout
+
+
+def test_command_tables_state_what_zeros_do_not_buy(cli, tmp_path: Path) -> None:
+    result = cli("prune", "builtin:convnet", "-o", tmp_path / "p", "--repeats", "1", "--warmup", "0")
+    assert result.exit_code == 0, result.stderr
+    for words in ("Sparsity per layer", "weights, gzip -6", "Drift vs the unpruned model", "latency p50",
+                  "do not get faster", "reload check"):
+        assert words in result.stdout
+    sweep = cli("prune", "builtin:convnet", "--amount", "0.2,0.6", "--structured-shrink", "--repeats", "1")
+    assert sweep.exit_code == 0, sweep.stderr
+    assert "Sweep: one row per amount" in sweep.stdout and "MACs" in sweep.stdout
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["--amount", "1.5"], 2, "between 0 and 1"),
+    (["--amount", "a,b"], 2, "not a number"),
+    (["--method", "magic"], 2, "magic"),
+    (["--dim", "1"], 2, "--dim applies to"),
+    (["--include", "("], 2, "regular expression"),
+    (["--structured-shrink", "--amount", "1"], 2, "every channel"),
+])
+def test_command_usage_errors(cli, args: list[str], code: int, words: str) -> None:
+    result = cli("prune", "builtin:convnet", *args)
+    assert result.exit_code == code
+    assert words in result.stderr
+
+
+def test_command_output_rules(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    refused = cli("prune", "builtin:convnet", "-o", out, "--repeats", "1")
+    assert refused.exit_code == 5 and "--force" in refused.stderr
+    forced = cli("prune", "builtin:convnet", "-o", out, "--force", "--repeats", "1", "--json")
+    assert forced.exit_code == 0 and (out / "mlops.json").is_file()
+    over_input = cli("prune", zoo_dir / "convnet", "-o", zoo_dir / "convnet", "--force")
+    assert over_input.exit_code == 5 and "overwrite the input" in over_input.stderr
+    scripted = tmp_path / "linear.pt"
+    torch.jit.trace(torch.nn.Linear(2, 2).eval(), torch.zeros(1, 2)).save(str(scripted))
+    refused_kind = cli("prune", scripted, "--trust-code")
+    assert refused_kind.exit_code == 3 and "prunes weights of PyTorch modules" in refused_kind.stderr

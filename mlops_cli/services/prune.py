@@ -769,7 +769,8 @@ class _Pruner:
         return None
 
     def _thresholds(self) -> dict[str, float]:
-        options, result = self.options, {}
+        options = self.options
+        result: dict[str, float] = {}
         if options.tolerances is not None:
             result.update(atol=options.tolerances.atol, rtol=options.tolerances.rtol)
         if options.max_drift is not None:
@@ -805,6 +806,10 @@ class _Pruner:
                                   "kept as they were; optimizer state still refers to the unpruned weights")
         if self.load.strip_prefix and any(r.output for r in results):
             self.notes.append(f"weights were written without the prefix {self.load.strip_prefix!r}")
+        timings = [t for r in results if r.latency for t in (r.latency.before, r.latency.after)]
+        if any(t.p90_ms > 1.5 * t.median_ms for t in timings):
+            self.notes.append("latency was noisy (p90 over 1.5x p50 in some runs): treat small speed-ups or "
+                              "slow-downs as noise, or rerun with more --repeats on an idle machine")
         tied = _tied_targets(self.loaded.module, targets)
         if tied:
             self.notes.append(f"tied weights pruned together: {', '.join(tied)}")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlops_cli.core.errors import UnsafeInputError, UsageError
+from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import read_safetensors_header
-from mlops_cli.core.loading import LoadOptions, load_model
+from mlops_cli.core.loading import LoadOptions, build_architecture, load_model
 from mlops_cli.services.prune import PruneOptions, prune_model, rebuild
 
 FAST = {"repeats": 1, "warmup": 0}
@@ -278,3 +278,58 @@ def test_command_output_rules(cli, zoo_dir: Path, tmp_path: Path) -> None:
     torch.jit.trace(torch.nn.Linear(2, 2).eval(), torch.zeros(1, 2)).save(str(scripted))
     refused_kind = cli("prune", scripted, "--trust-code")
     assert refused_kind.exit_code == 3 and "prunes weights of PyTorch modules" in refused_kind.stderr
+
+
+USER_ARCH = '''
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, hard_coded: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 16)
+        self.head = nn.Linear(16, 4)
+        self.hard_coded = hard_coded
+
+    def forward(self, x):
+        x = self.conv(x).relu()
+        x = x.view(x.shape[0], 8 * 8 * 8) if self.hard_coded else x.flatten(1)
+        return self.head(self.fc(x).relu())
+'''
+
+
+@pytest.fixture()
+def user_arch(tmp_path: Path) -> tuple[Path, Path]:
+    """A model of the user's own (architecture file + safetensors weights), outside mlops_cli."""
+    arch = tmp_path / "user_net.py"
+    arch.write_text(USER_ARCH)
+    torch.manual_seed(0)
+    net = build_architecture(f"{arch}:Net", {}, trust_code=True)
+    weights = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    return arch, weights
+
+
+def test_shrunk_user_architecture_loads_back_only_when_trusted_again(user_arch: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    arch, weights = user_arch
+    out = tmp_path / "shrunk"
+    report = run(str(weights), out, LoadOptions(arch=f"{arch}:Net"), structured_shrink=True, amounts=(0.5,),
+                 inputs=("x:float32[batch=2,1,8,8]",))
+    result = report.results[0]
+    assert result.parameters < report.parameters_before
+    assert result.reloaded == "loads back through mlops; outputs identical to the pruned model"
+    assert any("--arch-kwargs" in note and "trust_code" in note for note in report.notes)
+    with pytest.raises(UnsafeInputError, match="outside mlops"):
+        load_model(str(out))  # an mlops.json alone never makes mlops import foreign code
+    kwargs = {**json.loads((out / "mlops.json").read_text())["arch_kwargs"], "trust_code": True}
+    trusted = load_model(str(out), LoadOptions(arch="mlops_cli.services.prune:rebuild", arch_kwargs=kwargs))
+    assert trusted.module.conv.out_channels == 4
+
+
+def test_shrink_that_breaks_a_hard_coded_forward_is_an_input_error(user_arch: tuple[Path, Path]) -> None:
+    arch, weights = user_arch
+    with pytest.raises(InputError, match="no longer runs"):
+        run(str(weights), None, LoadOptions(arch=f"{arch}:Net", arch_kwargs={"hard_coded": True}),
+            structured_shrink=True, amounts=(0.5,), inputs=("x:float32[batch=2,1,8,8]",))

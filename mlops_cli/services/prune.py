@@ -27,7 +27,14 @@ from typing import Any
 
 from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import SIDECAR, Format, read_safetensors_header
-from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind, build_architecture, load_model
+from mlops_cli.core.loading import (
+    LoadedModel,
+    LoadOptions,
+    ModelKind,
+    _read_sidecar,
+    build_architecture,
+    load_model,
+)
 from mlops_cli.core.timing import Timing
 from mlops_cli.services.parity import ParityReport, Tolerances
 
@@ -200,6 +207,7 @@ def prune_model(reference: str, load: LoadOptions, options: PruneOptions, output
     validate_options(options)
     device = resolve_device(options.device)
     loaded = load_model(reference, load)
+    loaded.reference = reference  # a weights folder loads as its weights file; the output mirrors the folder
     check_prunable(loaded)
     outputs = output_paths(loaded, output, options)
     for path in outputs.values():
@@ -447,11 +455,17 @@ def shrink_with_torch_pruning(module: Any, targets: list[str], example: dict[str
     tensors = to_tensors(example, _device_of(module))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        pruner = tp.pruner.MetaPruner(
-            module, tensors, importance=importance, pruning_ratio=amount, ignored_layers=ignored,
-            global_pruning=options.method == "global", forward_fn=call_module,
-            output_transform=_first_tensor)
-        pruner.step()
+        try:
+            pruner = tp.pruner.MetaPruner(
+                module, tensors, importance=importance, pruning_ratio=amount, ignored_layers=ignored,
+                global_pruning=options.method == "global", forward_fn=call_module,
+                output_transform=_first_tensor)
+            pruner.step()
+        except Exception as exc:  # Torch-Pruning cannot trace or couple some architectures
+            raise InputError(f"--structured-shrink: Torch-Pruning could not shrink {type(module).__name__}: "
+                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                             hint="Leave the layers involved out with --exclude, or prune without "
+                                  "--structured-shrink.") from exc
 
 
 def _first_tensor(output: Any) -> Any:
@@ -706,24 +720,19 @@ class _Pruner:
         from mlops_cli.core.runtimes import runner_for
         from mlops_cli.services.parity import check_parity
 
-        original = self.loaded.module
-        candidate = copy.deepcopy(original)
-        if self.options.structured_shrink:
-            layers = shrink_module(self.loaded, candidate, self.targets, self.example.tensors, self.options, amount)
-        else:
-            apply_pruning(candidate, self.targets, self.options.method, amount, self.options.n, self._dim(),
-                          self.options.seed)
-            layers = count_zeros(candidate, self.targets)
-        candidate.eval()
+        candidate, layers = self._pruned_copy(amount)
         pruned = dataclasses.replace(self.loaded, module=candidate, reference=f"pruned {amount:g}", warnings=[])
         cand_runner = runner_for(pruned, self.device)
-        tolerances = self.options.tolerances or Tolerances()
-        parity = check_parity(self.reference, cand_runner, self.input_sets, tolerances, time_runs=False)
-        latency = self._latency(cand_runner)
-        parameters, zeros = parameter_counts(candidate)
-        state = state_for_saving(candidate, self.dtypes)
+        parity = check_parity(self.reference, cand_runner, self.input_sets, self.options.tolerances or Tolerances(),
+                              time_runs=False)
+        broken = next((s.error for s in parity.shapes if (s.error or "").startswith("candidate failed")), None)
+        if broken:
+            raise InputError(f"the pruned model no longer runs: {broken}",
+                             hint="Its forward probably hard-codes a layer size; --exclude the layers around it.")
         drift = summarize_drift(parity)
         failure = self._failure(parity, drift)
+        parameters, zeros = parameter_counts(candidate)
+        state = state_for_saving(candidate, self.dtypes)
         written: dict[str, int] = {}
         reloaded = None
         if output is not None:
@@ -733,9 +742,20 @@ class _Pruner:
             amount=amount, layers=tuple(layers),
             target_zeros=sum(layer.zeros for layer in layers), target_elements=sum(layer.elements for layer in layers),
             model_zeros=zeros, parameters=parameters, size=weight_sizes(state), drift=drift, parity=parity,
-            latency=latency, macs=self._macs(candidate) if self.options.structured_shrink else None,
+            latency=self._latency(cand_runner), macs=self._macs(candidate) if self.options.structured_shrink else None,
             passed=failure is None, failure=failure, output=str(output) if output else None, output_files=written,
             reloaded=reloaded)
+
+    def _pruned_copy(self, amount: float) -> tuple[Any, list[LayerChange]]:
+        """A pruned (or shrunk) copy of the model, and what changed in it; the original stays the reference."""
+        candidate = copy.deepcopy(self.loaded.module)
+        if self.options.structured_shrink:
+            layers = shrink_module(self.loaded, candidate, self.targets, self.example.tensors, self.options, amount)
+        else:
+            apply_pruning(candidate, self.targets, self.options.method, amount, self.options.n, self._dim(),
+                          self.options.seed)
+            layers = count_zeros(candidate, self.targets)
+        return candidate.eval(), layers
 
     def _latency(self, candidate: Any) -> LatencyFigures:
         from mlops_cli.core.timing import measure_interleaved
@@ -810,6 +830,14 @@ class _Pruner:
         if any(t.p90_ms > 1.5 * t.median_ms for t in timings):
             self.notes.append("latency was noisy (p90 over 1.5x p50 in some runs): treat small speed-ups or "
                               "slow-downs as noise, or rerun with more --repeats on an idle machine")
+        foreign = self.options.structured_shrink and self.loaded.kind == ModelKind.MODULE \
+            and not str(self.loaded.arch).startswith("mlops_cli.")
+        written = next((r.output for r in results if r.output), None)
+        if foreign and written:
+            self.notes.append(
+                f"{written} is built on your architecture {self.loaded.arch}, which mlops never imports unasked: "
+                f"load it with --arch {REBUILD_ARCH} --arch-kwargs "
+                f"\"$(jq -c '.arch_kwargs + {{trust_code: true}}' {written}/mlops.json)\"")
         tied = _tied_targets(self.loaded.module, targets)
         if tied:
             self.notes.append(f"tied weights pruned together: {', '.join(tied)}")
@@ -861,8 +889,6 @@ class _Pruner:
     def _write_weights_folder(self, module: Any, state: dict[str, Any], folder: Path, info: dict[str, Any]) -> None:
         from mlops_cli import zoo
         from mlops_cli.core.io import save_torch
-        from mlops_cli.core.loading import _read_sidecar
-
         source = Path(self.loaded.reference)
         sidecar: dict[str, Any] = _read_sidecar(source) if source.is_dir() else {}
         if source.is_dir():
@@ -894,9 +920,13 @@ class _Pruner:
 
         from mlops_cli.core.runtimes import runner_for
 
-        is_folder = output.is_dir()
-        options = LoadOptions(task=self.load.task, trust_remote_code=self.load.trust_remote_code) if is_folder \
-            else LoadOptions(arch=self.loaded.arch, arch_kwargs=self.loaded.arch_kwargs, key=self.loaded.state_key)
+        options = LoadOptions(arch=self.loaded.arch, arch_kwargs=self.loaded.arch_kwargs, key=self.loaded.state_key)
+        if output.is_dir():
+            options = LoadOptions(task=self.load.task, trust_remote_code=self.load.trust_remote_code)
+            sidecar = _read_sidecar(output)
+            if sidecar.get("arch") == REBUILD_ARCH and not str(self.loaded.arch).startswith("mlops_cli."):
+                # the user trusted this architecture for this run (--arch); later loads need it said again
+                options = LoadOptions(arch=REBUILD_ARCH, arch_kwargs={**sidecar["arch_kwargs"], "trust_code": True})
         reloaded = load_model(str(output), options)
         for name in reloaded.module.state_dict():
             if name.endswith(("_orig", "_mask")):

@@ -1,0 +1,6 @@
+# Prune: a sweep to choose an amount (sparsity, raw vs gzip size, drift, latency), one pruned BERT written
+# like its input, then a real structural shrink whose parameters and MACs drop and which loads back.
+set -euo pipefail
+mlops prune "$DEMO_OUT/convnet" --method l1 --amount 0.1,0.3,0.5,0.7 --repeats 10
+mlops prune "$DEMO_OUT/tiny-bert" -o "$DEMO_OUT/tiny-bert-pruned" --method global --amount 0.5 --repeats 10 --force
+mlops prune "$DEMO_OUT/convnet" -o "$DEMO_OUT/convnet-shrunk" --structured-shrink --amount 0.5 --repeats 10 --force

@@ -91,8 +91,7 @@ def verify_parity_command(
     render.emit(report, as_json, verify_parity_tables)
     if not report.passed:
         worst = f" (worst: {report.worst_output})" if report.worst_output else ""
-        raise ValidationFailed(f"parity check failed{worst}: {report.verdict}",
-                               hint="See the table above; --atol/--rtol or --preset if the difference is expected.")
+        raise ValidationFailed(f"parity check failed{worst}: {report.verdict}", hint=report.hint)
 
 
 def register(app: typer.Typer) -> None:

@@ -61,6 +61,7 @@ class OnnxWriteResult:
     external_data: bool
     seconds: float
     data_file: str | None = None  # the external `.data` file beside `path`, when written
+    fixed_dims: tuple[str, ...] = ()  # dims asked to be dynamic that the exporter fixed, e.g. "x[0] (batch) = 2"
 
 
 # ---------------------------------------------------------------- low-level writer
@@ -89,16 +90,22 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
     use_external = bool(external_data) or big
     _remove_stale_data(target)
     fallback_reason = None
+    fixed: list[str] = []
     used = "legacy" if exporter == "legacy" else "dynamo"
     if used == "dynamo":
         try:
             _export_dynamo(wrapper, args, target, input_names, output_names, axes, opset, use_external)
+            fixed = fixed_dims(target, axes)
         except Exception as exc:
             if exporter == "dynamo":
                 raise InputError(f"the dynamo exporter failed: {exporter_failure(exc)}",
                                  hint="Try --exporter legacy, or --static if a dim cannot be dynamic.") from exc
             fallback_reason = exporter_failure(exc)
-            used = "legacy"
+        if fixed and exporter == "auto":
+            fallback_reason = f"dynamo fixed {', '.join(fixed)}: the model's code depends on that size"
+        if fallback_reason:
+            used, fixed = "legacy", []
+            target.unlink(missing_ok=True)
             _remove_stale_data(target)
     if used == "legacy":
         if opset > LEGACY_MAX_OPSET:
@@ -115,7 +122,8 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
     return OnnxWriteResult(
         path=str(target), exporter_used=used, fallback_reason=fallback_reason, input_names=tuple(input_names),
         output_names=tuple(output_names), dynamic_axes=axes, opset=opset, external_data=data_file.exists(),
-        seconds=time.perf_counter() - started, data_file=str(data_file) if data_file.exists() else None)
+        seconds=time.perf_counter() - started, data_file=str(data_file) if data_file.exists() else None,
+        fixed_dims=tuple(fixed))
 
 
 def exporter_failure(exc: BaseException) -> str:
@@ -127,6 +135,24 @@ def exporter_failure(exc: BaseException) -> str:
         if line and not line.startswith(("(Refer", "For more information", "- ", "#")):
             return re.sub(r"^<class '([\w.]+)'>:\s*", r"\1: ", line)[:300]
     return type(exc).__name__
+
+
+def fixed_dims(path: Path, axes: dict[str, dict[int, str]]) -> list[str]:
+    """Dims that were asked to be dynamic but came out of the exporter as fixed sizes.
+
+    torch.export specialises a dim when the model's code branches on its size; the graph then only
+    accepts the example's size (or computes the example's branch), so this is worth saying out loud.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    found = []
+    for value in graph.input:
+        for axis, name in axes.get(value.name, {}).items():
+            dims = value.type.tensor_type.shape.dim
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                found.append(f"{value.name}[{axis}] ({name}) = {dims[axis].dim_value}")
+    return found
 
 
 def dynamic_axes_for(example: InputSet, specs: list[InputSpec] | None) -> dict[str, dict[int, str]]:
@@ -449,9 +475,6 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
                 with watch.stage("optimize"):
                     current, passes = _optimize(current, workdir, settings.optimize, verify, verification)
                 verification = next((p.report for p in reversed(passes) if p.accepted), verification)
-        elif settings.optimize != "none":
-            raise UsageError("--optimize needs verification (a pass that changes the outputs must be rejected)",
-                             hint="Drop --no-verify.")
         with watch.stage("write"):
             files = _move_into_place(current, target)
     finally:
@@ -465,6 +488,16 @@ def _check_settings(settings: ExportOnnxSettings) -> None:
         raise UsageError(f"unknown --optimize {settings.optimize!r}", hint=f"Use one of: {', '.join(OPTIMIZERS)}.")
     if settings.repeats < 1:
         raise UsageError("--repeats must be at least 1")
+    if settings.optimize != "none" and not settings.verify:
+        raise UsageError("--optimize needs verification (a pass that changes the outputs must be rejected)",
+                         hint="Drop --no-verify.")
+    if settings.exporter not in EXPORTERS:
+        raise UsageError(f"unknown --exporter {settings.exporter!r}", hint=f"Use one of: {', '.join(EXPORTERS)}.")
+    if settings.opset not in OPSETS:
+        raise UsageError(f"--opset {settings.opset} is not supported",
+                         hint=f"Use one of: {', '.join(map(str, OPSETS))}.")
+    if settings.exporter == "legacy" and settings.opset > LEGACY_MAX_OPSET:
+        raise UsageError(f"the legacy exporter supports opset <= {LEGACY_MAX_OPSET}, not {settings.opset}")
 
 
 def run_checker(path: Path) -> str:
@@ -611,6 +644,9 @@ def _report(reference: str, target: Path, files: dict[str, int], written: OnnxWr
                    else f"{target.name} does not match {reference}: {verification.verdict}")
     if written.fallback_reason:
         notes.insert(0, f"dynamo exporter failed, used the legacy exporter: {written.fallback_reason}")
+    if written.fixed_dims:
+        notes.insert(0, f"the exporter fixed dims asked to be dynamic: {', '.join(written.fixed_dims)} "
+                        "(the model's code depends on them; other sizes will fail)")
     custom = [domain for domain in info.op_domains if domain not in ("ai.onnx", "ai.onnx.ml")]
     if custom:
         notes.append(f"the graph uses {', '.join(custom)} operators: it runs on ONNX Runtime only")

@@ -177,10 +177,15 @@ def _nondeterminism(reference: Runner, candidate: Runner, input_set: InputSet) -
         feed = _feed(runner, input_set)
         first, second = runner(feed), runner(feed)
         for name, value in first.items():
-            if name in second and value.shape == second[name].shape and not np.array_equal(value, second[name]):
+            if name in second and value.shape == second[name].shape and not _same(value, second[name]):
                 return (f"the {side} is non-deterministic: two runs on the same input differ in {name!r} "
                         "(dropout left on / model in train mode?)")
     return None
+
+
+def _same(first: np.ndarray, second: np.ndarray) -> bool:
+    """Bitwise-equal results; NaN equals NaN here (a NaN output is reported as such, not as randomness)."""
+    return bool(np.array_equal(first, second, equal_nan=np.issubdtype(first.dtype, np.inexact)))
 
 
 def _verdict(results: list[ShapeResult], passed: bool) -> str:
@@ -199,6 +204,8 @@ def _verdict(results: list[ShapeResult], passed: bool) -> str:
             f"rtol {diff.rtol:g}*|ref| (would pass with atol >= {diff.min_atol_to_pass:.3g})")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The gist of an error on one line (ONNX Runtime puts the useful part on its second line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:3]) if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

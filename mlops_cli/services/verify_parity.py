@@ -45,6 +45,7 @@ class VerifyParityReport:
     passed: bool
     verdict: str
     worst_output: str | None  # the output (and input set) furthest from passing, named for CI logs
+    hint: str | None = None  # what to do about a failure
 
 
 def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> VerifyParityReport:
@@ -67,7 +68,19 @@ def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> V
                           settings.tolerances, include_masked=settings.include_padding,
                           time_runs=settings.timing, repeats=settings.repeats)
     return VerifyParityReport(reference, candidate, settings.preset, source, len(input_sets), report, report.passed,
-                              report.verdict, None if report.passed else worst_output(report))
+                              report.verdict, None if report.passed else worst_output(report), failure_hint(report))
+
+
+def failure_hint(report: ParityReport) -> str | None:
+    """Tolerances only help when the outputs are close; structural failures need the candidate fixed."""
+    if report.passed:
+        return None
+    structural = any(s.error for s in report.shapes) or any(d.problem for s in report.shapes for d in s.outputs)
+    if structural:
+        return ("The candidate does not behave like the reference (see the failing rows): fix or re-export it; "
+                "no tolerance makes this pass.")
+    return ("If the difference is expected (fp16/bf16/int8 candidates), use --preset or --atol/--rtol; "
+            "the 'min atol' column shows what would pass.")
 
 
 def build_input_sets(ref_model: LoadedModel, cand_model: LoadedModel,

@@ -1,0 +1,314 @@
+"""`mlops export onnx`: the model matrix (HF encoder, causal LM, vision, CNNs from weights + --arch), names,
+dynamic dims, verification at other shapes, exporters and fallback, opsets, external data, optimisation,
+exit codes, and the job files in configs/.
+
+Dynamo exports take seconds each: every file is exported once per module and shared by the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from mlops_cli.core.inputs import example_inputs
+from mlops_cli.core.loading import load_model
+from mlops_cli.services import export_onnx as service
+from mlops_cli.services.parity import Tolerances
+
+BRANCHY = '''
+import torch
+
+
+class Branchy(torch.nn.Module):
+    """Computes something else unless the batch is 2: exporting at batch 2 bakes that branch in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[0] == 2:
+            return self.fc(x)
+        return self.fc(x) * 2
+
+
+def make():
+    return Branchy()
+'''
+
+
+def export(cli, *args):
+    result = cli("export", "onnx", *args, "--json", "--repeats", "1")
+    assert result.exit_code in (0, 6), result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def bert(cli, out):
+    return export(cli, "builtin:tiny-bert", "-o", out / "bert.onnx").json()
+
+
+@pytest.fixture(scope="module")
+def gpt2(cli, out, zoo_dir):
+    return export(cli, zoo_dir / "tiny-gpt2", "-o", out / "gpt2.onnx").json()
+
+
+@pytest.fixture(scope="module")
+def branchy(tmp_path_factory) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("branchy")
+    (folder / "branchy.py").write_text(BRANCHY, encoding="utf-8")
+    torch.manual_seed(0)
+    weights = {f"fc.{k}": v for k, v in torch.nn.Linear(8, 4).state_dict().items()}
+    save_file(weights, str(folder / "weights.safetensors"))
+    return folder
+
+
+def dims(report, kind="inputs"):
+    return {value["name"]: value["dims"] for value in report[kind]}
+
+
+@pytest.mark.slow
+def test_bert_export_has_model_names_and_shared_dynamic_dims(bert) -> None:
+    assert bert["passed"] and bert["exporter_used"] == "dynamo" and bert["fallback_reason"] is None
+    assert dims(bert) == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
+                          "token_type_ids": ["batch", "sequence"]}
+    assert dims(bert, "outputs") == {"logits": ["batch", 2]}
+    assert bert["opset"] == 20 and bert["checker"].startswith("passed")
+    assert bert["external_data"] is False and list(bert["files"]) == ["bert.onnx"]
+    assert set(bert["stages"]) == {"load", "export", "check", "verify", "write"}
+
+
+@pytest.mark.slow
+def test_bert_export_is_verified_at_shapes_other_than_the_example(bert) -> None:
+    verification = bert["verification"]
+    labels = [shape["input_shapes"]["input_ids"] for shape in verification["shapes"]]
+    assert labels == [[1, 8], [3, 8], [2, 48]]  # the example was [2, 16]
+    assert all(shape["passed"] and shape["outputs"][0]["name"] == "logits" for shape in verification["shapes"])
+    assert verification["candidate_backend"] == "onnxruntime" and verification["reference_backend"] == "torch"
+    assert all(shape["speed_ratio"] > 0 for shape in verification["shapes"])
+
+
+@pytest.mark.slow
+def test_causal_lm_exports_logits_without_cache(gpt2) -> None:
+    assert gpt2["passed"], gpt2["verdict"]
+    assert dims(gpt2) == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    assert list(dims(gpt2, "outputs")) == ["logits"]  # no past_key_values
+    assert dims(gpt2, "outputs")["logits"][:2] == ["batch", "sequence"]
+    shapes = gpt2["verification"]["shapes"]
+    assert shapes[2]["outputs"][0]["masked_out"] > 0  # padded positions excluded
+
+
+@pytest.mark.slow
+def test_vision_model_and_cnn_from_weights_and_arch(cli, out, zoo_dir) -> None:
+    vit = export(cli, "builtin:tiny-vit", "-o", out / "vit.onnx").json()
+    assert vit["passed"] and dims(vit) == {"pixel_values": ["batch", 3, 32, 32]}
+    convnet = export(cli, zoo_dir / "convnet" / "model.safetensors", "--arch", "mlops_cli.zoo:ConvNet",
+                     "-o", out / "convnet.onnx").json()
+    assert convnet["passed"] and dims(convnet) == {"x": ["batch", 1, 28, 28]}
+    assert dims(convnet, "outputs") == {"output": ["batch", 10]}
+    assert [s["input_shapes"]["x"][0] for s in convnet["verification"]["shapes"]] == [1, 3]
+
+
+def test_legacy_exporter_on_a_weights_folder_with_opset_18(cli, out, zoo_dir) -> None:
+    report = export(cli, zoo_dir / "lenet", "-o", out / "lenet18.onnx", "--exporter", "legacy", "--opset", "18").json()
+    assert report["passed"] and report["exporter_used"] == "legacy"
+    assert report["opset"] == 18 and onnx.load(str(out / "lenet18.onnx")).opset_import[0].version == 18
+    assert dims(report) == {"x": ["batch", 1, 32, 32]}
+
+
+def test_human_output_shows_tables_and_stage_times(cli, out) -> None:
+    result = cli("export", "onnx", "builtin:convnet", "-o", out / "human.onnx", "--exporter", "legacy",
+                 "--repeats", "1")
+    assert result.exit_code == 0, result.stderr
+    for words in ("ONNX export: builtin:convnet", "Graph inputs and outputs", "Verification:", "Time per stage",
+                  "PASS"):
+        assert words in result.stdout
+
+
+@pytest.mark.slow
+def test_static_export_breaks_at_other_shapes_and_verify_parity_says_so(cli, out) -> None:
+    static = export(cli, "builtin:convnet", "-o", out / "static.onnx", "--static").json()
+    assert static["passed"] and static["dynamic_dims"] == []
+    assert dims(static) == {"x": [2, 1, 28, 28]}
+    assert any("static export" in note for note in static["notes"])
+    result = cli("verify-parity", "builtin:convnet", out / "static.onnx", "--json", "--repeats", "1")
+    assert result.exit_code == 6
+    report = result.json()
+    assert "candidate failed at batch=1" in report["verdict"] and "fixed shapes" in report["verdict"]
+    assert report["worst_output"] == "(all outputs) at batch=1"
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_legacy_and_failed_verification_keeps_the_file(cli, out, branchy) -> None:
+    target = out / "branchy.onnx"
+    result = export(cli, branchy / "weights.safetensors", "--arch", f"{branchy / 'branchy.py'}:make",
+                    "--input", "x:float32[batch=2,8]", "-o", target)
+    assert result.exit_code == 6
+    report = result.json()  # the JSON report is still printed for CI
+    assert report["exporter_used"] == "legacy"
+    assert "dynamo fixed x[0] (batch) = 2" in report["fallback_reason"]
+    assert not report["passed"] and "output at batch=" in report["verdict"]
+    assert target.is_file() and "kept for inspection" in result.stderr
+    assert "used legacy" in result.stderr
+
+
+def test_explicit_dynamo_reports_dims_it_had_to_fix(cli, out, branchy) -> None:
+    result = export(cli, branchy / "weights.safetensors", "--arch", f"{branchy / 'branchy.py'}:make",
+                    "--input", "x:float32[batch=2,8]", "-o", out / "branchy-dynamo.onnx", "--exporter", "dynamo")
+    assert result.exit_code == 6
+    report = result.json()
+    assert report["exporter_used"] == "dynamo" and dims(report) == {"x": [2, 8]}
+    assert any("fixed dims asked to be dynamic: x[0] (batch) = 2" in note for note in report["notes"])
+
+
+def test_external_data_and_no_stale_data_on_re_export(cli, out) -> None:
+    target = out / "ext.onnx"
+    first = export(cli, "builtin:convnet", "-o", target, "--exporter", "legacy", "--external-data").json()
+    assert first["passed"] and first["external_data"]
+    assert set(first["files"]) == {"ext.onnx", "ext.onnx.data"}
+    assert (out / "ext.onnx.data").stat().st_size > 800_000 > target.stat().st_size
+    again = export(cli, "builtin:convnet", "-o", target, "--exporter", "legacy", "--force").json()
+    assert again["passed"] and not again["external_data"]
+    assert not (out / "ext.onnx.data").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".ext.onnx")]  # no temporary leftovers
+
+
+def test_weights_over_the_threshold_go_to_external_data(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(service, "EXTERNAL_DATA_THRESHOLD", 1000)
+    loaded = load_model("builtin:lenet")
+    result = service.write_onnx(loaded, tmp_path / "big.onnx", example_inputs(loaded), exporter="legacy")
+    assert result.external_data and Path(result.data_file).name == "big.onnx.data"
+    assert service.graph_info(tmp_path / "big.onnx").inputs[0].dims == ("batch", 1, 32, 32)
+
+
+def test_write_onnx_grows_size_one_dynamic_dims(tmp_path) -> None:
+    loaded = load_model("builtin:convnet")
+    example = example_inputs(loaded, ["x:float32[batch=1,1,28,28]"])
+    result = service.write_onnx(loaded, tmp_path / "one.onnx", example, exporter="legacy")
+    assert result.input_names == ("x",) and result.output_names == ("output",)
+    assert result.dynamic_axes == {"x": {0: "batch"}} and result.exporter_used == "legacy"
+    assert service.graph_info(tmp_path / "one.onnx").inputs[0].dims[0] == "batch"
+
+
+def test_optimize_reports_node_counts_and_keeps_verified_passes(cli, out) -> None:
+    report = export(cli, "builtin:convnet", "-o", out / "opt.onnx", "--exporter", "legacy", "--optimize", "all").json()
+    assert report["passed"]
+    passes = {p["name"]: p for p in report["optimize_passes"]}
+    assert set(passes) == {"onnxslim", "onnxruntime"}
+    assert all(p["accepted"] for p in passes.values())
+    assert passes["onnxruntime"]["nodes_after"] < passes["onnxruntime"]["nodes_before"]
+    assert report["nodes"] == passes["onnxruntime"]["nodes_after"]
+    assert "optimize" in report["stages"]
+
+
+def test_a_pass_that_changes_the_outputs_is_rejected(tmp_path, monkeypatch) -> None:
+    def corrupting_pass(source: Path, destination: Path) -> None:
+        model = onnx.load(str(source))
+        for initializer in model.graph.initializer:
+            if initializer.dims and len(initializer.dims) == 1:  # a bias
+                values = onnx.numpy_helper.to_array(initializer) + 1.0
+                initializer.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), initializer.name))
+        onnx.save(model, str(destination))
+
+    monkeypatch.setattr(service, "_slim", corrupting_pass)
+    settings = service.ExportOnnxSettings(exporter="legacy", optimize="slim", repeats=1, tolerances=Tolerances())
+    report = service.export_onnx("builtin:lenet", tmp_path / "lenet.onnx", settings)
+    assert report.passed  # the broken pass was dropped, the plain export kept
+    (slim,) = report.optimize_passes
+    assert not slim.accepted and slim.reason.startswith("rejected, changes the outputs")
+    assert report.verification.passed
+
+
+def test_output_rules_exit_5(cli, out, zoo_dir) -> None:
+    existing = out / "exists.onnx"
+    existing.write_bytes(b"keep me")
+    result = cli("export", "onnx", "builtin:convnet", "-o", existing)
+    assert result.exit_code == 5 and "--force" in result.stderr
+    assert existing.read_bytes() == b"keep me"
+    into_input = cli("export", "onnx", zoo_dir / "convnet", "-o", zoo_dir / "convnet" / "model.onnx")
+    assert into_input.exit_code == 5 and "overwrite the input" in into_input.stderr
+
+
+def test_usage_errors_exit_2(cli, out) -> None:
+    assert cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--opset", "11").exit_code == 2
+    assert cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--exporter", "magic").exit_code == 2
+    legacy21 = cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--exporter", "legacy", "--opset", "21")
+    assert legacy21.exit_code == 2 and "opset <= 20" in legacy21.stderr
+    no_verify = cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--no-verify", "--optimize", "slim")
+    assert no_verify.exit_code == 2 and "--optimize needs verification" in no_verify.stderr
+
+
+def test_onnx_input_is_refused(cli, out) -> None:
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])])
+    onnx.save(onnx.helper.make_model(graph), str(out / "relu.onnx"))
+    result = cli("export", "onnx", out / "relu.onnx", "-o", out / "again.onnx")
+    assert result.exit_code == 2 and "already an ONNX model" in result.stderr
+
+
+def test_no_verify_skips_the_parity_check(cli, out) -> None:
+    report = export(cli, "builtin:convnet", "-o", out / "nv.onnx", "--exporter", "legacy", "--no-verify").json()
+    assert report["passed"] and report["verification"] is None and "not verified" in report["verdict"]
+
+
+# ---------------------------------------------------------------- job files
+
+
+def _command(path: list[str]):
+    import typer.main
+
+    from mlops_cli.app import app
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    return command
+
+
+def _option_sections(data: dict, path: list[str]):
+    """(command path, options) for every command section of a job file."""
+    if all(isinstance(value, dict) for value in data.values()) and data:
+        for name, value in data.items():
+            yield from _option_sections(value, [*path, name])
+    else:
+        yield path, data
+
+
+@pytest.mark.parametrize("job_file", sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.*")),
+                         ids=lambda p: p.name)
+def test_every_job_file_names_real_commands_and_options(job_file) -> None:
+    from mlops_cli.app import load_job_file
+
+    data = load_job_file(job_file)
+    assert data, f"{job_file} is empty"
+    for path, options in _option_sections(data, []):
+        command = _command(path)
+        known = {param.name for param in command.params}
+        assert set(options) <= known, f"{job_file}: {' '.join(path)} has unknown options {set(options) - known}"
+
+
+def test_ci_job_file_drives_export_and_verify_parity(cli, out) -> None:
+    config = Path(__file__).parent.parent / "configs" / "ci-export.yaml"
+    exported = cli("--config", config, "export", "onnx", "builtin:convnet", "-o", out / "ci.onnx", "--json",
+                   "--exporter", "legacy")  # the command line wins over the job file
+    assert exported.exit_code == 0, exported.stderr
+    report = exported.json()
+    assert report["opset"] == 20 and report["optimize_passes"]  # optimize: slim comes from the job file
+    assert report["exporter_used"] == "legacy"
+    checked = cli("--config", config, "verify-parity", "builtin:convnet", out / "ci.onnx", "--json")
+    assert checked.exit_code == 0, checked.stderr
+    parity = checked.json()
+    assert parity["input_sets"] == 4  # samples: 2 from the job file, 2 shape sets each
+    assert parity["parity"]["shapes"][0]["reference_latency"]["repeats"] == 5

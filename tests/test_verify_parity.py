@@ -1,0 +1,262 @@
+"""`mlops verify-parity REFERENCE CANDIDATE`: PyTorch vs ONNX Runtime / TorchScript, ONNX vs ONNX, inputs
+from shape sets, specs and files, tolerances and presets, padding, latency, and every trap of the issue:
+a candidate traced at one shape, dropout left on, output count/name/shape mismatch, NaN/inf."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mlops_cli.core.inputs import example_inputs
+from mlops_cli.core.loading import load_model
+from mlops_cli.services.export_onnx import write_onnx
+
+SHAPE_BAKED = '''
+import torch
+
+
+class Pooled(torch.nn.Module):
+    """Reshapes with the batch size as a Python int: a trace records the number, not the dim."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        self.drop = torch.nn.Dropout(p)
+
+    def forward(self, x):
+        batch = int(x.shape[0])
+        return self.drop(self.fc(x)).reshape(batch, -1)
+
+
+def make(p=0.0):
+    return Pooled(p)
+'''
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("parity")
+
+
+def legacy_onnx(reference: str, path: Path) -> Path:
+    loaded = load_model(reference)
+    write_onnx(loaded, path, example_inputs(loaded), exporter="legacy")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_onnx(out) -> Path:
+    return legacy_onnx("builtin:tiny-bert", out / "bert.onnx")
+
+
+@pytest.fixture(scope="module")
+def gpt2_onnx(out) -> Path:
+    return legacy_onnx("builtin:tiny-gpt2", out / "gpt2.onnx")
+
+
+@pytest.fixture(scope="module")
+def pooled(out) -> Path:
+    """A weights file + architecture file whose module reshapes with a Python int batch size."""
+    (out / "pooled.py").write_text(SHAPE_BAKED, encoding="utf-8")
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file({f"fc.{k}": v for k, v in torch.nn.Linear(8, 4).state_dict().items()}, str(out / "pooled.safetensors"))
+    return out
+
+
+def trace(pooled: Path, name: str, *, train: bool, p: float = 0.0) -> Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pooled_arch", pooled / "pooled.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from safetensors.torch import load_file
+
+    model = module.make(p)
+    model.load_state_dict(load_file(str(pooled / "pooled.safetensors")))
+    model.train(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TracerWarning about int(x.shape[0]) is the point of this model
+        traced = torch.jit.trace(model, torch.randn(2, 8), check_trace=False)
+    traced.save(str(pooled / name))
+    return pooled / name
+
+
+def handmade_onnx(path: Path, outputs: dict[str, tuple[int, str | None]], in_features: int = 784,
+                  reshape_to: tuple[int, ...] = (-1, 784)) -> Path:
+    """x[batch,1,28,28] -> flatten -> one MatMul per output (optionally followed by an op such as Log)."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"])]
+    initializers = [numpy_helper.from_array(np.array(reshape_to, dtype=np.int64), "shape")]
+    values = []
+    for name, (width, post) in outputs.items():
+        rng = np.random.default_rng(sum(map(ord, name)))  # the same weights for the same output name
+        weight = rng.standard_normal((in_features, width)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weight, f"w_{name}"))
+        nodes.append(helper.make_node("MatMul", ["flat", f"w_{name}"], [f"{name}_mm" if post else name]))
+        if post:
+            nodes.append(helper.make_node(post, [f"{name}_mm"], [name]))
+        values.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width]))
+    graph = helper.make_graph(nodes, "handmade",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 28, 28])], values,
+                              initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def parity(cli, *args):
+    result = cli("verify-parity", *args, "--json", "--repeats", "2")
+    assert result.exit_code in (0, 6), result.stderr
+    return result
+
+
+def test_bert_vs_its_onnx_export_passes_with_stats_and_latency(cli, bert_onnx) -> None:
+    result = parity(cli, "builtin:tiny-bert", bert_onnx)
+    assert result.exit_code == 0
+    report = result.json()
+    assert report["passed"] and report["worst_output"] is None
+    inner = report["parity"]
+    assert inner["reference_backend"] == "torch" and inner["candidate_backend"] == "onnxruntime"
+    assert [s["label"] for s in inner["shapes"]] == ["batch=1,sequence=8", "batch=3,sequence=8", "batch=2,sequence=48"]
+    diff = inner["shapes"][0]["outputs"][0]
+    assert diff["name"] == "logits"
+    for stat in ("max_abs", "max_rel", "mean_abs", "p99_abs", "cosine", "top1_agreement", "min_atol_to_pass"):
+        assert diff[stat] is not None
+    shape = inner["shapes"][2]
+    assert shape["reference_latency"]["repeats"] == 2 and shape["candidate_latency"]["median_ms"] > 0
+    assert shape["speed_ratio"] > 0
+
+
+def test_human_output_has_tables_and_verdict(cli, bert_onnx) -> None:
+    result = cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--repeats", "1")
+    assert result.exit_code == 0
+    for words in ("Parity check", "Per output and input set", "Latency", "PASS", "padded positions excluded"):
+        assert words in result.stdout
+
+
+def test_padding_is_excluded_by_default_and_included_on_request(cli, gpt2_onnx) -> None:
+    excluded = parity(cli, "builtin:tiny-gpt2", gpt2_onnx, "--no-timing").json()["parity"]
+    assert excluded["masked_positions_excluded"]
+    assert excluded["shapes"][1]["outputs"][0]["masked_out"] > 0  # batch=3 rows are padded
+    included = parity(cli, "builtin:tiny-gpt2", gpt2_onnx, "--no-timing", "--include-padding").json()["parity"]
+    assert not included["masked_positions_excluded"]
+    assert included["shapes"][1]["outputs"][0]["masked_out"] == 0
+    assert included["shapes"][1]["reference_latency"] is None
+
+
+def test_tolerances_presets_and_per_output_overrides(cli, bert_onnx) -> None:
+    fp16 = parity(cli, "builtin:tiny-bert", bert_onnx, "--preset", "fp16", "--no-timing").json()
+    assert fp16["preset"] == "fp16" and (fp16["parity"]["atol"], fp16["parity"]["rtol"]) == (1e-2, 1e-2)
+    strict = parity(cli, "builtin:tiny-bert", bert_onnx, "--atol", "0", "--rtol", "0", "--atol", "logits=1e-3",
+                    "--no-timing").json()
+    assert strict["passed"] and strict["parity"]["shapes"][0]["outputs"][0]["atol"] == 1e-3
+    failing = parity(cli, "builtin:tiny-bert", bert_onnx, "--atol", "logits=0", "--rtol", "0", "--no-timing")
+    assert failing.exit_code == 6
+    assert failing.json()["worst_output"].startswith("logits at ") and "worst: logits at" in failing.stderr
+
+
+def test_samples_seed_and_input_specs(cli, out) -> None:
+    onnx_path = legacy_onnx("builtin:convnet", out / "convnet.onnx")
+    report = parity(cli, "builtin:convnet", onnx_path, "--samples", "2", "--seed", "7", "--no-timing",
+                    "--input", "x:float32[batch=4,1,28,28]").json()
+    assert report["passed"] and report["input_sets"] == 4
+    assert [s["label"] for s in report["parity"]["shapes"]] == ["batch=1 #1", "batch=3 #1", "batch=1 #2", "batch=3 #2"]
+    assert report["input_source"] == "--input specs, 2 random draw(s), seed 7"
+
+
+@pytest.mark.parametrize("suffix", ["npz", "safetensors"])
+def test_real_inputs_from_a_file(cli, out, suffix) -> None:
+    onnx_path = out / "convnet.onnx"
+    if not onnx_path.exists():
+        legacy_onnx("builtin:convnet", onnx_path)
+    x = np.random.default_rng(3).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    inputs = out / f"inputs.{suffix}"
+    if suffix == "npz":
+        np.savez(inputs, x=x)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({"x": x}, str(inputs))
+    report = parity(cli, "builtin:convnet", onnx_path, "--inputs", inputs, "--no-timing").json()
+    assert report["passed"] and report["input_source"] == f"file inputs.{suffix}"
+    assert report["parity"]["shapes"][0]["input_shapes"] == {"x": [5, 1, 28, 28]}
+
+
+def test_trap_candidate_traced_at_one_shape_breaks_at_another(cli, pooled) -> None:
+    traced = trace(pooled, "traced.pt", train=False)
+    result = parity(cli, pooled / "pooled.safetensors", traced, "--arch", f"{pooled / 'pooled.py'}:make",
+                    "--trust-code", "--input", "x:float32[batch=2,8]", "--no-timing")
+    assert result.exit_code == 6
+    report = result.json()
+    assert report["parity"]["candidate_backend"] == "torchscript"
+    batch1, batch3 = report["parity"]["shapes"]
+    # The trace replays `reshape(2, -1)`: no crash, silently wrong shapes at every other batch size.
+    assert batch1["outputs"][0]["problem"] == "shape mismatch: reference (1, 4) vs candidate (2, 2)"
+    assert batch3["outputs"][0]["problem"] == "shape mismatch: reference (3, 4) vs candidate (2, 6)"
+    assert report["worst_output"] == "output at batch=1"
+    assert "no tolerance makes this pass" in result.stderr and "--preset" not in result.stderr
+
+
+def test_trap_dropout_left_on_is_called_non_deterministic(cli, pooled) -> None:
+    noisy = trace(pooled, "noisy.pt", train=True, p=0.5)
+    result = parity(cli, pooled / "pooled.safetensors", noisy, "--arch", f"{pooled / 'pooled.py'}:make",
+                    "--trust-code", "--input", "x:float32[batch=2,8]", "--no-timing")
+    assert result.exit_code == 6
+    verdict = result.json()["verdict"]
+    assert "candidate is non-deterministic" in verdict and "dropout" in verdict
+
+
+def test_trap_output_shape_mismatch_shows_both_shapes(cli, out) -> None:
+    five = handmade_onnx(out / "five.onnx", {"output": (5, None)})
+    result = parity(cli, "builtin:convnet", five, "--no-timing")
+    assert result.exit_code == 6
+    assert "shape mismatch: reference (1, 10) vs candidate (1, 5)" in result.json()["verdict"]
+    assert "(1, 10)" in result.stderr and "(1, 5)" in result.stderr
+
+
+def test_trap_output_count_mismatch(cli, out) -> None:
+    two = handmade_onnx(out / "two.onnx", {"output": (10, None), "extra": (3, None)})
+    result = parity(cli, "builtin:convnet", two, "--no-timing")
+    assert result.exit_code == 6
+    verdict = result.json()["verdict"]
+    assert "output count mismatch" in verdict and "output (1, 10)" in verdict and "extra (1, 3)" in verdict
+
+
+def test_trap_output_name_mismatch_between_two_onnx_files(cli, out) -> None:
+    reference = handmade_onnx(out / "names-ref.onnx", {"logits": (10, None), "embedding": (4, None)})
+    reordered = handmade_onnx(out / "names-same.onnx", {"embedding": (4, None), "logits": (10, None)})
+    renamed = handmade_onnx(out / "names-other.onnx", {"scores": (10, None), "embedding": (4, None)})
+    assert parity(cli, reference, reordered, "--no-timing", "--input", "x:float32[batch=2,1,28,28]").exit_code == 0
+    result = parity(cli, reference, renamed, "--no-timing", "--input", "x:float32[batch=2,1,28,28]")
+    assert result.exit_code == 6
+    assert "output names differ: reference has logits (1, 10), candidate has scores (1, 10)" in \
+        result.json()["verdict"]
+
+
+@pytest.mark.parametrize("side", ["candidate", "reference"])
+def test_trap_nan_or_inf_on_either_side(cli, out, side) -> None:
+    clean = handmade_onnx(out / "clean.onnx", {"output": (10, None)})
+    broken = handmade_onnx(out / "log.onnx", {"output": (10, "Log")})  # log of negative numbers: NaN
+    pair = (clean, broken) if side == "candidate" else (broken, clean)
+    result = parity(cli, *pair, "--no-timing", "--input", "x:float32[batch=2,1,28,28]")
+    assert result.exit_code == 6
+    assert f"non-finite value(s) (NaN/inf) in the {side}" in result.json()["verdict"]
+
+
+def test_errors_have_their_exit_codes(cli, out, bert_onnx, pooled) -> None:
+    missing = cli("verify-parity", "builtin:tiny-bert", out / "nope.onnx")
+    assert missing.exit_code == 3 and "no such file" in missing.stderr
+    both = cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--inputs", out / "x.npz", "--input", "x:float32[2]")
+    assert both.exit_code == 2 and "cannot be combined" in both.stderr
+    if not torch.cuda.is_available():
+        cuda = cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--device", "cuda")
+        assert cuda.exit_code == 2 and "no CUDA GPU" in cuda.stderr
+    traced = trace(pooled, "untrusted.pt", train=False)
+    untrusted = cli("verify-parity", pooled / "pooled.safetensors", traced, "--arch", f"{pooled / 'pooled.py'}:make")
+    assert untrusted.exit_code == 4 and "--trust-code" in untrusted.stderr

@@ -1,0 +1,147 @@
+"""Tables for `mlops generate`: the run's setup, one row per strategy (text and figures), the explain table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from mlops_cli.render import fmt_bytes, fmt_ms, fmt_pct, key_values, note, stdout, table
+
+METRICS_NOTE = ("TTFT: call to first generated token. tok/s, p50/p90: tokens after the first (per-token latency = "
+                "time between consecutive tokens). Medians over the measured runs; spread = (max - min) / median "
+                "of the total time.")
+
+
+TEXT_LIMIT = 60  # characters of generated text per table cell; --json has it all
+
+
+def _visible(text: str, limit: int | None = None) -> str:
+    """Text on one table line: newlines, tabs and other control characters escaped, cut to `limit` characters."""
+    shown = "".join(char if char.isprintable() or char == " " else repr(char)[1:-1] for char in text)
+    return shown if limit is None or len(shown) <= limit else shown[:limit - 1] + "…"
+
+
+def _no_wrap(result: Table, headers: Iterable[str]) -> Table:
+    """Figures stay on one line; the text column takes the wrapping."""
+    wanted = set(headers)
+    for column in result.columns:
+        if str(column.header) in wanted:
+            column.no_wrap = True
+    return result
+
+
+def _token(token: str) -> str:
+    """A token with its spaces visible: repr without the quotes' ambiguity."""
+    return repr(token)
+
+
+def _percent(probability: float) -> str:
+    return f"{probability * 100:.2f}%"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def setup_table(report: Any) -> RenderableType:
+    first = report.results[0].metrics if report.results else None
+    runs = f"{first.runs} measured after {first.warmup} warm-up" if first else "-"
+    engine = report.engine
+    if report.cache != "dynamic" or report.compiled:
+        engine += f" (cache {report.cache}{', compiled' if report.compiled else ''})"
+    return key_values("generate", [
+        ("model", f"{report.model} ({report.architecture})"),
+        ("device / dtype", f"{report.device} / {report.dtype}"),
+        ("engine", engine),
+        ("prompts", report.batch_size),
+        ("max new tokens", report.max_new_tokens),
+        ("seed", report.seed),
+        ("runs per strategy", runs),
+        ("peak memory", report.memory_measure),
+    ])
+
+
+def results_table(report: Any) -> RenderableType:
+    batch = report.batch_size > 1
+    repeated = any(r.metrics.runs > 1 for r in report.results)
+    columns = ["strategy", "engine", *(["prompt"] if batch else []), "text", "new tok", "TTFT", "tok/s", "p50",
+               "p90", "total", *(["spread"] if repeated else []), "peak mem"]
+    rows = []
+    for result in report.results:
+        metrics = result.metrics
+        figures = [
+            metrics.new_tokens,
+            fmt_ms(metrics.ttft.median_ms) if metrics.ttft else "-",
+            _rate(metrics.decode_tokens_per_s),
+            fmt_ms(metrics.token_latency.median_ms) if metrics.token_latency else "-",
+            fmt_ms(metrics.token_latency.p90_ms) if metrics.token_latency else "-",
+            fmt_ms(metrics.total.median_ms),
+            *([fmt_pct((metrics.total.max_ms - metrics.total.min_ms) / metrics.total.median_ms)] if repeated else []),
+            fmt_bytes(metrics.peak_memory_bytes),
+        ]
+        for index, output in enumerate(result.outputs):
+            head = [result.strategy, result.engine] if index == 0 else ["", ""]
+            text = _visible(output.text, TEXT_LIMIT)
+            if output.stop_reason != "max_new_tokens":
+                text += f" [{output.stop_reason}]"
+            cells = [*head, *([_visible(output.prompt, 30)] if batch else []), text]
+            cells += figures if index == 0 else [output.new_tokens] + [""] * (len(figures) - 1)
+            rows.append(cells)
+    numeric = ("new tok", "TTFT", "tok/s", "p50", "p90", "total", "spread", "peak mem")
+    return _no_wrap(table("results", columns, rows, numeric=numeric, caption=METRICS_NOTE),
+                    ("strategy", "engine", *numeric))
+
+
+def explain_table(explanation: Any) -> RenderableType:
+    width = max((len(step.candidates) for step in explanation.steps), default=0)
+    columns = ["step", "text so far", *(f"#{i + 1}" for i in range(width))]
+    rows = []
+    for step in explanation.steps:
+        context = _visible(explanation.prompt + step.text_before)
+        context = context if len(context) <= 28 else "…" + context[-27:]
+        choices = [Text(f"{_token(c.token)} {_percent(c.probability)}",
+                        style="bold" if c.token_id == step.chosen.token_id else "") for c in step.candidates]
+        if all(c.token_id != step.chosen.token_id for c in step.candidates):  # only on exact probability ties
+            choices[-1] = Text(f"{_token(step.chosen.token)} {_percent(step.chosen.probability)}", style="bold")
+        rows.append([step.step, context, *choices, *([""] * (width - len(choices)))])
+    agreement = {True: " Chosen tokens equal the greedy run's.", False: " Chosen tokens DIFFER from the greedy run's.",
+                 None: ""}[explanation.matches_greedy]
+    caption = ("Candidates by probability after the logits processors (what greedy picks from); the chosen one is "
+               "bold. KV-cached." + agreement)
+    title = f"explain: greedy step by step for {_visible(explanation.prompt, TEXT_LIMIT)!r}"
+    return _no_wrap(table(title, columns, rows, numeric=("step",), caption=caption), ("step",))
+
+
+def generate_tables(report: Any) -> Iterable[RenderableType]:
+    yield setup_table(report)
+    yield results_table(report)
+    if report.explanation is not None:
+        yield explain_table(report.explanation)
+    for result in report.results:
+        if not result.reproducible:
+            yield note(f"{result.strategy}: the measured runs did not all produce the same tokens")
+        if result.fixed_length_ok is False:
+            yield note(f"{result.strategy}: --fixed-length asked for {report.max_new_tokens} new tokens per prompt")
+
+
+class TextPrinter:
+    """`--stream`: prints each strategy's text on stdout as it is produced, under a label."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+
+    def __call__(self, strategy: str, piece: str | None) -> None:
+        console = stdout()
+        if piece is None:
+            console.print()
+            self.current = None
+            return
+        if self.current != strategy:
+            console.print(Text(f"{strategy}: ", style="bold"), end="")
+            self.current = strategy
+        console.print(Text(piece), end="", soft_wrap=True)
+        console.file.flush()

@@ -138,6 +138,28 @@ def test_training_checkpoint_keeps_its_other_entries(zoo_dir: Path, tmp_path: Pa
     assert load_model(str(out), load).state_key == "net"
 
 
+def test_weights_folder_keeps_its_weights_format_and_other_files(zoo_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "lenet-pt"
+    source.mkdir()
+    torch.save(load_file(str(zoo_dir / "lenet" / "model.safetensors")), source / "weights.pt")
+    sidecar = {**json.loads((zoo_dir / "lenet" / "mlops.json").read_text()), "weights": "weights.pt"}
+    (source / "mlops.json").write_text(json.dumps(sidecar))
+    (source / "README.md").write_text("notes")
+    out = tmp_path / "pruned"
+    report = run(str(source), out, amounts=(0.5,))
+    assert report.model_kind == "weights-folder"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mlops.json", "weights.pt"]
+    assert_no_reparametrisation(torch.load(out / "weights.pt", weights_only=True))
+    assert json.loads((out / "mlops.json").read_text())["pruned"]["amount"] == 0.5
+    assert report.results[0].reloaded == "loads back through mlops; outputs identical to the pruned model"
+
+
+def test_tied_weights_are_named_when_pruned_together() -> None:
+    report = run("builtin:tiny-gpt2", include=("lm_head",), amounts=(0.5,))
+    assert list(report.targets) == ["lm_head"]
+    assert "tied weights pruned together: transformer.wte = lm_head" in report.notes
+
+
 def test_include_and_exclude_select_by_module_name() -> None:
     only_fc = run("builtin:convnet", include=("^fc\\.",), amounts=(0.5,))
     assert list(only_fc.targets) == ["fc.0", "fc.2"]
@@ -230,6 +252,9 @@ def test_command_json_and_threshold_exit_codes(cli, tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.stderr
     data = ok.json()
     assert data["enforced"] is False and data["results"][0]["drift"]["max_abs"] > 0
+    assert data["results"][0]["target_sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert all(layer["sparsity"] == layer["zeros"] / layer["elements"] for layer in data["results"][0]["layers"])
+    assert data["results"][0]["latency"]["speedup"] > 0
     assert data["results"][0]["latency"]["before"]["median_ms"] > 0
     strict = cli("prune", "builtin:lenet", "--amount", "0.3", "--max-drift", "1e-9", "--repeats", "1", "--json")
     assert strict.exit_code == 6

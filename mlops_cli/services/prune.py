@@ -96,9 +96,10 @@ class LayerChange:
     elements: int
     shape_before: tuple[int, ...] | None = None
 
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.elements if self.elements else 0.0
+    sparsity: float = dataclasses.field(init=False)  # a field, not a property, so --json carries it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsity", self.zeros / self.elements if self.elements else 0.0)
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,10 @@ class SizeFigures:
     raw_bytes: int
     gzip_bytes: int
 
-    @property
-    def gzip_ratio(self) -> float:
-        return self.gzip_bytes / self.raw_bytes if self.raw_bytes else 1.0
+    gzip_ratio: float = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gzip_ratio", self.gzip_bytes / self.raw_bytes if self.raw_bytes else 1.0)
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,11 @@ class LatencyFigures:
     before: Timing
     after: Timing
 
-    @property
-    def speedup(self) -> float | None:
-        return self.before.median_ms / self.after.median_ms if self.after.median_ms else None
+    speedup: float | None = dataclasses.field(init=False)  # before p50 / after p50
+
+    def __post_init__(self) -> None:
+        speedup = self.before.median_ms / self.after.median_ms if self.after.median_ms else None
+        object.__setattr__(self, "speedup", speedup)
 
 
 @dataclass(frozen=True)
@@ -158,13 +162,13 @@ class AmountResult:
     output_files: dict[str, int] = dataclasses.field(default_factory=dict)
     reloaded: str | None = None  # what loading the output back showed
 
-    @property
-    def target_sparsity(self) -> float:
-        return self.target_zeros / self.target_elements if self.target_elements else 0.0
+    target_sparsity: float = dataclasses.field(init=False)  # zeros (or removed share) of the pruned tensors
+    model_sparsity: float = dataclasses.field(init=False)  # zeros over all parameters
 
-    @property
-    def model_sparsity(self) -> float:
-        return self.model_zeros / self.parameters if self.parameters else 0.0
+    def __post_init__(self) -> None:
+        targets = self.target_zeros / self.target_elements if self.target_elements else 0.0
+        object.__setattr__(self, "target_sparsity", targets)
+        object.__setattr__(self, "model_sparsity", self.model_zeros / self.parameters if self.parameters else 0.0)
 
 
 @dataclass(frozen=True)

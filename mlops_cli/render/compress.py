@@ -1,0 +1,152 @@
+"""Tables for `mlops compress half` and `mlops compress int8`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from rich.console import RenderableType
+from rich.text import Text
+
+from mlops_cli.render import fmt_bytes, fmt_float, fmt_ms, key_values, note, table, verdict
+from mlops_cli.render.parity import parity_tables
+from mlops_cli.services.compress import PerLayerReport, TensorSafety
+from mlops_cli.services.compress_half import HalfReport
+from mlops_cli.services.compress_int8 import Int8Report
+
+SAFETY_ROWS = 12
+LAYER_ROWS = 30
+SAFETY_COLUMNS = ("tensor", "from", "elements", "max |x|", "overflow", "underflow", "subnormal", "non-finite before")
+LAYER_COLUMNS = ("#", "layer", "type", "rel. error", "max |diff|", "max |activation|", "")
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.3f}x" if before and after else "-"
+
+
+def half_tables(report: HalfReport) -> Iterator[RenderableType]:
+    totals = report.totals
+    patterns = ", ".join(report.keep_patterns) or "none"
+    yield key_values(f"Compress {report.source} -> {report.output}", [
+        ("input", report.input_format),
+        ("output", report.output_format if report.written else Text(f"{report.output_format}: NOT written", "red")),
+        ("dtype", report.dtype),
+        ("converted", f"{totals.converted_tensors} floating tensor(s)"),
+        ("kept as they were", f"{totals.kept_tensors} tensor(s) matching --keep-fp32 {patterns}"
+                              + (" (defaults: norms; --no-default-keep converts them)" if report.default_keep else "")),
+        ("left alone", f"{totals.other_tensors} integer/bool tensor(s) or already {report.dtype}"),
+        ("streamed", "yes: tensor by tensor through a memory map" if report.streamed else "no: loaded, then written"),
+        ("conversion time", f"{report.seconds:.2f} s"),
+        *([("checkpoint entries kept", ", ".join(report.checkpoint_keys_kept))] if report.checkpoint_keys_kept else []),
+        *([("files copied", ", ".join(report.files_copied))] if report.files_copied else []),
+        ("drift measured as", report.drift_mode or "not measured"),
+    ])
+    size = report.size
+    yield table("Size", ("part", "before", "after", "ratio"), [
+        ("converted floating tensors", fmt_bytes(size.converted_before), fmt_bytes(size.converted_after),
+         _ratio(size.converted_after, size.converted_before)),
+        ("all tensors", fmt_bytes(size.tensors_before), fmt_bytes(size.tensors_after),
+         _ratio(size.tensors_after, size.tensors_before)),
+        ("on disk", fmt_bytes(size.files_before), fmt_bytes(size.files_after) if report.written else "-",
+         _ratio(size.files_after, size.files_before)),
+    ], numeric=("before", "after", "ratio"))
+    yield _safety_table(report)
+    if report.drift is not None:
+        yield from parity_tables(report.drift, title=f"Drift: {report.output} vs {report.source}")
+    if report.per_layer is not None:
+        yield from per_layer_tables(report.per_layer)
+    for line in report.notes:
+        yield note(line)
+    yield verdict(report.passed, report.verdict)
+
+
+def _safety_table(report: HalfReport) -> RenderableType:
+    findings = sorted((t for t in report.tensors if t.converted and t.has_issue),
+                      key=lambda t: (-t.overflow, -t.nonfinite_source, -t.underflow, -t.subnormal, t.name))
+    totals = report.totals
+    rows: list[tuple[object, ...]] = [_safety_row(t) for t in findings[:SAFETY_ROWS]]
+    rows.append((Text(f"total ({totals.converted_tensors} converted)", style="bold"), "",
+                 sum(t.elements for t in report.tensors if t.converted), "-",
+                 _count(totals.overflow, bad=True), _count(totals.underflow), _count(totals.subnormal),
+                 _count(totals.nonfinite_source, bad=True)))
+    hidden = len(findings) - SAFETY_ROWS
+    caption = (f"overflow: {report.overflow_action}; underflow: {report.underflow_action}; subnormal: non-zero "
+               f"below {report.subnormal_below:.3g}, few significant bits left"
+               + (f"; {hidden} more tensor(s) with findings in --json" if hidden > 0 else "")
+               + ("" if findings else "; no converted tensor has any finding"))
+    return table(f"Cast safety ({report.dtype}), per tensor", SAFETY_COLUMNS, rows, numeric=SAFETY_COLUMNS[2:],
+                 caption=caption)
+
+
+def _safety_row(tensor: TensorSafety) -> tuple[object, ...]:
+    return (tensor.name, tensor.source_dtype, tensor.elements,
+            fmt_float(tensor.max_abs), _count(tensor.overflow, bad=True), _count(tensor.underflow),
+            _count(tensor.subnormal), _count(tensor.nonfinite_source, bad=True))
+
+
+def _count(value: int, bad: bool = False) -> Text:
+    if not value:
+        return Text("0", style="dim")
+    return Text(str(value), style="bold red" if bad else "yellow")
+
+
+def per_layer_tables(report: PerLayerReport) -> Iterator[RenderableType]:
+    layers = report.layers
+    shown = set(range(len(layers)))
+    if len(layers) > LAYER_ROWS:
+        jump = next((layer.index for layer in layers if layer.name == report.first_jump), None)
+        worst = sorted(layers, key=lambda layer: -(layer.relative_error or float("inf")))[:10]
+        shown = {layer.index for layer in worst}
+        if jump is not None:
+            shown |= set(range(max(0, jump - 12), min(len(layers), jump + 5)))
+    rows = []
+    for layer in layers:
+        if layer.index not in shown:
+            continue
+        flag = Text("FIRST JUMP", style="bold red") if layer.name == report.first_jump else (
+            Text("not finite", style="red") if layer.nonfinite else
+            Text("beyond range", style="red") if layer.beyond_range else "")
+        rows.append((layer.index, layer.name, layer.type, fmt_float(layer.relative_error), fmt_float(layer.max_abs),
+                     fmt_float(layer.reference_max_abs), flag))
+    caption = (f"input set {report.input_set}; {len(rows)} of {len(layers)} layers shown (all in --json); "
+               f"jump rule: {report.jump_rule}")
+    yield table("Per-layer drift (module outputs in execution order)", LAYER_COLUMNS, rows,
+                numeric=("#", "rel. error", "max |diff|", "max |activation|"), caption=caption)
+    if report.first_jump:
+        yield Text.assemble(Text("first jump: ", style="bold"), report.first_jump, f" — {report.jump_reason}")
+    else:
+        yield note(f"no layer's error jumps; the largest relative error is at {report.worst}")
+
+
+def int8_tables(report: Int8Report) -> Iterator[RenderableType]:
+    yield key_values(f"Compress int8 {report.source} -> {report.output}", [
+        ("input", report.input_format),
+        ("output", report.output_format),
+        ("engine", report.engine),
+        ("weights", report.weights),
+        ("embeddings quantised", "yes" if report.embeddings_quantized else "no (--quantize-embeddings)"),
+        *([("reload", report.reload)] if report.reload else []),
+    ])
+    yield table("Quantised layers by type", ("type", "with weights", "quantised", "note"),
+                ((k.kind, k.with_weights, k.quantized, k.note) for k in report.kinds),
+                numeric=("with weights", "quantised"))
+    if report.skipped:
+        shown = report.skipped[:10]
+        yield table("Left in float", ("layer", "why"), shown,
+                    caption=f"{len(report.skipped) - len(shown)} more in --json" if len(report.skipped) > 10 else None)
+    yield table("Size on disk", ("before", "after", "ratio"),
+                [(fmt_bytes(report.bytes_before), fmt_bytes(report.bytes_after),
+                  _ratio(report.bytes_after, report.bytes_before))], numeric=("before", "after", "ratio"))
+    if report.latency:
+        repeats = report.latency[0].before.repeats
+        yield table("Latency on this CPU (warm, before/after interleaved)",
+                    ("input set", "before p50", "before p90", "after p50", "after p90", "speed-up"),
+                    ((row.input_set, fmt_ms(row.before.median_ms), fmt_ms(row.before.p90_ms),
+                      fmt_ms(row.after.median_ms), fmt_ms(row.after.p90_ms),
+                      f"{row.speedup:.2f}x" if row.speedup else "-") for row in report.latency),
+                    numeric=("before p50", "before p90", "after p50", "after p90", "speed-up"),
+                    caption=f"{repeats} repeats after 2 warm-up calls each; torch threads: {report.threads}")
+    if report.drift is not None:
+        yield from parity_tables(report.drift, title=f"Drift: {report.output} vs {report.source}")
+    for line in report.notes:
+        yield note(line)
+    yield verdict(report.passed, report.verdict)

@@ -1,0 +1,489 @@
+"""`mlops compress int8`: dynamic int8 quantisation, with size, CPU latency and drift measured.
+
+- ONNX -> ONNX through ONNX Runtime's `quantize_dynamic` (int8 weights, activations quantised on the fly);
+  which op types were quantised is read back from the written graph, not assumed.
+- torch models (HF folders, weights + architecture, training checkpoints) through
+  `torch.ao.quantization.quantize_dynamic`: Linear layers (and GPT-2's Conv1D, turned into the Linear
+  it is), optionally embeddings (weight-only). It is deprecated since torch 2.10 but is still the only
+  dynamic int8 path in core torch 2.13; its successor, torchao's `quantize_`, is not installed. The
+  result is a torch file of the quantised state_dict (safetensors cannot hold quantised tensors),
+  loadable with weights_only=True; `load_int8_state` rebuilds the model from it, and the drift check
+  uses exactly that, so the written file is what gets measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import logging
+import re
+import shutil
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mlops_cli.core.compare import PRESETS
+from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.formats import HF_CONFIG, SIDECAR, Format, detect_format, torch_load_weights
+from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
+from mlops_cli.core.loading import LoadedModel, LoadOptions, load_model
+from mlops_cli.core.timing import Timing, measure_interleaved
+from mlops_cli.services.compress import disk_size, reject_builtin
+from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
+
+ONNX_DEFAULT_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
+ONNX_EMBEDDING_OPS = ("Gather",)
+INT8_WEIGHTS = "model.int8.pt"
+QUANTIZATION_INFO = "quantization.json"
+TORCH_ENGINE = "torch.ao.quantization.quantize_dynamic (qint8 weights, dynamic activations; x86/fbgemm kernels)"
+TORCH_ENGINE_NOTE = ("torch.ao.quantization is deprecated since torch 2.10 and still the only dynamic int8 path in "
+                     "core torch 2.13; its successor is torchao's quantize_ (not installed)")
+PACKED = "._packed_params"
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    quantize_embeddings: bool = False
+    per_channel: bool = True
+    reduce_range: bool | None = None  # None: on with per-channel weights (see _onnx_int8)
+    exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ONNX_DEFAULT_OPS
+    inputs: tuple[str, ...] = ()
+    seed: int = 0
+    tolerances: Tolerances | None = None
+    repeats: int = 20
+    check: bool = True
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizedKind:
+    """One op/module type: how many carry weights, how many were quantised, and why not the rest."""
+
+    kind: str
+    with_weights: int
+    quantized: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """Warm latency of both models on one input set, timed A/B/A/B so machine noise hits both alike."""
+
+    input_set: str
+    before: Timing
+    after: Timing
+    speedup: float | None
+
+
+@dataclass(frozen=True)
+class Int8Report:
+    source: str
+    output: str
+    input_format: str
+    output_format: str
+    engine: str
+    weights: str
+    embeddings_quantized: bool
+    kinds: tuple[QuantizedKind, ...]
+    skipped: tuple[tuple[str, str], ...]  # (layer, why it stayed float)
+    bytes_before: int
+    bytes_after: int
+    size_ratio: float | None
+    drift: ParityReport | None
+    latency: tuple[LatencyRow, ...]
+    threads: int  # torch intra-op threads during the timing
+    passed: bool
+    verdict: str
+    reload: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+def compress_int8(reference: str, output: Path, load: LoadOptions, options: Int8Options) -> Int8Report:
+    """Quantise a model to dynamic int8 and measure size, latency and drift against the original."""
+    reject_builtin(reference)
+    source = Path(reference)
+    fmt = detect_format(source)
+    for pattern in options.exclude:
+        _compile(pattern)
+    check_output(output, options.force, [source])
+    if fmt == Format.ONNX:
+        return _onnx_int8(source, output, load, options)
+    if fmt in (Format.TORCHSCRIPT, Format.EXPORTED_PROGRAM, Format.AOTI_PACKAGE, Format.NPZ):
+        raise InputError(f"compress int8 quantises ONNX files and torch checkpoints, not {fmt.value}",
+                         hint="Quantise the checkpoint the program was made from, or its ONNX export.")
+    return _torch_int8(source, fmt, output, load, options)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--exclude {pattern!r} is not a valid regular expression: {exc}") from exc
+
+
+def _excluded(name: str, options: Int8Options) -> str | None:
+    return next((p for p in options.exclude if re.search(p, name)), None)
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def _onnx_int8(source: Path, output: Path, load: LoadOptions, options: Int8Options) -> Int8Report:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    original = load_model(str(source), load)
+    graph = onnx.load(str(source), load_external_data=False).graph
+    op_types = tuple(dict.fromkeys(options.op_types + (ONNX_EMBEDDING_OPS if options.quantize_embeddings else ())))
+    weighted = _weighted_nodes(graph)
+    excluded = [node.name for node, weights in weighted if _excluded(node.name, options)
+                or any(_excluded(name, options) for name in weights)]
+    # x86 CPUs without VNNI saturate int16 sums of uint8 x int8 products; per-channel weights hit it
+    # (measured: tiny GPT-2 drift 0.16 full range vs 0.011 reduced), so they use 7 bits unless told otherwise.
+    reduce_range = options.per_channel if options.reduce_range is None else options.reduce_range
+    with atomic_file(output, options.force, [source]) as temp, _quiet_onnxruntime():
+        quantize_dynamic(str(source), str(temp), op_types_to_quantize=list(op_types), per_channel=options.per_channel,
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                         extra_options={"MatMulConstBOnly": True})
+    quantized = onnx.load(str(output), load_external_data=False).graph
+    kinds = _onnx_kinds(weighted, quantized, op_types, options)
+    skipped = tuple((name, "matches --exclude") for name in excluded)
+    drift, latency = _drift(original, load_model(str(output), load), options) if options.check else (None, ())
+    weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}"
+               f"{', 7-bit range (reduce_range)' if reduce_range else ''}), activations uint8 per call")
+    return _report(source, output, Format.ONNX.value, Format.ONNX.value,
+                   "onnxruntime.quantization.quantize_dynamic", weights, options, kinds, skipped, drift, latency)
+
+
+def _weighted_nodes(graph: Any) -> list[tuple[Any, list[str]]]:
+    """(node, its floating-point weights) for nodes of a type ONNX Runtime can quantise that have weights."""
+    import onnx
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    quantisable = set(IntegerOpsRegistry) | {"Gemm"}  # Gemm is quantised as MatMulInteger + Add
+    floats = {init.name for init in graph.initializer
+              if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)}
+    nodes = [(node, [name for name in node.input if name in floats]) for node in graph.node
+             if node.op_type in quantisable]
+    return [(node, weights) for node, weights in nodes if weights]
+
+
+def _onnx_kinds(weighted: list[tuple[Any, list[str]]], quantized: Any, op_types: tuple[str, ...], options: Int8Options
+                ) -> tuple[QuantizedKind, ...]:
+    """Per op type: nodes with weights, and how many the written graph shows quantised.
+
+    A node counts as quantised when one of its weights now exists as an 8-bit initializer named after it
+    (`<weight>_quantized`, ONNX Runtime's naming), read from the written graph rather than assumed.
+    """
+    import onnx
+
+    eight_bit = [init.name for init in quantized.initializer
+                 if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+    totals: Counter[str] = Counter()
+    done: Counter[str] = Counter()
+    for node, weights in weighted:
+        totals[node.op_type] += 1
+        if any(name.startswith(f"{weight}_") for weight in weights for name in eight_bit):
+            done[node.op_type] += 1
+    kinds = []
+    for kind in sorted(totals, key=lambda k: (-totals[k], k)):
+        note = ""
+        if kind in ONNX_EMBEDDING_OPS and kind not in op_types:
+            note = "embeddings kept float (--quantize-embeddings to quantise them)"
+        elif kind not in op_types:
+            note = "not requested (see --op-types)"
+        elif done[kind] < totals[kind]:
+            note = ("not all quantised: excluded, or left float by ONNX Runtime (a Gemm is quantised as a MatMul, "
+                    "so it needs MatMul in --op-types)")
+        kinds.append(QuantizedKind(kind, totals[kind], done[kind], note))
+    return tuple(kinds)
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs advice on the root logger; keep it off the user's terminal."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+# ---------------------------------------------------------------- torch
+
+
+def _torch_int8(source: Path, fmt: Format, output: Path, load: LoadOptions, options: Int8Options) -> Int8Report:
+    original = load_model(str(source), load)
+    plan = plan_torch_quantization(original.module, options)
+    quantized = quantize_torch(copy.deepcopy(original.module), plan)
+    state = quantized.state_dict()
+    notes = [TORCH_ENGINE_NOTE]
+    if fmt in (Format.HF_FOLDER, Format.WEIGHTS_FOLDER):
+        weights_file = output / INT8_WEIGHTS
+        _write_folder(source, fmt, output, state, plan, options)
+        output_format = f"folder with {INT8_WEIGHTS} (torch zip)"
+    else:
+        weights_file = output
+        _write_file(source, fmt, output, state, original, load, options)
+        output_format = Format.TORCH_ZIP.value
+        if fmt == Format.SAFETENSORS:
+            notes.append("safetensors cannot hold quantised tensors: written as a torch file (weights_only-loadable)")
+    drift: ParityReport | None = None
+    latency: tuple[LatencyRow, ...] = ()
+    if options.check:
+        reloaded = load_int8_state(copy.deepcopy(original.module), _read_state(weights_file, original.state_key))
+        drift, latency = _drift(original, replace(original, module=reloaded, reference=str(output), path=output),
+                                options)
+    reload = (f"build the model, then mlops_cli.services.compress_int8.load_int8_state(model, state_dict of "
+              f"{weights_file.name}); or by hand: quantize_dynamic with the same layers, then load_state_dict")
+    weights = f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}), activations quantised per call"
+    return _report(source, output, fmt.value, output_format, TORCH_ENGINE, weights, options, plan.kinds,
+                   plan.skipped, drift, latency, reload=reload, notes=tuple(notes))
+
+
+@dataclass(frozen=True)
+class TorchPlan:
+    """Which modules get quantised (name -> 'linear' | 'embedding'), which Conv1D become Linear first."""
+
+    modules: dict[str, str]
+    conv1d: tuple[str, ...]
+    per_channel: bool
+    kinds: tuple[QuantizedKind, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def plan_torch_quantization(module: Any, options: Int8Options) -> TorchPlan:
+    import torch.nn as nn
+
+    owners: dict[int, list[str]] = {}
+    for name, sub in module.named_modules():
+        for parameter in sub._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(name)
+    chosen: dict[str, str] = {}
+    conv1d: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    totals: Counter[str] = Counter()
+    done: Counter[str] = Counter()
+    for name, sub in module.named_modules():
+        kind = _quantizable_kind(sub, nn)
+        if kind is None:
+            continue
+        label = type(sub).__name__
+        totals[label] += 1
+        reason = _skip_reason(name, sub, kind, owners, options)
+        if reason:
+            skipped.append((name, reason))
+            continue
+        chosen[name] = kind
+        done[label] += 1
+        if label == "Conv1D":
+            conv1d.append(name)
+    kinds = tuple(QuantizedKind(label, totals[label], done[label],
+                                "embeddings kept float (--quantize-embeddings to quantise them)"
+                                if label in ("Embedding",) and not options.quantize_embeddings else
+                                "as Linear (GPT-2's transposed Linear)" if label == "Conv1D" else "")
+                  for label in sorted(totals, key=lambda k: (-totals[k], k)))
+    return TorchPlan(chosen, tuple(conv1d), options.per_channel, kinds, tuple(skipped))
+
+
+def _quantizable_kind(sub: Any, nn: Any) -> str | None:
+    if isinstance(sub, nn.Linear) or (type(sub).__name__ == "Conv1D" and getattr(sub, "weight", None) is not None
+                                      and sub.weight.dim() == 2):
+        return "linear"
+    if isinstance(sub, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def _skip_reason(name: str, sub: Any, kind: str, owners: dict[int, list[str]], options: Int8Options) -> str | None:
+    pattern = _excluded(name, options)
+    if pattern:
+        return f"matches --exclude {pattern}"
+    if kind == "embedding" and not options.quantize_embeddings:
+        return "embedding (--quantize-embeddings off)"
+    shared = [other for other in owners.get(id(sub.weight), []) if other != name]
+    if shared:
+        return f"weight tied to {shared[0]} (a quantised copy would store it twice)"
+    return None
+
+
+def quantize_torch(module: Any, plan: TorchPlan) -> Any:
+    """Apply a plan in place (Conv1D -> Linear swaps, then dynamic quantisation) and return the module."""
+    import torch
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        float_qparams_weight_only_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
+
+    for name in plan.conv1d:
+        _swap_conv1d(module, name)
+    linear = per_channel_dynamic_qconfig if plan.per_channel else default_dynamic_qconfig
+    spec = {name: (float_qparams_weight_only_qconfig if kind == "embedding" else linear)
+            for name, kind in plan.modules.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notices of torch.ao (reported once, in the notes)
+        return quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
+
+
+def _swap_conv1d(module: Any, name: str) -> None:
+    """transformers' Conv1D is a Linear with a transposed weight; make it the Linear torch can quantise."""
+    import torch
+    import torch.nn as nn
+
+    parent_name, _, child = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    conv = getattr(parent, child)
+    linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    setattr(parent, child, linear)
+
+
+def load_int8_state(module: Any, state: dict[str, Any]) -> Any:
+    """Rebuild a quantised model from its saved state_dict: `module` is the float architecture.
+
+    The state tells which layers are quantised (their `_packed_params` entries) and how (per-channel or
+    not); GPT-2 Conv1D layers are turned into Linear first, as when they were quantised.
+    """
+    import torch.nn as nn
+
+    names = sorted({key.split(PACKED)[0] for key in state if PACKED in key})
+    modules: dict[str, str] = {}
+    conv1d: list[str] = []
+    per_channel = False
+    for name in names:
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError as exc:
+            raise InputError(f"the int8 state names a layer the architecture lacks: {name}",
+                             hint="Build the same architecture the model was quantised from.") from exc
+        kind = _quantizable_kind(sub, nn)
+        if kind is None:
+            raise InputError(f"the int8 state quantises {name}, a {type(sub).__name__}, which mlops cannot rebuild")
+        modules[name] = kind
+        if type(sub).__name__ == "Conv1D":
+            conv1d.append(name)
+        packed = state.get(f"{name}{PACKED}{PACKED}")
+        if kind == "linear" and isinstance(packed, tuple) and packed and packed[0].qscheme() != _per_tensor():
+            per_channel = True
+    quantized = quantize_torch(module, TorchPlan(modules, tuple(conv1d), per_channel, (), ()))
+    quantized.load_state_dict(state, strict=True)
+    return quantized.eval()
+
+
+def _per_tensor() -> Any:
+    import torch
+
+    return torch.per_tensor_affine
+
+
+def _read_state(path: Path, state_key: str | None) -> dict[str, Any]:
+    """The quantised state_dict from a written file (under the checkpoint's key when it has one)."""
+    content = torch_load_weights(path)
+    if state_key is not None and isinstance(content, dict) and isinstance(content.get(state_key), dict):
+        return content[state_key]
+    return content
+
+
+def _write_file(source: Path, fmt: Format, output: Path, state: dict[str, Any], original: LoadedModel,
+                load: LoadOptions, options: Int8Options) -> None:
+    """One torch file: the quantised state_dict, inside the training checkpoint's structure when it had one."""
+    content: Any = state
+    if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY) and original.state_key is not None:
+        stored = torch_load_weights(source)
+        content = {k: (state if k == original.state_key else v) for k, v in stored.items()}
+    save_torch(content, output, options.force, [source])
+
+
+def _write_folder(source: Path, fmt: Format, output: Path, state: dict[str, Any], plan: TorchPlan,
+                  options: Int8Options) -> None:
+    """The folder again, with its weight files replaced by model.int8.pt and the method written down."""
+    info = {"method": "dynamic-int8", "engine": TORCH_ENGINE, "weights": INT8_WEIGHTS,
+            "per_channel": plan.per_channel, "layers": plan.modules, "conv1d_as_linear": list(plan.conv1d),
+            "reload": "build the float model, then mlops_cli.services.compress_int8.load_int8_state(model, state)"}
+    with atomic_dir(output, options.force, [source]) as folder:
+        for path in sorted(source.iterdir()):
+            if path.is_dir():
+                shutil.copytree(path, folder / path.name)
+            elif path.suffix in (".safetensors", ".bin", ".pt", ".pth") or path.name.endswith(".index.json"):
+                continue  # the float weights: replaced by the int8 file
+            elif path.name == SIDECAR and fmt == Format.WEIGHTS_FOLDER:
+                sidecar = json.loads(path.read_text(encoding="utf-8"))
+                sidecar.update(weights=INT8_WEIGHTS, quantization="dynamic-int8")
+                (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+            else:
+                shutil.copyfile(path, folder / path.name)
+        save_torch(state, folder / INT8_WEIGHTS)
+        if fmt == Format.HF_FOLDER and (source / HF_CONFIG).is_file():
+            (folder / QUANTIZATION_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- drift, latency and the report
+
+
+def _drift(original: LoadedModel, candidate: LoadedModel, options: Int8Options
+           ) -> tuple[ParityReport, tuple[LatencyRow, ...]]:
+    """Both models on this CPU: outputs compared through the parity engine, then latencies measured."""
+    from mlops_cli.core.inputs import model_shape_sets
+    from mlops_cli.core.runtimes import runner_for
+
+    input_sets = model_shape_sets(original, list(options.inputs) or None, options.seed)
+    tolerances = options.tolerances or Tolerances(*PRESETS["int8"])
+    before, after = runner_for(original, "cpu"), runner_for(candidate, "cpu")
+    report = check_parity(before, after, input_sets, tolerances, time_runs=False)
+    rows = []
+    for input_set in input_sets:
+        feed_before, feed_after = _feed(before, input_set.tensors), _feed(after, input_set.tensors)
+        timings = measure_interleaved({"before": functools.partial(before, feed_before),
+                                       "after": functools.partial(after, feed_after)},
+                                      warmup=2, repeats=options.repeats)
+        speedup = timings["before"].median_ms / timings["after"].median_ms if timings["after"].median_ms else None
+        rows.append(LatencyRow(input_set.label, timings["before"], timings["after"], speedup))
+    return report, tuple(rows)
+
+
+def _feed(runner: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Only the inputs a runner takes, in its own order (as the parity engine feeds it)."""
+    if runner.backend == "onnxruntime" or not runner.input_names:
+        return tensors
+    ordered = {name: tensors[name] for name in runner.input_names if name in tensors}
+    return ordered if len(ordered) == len(tensors) else tensors
+
+
+def _report(source: Path, output: Path, input_format: str, output_format: str, engine: str, weights: str,
+            options: Int8Options, kinds: tuple[QuantizedKind, ...], skipped: tuple[tuple[str, str], ...],
+            drift: ParityReport | None, latency: tuple[LatencyRow, ...], reload: str | None = None,
+            notes: tuple[str, ...] = ()) -> Int8Report:
+    before, after = disk_size(source), disk_size(output)
+    quantized = sum(kind.quantized for kind in kinds)
+    if quantized == 0:
+        passed, verdict = False, "nothing was quantised: no layer of a quantisable type (see the table)"
+    elif drift is not None and not drift.passed:
+        passed, verdict = False, f"drift beyond tolerance: {drift.verdict}"
+    else:
+        passed = True
+        drift_note = (f"drift within tolerance (atol {drift.atol:g}, rtol {drift.rtol:g})" if drift
+                      else "drift not measured")
+        verdict = f"{quantized} layer(s) quantised to int8, {after / before:.2f}x the size; {drift_note}"
+    return Int8Report(str(source), str(output), input_format, output_format, engine, weights,
+                      options.quantize_embeddings, kinds, skipped, before, after, after / before if before else None,
+                      drift, latency, _threads(), passed, verdict, reload, notes)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,374 @@
+"""`mlops compress half` / `int8`: formats in and out, safety counts, key/dtype preservation, streaming."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlops_cli.core.loading import LoadOptions
+from mlops_cli.services.compress import KeepRules
+from mlops_cli.services.compress_half import HalfOptions, compress_half
+from mlops_cli.services.compress_stream import stream_convert
+
+CONVNET_ARCH = ("--arch", "mlops_cli.zoo:ConvNet", "--input", "x:float32[batch=2,1,28,28]")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny BERT, tiny GPT-2 and the ConvNet as ONNX files (legacy exporter: fast, dynamic batch/sequence)."""
+    import warnings
+
+    from mlops_cli.core.inputs import example_inputs
+    from mlops_cli.core.loading import load_model
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    root = tmp_path_factory.mktemp("onnx")
+    for name in ("tiny-bert", "tiny-gpt2", "convnet"):
+        loaded = load_model(f"builtin:{name}")
+        example = {k: torch.from_numpy(v) for k, v in example_inputs(loaded).tensors.items()}
+        module = NoCache(loaded.module) if name == "tiny-gpt2" else loaded.module
+        axes = {k: ({0: "batch", 1: "sequence"} if v.ndim == 2 else {0: "batch"}) for k, v in example.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, tuple(example.values()), str(root / f"{name}.onnx"), input_names=list(example),
+                              output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    return root
+
+
+def _convnet_with(tmp_path: Path, zoo_dir: Path, name: str, value: float, index: tuple[int, int] = (0, 0)) -> Path:
+    """The ConvNet folder with one weight of fc.0 set to `value`."""
+    folder = tmp_path / name
+    shutil.copytree(zoo_dir / "convnet", folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["fc.0.weight"][index] = value
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+# ---------------------------------------------------------------- half: streaming safetensors
+
+
+def test_streamed_file_is_what_save_file_writes(tmp_path: Path) -> None:
+    """Header, order and offsets match safetensors' own writer; integer/bool tensors and kept norms untouched."""
+    torch.manual_seed(0)
+    tensors = {"layer.weight": torch.randn(7, 5), "layer.bias": torch.randn(5), "norm.weight": torch.randn(3),
+               "position_ids": torch.arange(11), "mask": torch.rand(3) > 0.5, "half": torch.randn(3).half(),
+               "odd": torch.randn(3).bfloat16(), "empty": torch.zeros(0)}
+    source = tmp_path / "in.safetensors"
+    save_file(tensors, str(source), metadata={"format": "pt"})
+    safety = stream_convert(source, tmp_path / "out.safetensors", "float16", KeepRules.build([], True))
+
+    expected = {k: (v.half() if v.dtype in (torch.float32, torch.bfloat16) and k != "norm.weight" else v)
+                for k, v in tensors.items()}
+    save_file(expected, str(tmp_path / "expected.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+    by_name = {t.name: t for t in safety}
+    assert by_name["norm.weight"].reason.startswith("kept") and not by_name["norm.weight"].converted
+    assert by_name["position_ids"].output_dtype == "int64" and not by_name["position_ids"].converted
+    assert by_name["odd"].converted and by_name["odd"].source_dtype == "bfloat16"
+
+
+def test_streaming_peak_memory_stays_near_one_tensor(tmp_path: Path) -> None:
+    """A 48 MiB file of 4 MiB tensors converts with a peak RSS rise of a few tensors, not the file size."""
+    status = Path("/proc/self/status")
+    clear_refs = Path("/proc/self/clear_refs")
+    if not status.exists() or not clear_refs.exists():
+        pytest.skip("needs Linux /proc to reset and read the peak RSS")
+    source = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(1024, 1024) for i in range(12)}, str(source))  # 12 x 4 MiB
+    warm_up = tmp_path / "small.safetensors"  # first calls load torch kernels: not the conversion's memory
+    save_file({"w": torch.randn(64, 64)}, str(warm_up))
+    stream_convert(warm_up, tmp_path / "small16.safetensors", "float16", KeepRules.build([], False))
+    size_mib = source.stat().st_size / 2**20
+
+    def rss_kib(field: str) -> int:
+        line = next(li for li in status.read_text().splitlines() if li.startswith(field))
+        return int(line.split()[1])
+
+    try:
+        clear_refs.write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here")
+    baseline = rss_kib("VmRSS:")
+    stream_convert(source, tmp_path / "out.safetensors", "float16", KeepRules.build([], False))
+    peak_rise_mib = (rss_kib("VmHWM:") - baseline) / 1024
+    assert size_mib > 47
+    assert peak_rise_mib < 12, f"peak RSS rose {peak_rise_mib:.1f} MiB converting a {size_mib:.0f} MiB file"
+    assert load_file(str(tmp_path / "out.safetensors"))["w3"].dtype == torch.float16
+
+
+# ---------------------------------------------------------------- half: safety counts
+
+
+def test_weight_of_1e5_overflows_fp16_and_fails(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    source = _convnet_with(tmp_path, zoo_dir, "big", 1e5)
+    result = cli("compress", "half", source / "model.safetensors", "-o", tmp_path / "out.safetensors",
+                 *CONVNET_ARCH, "--json")
+    assert result.exit_code == 6, result.stderr
+    report = result.json()
+    assert not report["written"] and not (tmp_path / "out.safetensors").exists()
+    assert report["totals"]["overflow"] == 1
+    assert report["totals"]["tensors_with_overflow"] == ["fc.0.weight"]
+    row = next(t for t in report["tensors"] if t["name"] == "fc.0.weight")
+    assert row["overflow"] == 1 and row["max_abs"] == pytest.approx(1e5)
+    assert "overflow" in result.stderr and "--allow-overflow" in result.stderr
+
+
+def test_bf16_holds_1e5_and_allow_overflow_writes_inf(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    source = _convnet_with(tmp_path, zoo_dir, "big", 1e5)
+    bf16 = cli("compress", "half", source, "-o", tmp_path / "bf16", "--dtype", "bf16", "--json")
+    assert bf16.exit_code == 0, bf16.stderr
+    assert bf16.json()["totals"]["overflow"] == 0  # bf16 has float32's range
+    assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["fc.0.weight"].dtype == torch.bfloat16
+
+    allowed = cli("compress", "half", source, "-o", tmp_path / "fp16", "--allow-overflow", "--no-check", "--json")
+    assert allowed.exit_code == 0, allowed.stderr
+    assert allowed.json()["totals"]["overflow"] == 1
+    assert torch.isinf(load_file(str(tmp_path / "fp16" / "model.safetensors"))["fc.0.weight"][0, 0])
+
+
+def test_per_layer_names_the_first_layer_that_breaks(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    source = _convnet_with(tmp_path, zoo_dir, "big", 1e5)
+    result = cli("compress", "half", source, "-o", tmp_path / "out", "--allow-overflow", "--per-layer", "--json")
+    assert result.exit_code == 6  # written, but the inf weight wrecks the outputs: drift fails
+    report = result.json()
+    assert report["written"] and not report["drift"]["passed"]
+    layers = report["per_layer"]
+    assert layers["first_jump"] == "fc.0" and "inf/NaN" in layers["jump_reason"]
+    assert [layer["name"] for layer in layers["layers"]][:2] == ["conv1.0", "conv1.1"]
+
+
+def test_underflow_and_subnormal_are_counted(zoo_dir: Path, tmp_path: Path) -> None:
+    source = _convnet_with(tmp_path, zoo_dir, "tiny", 1e-9)
+    state = load_file(str(source / "model.safetensors"))
+    state["out.weight"][0, :3] = torch.tensor([1e-6, -2e-6, 3e-7])
+    save_file(state, str(source / "model.safetensors"))
+    report = compress_half(str(source), tmp_path / "out", LoadOptions(), HalfOptions(check=False))
+    by_name = {t.name: t for t in report.tensors}
+    assert by_name["fc.0.weight"].underflow >= 1  # 1e-9 flushes to zero in fp16
+    assert by_name["out.weight"].subnormal >= 3
+    assert report.passed and report.totals.overflow == 0
+
+
+# ---------------------------------------------------------------- half: formats in and out
+
+
+def test_hf_folder_stays_a_folder_with_norms_kept(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    result = cli("compress", "half", zoo_dir / "tiny-bert", "-o", tmp_path / "bert16", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    out = tmp_path / "bert16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(report["files_copied"])
+    assert (out / "tokenizer.json").read_bytes() == (zoo_dir / "tiny-bert" / "tokenizer.json").read_bytes()
+    state = load_file(str(out / "model.safetensors"))
+    assert state["bert.embeddings.LayerNorm.weight"].dtype == torch.float32  # default keep: norms
+    assert state["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.float16
+    assert report["size"]["converted_ratio"] == 0.5 and report["streamed"]
+    assert report["drift"]["passed"] and "computed in float32" in report["drift_mode"]
+
+
+def test_gpt2_folder_bf16_without_default_keep(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    result = cli("compress", "half", zoo_dir / "tiny-gpt2", "-o", tmp_path / "gpt", "--dtype", "bf16",
+                 "--no-default-keep", "--keep-fp32", r"wpe", "--json")
+    assert result.exit_code == 0, result.stderr
+    state = load_file(str(tmp_path / "gpt" / "model.safetensors"))
+    assert state["transformer.h.0.ln_1.weight"].dtype == torch.bfloat16
+    assert state["transformer.wpe.weight"].dtype == torch.float32
+    assert result.json()["keep_patterns"] == ["wpe"]
+
+
+def test_training_checkpoint_keeps_keys_and_integer_dtypes(zoo_dir: Path, tmp_path: Path) -> None:
+    """Other entries untouched (optimizer moments stay fp32), integer buffers keep their dtype, bytes reproducible."""
+    state = dict(load_file(str(zoo_dir / "convnet" / "model.safetensors")))
+    state |= {"bn.num_batches_tracked": torch.tensor(7), "position_ids": torch.arange(5), "mask": torch.ones(4) > 0}
+    optimizer = {"state": {0: {"exp_avg": torch.randn(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    torch.save({"net": state, "optimizer": optimizer, "epoch": 3}, tmp_path / "ckpt.pt")
+
+    outputs = []
+    for name in ("a.pt", "b.pt"):
+        report = compress_half(str(tmp_path / "ckpt.pt"), tmp_path / name, LoadOptions(), HalfOptions())
+        assert report.passed and report.output_format == "torch-zip"
+        assert sorted(report.checkpoint_keys_kept) == ["epoch", "optimizer"]
+        assert any("drift not measured" in line for line in report.notes)  # no --arch: weights only
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1]  # reproducible bytes
+
+    written = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert written["epoch"] == 3 and written["optimizer"]["param_groups"] == optimizer["param_groups"]
+    assert torch.equal(written["optimizer"]["state"][0]["exp_avg"], optimizer["state"][0]["exp_avg"])
+    net = written["net"]
+    assert net["fc.0.weight"].dtype == torch.float16
+    assert net["bn.num_batches_tracked"].dtype == torch.int64 and net["position_ids"].dtype == torch.int64
+    assert net["mask"].dtype == torch.bool and torch.equal(net["position_ids"], torch.arange(5))
+    assert torch.equal(net["fc.0.weight"], state["fc.0.weight"].half())
+
+
+def test_checkpoint_with_arch_measures_drift(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    state = load_file(str(zoo_dir / "convnet" / "model.safetensors"))
+    torch.save({"model": state, "epoch": 1}, tmp_path / "ckpt.pt")
+    result = cli("compress", "half", tmp_path / "ckpt.pt", "-o", tmp_path / "half.pt", *CONVNET_ARCH, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["drift"]["passed"] and report["checkpoint_keys_kept"] == ["epoch"]
+
+
+def test_onnx_fp16_reports_clamping_and_keeps_io_types(cli, onnx_dir: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_dir / "convnet.onnx"))
+    weight = next(init for init in model.graph.initializer if init.name == "fc.0.weight")
+    values = numpy_helper.to_array(weight).copy()
+    values[0, 0] = 1e5
+    weight.CopyFrom(numpy_helper.from_array(values, "fc.0.weight"))
+    onnx.save(model, str(tmp_path / "big.onnx"))
+
+    refused = cli("compress", "half", tmp_path / "big.onnx", "-o", tmp_path / "out.onnx", "--json")
+    assert refused.exit_code == 6 and not (tmp_path / "out.onnx").exists()
+    assert refused.json()["totals"]["tensors_with_overflow"] == ["fc.0.weight"]
+    assert "clamped" in refused.json()["overflow_action"]
+
+    allowed = cli("compress", "half", tmp_path / "big.onnx", "-o", tmp_path / "out.onnx", "--allow-overflow",
+                  "--no-check", "--json")
+    assert allowed.exit_code == 0, allowed.stderr
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    clamped = next(numpy_helper.to_array(i) for i in written.graph.initializer if i.name == "fc.0.weight")
+    assert clamped.dtype == np.float16 and float(clamped[0, 0]) == 65504.0
+    assert written.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # --keep-io-types
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_onnx_text_models_fp16(cli, onnx_dir: Path, tmp_path: Path, name: str) -> None:
+    result = cli("compress", "half", onnx_dir / f"{name}.onnx", "-o", tmp_path / "out.onnx", "--no-keep-io-types",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["output_format"] == "onnx" and report["drift"]["passed"]
+    assert report["size"]["converted_ratio"] == 0.5 and report["size"]["files_ratio"] < 0.8
+    import onnx
+
+    assert onnx.load(str(tmp_path / "out.onnx")).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (("builtin:convnet", "-o", "{tmp}/x"), 3, "zoo save"),
+    (("{onnx}/convnet.onnx", "-o", "{tmp}/x.onnx", "--dtype", "bf16"), 2, "bf16"),
+    (("{onnx}/convnet.onnx", "-o", "{tmp}/x.onnx", "--per-layer"), 2, "--per-layer"),
+    (("{zoo}/convnet", "-o", "{tmp}/x", "--keep-fp32", "(unclosed"), 2, "regular expression"),
+    (("{zoo}/convnet", "-o", "{zoo}/convnet/inside"), 5, "overwrite the input"),
+])
+def test_half_errors(cli, zoo_dir: Path, onnx_dir: Path, tmp_path: Path, args: tuple[str, ...], code: int,
+                     words: str) -> None:
+    filled = [a.format(tmp=tmp_path, onnx=onnx_dir, zoo=zoo_dir) for a in args]
+    result = cli("compress", "half", *filled)
+    assert result.exit_code == code, result.stderr
+    assert words in result.stderr
+
+
+def test_existing_output_needs_force(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    result = cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "out", "--no-check")
+    assert result.exit_code == 5 and "--force" in result.stderr
+    assert cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "out", "--no-check", "--force").exit_code == 0
+
+
+def test_half_tables_render(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    result = cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "out", "--per-layer")
+    assert result.exit_code == 0, result.stderr
+    for words in ("Size", "Cast safety (float16)", "Drift:", "Per-layer drift", "PASS", "0.500x"):
+        assert words in result.stdout
+
+
+# ---------------------------------------------------------------- int8
+
+
+def test_int8_onnx_reports_quantised_op_types(cli, onnx_dir: Path, tmp_path: Path) -> None:
+    plain = cli("compress", "int8", onnx_dir / "tiny-bert.onnx", "-o", tmp_path / "a.onnx", "--repeats", "2", "--json")
+    assert plain.exit_code == 0, plain.stderr
+    kinds = {k["kind"]: k for k in plain.json()["kinds"]}
+    assert kinds["MatMul"]["quantized"] == kinds["MatMul"]["with_weights"] > 0
+    assert kinds["Gather"]["quantized"] == 0 and "--quantize-embeddings" in kinds["Gather"]["note"]
+    report = plain.json()
+    assert report["drift"]["passed"] and report["bytes_after"] < report["bytes_before"]
+    assert len(report["latency"]) == 3 and report["latency"][0]["before"]["repeats"] == 2
+
+    embeddings = cli("compress", "int8", onnx_dir / "tiny-bert.onnx", "-o", tmp_path / "b.onnx",
+                     "--quantize-embeddings", "--no-check", "--json")
+    assert embeddings.exit_code == 0, embeddings.stderr
+    gather = next(k for k in embeddings.json()["kinds"] if k["kind"] == "Gather")
+    assert gather["quantized"] == gather["with_weights"] == 3
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "convnet"])
+def test_int8_onnx_gpt2_and_cnn_within_tolerance(cli, onnx_dir: Path, tmp_path: Path, name: str) -> None:
+    result = cli("compress", "int8", onnx_dir / f"{name}.onnx", "-o", tmp_path / "q.onnx", "--repeats", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert "7-bit" in report["weights"] and report["size_ratio"] < 0.8
+    assert sum(k["quantized"] for k in report["kinds"]) >= 3
+
+
+def test_int8_torch_gpt2_folder_round_trips(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    import copy
+
+    from mlops_cli.core.formats import torch_load_weights
+    from mlops_cli.core.loading import load_model
+    from mlops_cli.services.compress_int8 import load_int8_state
+
+    result = cli("compress", "int8", zoo_dir / "tiny-gpt2", "-o", tmp_path / "q", "--repeats", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    kinds = {k["kind"]: k for k in report["kinds"]}
+    assert kinds["Conv1D"]["quantized"] == 8  # GPT-2's attention/MLP layers, as Linear
+    assert any("tied" in why for _, why in report["skipped"])  # lm_head shares wte's weight
+    assert {"model.int8.pt", "quantization.json", "config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "q").iterdir()}
+    assert not list((tmp_path / "q").glob("*.safetensors"))
+
+    original = load_model(str(zoo_dir / "tiny-gpt2"))
+    rebuilt = load_int8_state(copy.deepcopy(original.module), torch_load_weights(tmp_path / "q" / "model.int8.pt"))
+    ids = torch.randint(5, 200, (1, 8))
+    with torch.inference_mode():
+        drift = (rebuilt(input_ids=ids).logits - original.module(input_ids=ids).logits).abs().max()
+    assert 0 < float(drift) < 0.1
+
+
+def test_int8_torch_checkpoint_keeps_entries(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    state = load_file(str(zoo_dir / "convnet" / "model.safetensors"))
+    torch.save({"net": state, "epoch": 4}, tmp_path / "ckpt.pt")
+    result = cli("compress", "int8", tmp_path / "ckpt.pt", "-o", tmp_path / "q.pt", *CONVNET_ARCH, "--repeats", "2",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    written = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert written["epoch"] == 4 and any("_packed_params" in key for key in written["net"])
+    assert result.json()["size_ratio"] < 0.35  # the ConvNet's weights are mostly in its Linear layers
+
+
+def test_int8_tiny_bert_folder_and_tolerance_failure(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    ok = cli("compress", "int8", zoo_dir / "tiny-bert", "-o", tmp_path / "q", "--repeats", "2")
+    assert ok.exit_code == 0, ok.stderr
+    for words in ("Quantised layers by type", "Latency on this CPU", "Size on disk", "PASS"):
+        assert words in ok.stdout
+    strict = cli("compress", "int8", zoo_dir / "tiny-bert", "-o", tmp_path / "q2", "--repeats", "1", "--atol", "1e-9",
+                 "--rtol", "0", "--json")
+    assert strict.exit_code == 6
+    assert "drift beyond tolerance" in strict.json()["verdict"]

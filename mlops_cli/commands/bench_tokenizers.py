@@ -66,7 +66,7 @@ def bench_tokenizers_command(
         batch_size=batch_size, max_length=max_length, threads=parse_threads(threads), reference=reference,
         implementations=tuple(implementations or ()), workloads=tuple(workloads or ALL_WORKLOADS),
         examples=examples)
-    steps = 2 + len(settings.workloads) + len(settings.threads)
+    steps = len(settings.threads) + 1 if len(settings.threads) > 1 else len(settings.workloads) + 2
     with render.progress("benchmarking tokenizers", total=steps, quiet=quiet or as_json) as advance:
         report = bench_tokenizers(settings, progress=lambda description: advance(1, description))
     if not quiet:

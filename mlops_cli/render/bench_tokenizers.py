@@ -17,9 +17,9 @@ SHOWN_CHARS = 48
 
 def bench_tokenizers_tables(report: TokenizerBenchReport) -> Iterator[RenderableType]:
     yield _summary(report)
-    yield table("Implementations", ("name", "class", "library", "backend", "special tokens"), (
+    yield table("Implementations", ("name", "class", "library", "backend", "template"), (
         (Text(f"{i.name} (reference)", style="bold") if i.reference else i.name, i.class_name, i.library,
-         i.backend, "added" if i.adds_special_tokens else "none (compared on text ids)")
+         i.backend, "applied" if i.adds_special_tokens else "none: compared on text ids")
         for i in report.implementations))
     for info in report.implementations:
         for line in info.notes:
@@ -108,10 +108,8 @@ def _around_difference(reference: Any, candidate: Any) -> tuple[str, str]:
     start = max(0, first - 3)
 
     def window(ids: Sequence[int]) -> str:
-        shown = list(ids[start:start + SHOWN_IDS])
-        prefix = f"[{start}:] …" if start else "["
-        suffix = " …]" if start + SHOWN_IDS < len(ids) else "]"
-        return prefix + ", ".join(map(str, shown)) + suffix + f" ({len(ids)} ids)"
+        end = min(len(ids), start + SHOWN_IDS)
+        return f"[{start}:{end}] of {len(ids)}: " + " ".join(map(str, ids[start:end]))
 
     return window(reference), window(candidate)
 
@@ -142,6 +140,8 @@ def _verdict(report: TokenizerBenchReport) -> Text:
         return verdict(False, f"{len(report.disagreeing)} implementation(s) disagree with {report.reference}: "
                               f"{', '.join(report.disagreeing)} (on {checked})")
     others = len(report.implementations) - 1
+    if not others:
+        return verdict(True, f"only the reference ({report.reference}) ran: nothing to compare with")
     fastest = _fastest(report)
     return verdict(True, f"{others} implementation(s) agree with {report.reference} on {checked}" + fastest)
 

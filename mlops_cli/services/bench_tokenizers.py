@@ -218,7 +218,8 @@ def bench_tokenizers(settings: BenchSettings, progress: Progress | None = None) 
 
 def _validate(settings: BenchSettings) -> None:
     for name, value, low in (("--iterations", settings.iterations, 1), ("--warmup", settings.warmup, 0),
-                             ("--batch-size", settings.batch_size, 1), ("--max-length", settings.max_length, 8)):
+                             ("--batch-size", settings.batch_size, 1), ("--max-length", settings.max_length, 8),
+                             ("--examples", settings.examples, 0)):
         if value < low:
             raise UsageError(f"{name} must be at least {low} (got {value})")
     if any(n < 1 for n in settings.threads):

@@ -358,3 +358,15 @@ def test_shrink_that_breaks_a_hard_coded_forward_is_an_input_error(user_arch: tu
     with pytest.raises(InputError, match="no longer runs"):
         run(str(weights), None, LoadOptions(arch=f"{arch}:Net", arch_kwargs={"hard_coded": True}),
             structured_shrink=True, amounts=(0.5,), inputs=("x:float32[batch=2,1,8,8]",))
+
+
+def test_sweep_output_names_keep_a_file_suffix(zoo_dir: Path, tmp_path: Path) -> None:
+    from mlops_cli.services.prune import output_paths
+
+    sweep = PruneOptions(amounts=(0.1, 0.5))
+    weights = str(zoo_dir / "convnet" / "model.safetensors")
+    assert output_paths(weights, tmp_path / "p.safetensors", sweep) == {
+        0.1: tmp_path / "p-0.1.safetensors", 0.5: tmp_path / "p-0.5.safetensors"}
+    shrink = PruneOptions(amounts=(0.1, 0.5), structured_shrink=True)  # a shrunk module is written as a folder
+    assert output_paths(weights, tmp_path / "p", shrink) == {0.1: tmp_path / "p-0.1", 0.5: tmp_path / "p-0.5"}
+    assert output_paths("builtin:convnet", None, sweep) == {}

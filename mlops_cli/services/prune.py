@@ -210,12 +210,13 @@ def prune_model(reference: str, load: LoadOptions, options: PruneOptions, output
 
     validate_options(options)
     device = resolve_device(options.device)
+    outputs = output_paths(reference, output, options)
+    sources = [] if reference.startswith("builtin:") else [Path(reference)]
+    for path in outputs.values():  # fail fast, before loading anything
+        check_output(path, force, sources)
     loaded = load_model(reference, load)
     loaded.reference = reference  # a weights folder loads as its weights file; the output mirrors the folder
     check_prunable(loaded)
-    outputs = output_paths(loaded, output, options)
-    for path in outputs.values():
-        check_output(path, force, input_paths(loaded))
     pruner = _Pruner(loaded, load, options, device, force)
     return pruner.run(outputs)
 
@@ -272,14 +273,17 @@ def output_kind(loaded: LoadedModel, options: PruneOptions) -> str:
     return "safetensors" if loaded.format == Format.SAFETENSORS else "torch"
 
 
-def output_paths(loaded: LoadedModel, output: Path | None, options: PruneOptions) -> dict[float, Path]:
+def output_paths(reference: str, output: Path | None, options: PruneOptions) -> dict[float, Path]:
     """One output per amount: OUT itself, or OUT with `-<amount>` before its suffix for a sweep."""
     if output is None:
         return {}
     if len(options.amounts) == 1:
         return {options.amounts[0]: output}
-    is_file = output_kind(loaded, options) in ("safetensors", "torch")
-    suffix = output.suffix if is_file else ""
+    from mlops_cli.core.formats import WEIGHT_FORMATS, detect_format
+
+    writes_file = not reference.startswith("builtin:") and not options.structured_shrink \
+        and detect_format(reference) in WEIGHT_FORMATS
+    suffix = output.suffix if writes_file else ""
     stem = output.name[: len(output.name) - len(suffix)] if suffix else output.name
     return {amount: output.with_name(f"{stem}-{amount:g}{suffix}") for amount in options.amounts}
 

@@ -281,6 +281,7 @@ def test_command_tables_state_what_zeros_do_not_buy(cli, tmp_path: Path) -> None
     (["--amount", "a,b"], 2, "not a number"),
     (["--method", "magic"], 2, "magic"),
     (["--dim", "1"], 2, "--dim applies to"),
+    (["--method", "ln-structured", "--dim", "4"], 2, "does not exist"),
     (["--include", "("], 2, "regular expression"),
     (["--structured-shrink", "--amount", "1"], 2, "every channel"),
 ])

@@ -377,6 +377,11 @@ def apply_pruning(module: Any, targets: list[str], method: str, amount: float, n
 
     modules = dict(module.named_modules())
     selected = [modules[name] for name in targets]
+    if method == "ln-structured":
+        for name, child in zip(targets, selected, strict=True):
+            if not -child.weight.dim() <= (dim or 0) < child.weight.dim():
+                raise UsageError(f"--dim {dim} does not exist in {name}.weight, which has {child.weight.dim()} "
+                                 "dimension(s)", hint="--dim 0 prunes output channels/rows, 1 input ones.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if method == "global":
@@ -773,11 +778,9 @@ class _Pruner:
                                       warmup=self.options.warmup, repeats=self.options.repeats, device=self.device)
         return LatencyFigures(self.example.label, timings["before"], timings["after"])
 
-    def _macs(self, module: Any) -> int | None:
-        try:
-            from mlops_cli.core.flops import count_macs
-        except ImportError:  # the MAC counter is optional for pruning itself
-            return None
+    def _macs(self, module: Any) -> int:
+        from mlops_cli.core.flops import count_macs
+
         return count_macs(module, self.example.tensors, by_module=False).macs
 
     def _failure(self, parity: ParityReport, drift: Drift) -> str | None:

@@ -109,6 +109,9 @@ def prune_command(
         repeats=repeats, warmup=warmup)
     with render.progress("pruning", quiet=quiet):
         report = prune_model(model, load, options, output, force)
+    if not quiet:
+        for message in report.warnings:
+            render.hint(f"warning: {message}")
     render.emit(report, as_json, prune_tables)
     if report.enforced and not report.passed:
         raise ValidationFailed(report.verdict)

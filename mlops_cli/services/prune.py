@@ -193,6 +193,7 @@ class PruneReport:
     passed: bool
     verdict: str
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # from loading the model (e.g. a tokenizer that failed): hints on stderr
 
     @property
     def is_sweep(self) -> bool:
@@ -722,7 +723,7 @@ class _Pruner:
             targets=tuple(targets), skipped=tuple(skipped), parameters_before=parameters, model_zeros_before=zeros,
             size_before=size_before, macs_before=macs_before, results=tuple(results),
             enforced=self.options.enforced, thresholds=self._thresholds(), passed=passed,
-            verdict=self._verdict(results, passed), notes=tuple(self.notes))
+            verdict=self._verdict(results, passed), notes=tuple(self.notes), warnings=tuple(self.loaded.warnings))
 
     def _dim(self) -> int | None:
         if self.options.method == "ln-structured" and not self.options.structured_shrink:

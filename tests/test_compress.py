@@ -186,6 +186,30 @@ def test_hf_folder_stays_a_folder_with_norms_kept(cli, zoo_dir: Path, tmp_path: 
     assert report["drift"]["passed"] and "computed in float32" in report["drift_mode"]
 
 
+def test_sharded_folder_updates_index_and_copies_other_pickles(zoo_dir: Path, tmp_path: Path) -> None:
+    """Shards convert one by one, the index's total_size follows, training_args.bin is copied untouched."""
+    import json
+
+    from mlops_cli.core.loading import load_model
+
+    folder = tmp_path / "sharded"
+    loaded = load_model(str(zoo_dir / "tiny-bert"))
+    loaded.module.save_pretrained(folder, max_shard_size="100KB")
+    loaded.tokenizer.save_pretrained(folder)
+    torch.save({"learning_rate": 3e-5}, folder / "training_args.bin")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+
+    report = compress_half(str(folder), tmp_path / "out", LoadOptions(), HalfOptions())
+    assert report.passed and report.drift is not None and report.drift.passed
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard_bytes = sum(t.numel() * t.element_size() for shard in out.glob("*.safetensors")
+                      for t in load_file(str(shard)).values())
+    assert index["metadata"]["total_size"] == shard_bytes
+    assert (out / "training_args.bin").read_bytes() == (folder / "training_args.bin").read_bytes()
+    assert all(":" in t.name for t in report.tensors)  # names carry their shard
+
+
 def test_gpt2_folder_bf16_without_default_keep(cli, zoo_dir: Path, tmp_path: Path) -> None:
     result = cli("compress", "half", zoo_dir / "tiny-gpt2", "-o", tmp_path / "gpt", "--dtype", "bf16",
                  "--no-default-keep", "--keep-fp32", r"wpe", "--json")
@@ -363,6 +387,7 @@ def test_int8_torch_checkpoint_keeps_entries(cli, zoo_dir: Path, tmp_path: Path)
     assert result.json()["size_ratio"] < 0.35  # the ConvNet's weights are mostly in its Linear layers
 
 
+@pytest.mark.slow
 def test_int8_tiny_bert_folder_and_tolerance_failure(cli, zoo_dir: Path, tmp_path: Path) -> None:
     ok = cli("compress", "int8", zoo_dir / "tiny-bert", "-o", tmp_path / "q", "--repeats", "2")
     assert ok.exit_code == 0, ok.stderr

@@ -38,7 +38,7 @@ def half_tables(report: HalfReport) -> Iterator[RenderableType]:
         ("conversion time", f"{report.seconds:.2f} s"),
         *([("checkpoint entries kept", ", ".join(report.checkpoint_keys_kept))] if report.checkpoint_keys_kept else []),
         *([("files copied", ", ".join(report.files_copied))] if report.files_copied else []),
-        ("drift measured as", report.drift_mode or "not measured"),
+        ("drift measured as", report.drift_mode or ("not measured" if report.written else "not measured: not written")),
     ])
     size = report.size
     yield table("Size", ("part", "before", "after", "ratio"), [
@@ -144,7 +144,7 @@ def int8_tables(report: Int8Report) -> Iterator[RenderableType]:
                       fmt_ms(row.after.median_ms), fmt_ms(row.after.p90_ms),
                       f"{row.speedup:.2f}x" if row.speedup else "-") for row in report.latency),
                     numeric=("before p50", "before p90", "after p50", "after p90", "speed-up"),
-                    caption=f"{repeats} repeats after 2 warm-up calls each; torch threads: {report.threads}")
+                    caption=f"{repeats} repeats after 2 warm-up calls each; {report.timing_setup}")
     if report.drift is not None:
         yield from parity_tables(report.drift, title=f"Drift: {report.output} vs {report.source}")
     for line in report.notes:

@@ -314,6 +314,15 @@ def sidecar_of(folder: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder: every *.safetensors, `pytorch_model*.bin` / `model*.bin`, and the
+    file mlops.json names. Other pickles (training_args.bin, optimizer.pt, rng_state.pth) are not weights."""
+    named = str(sidecar_of(folder).get("weights", ""))
+    return [path for path in sorted(folder.iterdir()) if path.is_file() and (
+        path.suffix == ".safetensors" or path.name == named
+        or (path.suffix == ".bin" and path.name.startswith(("pytorch_model", "model"))))]
+
+
 def can_build_model(path: Path, fmt: Format, arch: str | None) -> bool:
     """Can mlops build a runnable model from this input (to measure drift)? A bare state_dict cannot."""
     if fmt in (Format.SAFETENSORS, Format.TORCH_ZIP, Format.TORCH_LEGACY):

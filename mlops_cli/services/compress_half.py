@@ -41,6 +41,7 @@ from mlops_cli.services.compress import (
     size_summary,
     tensor_safety,
     torch_dtype,
+    weight_files,
 )
 from mlops_cli.services.compress_stream import stream_convert
 from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
@@ -48,7 +49,6 @@ from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
 FP16_MAX = 65504.0
 ORT_MIN_POSITIVE = 5.96e-08  # what ONNX Runtime's converter raises smaller non-zero magnitudes to
 FP16_TINY = 6.103515625e-05
-TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_SUFFIX = ".index.json"
 CPU_DRIFT_MODE = ("weights rounded to {dtype} and computed in float32 on CPU (CPU {dtype} compute is 10-100x "
                   "slower and not what a GPU does, so it is neither run nor timed)")
@@ -237,7 +237,9 @@ def _prefixed(safety: TensorSafety, prefix: str) -> TensorSafety:
 def _convert_folder(source: Path, folder: Path, target: str, keep: KeepRules, load: LoadOptions,
                     conversion: _Conversion) -> None:
     """Every file copied; weight files converted; config dtype and shard index sizes updated."""
-    weights = [p for p in sorted(source.iterdir()) if p.is_file() and _is_weights(p)]
+    weights = weight_files(source)
+    if not weights:
+        raise InputError(f"{source} holds no weight files (*.safetensors, pytorch_model*.bin)")
     prefix_names = len(weights) > 1
     conversion.streamed = bool(weights) and all(detect_format(p) == Format.SAFETENSORS for p in weights)
     for path in sorted(source.iterdir()):
@@ -258,12 +260,6 @@ def _convert_folder(source: Path, folder: Path, target: str, keep: KeepRules, lo
             conversion.files_copied.append(path.name)
     for index in folder.glob(f"*{INDEX_SUFFIX}"):
         _update_index(index, folder)
-    if not weights:
-        raise InputError(f"{source} holds no weight files (*.safetensors, *.bin, *.pt)")
-
-
-def _is_weights(path: Path) -> bool:
-    return path.suffix == ".safetensors" or path.suffix in TORCH_SUFFIXES
 
 
 def _write_config(source: Path, destination: Path, target: str) -> None:
@@ -278,16 +274,14 @@ def _write_config(source: Path, destination: Path, target: str) -> None:
 
 
 def _update_index(index: Path, folder: Path) -> None:
-    """A sharded checkpoint's index records the total size of the weights: recompute it."""
+    """A sharded checkpoint's index records the total size of the weights: recompute it (safetensors shards)."""
     from mlops_cli.core.formats import read_safetensors_header
 
     data = json.loads(index.read_text(encoding="utf-8"))
-    shards = sorted(set((data.get("weight_map") or {}).values()))
-    total = 0
-    for shard in shards:
-        if (folder / shard).suffix == ".safetensors" and (folder / shard).is_file():
-            tensors, _ = read_safetensors_header(folder / shard)
-            total += sum(info["nbytes"] for info in tensors.values())
+    shards = [folder / name for name in sorted(set((data.get("weight_map") or {}).values()))]
+    if not shards or not all(shard.suffix == ".safetensors" and shard.is_file() for shard in shards):
+        return
+    total = sum(info["nbytes"] for shard in shards for info in read_safetensors_header(shard)[0].values())
     data.setdefault("metadata", {})["total_size"] = total
     index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
@@ -415,9 +409,7 @@ def _restore_file_weights(module: Any, folder: Path) -> None:
 
     expected = module.state_dict()
     with torch.no_grad():
-        for path in sorted(folder.iterdir()):
-            if not _is_weights(path):
-                continue
+        for path in weight_files(folder):
             stored = load_file(str(path)) if path.suffix == ".safetensors" else split_checkpoint(
                 torch_load_weights(path), None, path)[0]
             for name, tensor in stored.items():

@@ -33,7 +33,7 @@ from mlops_cli.core.formats import HF_CONFIG, SIDECAR, Format, detect_format, to
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, LoadOptions, load_model
 from mlops_cli.core.timing import Timing, measure_interleaved
-from mlops_cli.services.compress import disk_size, reject_builtin
+from mlops_cli.services.compress import disk_size, reject_builtin, weight_files
 from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
 
 ONNX_DEFAULT_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
@@ -97,7 +97,7 @@ class Int8Report:
     size_ratio: float | None
     drift: ParityReport | None
     latency: tuple[LatencyRow, ...]
-    threads: int  # torch intra-op threads during the timing
+    timing_setup: str  # what ran the timed calls, with how many threads
     passed: bool
     verdict: str
     reload: str | None = None
@@ -244,7 +244,8 @@ def _torch_int8(source: Path, fmt: Format, output: Path, load: LoadOptions, opti
                                 options)
     reload = (f"build the model, then mlops_cli.services.compress_int8.load_int8_state(model, state_dict of "
               f"{weights_file.name}); or by hand: quantize_dynamic with the same layers, then load_state_dict")
-    weights = f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}), activations quantised per call"
+    weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}), activations quantised per call"
+               + ("; embeddings: uint8 per row, weight-only" if options.quantize_embeddings else ""))
     return _report(source, output, fmt.value, output_format, TORCH_ENGINE, weights, options, plan.kinds,
                    plan.skipped, drift, latency, reload=reload, notes=tuple(notes))
 
@@ -392,7 +393,9 @@ def _per_tensor() -> Any:
 
 def _read_state(path: Path, state_key: str | None) -> dict[str, Any]:
     """The quantised state_dict from a written file (under the checkpoint's key when it has one)."""
-    content = torch_load_weights(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # torch's own quantised storages
+        content = torch_load_weights(path)
     if state_key is not None and isinstance(content, dict) and isinstance(content.get(state_key), dict):
         return content[state_key]
     return content
@@ -414,11 +417,12 @@ def _write_folder(source: Path, fmt: Format, output: Path, state: dict[str, Any]
     info = {"method": "dynamic-int8", "engine": TORCH_ENGINE, "weights": INT8_WEIGHTS,
             "per_channel": plan.per_channel, "layers": plan.modules, "conv1d_as_linear": list(plan.conv1d),
             "reload": "build the float model, then mlops_cli.services.compress_int8.load_int8_state(model, state)"}
+    weights = weight_files(source)
     with atomic_dir(output, options.force, [source]) as folder:
         for path in sorted(source.iterdir()):
             if path.is_dir():
                 shutil.copytree(path, folder / path.name)
-            elif path.suffix in (".safetensors", ".bin", ".pt", ".pth") or path.name.endswith(".index.json"):
+            elif path in weights or path.name.endswith(".index.json"):
                 continue  # the float weights: replaced by the int8 file
             elif path.name == SIDECAR and fmt == Format.WEIGHTS_FOLDER:
                 sidecar = json.loads(path.read_text(encoding="utf-8"))
@@ -480,10 +484,14 @@ def _report(source: Path, output: Path, input_format: str, output_format: str, e
         verdict = f"{quantized} layer(s) quantised to int8, {after / before:.2f}x the size; {drift_note}"
     return Int8Report(str(source), str(output), input_format, output_format, engine, weights,
                       options.quantize_embeddings, kinds, skipped, before, after, after / before if before else None,
-                      drift, latency, _threads(), passed, verdict, reload, notes)
+                      drift, latency, _timing_setup(input_format), passed, verdict, reload, notes)
 
 
-def _threads() -> int:
+def _timing_setup(input_format: str) -> str:
+    import os
+
+    if input_format == Format.ONNX.value:
+        return f"ONNX Runtime CPU, default intra-op threads ({os.cpu_count()} cores)"
     import torch
 
-    return torch.get_num_threads()
+    return f"torch eager CPU, {torch.get_num_threads()} thread(s), quantized engine {torch.backends.quantized.engine}"

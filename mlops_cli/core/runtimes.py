@@ -106,6 +106,8 @@ def forward_parameter_names(module: Any) -> list[str] | None:
     schema = getattr(forward, "schema", None)
     if schema is not None:
         return [arg.name for arg in schema.arguments[1:]]
+    if forward is None:
+        return None
     try:
         parameters = inspect.signature(forward).parameters.values()
     except (TypeError, ValueError):

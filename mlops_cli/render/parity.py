@@ -16,17 +16,31 @@ PARITY_COLUMNS = ("input set", "output", "max |diff|", "max rel", "mean |diff|",
 LATENCY_COLUMNS = ("input set", "reference p50", "reference p90", "candidate p50", "candidate p90", "speed-up")
 
 
+SHORT_PROBLEM = 60  # longer failure messages go under the table instead of into its last column
+
+
 def parity_rows(report: ParityReport) -> Iterator[tuple[object, ...]]:
     for shape in report.shapes:
         if shape.error and not shape.outputs:
-            yield (shape.label, "-", "-", "-", "-", "-", "-", "-", "-", Text(f"FAIL: {shape.error}", style="red"))
+            yield (shape.label, "-", "-", "-", "-", "-", "-", "-", "-", Text("FAIL: see below", style="red"))
             continue
         for diff in shape.outputs:
-            failure = f"FAIL: {diff.problem}" if diff.problem else "FAIL"
+            problem = diff.problem if diff.problem and len(diff.problem) <= SHORT_PROBLEM else "see below"
+            failure = f"FAIL: {problem}" if diff.problem else "FAIL"
             status = Text("PASS", style="green") if diff.passed else Text(failure, style="red")
             yield (shape.label, diff.name, fmt_float(diff.max_abs), fmt_float(diff.max_rel), fmt_float(diff.mean_abs),
                    fmt_float(diff.p99_abs), fmt_float(diff.cosine, 6), fmt_pct(diff.top1_agreement),
                    fmt_float(diff.min_atol_to_pass), status)
+
+
+def failure_details(report: ParityReport) -> Iterator[Text]:
+    """The failures too long for a table cell: input sets that did not run, long mismatch messages."""
+    for shape in report.shapes:
+        if shape.error and not shape.outputs:
+            yield Text(f"{shape.label}: {shape.error}", style="red")
+        for diff in shape.outputs:
+            if diff.problem and len(diff.problem) > SHORT_PROBLEM:
+                yield Text(f"{shape.label}, {diff.name}: {diff.problem}", style="red")
 
 
 def parity_tables(report: ParityReport, title: str | None = None, *,
@@ -38,6 +52,7 @@ def parity_tables(report: ParityReport, title: str | None = None, *,
                 PARITY_COLUMNS, parity_rows(report), numeric=PARITY_COLUMNS[2:9],
                 caption=f"pass: |cand - ref| <= atol {report.atol:g} + rtol {report.rtol:g} * |ref|; {masked}; "
                         f"device {report.device}")
+    yield from failure_details(report)
     timed = [s for s in report.shapes if s.reference_latency and s.candidate_latency]
     if timed:
         yield table("Latency (warm, median of repeats)", LATENCY_COLUMNS, (

@@ -285,6 +285,8 @@ def _export_dynamo(wrapper: Any, args: tuple[Any, ...], target: Path, input_name
         program = torch.onnx.export(wrapper, args, dynamo=True, input_names=input_names, output_names=output_names,
                                     opset_version=opset, dynamic_shapes=(per_input,) if axes else None,
                                     verbose=False, optimize=True)
+        if program is None:  # only the legacy path returns None
+            raise RuntimeError("torch.onnx.export returned no ONNX program")
         program.save(str(target), external_data=external)
 
 
@@ -466,7 +468,9 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
         current = workdir / target.name
         with watch.stage("check"):
             checker = run_checker(current)
-        verification, passes, notes = None, [], list(loaded.warnings)
+        verification: Any = None
+        passes: list[_Pass] = []
+        notes = list(loaded.warnings)
         if settings.verify:
             verify = _verifier(loaded, example, settings, notes)
             with watch.stage("verify"):

@@ -204,8 +204,12 @@ def _verdict(results: list[ShapeResult], passed: bool) -> str:
             f"rtol {diff.rtol:g}*|ref| (would pass with atol >= {diff.min_atol_to_pass:.3g})")
 
 
+_ORT_BOILERPLATE = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "
+                              r"|\s*Please fix either the inputs/outputs or the model\.")
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     """The gist of an error on one line (ONNX Runtime puts the useful part on its second line)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join(lines[:3]) if lines else type(exc).__name__
+    text = _ORT_BOILERPLATE.sub("", " ".join(lines[:3])).strip() if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

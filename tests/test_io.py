@@ -110,3 +110,20 @@ def test_save_safetensors_is_byte_identical(tmp_path) -> None:
     io.save_safetensors(tensors, tmp_path / "a.safetensors", metadata={"format": "pt"})
     io.save_safetensors(tensors, tmp_path / "b.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_save_safetensors_with_several_metadata_keys_is_byte_identical(tmp_path) -> None:
+    """safetensors writes metadata in hash order; the header is canonicalised so saves are reproducible."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; from mlops_cli.core import io; "
+            "io.save_safetensors({'w': torch.ones(3), 'b': torch.zeros(2)}, sys.argv[1], "
+            "metadata={f'key{i}': str(i) for i in range(8)})")
+    for name in ("a.safetensors", "b.safetensors"):  # separate processes: separate hash seeds
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True,
+                       env={"PYTHONHASHSEED": "random", "PATH": ""})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "a.safetensors"))["w"].tolist() == [1.0, 1.0, 1.0]

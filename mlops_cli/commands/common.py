@@ -107,7 +107,10 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
 
 def model_options(fn: F) -> F:
     """Add the shared loading options to a command; it receives them as `load: LoadOptions`."""
-    signature = inspect.signature(fn)
+    try:  # resolve string annotations (modules using `from __future__ import annotations`) for Typer
+        signature = inspect.signature(fn, eval_str=True)
+    except NameError:
+        signature = inspect.signature(fn)
     names = [name for name, _, _ in _LOAD_PARAMETERS]
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
              for name, annotation, default in _LOAD_PARAMETERS]

@@ -93,7 +93,7 @@ def load_model(reference: str, options: LoadOptions | None = None) -> LoadedMode
     if fmt == Format.WEIGHTS_FOLDER:
         return _load_weights_folder(path, options)
     if fmt in WEIGHT_FORMATS:
-        return _load_weights_file(path, fmt, options, _read_sidecar(path.parent))
+        return _load_weights_file(path, fmt, options, read_sidecar(path.parent))
     if fmt == Format.TORCHSCRIPT:
         return _load_torchscript(path, options)
     if fmt == Format.EXPORTED_PROGRAM:
@@ -206,7 +206,7 @@ def _load_hf_tokenizer(folder: Path, options: LoadOptions, warnings: list[str]) 
 # ---------------------------------------------------------------- weights + architecture
 
 
-def _read_sidecar(folder: Path) -> dict[str, Any]:
+def read_sidecar(folder: Path) -> dict[str, Any]:
     sidecar = folder / SIDECAR
     if not sidecar.is_file():
         return {}
@@ -218,7 +218,7 @@ def _read_sidecar(folder: Path) -> dict[str, Any]:
 
 
 def _load_weights_folder(folder: Path, options: LoadOptions) -> LoadedModel:
-    sidecar = _read_sidecar(folder)
+    sidecar = read_sidecar(folder)
     weights = folder / str(sidecar.get("weights", "model.safetensors"))
     if weights.parent.resolve() != folder.resolve():
         raise UnsafeInputError(f"{folder / SIDECAR} points outside its folder: {sidecar.get('weights')}")

@@ -31,7 +31,7 @@ from mlops_cli.core.loading import (
     LoadedModel,
     LoadOptions,
     ModelKind,
-    _read_sidecar,
+    read_sidecar,
     build_architecture,
     load_model,
 )
@@ -902,7 +902,7 @@ class _Pruner:
         from mlops_cli import zoo
         from mlops_cli.core.io import save_torch
         source = Path(self.loaded.reference)
-        sidecar: dict[str, Any] = _read_sidecar(source) if source.is_dir() else {}
+        sidecar: dict[str, Any] = read_sidecar(source) if source.is_dir() else {}
         if source.is_dir():
             for item in sorted(source.iterdir()):
                 if item.is_file() and item.name != SIDECAR and not item.name.endswith(WEIGHT_SUFFIXES):
@@ -935,7 +935,7 @@ class _Pruner:
         options = LoadOptions(arch=self.loaded.arch, arch_kwargs=self.loaded.arch_kwargs, key=self.loaded.state_key)
         if output.is_dir():
             options = LoadOptions(task=self.load.task, trust_remote_code=self.load.trust_remote_code)
-            sidecar = _read_sidecar(output)
+            sidecar = read_sidecar(output)
             if sidecar.get("arch") == REBUILD_ARCH and not str(self.loaded.arch).startswith("mlops_cli."):
                 # the user trusted this architecture for this run (--arch); later loads need it said again
                 options = LoadOptions(arch=REBUILD_ARCH, arch_kwargs={**sidecar["arch_kwargs"], "trust_code": True})

@@ -154,6 +154,29 @@ def test_per_layer_names_the_first_layer_that_breaks(cli, zoo_dir: Path, tmp_pat
     assert [layer["name"] for layer in layers["layers"]][:2] == ["conv1.0", "conv1.1"]
 
 
+def test_per_layer_flags_activations_beyond_fp16_range() -> None:
+    """The LayerNorm story: weights fit fp16 but a pre-norm activation exceeds 65504, so real fp16 compute
+    overflows there even though fp16-rounded weights computed in fp32 look fine."""
+    import copy
+
+    from mlops_cli.services.compress import compare_layers
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
+    with torch.no_grad():
+        reference[1].weight.mul_(5000.0)  # at most ~1800: fits fp16; its outputs do not
+    candidate = copy.deepcopy(reference)
+    with torch.no_grad():
+        for parameter in candidate.parameters():
+            parameter.copy_(parameter.half().float())
+    x = torch.randn(2, 8) * 100
+    report = compare_layers(reference, candidate, lambda: reference(x), lambda: candidate(x), "x", "float16")
+    assert report.first_jump == "1" and "overflows" in (report.jump_reason or "")
+    assert [layer.name for layer in report.layers] == ["0", "1", "2"]
+    assert report.layers[1].reference_max_abs > 65504 and report.layers[1].beyond_range
+    assert not report.layers[0].beyond_range and not report.layers[2].beyond_range
+
+
 def test_underflow_and_subnormal_are_counted(zoo_dir: Path, tmp_path: Path) -> None:
     source = _convnet_with(tmp_path, zoo_dir, "tiny", 1e-9)
     state = load_file(str(source / "model.safetensors"))

@@ -32,9 +32,10 @@ def view_command(
     *,
     load: "LoadOptions",
 ) -> None:
-    """Open a model in Netron, served on 127.0.0.1 until Ctrl-C. ONNX and TorchScript files are shown as they
-    are; other models are exported to a temporary ONNX file first (--input describes its inputs). Only the
-    model and its external data are served, from a private temporary folder; no browser opens unless --browse.
+    """Open a model in Netron, served on 127.0.0.1 until Ctrl-C. ONNX, TorchScript and .pt2 files are shown as
+    they are (no model code runs here); other models are exported to a temporary ONNX file first (--input
+    describes its inputs). Only the model and its external data are served, from a private temporary folder;
+    no browser opens unless --browse.
 
     Example: mlops view model.onnx --port 8081
     """

@@ -308,11 +308,12 @@ def _module_tensors(module: Any) -> Iterator[torch.Tensor]:
     yield from module.buffers()
 
 
-def call_module(module: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Call a model the way its inputs are named: keywords when its forward takes those names, else in order.
+def module_caller(module: Any) -> Callable[[Mapping[str, torch.Tensor]], Any]:
+    """A function calling `module` the way its inputs are named (resolved once, so timing loops stay lean).
 
-    A torch.export module checks calls against its exported (positional) signature, so it gets them in order.
-    Models with a `use_cache` argument get `use_cache=False`: a key/value cache is not part of one forward pass.
+    Keywords when its forward takes those names, else in order. A torch.export module checks calls against
+    its exported (positional) signature, so it gets them in order. Models with a `use_cache` argument get
+    `use_cache=False`: a key/value cache is not part of one forward pass.
     """
     from mlops_cli.core import runtimes
 
@@ -320,7 +321,16 @@ def call_module(module: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if getattr(module, "_in_spec", None) is not None:  # torch.export's unlifted module
         names = None
     extra = {"use_cache": False} if names and "use_cache" in names else {}
-    return runtimes.call_module(module, names, dict(tensors), extra)
+
+    def call(tensors: Mapping[str, torch.Tensor]) -> Any:
+        return runtimes.call_module(module, names, dict(tensors), extra)
+
+    return call
+
+
+def call_module(module: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Call `module` once on named tensors (see `module_caller`)."""
+    return module_caller(module)(tensors)
 
 
 def profile_forward(module: Any, inputs: Mapping[str, Any], *, by_module: bool = True, record_shapes: bool = False,

@@ -327,13 +327,14 @@ def _type_name(module: Any) -> str:
 def _time_torch(module: Any, inputs: InputSet, options: SummarizeOptions, device: str) -> Timing:
     import torch
 
-    from mlops_cli.core.flops import call_module, module_device, to_tensors
+    from mlops_cli.core.flops import module_caller, module_device, to_tensors
 
     tensors = to_tensors(inputs.tensors, module_device(module))
+    call = module_caller(module)
 
     def forward() -> None:
         with torch.inference_mode():
-            call_module(module, tensors)
+            call(tensors)
 
     return measure(forward, warmup=options.warmup, repeats=options.repeats, device=str(module_device(module)))
 

@@ -82,6 +82,9 @@ def test_tiny_bert_folder_figures(zoo_dir: Path) -> None:
     assert (row.type, row.depth, row.params, row.output_shapes[0]) == ("BertLayer", 4, per_layer_params, (3, 8, hidden))
     assert row.macs == (bert_macs(config, 3, 8) - 3 * hidden * (hidden + 2)) // 2
     assert not any(r.depth > 4 for r in report.layers)
+    container = layer(report, "bert.encoder.layer")  # a ModuleList is never called: its layers' sum
+    assert (container.calls, container.output_shapes) == (0, ())
+    assert container.macs == layer(report, "bert.encoder").macs == 2 * row.macs
     params = report.parameters
     assert params.tied == () and params.total == params.unique == params.trainable
     assert params.memory_bytes == 4 * params.unique + 8 * params.buffers  # fp32 weights, int64 id buffers

@@ -309,13 +309,21 @@ def _layer_rows(module: Any, depth: int, profile: Any) -> tuple[LayerRow, ...]:
         if level > depth:
             continue
         call = profile.modules.get(path) if profile is not None else None
-        macs = profile.macs.by_module.get(path, 0) if profile is not None else 0
+        macs = _module_macs(sub, path, profile) if profile is not None else 0
         if not path and profile is not None:
             macs = profile.macs.macs  # the whole model, including ops outside any module's hooks
         params = sum(p.numel() for p in sub.parameters())
         rows.append(LayerRow(path, _type_name(sub), level, call.output_shapes if call else (), params, macs,
                              call.calls if call else 0))
     return tuple(rows)
+
+
+def _module_macs(module: Any, path: str, profile: Any) -> int:
+    """A module's MACs; containers that are never called themselves (ModuleList, ModuleDict) sum their children."""
+    if path in profile.modules:
+        return int(profile.macs.by_module.get(path, 0))
+    prefix = f"{path}." if path else ""
+    return sum(_module_macs(child, prefix + name, profile) for name, child in module.named_children())
 
 
 def _type_name(module: Any) -> str:

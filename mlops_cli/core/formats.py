@@ -167,6 +167,7 @@ def torch_load_weights(path: str | Path) -> Any:
     A refused global means the file holds code or an unknown class: UnsafeInputError (exit 4) naming it.
     """
     import pickle
+    import warnings
 
     import torch
 
@@ -176,10 +177,13 @@ def torch_load_weights(path: str | Path) -> Any:
     by_handle = target.name.endswith(".safetensors")
     mmap = detect_format(target) == Format.TORCH_ZIP and not by_handle
     try:
-        if by_handle:
-            with open(target, "rb") as handle:
-                return torch.load(handle, map_location="cpu", weights_only=True)
-        return torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's own notes on quantised (int8) storages are not the user's business
+            warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
+            if by_handle:
+                with open(target, "rb") as handle:
+                    return torch.load(handle, map_location="cpu", weights_only=True)
+            return torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         names = sorted({a or b for a, b in _GLOBAL_PATTERN.findall(text)})

@@ -20,6 +20,8 @@ from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import SIDECAR, WEIGHT_FORMATS, Format, detect_format, load_tensor_file
 
 BUILTIN_PREFIX = "builtin:"
+QUANTIZATION_INFO = "quantization.json"  # an HF folder whose weights are dynamic-int8 (`mlops compress int8`)
+PACKED_PARAMS = "._packed_params"  # marks the layers of a dynamically quantised state_dict
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "weights", "ema")
 TASK_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -140,6 +142,8 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
         raise UnsafeInputError(f"{folder} declares custom code (auto_map in config.json)",
                                hint="Review the code, then pass --trust-remote-code.")
     model_class = _hf_model_class(config, options.task, folder)
+    if (folder / QUANTIZATION_INFO).is_file():
+        return _load_hf_int8_folder(folder, config, model_class, options)
     _check_hf_weights_present(folder)
     try:
         model, info = model_class.from_pretrained(
@@ -160,6 +164,28 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
                          config=config)
     loaded.tokenizer = _load_hf_tokenizer(folder, options, loaded.warnings)
     return loaded
+
+
+def _load_hf_int8_folder(folder: Path, config: Any, model_class: Any, options: LoadOptions) -> LoadedModel:
+    """An HF folder written by `compress int8`: the float architecture from config, then the int8 state."""
+    info = read_sidecar(folder, QUANTIZATION_INFO)
+    weights = folder / str(info.get("weights", "model.int8.pt"))
+    if weights.parent.resolve() != folder.resolve():
+        raise UnsafeInputError(f"{folder / QUANTIZATION_INFO} points outside its folder: {info.get('weights')}")
+    build = getattr(model_class, "from_config", None) or model_class  # Auto* classes vs concrete classes
+    module = build(config)
+    state = load_tensor_file(weights, detect_format(weights))
+    loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=_load_int8(module, state), path=folder,
+                         config=config)
+    loaded.tokenizer = _load_hf_tokenizer(folder, options, loaded.warnings)
+    return loaded
+
+
+def _load_int8(module: Any, state: dict[str, Any]) -> Any:
+    """Rebuild a dynamically quantised model (the rebuild lives with the int8 compressor that defines it)."""
+    from mlops_cli.services.compress_int8 import load_int8_state
+
+    return load_int8_state(module, state)
 
 
 def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
@@ -206,8 +232,9 @@ def _load_hf_tokenizer(folder: Path, options: LoadOptions, warnings: list[str]) 
 # ---------------------------------------------------------------- weights + architecture
 
 
-def read_sidecar(folder: Path) -> dict[str, Any]:
-    sidecar = folder / SIDECAR
+def read_sidecar(folder: Path, name: str = SIDECAR) -> dict[str, Any]:
+    """A JSON file written beside weights (mlops.json, quantization.json); {} when absent."""
+    sidecar = folder / name
     if not sidecar.is_file():
         return {}
     try:
@@ -239,16 +266,21 @@ def _load_weights_file(path: Path, fmt: Format, options: LoadOptions, sidecar: d
                                hint=f"Pass --arch {arch} yourself if you trust it.")
     module = build_architecture(arch, arch_kwargs, trust_code=True)
     state_dict = strip_prefix(state_dict, options.strip_prefix)
-    load_state_dict_strict(module, state_dict, path)
+    if any(PACKED_PARAMS in key for key in state_dict):
+        module = _load_int8(module, state_dict)
+    else:
+        load_state_dict_strict(module, state_dict, path)
     return LoadedModel(str(path), ModelKind.MODULE, fmt, module=module.eval(), path=path,
                        input_specs=tuple(sidecar.get("inputs") or ()), arch=arch, arch_kwargs=arch_kwargs,
                        checkpoint_extras=extras, state_key=key)
 
 
 def is_tensor_dict(value: Any) -> bool:
+    """A state_dict: tensors by name (a dynamically quantised one also holds packed-parameter entries)."""
     import torch
 
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(v, torch.Tensor) or PACKED_PARAMS in str(k) for k, v in value.items())
 
 
 def split_checkpoint(content: Any, key: str | None, path: Path) -> tuple[dict[str, Any], str | None, dict[str, Any]]:

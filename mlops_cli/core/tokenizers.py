@@ -383,6 +383,10 @@ class _TemplateFreeImplementation(Implementation):
 
     template = False
 
+    def __init__(self, library: str, class_name: str, notes: Sequence[str] = ()) -> None:
+        super().__init__(library, class_name, [*notes, "no pairs, truncation or padding in the library: the batch "
+                                                       "workload truncates and pads in Python (timed too)"])
+
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 

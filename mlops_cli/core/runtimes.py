@@ -183,8 +183,9 @@ _ORT_TYPES = {
 }
 
 
-def onnx_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
-    session = onnx_session(loaded.path, device)
+def onnx_runner(loaded: LoadedModel, device: str = "cpu", options: Any = None) -> Runner:
+    """An ONNX Runtime runner; `options` (SessionOptions) e.g. to pin the thread count in benchmarks."""
+    session = onnx_session(loaded.path, device, options)
     graph_inputs = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
     output_names = [o.name for o in session.get_outputs()]
     runner = Runner(loaded.reference, "onnxruntime", device, list(graph_inputs), lambda _: {})

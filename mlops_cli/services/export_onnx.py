@@ -94,7 +94,8 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
     used = "legacy" if exporter == "legacy" else "dynamo"
     if used == "dynamo":
         try:
-            _export_dynamo(wrapper, args, target, input_names, output_names, axes, opset, use_external)
+            _export_dynamo(wrapper, args, target, input_names, output_names, _dim_bounds(loaded, axes), opset,
+                           use_external)
             fixed = fixed_dims(target, axes)
         except Exception as exc:
             if exporter == "dynamo":
@@ -274,16 +275,33 @@ def _quiet_exporters() -> Iterator[io.StringIO]:
             logger.setLevel(level)
 
 
+def _dim_bounds(loaded: LoadedModel, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, tuple[str, int | None]]]:
+    """Each dynamic axis with its upper bound: the sequence cannot exceed the model's position table.
+
+    Without the bound torch.export rejects the dim (its guards say `sequence <= 128`) and the ONNX
+    exporter retries slower strategies, doubling the export time.
+    """
+    from mlops_cli.core.inputs import text_properties
+
+    max_positions = text_properties(loaded)[2] if loaded.config is not None else None
+    return {name: {axis: (dim, max_positions if dim == "sequence" else None) for axis, dim in by_axis.items()}
+            for name, by_axis in axes.items()}
+
+
 def _export_dynamo(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
-                   output_names: list[str], axes: dict[str, dict[int, str]], opset: int, external: bool) -> None:
+                   output_names: list[str], bounded: dict[str, dict[int, tuple[str, int | None]]], opset: int,
+                   external: bool) -> None:
     import torch
 
     dims: dict[str, Any] = {}
-    per_input = tuple({axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.get(n, {}).items()}
-                      or None for n in input_names)
+    for by_axis in bounded.values():
+        for name, upper in by_axis.values():
+            dims.setdefault(name, torch.export.Dim(name, max=upper) if upper else torch.export.Dim(name))
+    per_input = tuple({axis: dims[name] for axis, (name, _) in bounded.get(n, {}).items()} or None
+                      for n in input_names)
     with _quiet_exporters():
         program = torch.onnx.export(wrapper, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                    opset_version=opset, dynamic_shapes=(per_input,) if axes else None,
+                                    opset_version=opset, dynamic_shapes=(per_input,) if bounded else None,
                                     verbose=False, optimize=True)
         if program is None:  # only the legacy path returns None
             raise RuntimeError("torch.onnx.export returned no ONNX program")

@@ -260,6 +260,13 @@ def test_existing_output_is_exit_5_before_any_work(cli, tmp_path):
     assert detect_format(output) == Format.TORCHSCRIPT
 
 
+def test_inputs_the_model_cannot_take_are_an_input_error(cli, tmp_path):
+    result = cli("export", "pt2", "builtin:convnet", "-o", tmp_path / "c.pt2", "--input", "x:float32[batch=2,3,28,28]",
+                 *FAST)
+    assert result.exit_code == 3
+    assert "fails on the example inputs (x[2, 3, 28, 28])" in result.stderr and "--input" in result.stderr
+
+
 def test_deprecation_note_is_one_line_and_torch_warnings_stay_out(cli, tmp_path):
     result = cli("export", "jit", "builtin:convnet", "-o", tmp_path / "c.pt", "--repeats", "0")
     assert result.exit_code == 0

@@ -24,7 +24,7 @@ def export_tables(report: TorchExportReport) -> Iterator[RenderableType]:
         *((FORMAT_NAMES.get(a.format, a.format), f"{a.path} ({fmt_bytes(a.file_bytes)})" if a.written
            else f"{a.path} (not written)") for a in report.artefacts),
     ])
-    yield table("Inputs, in positional order", ("#", "name", "dtype", "dims", "export shape"),
+    yield table("Inputs, in this order", ("#", "name", "dtype", "dims", "export shape"),
                 ((i.position, i.name, i.dtype, f"[{', '.join(i.dims)}]", list(i.example_shape))
                  for i in report.inputs), numeric=("#",))
     if report.dynamic_dims:

@@ -211,6 +211,8 @@ def _input_paths(reference: str) -> list[str]:
 
 
 def _prepare(reference: str, load: LoadOptions | None, settings: ExportSettings, watch: Stopwatch) -> _Job:
+    import torch
+
     device = resolve_device(settings.device)
     with watch.stage("load"), _quiet_torch():
         loaded = load_model(reference, load)
@@ -223,10 +225,13 @@ def _prepare(reference: str, load: LoadOptions | None, settings: ExportSettings,
     reference_runner = runner_for(loaded, device)  # also moves the model to `device`
     names = [spec.name for spec in specs]
     wrapper = PositionalModel.build(loaded, names)
-    import torch
-
-    with torch.inference_mode(), _quiet_torch():
-        sample = wrapper(*(torch.from_numpy(example.tensors[name]).to(device) for name in names))
+    try:
+        with torch.inference_mode(), _quiet_torch():
+            sample = wrapper(*(torch.from_numpy(example.tensors[name]).to(device) for name in names))
+    except Exception as exc:
+        shapes = ", ".join(f"{name}{list(example.tensors[name].shape)}" for name in names)
+        raise InputError(f"{reference} fails on the example inputs ({shapes}): {_describe(exc)}",
+                         hint="Describe the model's inputs with --input name:dtype[dims].") from exc
     structure = "tensor" if isinstance(sample, torch.Tensor) else "dict" if isinstance(sample, dict) else "tuple"
     return _Job(loaded, device, specs, names, example,
                 _verification_sets(example, model_shape_sets(loaded, explicit, settings.seed)),

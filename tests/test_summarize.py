@@ -129,6 +129,7 @@ def test_torchscript_and_exported_program(torch_files: dict[str, Path]) -> None:
     assert blind.compute is None and blind.timing is None  # no input description: what can be known
     assert blind.parameters.unique == 214_538 and blind.model_class == "ConvNet"
     assert any("--input" in line for line in blind.notes)
+    assert blind.layers and all(row.macs is None and row.output_shapes == () for row in blind.layers)
     scripted = run(str(torch_files["ts"]), LoadOptions(trust_code=True), inputs=("x:float32[batch=2,1,28,28]",))
     assert scripted.compute.macs == convnet_macs(2) and scripted.timing is not None
     exported = run(str(torch_files["pt2"]))  # inputs read from the program's placeholders

@@ -59,7 +59,7 @@ def _shapes(row: LayerRow) -> str:
 
 
 def _layer_table(rows: tuple[LayerRow, ...], depth: int) -> RenderableType:
-    total = rows[0].macs if rows and not rows[0].path else 0
+    total = (rows[0].macs or 0) if rows and not rows[0].path else 0
     return table(
         f"Layers (depth {depth}; MACs of all calls, attention included; full paths in --json)",
         ("module", "type", "output shape", "params", "MACs", "share"),

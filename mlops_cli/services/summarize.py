@@ -63,7 +63,7 @@ class LayerRow:
     depth: int
     output_shapes: tuple[tuple[int, ...], ...]  # first call's output tensors
     params: int  # parameters inside this module (each tensor once)
-    macs: int  # MACs of all its calls in the pass
+    macs: int | None  # MACs of all its calls in the pass (None: no forward pass was run)
     calls: int
 
 
@@ -309,7 +309,7 @@ def _layer_rows(module: Any, depth: int, profile: Any) -> tuple[LayerRow, ...]:
         if level > depth:
             continue
         call = profile.modules.get(path) if profile is not None else None
-        macs = _module_macs(sub, path, profile) if profile is not None else 0
+        macs = _module_macs(sub, path, profile) if profile is not None else None
         if not path and profile is not None:
             macs = profile.macs.macs  # the whole model, including ops outside any module's hooks
         params = sum(p.numel() for p in sub.parameters())

@@ -247,16 +247,17 @@ def _bench_here(settings: BenchSettings, note: Progress) -> TokenizerBenchReport
 
 
 def _bench_with_children(settings: BenchSettings, note: Progress) -> TokenizerBenchReport:
+    """Agreement here (it does not depend on threads); timings in one fresh child process per setting."""
     corpus = load_corpus(settings.texts_file)
-    runs = []
-    for threads in settings.threads:
-        note(f"timing with {threads} Rust thread(s) in a child process")
-        runs.append(ThreadRun(threads, _child_timings(dataclasses.replace(settings, threads=(threads,)))))
     with tempfile.TemporaryDirectory(prefix="mlops-tok-") as scratch, quiet_transformers():
-        suite = load_suite(settings.tokenizer, Path(scratch))
-        run = _Run(settings, corpus, suite)
+        run = _Run(settings, corpus, load_suite(settings.tokenizer, Path(scratch)))  # bad input fails here, clearly
         note("checking agreement")
-        return run.report(run.agreement(), runs[0].timings, tuple(runs), rust_threads=runs[0].threads)
+        agreement = run.agreement()
+        runs = []
+        for threads in settings.threads:
+            note(f"timing with {threads} Rust thread(s) in a child process")
+            runs.append(ThreadRun(threads, _child_timings(dataclasses.replace(settings, threads=(threads,)))))
+        return run.report(agreement, runs[0].timings, tuple(runs), rust_threads=runs[0].threads)
 
 
 class _Run:

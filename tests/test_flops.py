@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -176,3 +177,24 @@ def test_shared_module_called_twice_counts_both_calls() -> None:
     assert profile.macs.macs == 2 * 4 * 8 * 8
     assert profile.modules["proj"].calls == 2
     assert profile.macs.by_module["proj"] == 2 * 4 * 8 * 8
+
+
+def test_ops_that_cannot_be_counted_are_named_not_silently_zero() -> None:
+    """With a padding mask, nn.TransformerEncoder switches to nested tensors: its fused op is reported."""
+    torch.manual_seed(0)
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1).eval()
+
+    class Masked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.encoder(x, src_key_padding_mask=mask)
+
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1, 6:] = True
+    with warnings.catch_warnings():  # torch: "nested tensors are a prototype"
+        warnings.simplefilter("ignore")
+        result = count_macs(Masked().eval(), {"x": torch.randn(2, 10, 32), "mask": mask})
+    assert result.uncounted == ("aten._transformer_encoder_layer_fwd",)

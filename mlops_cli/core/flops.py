@@ -56,6 +56,7 @@ class MacCount:
     macs: int
     by_module: dict[str, int] = field(default_factory=dict)  # module path ("" = whole model) -> MACs inside it
     by_op: dict[str, int] = field(default_factory=dict)  # aten op name -> MACs
+    uncounted: tuple[str, ...] = ()  # ops with a formula whose MACs could not be computed (e.g. nested tensors)
 
     @property
     def flops(self) -> int:
@@ -234,7 +235,12 @@ class _CountingMode(TorchDispatchMode):
                 return result
         out = func(*args, **kwargs)
         if formula is not None:
-            self.profiler.add(str(func._overloadpacket), formula(args, kwargs, out))
+            try:
+                macs = formula(args, kwargs, out)
+            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError):
+                self.profiler.uncounted.add(str(func._overloadpacket))
+            else:
+                self.profiler.add(str(func._overloadpacket), macs)
         if self.profiler.memory is not None:
             self.profiler.memory.track(out)
         return out
@@ -253,6 +259,7 @@ class _Profiler:
         self.by_op: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
         self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        self.uncounted: set[str] = set()
 
     def add(self, op: str, macs: int) -> None:
         self.total += macs
@@ -352,7 +359,7 @@ def profile_forward(module: Any, inputs: Mapping[str, Any], *, by_module: bool =
     if memory is not None:
         peak, total = memory.peak, memory.total
         memory.active = False
-    macs = MacCount(profiler.total, dict(profiler.by_module), dict(profiler.by_op))
+    macs = MacCount(profiler.total, dict(profiler.by_module), dict(profiler.by_op), tuple(sorted(profiler.uncounted)))
     modules = {path: ModuleCall(count, profiler.shapes.get(path, ())) for path, count in profiler.calls.items()}
     return ForwardProfile(macs, modules, peak, total)
 

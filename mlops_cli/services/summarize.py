@@ -214,6 +214,9 @@ def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str)
         if loaded.kind == ModelKind.TORCHSCRIPT:
             notes.append("TorchScript runs its submodules in C++: per-layer shapes and MACs are not visible, "
                          "the totals are exact.")
+        if profile.macs.uncounted:
+            notes.append(f"MACs of {', '.join(profile.macs.uncounted)} could not be counted (e.g. nested tensors): "
+                         "the totals leave them out.")
         if any(op.endswith(("_native_multi_head_attention", "_transformer_encoder_layer_fwd"))
                for op in compute.by_op):
             notes.append("fused nn.MultiheadAttention/TransformerEncoderLayer kernels are counted whole "

@@ -43,8 +43,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for generated inputs and random choices.")]
 InputOpt = Annotated[list[str] | None, typer.Option(
     "--input", show_default=False,
-    help="Input spec name:dtype[d0,d1,...], repeatable; a dim may be named (batch, sequence=32). Named dims "
-         "(the first by default) are varied by multi-shape checks. Example: --input x:float32[batch=2,3,224,224]")]
+    help="Input spec name:dtype\\[d0,d1,...], repeatable; a dim may be named (batch, sequence=32). Named dims "
+         "(the first by default) are varied by multi-shape checks. Example: --input x:float32\\[batch=2,3,224,224]")]
 AtolOpt = Annotated[list[str] | None, typer.Option(
     "--atol", show_default=False,
     help=f"Absolute tolerance, or NAME=VALUE for one output (repeatable). {TOLERANCE_HELP}")]

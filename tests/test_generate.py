@@ -143,6 +143,19 @@ def test_loop_engine_matches_on_a_left_padded_batch(gpt2: Any) -> None:
                            run_once(session, strategy, "generate").sequences)
 
 
+def test_loop_engine_matches_with_stop_strings_on_a_model_without_eos(gpt2: Any) -> None:
+    loaded = load_model(TINY)
+    loaded.module.generation_config.eos_token_id = None  # generate then leaves finished rows unpadded
+    prompts = (PROMPT, "hello there, how are you")
+    free = generate(loaded, options(prompts=prompts, max_new_tokens=12)).results[0].outputs[0]
+    stop = gpt2.tokenizer.decode(free.new_token_ids[6:8])  # ends the first row early, not the second
+    session = prepare(loaded, options(prompts=prompts, stop=(stop,), max_new_tokens=12))
+    reference = run_once(session, "greedy", "generate").sequences
+    assert torch.equal(run_once(session, "greedy", "loop").sequences, reference)
+    first, _ = generate(loaded, options(prompts=prompts, stop=(stop,), max_new_tokens=12)).results[0].outputs
+    assert first.stop_reason == "stop string" and first.new_tokens <= 8
+
+
 def test_loop_processors_are_generates_in_the_same_order(gpt2: Any) -> None:
     session = prepare(gpt2, options(strategy="sample", temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2,
                                     no_repeat_ngram_size=3))

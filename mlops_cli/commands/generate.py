@@ -76,8 +76,8 @@ def generate_command(
     top_p: Annotated[float, _opt(
         "--top-p", help="Sampling: keep the smallest set of tokens whose probabilities add up to p (1: all).")] = 1.0,
     repetition_penalty: Annotated[float, _opt(
-        "--repetition-penalty", help="Divide (multiply if negative) the logits of tokens already in the text by "
-                                     "this; 1 disables it.")] = 1.0,
+        "--repetition-penalty", help="Penalise tokens already in the text (prompt included): their positive logits "
+                                     "are divided by this, negative ones multiplied. 1 disables it.")] = 1.0,
     no_repeat_ngram_size: Annotated[int, _opt(
         "--no-repeat-ngram-size", min=0,
         help="N: no n-gram of N tokens occurs twice in the output (prompt included): a token that would complete "
@@ -85,8 +85,10 @@ def generate_command(
     seed: SeedOpt = 0,
     stop: Annotated[list[str] | None, _opt(
         "--stop", show_default=False,
-        help="Stop as soon as the generated text contains this string (kept in the text); repeatable.")] = None,
-    chat: Annotated[bool, _opt("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
+        help="Stop once the text (the end of the prompt included) contains this string; the token completing it "
+             "is kept. Repeatable.")] = None,
+    chat: Annotated[bool, _opt(
+        "--chat", help="Wrap the prompt in the tokenizer's chat template (exit 2 if it has none).")] = False,
     stream: Annotated[bool, _opt(
         "--stream", help="Print the first run's text as it is produced (the untimed warm-up run when there is "
                          "one). Not with --json.")] = False,

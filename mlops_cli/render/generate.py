@@ -11,9 +11,9 @@ from rich.text import Text
 
 from mlops_cli.render import fmt_bytes, fmt_ms, fmt_pct, key_values, note, stdout, table
 
-METRICS_NOTE = ("TTFT: call to first generated token. tok/s, p50/p90: tokens after the first (per-token latency = "
-                "time between consecutive tokens). Medians over the measured runs; spread = (max - min) / median "
-                "of the total time.")
+METRICS_NOTE = ("TTFT: call to first generated token. tok/s and per-token latency p50 / p90 (time between "
+                "consecutive tokens): after the first token. Medians over the measured runs; total ± half its "
+                "range. Full text and all figures: --json.")
 
 
 TEXT_LIMIT = 60  # characters of generated text per table cell; --json has it all
@@ -65,35 +65,45 @@ def setup_table(report: Any) -> RenderableType:
     ])
 
 
+def _latency(metrics: Any) -> str:
+    """Per-token latency as 'p50 / p90'."""
+    latency = metrics.token_latency
+    if latency is None:
+        return "-"
+    return f"{fmt_ms(latency.median_ms).removesuffix(' ms')} / {fmt_ms(latency.p90_ms)}"
+
+
+def _total(metrics: Any) -> str:
+    """Median total time, with its spread over the measured runs when there are several."""
+    total = metrics.total
+    if metrics.runs < 2 or not total.median_ms:
+        return fmt_ms(total.median_ms)
+    return f"{fmt_ms(total.median_ms)} ±{fmt_pct((total.max_ms - total.min_ms) / total.median_ms / 2, 0)}"
+
+
 def results_table(report: Any) -> RenderableType:
+    """One row per strategy (per prompt in a batch): its text and its figures."""
     batch = report.batch_size > 1
-    repeated = any(r.metrics.runs > 1 for r in report.results)
-    columns = ["strategy", "engine", *(["prompt"] if batch else []), "text", "new tok", "TTFT", "tok/s", "p50",
-               "p90", "total", *(["spread"] if repeated else []), "peak mem"]
+    mixed = len({r.engine for r in report.results}) > 1  # --engine loop with beam strategies
+    columns = ["strategy", *(["engine"] if mixed else []), *(["prompt"] if batch else []), "text", "new",
+               "TTFT", "tok/s", "p50 / p90", "total", "peak mem"]
     rows = []
     for result in report.results:
         metrics = result.metrics
-        figures = [
-            metrics.new_tokens,
-            fmt_ms(metrics.ttft.median_ms) if metrics.ttft else "-",
-            _rate(metrics.decode_tokens_per_s),
-            fmt_ms(metrics.token_latency.median_ms) if metrics.token_latency else "-",
-            fmt_ms(metrics.token_latency.p90_ms) if metrics.token_latency else "-",
-            fmt_ms(metrics.total.median_ms),
-            *([fmt_pct((metrics.total.max_ms - metrics.total.min_ms) / metrics.total.median_ms)] if repeated else []),
-            fmt_bytes(metrics.peak_memory_bytes),
-        ]
+        figures = [fmt_ms(metrics.ttft.median_ms) if metrics.ttft else "-", _rate(metrics.decode_tokens_per_s),
+                   _latency(metrics), _total(metrics), fmt_bytes(metrics.peak_memory_bytes)]
         for index, output in enumerate(result.outputs):
-            head = [result.strategy, result.engine] if index == 0 else ["", ""]
+            head = [result.strategy if index == 0 else "", *([result.engine if index == 0 else ""] if mixed else [])]
             text = _visible(output.text, TEXT_LIMIT)
             if output.stop_reason != "max_new_tokens":
                 text += f" [{output.stop_reason}]"
-            cells = [*head, *([_visible(output.prompt, 30)] if batch else []), text]
-            cells += figures if index == 0 else [output.new_tokens] + [""] * (len(figures) - 1)
-            rows.append(cells)
-    numeric = ("new tok", "TTFT", "tok/s", "p50", "p90", "total", "spread", "peak mem")
-    return _no_wrap(table("results", columns, rows, numeric=numeric, caption=METRICS_NOTE),
-                    ("strategy", "engine", *numeric))
+            cells = [*head, *([_visible(output.prompt, 16)] if batch else []), text, output.new_tokens]
+            rows.append(cells + (figures if index == 0 else [""] * len(figures)))
+    numeric = ("new", "TTFT", "tok/s", "p50 / p90", "total", "peak mem")
+    result = _no_wrap(table("results", columns, rows, numeric=numeric, caption=METRICS_NOTE),
+                      ("strategy", "engine", *numeric))
+    result.columns[columns.index("text")].min_width = 16 if batch else 20
+    return result
 
 
 def explain_table(explanation: Any) -> RenderableType:

@@ -99,8 +99,9 @@ class _StopState:
         self.pad = params.pad_token_id
 
     def mask_finished(self, next_tokens: torch.Tensor) -> torch.Tensor:
-        """Rows that finished earlier get the pad token, exactly as in `generate`."""
-        if not self.active:
+        """Rows that finished earlier get the pad token, as in `generate` (which does it only when there is an
+        EOS criterion: with stop strings alone, finished rows keep generating until the batch is done)."""
+        if self.eos is None:
             return next_tokens
         return next_tokens * self.unfinished + self.pad * (1 - self.unfinished)
 

@@ -360,9 +360,8 @@ def strategy_settings(strategy: str, options: GenerateOptions) -> dict[str, Any]
 
 
 def _eos_ids(session: Session) -> tuple[int, ...]:
+    """EOS ids as `generate` sees them: from the generation config only (not the tokenizer)."""
     eos = session.model.generation_config.eos_token_id
-    if eos is None:
-        eos = session.tokenizer.eos_token_id
     if eos is None:
         return ()
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))

@@ -16,7 +16,7 @@ import numpy as np
 from mlops_cli.core.compare import OutputDiff, compare_arrays
 from mlops_cli.core.inputs import InputSet
 from mlops_cli.core.runtimes import Runner
-from mlops_cli.core.timing import Timing, measure
+from mlops_cli.core.timing import Timing, measure_interleaved
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,11 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
     ref_time = cand_time = None
     if time_runs:
         ref_feed, cand_feed = _feed(reference, input_set), _feed(candidate, input_set)
-        ref_time = measure(lambda: reference(ref_feed), warmup=2, repeats=repeats, device=reference.device)
-        cand_time = measure(lambda: candidate(cand_feed), warmup=2, repeats=repeats, device=candidate.device)
+        # A/B interleaved, so machine noise (other processes, clock changes) hits both sides alike.
+        device = candidate.device if candidate.device.startswith("cuda") else reference.device
+        sides = {"reference": lambda: reference(ref_feed), "candidate": lambda: candidate(cand_feed)}
+        timings = measure_interleaved(sides, warmup=2, repeats=repeats, device=device)
+        ref_time, cand_time = timings["reference"], timings["candidate"]
     ratio = ref_time.median_ms / cand_time.median_ms if ref_time and cand_time and cand_time.median_ms else None
     return ShapeResult(input_set.label, shapes, tuple(diffs), all(d.passed for d in diffs) and bool(diffs),
                        None if diffs else "no outputs to compare", ref_time, cand_time, ratio)

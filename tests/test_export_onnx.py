@@ -312,3 +312,42 @@ def test_ci_job_file_drives_export_and_verify_parity(cli, out) -> None:
     parity = checked.json()
     assert parity["input_sets"] == 4  # samples: 2 from the job file, 2 shape sets each
     assert parity["parity"]["shapes"][0]["reference_latency"]["repeats"] == 5
+
+
+@pytest.fixture(scope="module")
+def convnet_archives(out) -> tuple[Path, Path]:
+    """The built-in ConvNet as a TorchScript trace and as a torch.export program with a dynamic batch."""
+    import torch
+
+    from mlops_cli import zoo
+
+    model, _ = zoo.build("convnet")
+    example = torch.randn(2, 1, 28, 28)
+    torch.jit.trace(model, example).save(str(out / "convnet.ts.pt"))
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(out / "convnet.pt2"))
+    return out / "convnet.ts.pt", out / "convnet.pt2"
+
+
+def test_torchscript_archive_exports_with_the_legacy_exporter(cli, out, convnet_archives) -> None:
+    traced, _ = convnet_archives
+    spec = ("--input", "x:float32[batch=2,1,28,28]")
+    report = export(cli, traced, "--trust-code", *spec, "-o", out / "from-ts.onnx").json()
+    assert report["passed"] and report["exporter_used"] == "legacy" and report["fallback_reason"] is None
+    assert dims(report) == {"x": ["batch", 1, 28, 28]}
+    refused = cli("export", "onnx", traced, "--trust-code", *spec, "-o", out / "x.onnx", "--exporter", "dynamo")
+    assert refused.exit_code == 2 and "legacy exporter" in refused.stderr
+
+
+@pytest.mark.slow
+def test_torch_export_program_exports_with_dynamo(cli, out, convnet_archives) -> None:
+    _, program = convnet_archives
+    spec = ("--input", "x:float32[batch=2,1,28,28]")
+    report = export(cli, program, *spec, "-o", out / "from-pt2.onnx").json()
+    assert report["passed"] and report["exporter_used"] == "dynamo"
+    assert dims(report) == {"x": ["batch", 1, 28, 28]}
+    refused = cli("export", "onnx", program, *spec, "-o", out / "x.onnx", "--exporter", "legacy")
+    assert refused.exit_code == 2 and "dynamo exporter" in refused.stderr
+    parity = cli("verify-parity", "builtin:convnet", program, "--json", "--no-timing")
+    assert parity.exit_code == 0, parity.stderr
+    assert parity.json()["parity"]["candidate_backend"] == "torch.export"

@@ -127,10 +127,30 @@ def call_options(loaded: LoadedModel, names: list[str] | None) -> dict[str, Any]
 
 
 def call_module(module: Any, names: list[str] | None, tensors: dict[str, Any], extra: dict[str, Any]) -> Any:
-    """Call a module by keyword when its forward names every input, else positionally (TorchScript, graphs)."""
+    """Call a module by keyword when its forward names every input, else positionally (TorchScript, graphs).
+
+    A torch.export program's module must be called the way it was exported: the arguments given
+    positionally then positionally, the keyword ones by keyword.
+    """
+    keywords = _exported_keywords(module)
+    if keywords is not None:
+        return module(*(v for k, v in tensors.items() if k not in keywords),
+                      **{k: v for k, v in tensors.items() if k in keywords})
     if names is not None and set(tensors) <= set(names):
         return module(**tensors, **extra)
     return module(*tensors.values())
+
+
+def _exported_keywords(module: Any) -> set[str] | None:
+    """The keyword arguments of a torch.export module's original call (None for other modules)."""
+    spec = getattr(module, "_in_spec", None)
+    if spec is None:
+        return None
+    try:
+        kwargs_spec = spec.child(1) if hasattr(spec, "child") else spec.children_specs[1]
+        return set(kwargs_spec.context or [])
+    except (AttributeError, IndexError, TypeError):
+        return set()
 
 
 def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:

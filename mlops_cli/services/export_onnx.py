@@ -86,45 +86,63 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
     axes = dynamic_axes_for(example, _specs_or_none(loaded, specs)) if dynamic else {}
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in _grow_dynamic_dims(example, axes).values())
     wrapper, output_names = _named_io_module(loaded, input_names, args)
-    big = _weight_bytes(loaded.module) > EXTERNAL_DATA_THRESHOLD
-    use_external = bool(external_data) or big
+    use_external = bool(external_data) or _weight_bytes(loaded.module) > EXTERNAL_DATA_THRESHOLD
     _remove_stale_data(target)
-    fallback_reason = None
+    if loaded.kind == ModelKind.TORCHSCRIPT:  # already a TorchScript graph: only the legacy exporter reads it
+        wrapper, exporter = loaded.module, "legacy"
+    elif loaded.kind == ModelKind.EXPORTED:  # a torch.export graph: only dynamo reads it, no fallback
+        exporter = "dynamo"
+    fallback_reason: str | None = None
     fixed: list[str] = []
-    used = "legacy" if exporter == "legacy" else "dynamo"
-    if used == "dynamo":
-        try:
-            _export_dynamo(wrapper, args, target, input_names, output_names, _dim_bounds(loaded, axes), opset,
-                           use_external)
-            fixed = fixed_dims(target, axes)
-        except Exception as exc:
-            if exporter == "dynamo":
-                raise InputError(f"the dynamo exporter failed: {exporter_failure(exc)}",
-                                 hint="Try --exporter legacy, or --static if a dim cannot be dynamic.") from exc
-            fallback_reason = exporter_failure(exc)
-        if fixed and exporter == "auto":
-            fallback_reason = f"dynamo fixed {', '.join(fixed)}: the model's code depends on that size"
-        if fallback_reason:
-            used, fixed = "legacy", []
-            target.unlink(missing_ok=True)
-            _remove_stale_data(target)
+    if exporter != "legacy":
+        fallback_reason, fixed = _dynamo_or_reason(
+            wrapper, args, target, input_names, output_names, _dim_bounds(loaded, axes), opset, use_external,
+            may_fall_back=exporter == "auto")
+    used = "dynamo" if exporter != "legacy" and fallback_reason is None else "legacy"
     if used == "legacy":
-        if opset > LEGACY_MAX_OPSET:
-            raise UsageError(f"the legacy exporter supports opset <= {LEGACY_MAX_OPSET}, not {opset}"
-                             + (f" (dynamo failed: {fallback_reason})" if fallback_reason else ""))
-        try:
-            _export_legacy(wrapper, args, target, input_names, output_names, axes, opset, use_external)
-        except Exception as exc:
-            before = f"dynamo failed: {fallback_reason}; " if fallback_reason else ""
-            raise InputError(f"ONNX export failed ({before}legacy failed: {exporter_failure(exc)})",
-                             hint="Check that the model runs on the example inputs (--input), or try --static.") \
-                from exc
+        _legacy_or_fail(wrapper, args, target, input_names, output_names, axes, opset, use_external, fallback_reason)
     data_file = _data_file(target)
     return OnnxWriteResult(
         path=str(target), exporter_used=used, fallback_reason=fallback_reason, input_names=tuple(input_names),
         output_names=tuple(output_names), dynamic_axes=axes, opset=opset, external_data=data_file.exists(),
         seconds=time.perf_counter() - started, data_file=str(data_file) if data_file.exists() else None,
         fixed_dims=tuple(fixed))
+
+
+def _dynamo_or_reason(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
+                      output_names: list[str], bounded: dict[str, dict[int, tuple[str, int | None]]], opset: int,
+                      external: bool, *, may_fall_back: bool) -> tuple[str | None, list[str]]:
+    """Export with dynamo. Returns (why the legacy exporter should take over, dims dynamo had to fix)."""
+    try:
+        _export_dynamo(wrapper, args, target, input_names, output_names, bounded, opset, external)
+    except Exception as exc:
+        if not may_fall_back:
+            raise InputError(f"the dynamo exporter failed: {exporter_failure(exc)}",
+                             hint="Try --exporter legacy, or --static if a dim cannot be dynamic.") from exc
+        reason = exporter_failure(exc)
+    else:
+        fixed = fixed_dims(target, {n: {a: d for a, (d, _) in axes.items()} for n, axes in bounded.items()})
+        if not fixed or not may_fall_back:
+            return None, fixed
+        reason = f"dynamo fixed {', '.join(fixed)}: the model's code depends on that size"
+    target.unlink(missing_ok=True)
+    _remove_stale_data(target)
+    return reason, []
+
+
+def _legacy_or_fail(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
+                    output_names: list[str], axes: dict[str, dict[int, str]], opset: int, external: bool,
+                    fallback_reason: str | None) -> None:
+    before = f"dynamo failed: {fallback_reason}" if fallback_reason else ""
+    if opset > LEGACY_MAX_OPSET:
+        raise UsageError(f"the legacy exporter supports opset <= {LEGACY_MAX_OPSET}, not {opset}"
+                         + (f" ({before})" if before else ""), hint=f"Use --opset {LEGACY_MAX_OPSET} or lower.")
+    try:
+        _export_legacy(wrapper, args, target, input_names, output_names, axes, opset, external)
+    except Exception as exc:
+        raise InputError(f"ONNX export failed ({before + '; ' if before else ''}legacy failed: "
+                         f"{exporter_failure(exc)})",
+                         hint="Check that the model runs on the example inputs (--input), or try --static.") from exc
 
 
 def exporter_failure(exc: BaseException) -> str:
@@ -184,6 +202,12 @@ def _check_exportable(loaded: LoadedModel, exporter: str, opset: int) -> None:
                          hint="Use `mlops verify-parity` to compare it, or export the PyTorch model it came from.")
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown --exporter {exporter!r}", hint=f"Use one of: {', '.join(EXPORTERS)}.")
+    if loaded.kind == ModelKind.TORCHSCRIPT and exporter == "dynamo":
+        raise UsageError("a TorchScript archive can only be exported by the legacy exporter",
+                         hint="Use --exporter legacy (or auto), or export the original PyTorch model.")
+    if loaded.kind == ModelKind.EXPORTED and exporter == "legacy":
+        raise UsageError("a torch.export (.pt2) program can only be exported by the dynamo exporter",
+                         hint="Use --exporter dynamo (or auto).")
     if opset not in OPSETS:
         raise UsageError(f"--opset {opset} is not supported", hint=f"Use one of: {', '.join(map(str, OPSETS))}.")
 
@@ -255,7 +279,12 @@ def _named_io_module(loaded: LoadedModel, input_names: list[str], args: tuple[An
                                                 extra))
             return tuple(outputs[name] for name in output_names)
 
-    return NamedIO().eval(), output_names
+    wrapper = NamedIO()
+    try:
+        wrapper.eval()
+    except NotImplementedError:  # torch.export modules refuse train()/eval(); they are inference graphs already
+        wrapper.training = False
+    return wrapper, output_names
 
 
 @contextlib.contextmanager

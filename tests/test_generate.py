@@ -170,8 +170,10 @@ def test_loop_processors_are_generates_in_the_same_order(gpt2: Any) -> None:
 def test_loop_engine_refuses_a_generation_config_it_cannot_reproduce() -> None:
     loaded = load_model(TINY)
     loaded.module.generation_config.suppress_tokens = [5]
-    with pytest.raises(UsageError, match=r"would not match model\.generate"):
-        generate(loaded, options(engine="loop"))
+    for loop_based in ({"engine": "loop"}, {"explain": True}):
+        with pytest.raises(UsageError, match=r"would not match model\.generate"):
+            generate(loaded, options(**loop_based))
+    assert generate(loaded, options()).results[0].outputs[0].new_tokens == 16  # model.generate handles it
 
 
 def test_decode_stops_every_row_at_eos_and_pads_after_it(gpt2: Any) -> None:
@@ -320,8 +322,9 @@ def test_seq2seq_models_generate_with_the_generate_engine(tmp_path: Path) -> Non
     loaded = load_model(str(tmp_path))
     result = generate(loaded, options(max_new_tokens=6, fixed_length=True)).results[0]
     assert result.outputs[0].new_tokens == 6 and result.metrics.ttft is not None
-    with pytest.raises(UsageError, match="decoder-only"):
-        generate(loaded, options(engine="loop"))
+    for refused in ({"engine": "loop"}, {"explain": True}):
+        with pytest.raises(UsageError, match="decoder-only"):
+            generate(loaded, options(**refused))
 
 
 # ---------------------------------------------------------------- the command

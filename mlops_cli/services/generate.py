@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -246,8 +247,9 @@ def prepare(loaded: LoadedModel, options: GenerateOptions) -> Session:
                          hint="Copy the tokenizer files (tokenizer.json, tokenizer_config.json...) into the folder.")
     notes: list[str] = []  # loader warnings are shown by the command (show_warnings)
     device, cache, compiled = _place_model(model, options, notes)
-    if getattr(model.config, "is_encoder_decoder", False) and options.engine == "loop":
-        raise UsageError("--engine loop handles decoder-only models", hint="Use --engine generate for seq2seq.")
+    if getattr(model.config, "is_encoder_decoder", False) and (options.engine == "loop" or options.explain):
+        raise UsageError("our decoding loop (--engine loop, --explain) handles decoder-only models",
+                         hint="Use --engine generate, without --explain, for seq2seq models.")
     input_ids, attention_mask = _encode(tokenizer, model, options)
     _check_context(model, int(input_ids.shape[1]), options.max_new_tokens)
     input_device = _input_device(model, device)
@@ -429,9 +431,9 @@ def check_loop_matches_generate(session: Session, strategy: str) -> None:
     ours = [type(p).__name__ for p in logits_processors(decoding_params(session, strategy))]
     theirs = [type(p).__name__ for p in expected]
     if ours != theirs:
-        raise UsageError(f"--engine loop would not match model.generate here: the model's generation config "
-                         f"uses {', '.join(sorted(set(theirs) - set(ours))) or theirs}",
-                         hint="Use --engine generate for this model.")
+        raise UsageError(f"our decoding loop (--engine loop, --explain) would not match model.generate here: the "
+                         f"model's generation config uses {', '.join(sorted(set(theirs) - set(ours))) or theirs}",
+                         hint="Use --engine generate, without --explain, for this model.")
 
 
 # ---------------------------------------------------------------- one timed run
@@ -596,13 +598,13 @@ def run_strategy(session: Session, strategy: str, on_text: TextCallback | None =
     engine = engine_for(strategy, options.engine)
     if engine == "loop":
         check_loop_matches_generate(session, strategy)
-    stream_once = on_text is not None and options.stream and strategy not in BEAM_STRATEGIES
     records: list[RunRecord] = []
     for index in range(options.warmup + options.repeat):
-        emit = (lambda piece: on_text(strategy, piece)) if stream_once and index == 0 else None  # type: ignore[misc]
-        record = run_once(session, strategy, engine, emit)
-        if emit is not None:
-            on_text(strategy, None)  # type: ignore[misc]
+        if index == 0 and on_text is not None and options.stream and strategy not in BEAM_STRATEGIES:
+            record = run_once(session, strategy, engine, functools.partial(on_text, strategy))
+            on_text(strategy, None)
+        else:
+            record = run_once(session, strategy, engine)
         if index >= options.warmup:
             records.append(record)
     outputs = generated_texts(session, records[0].sequences)
@@ -618,6 +620,7 @@ def run_strategy(session: Session, strategy: str, on_text: TextCallback | None =
 
 def explain_greedy(session: Session, greedy: StrategyResult | None = None) -> Explanation:
     """Greedy decoding of the first prompt with the top candidates of every step (KV-cached, our loop)."""
+    check_loop_matches_generate(session, "greedy")
     k = min(session.options.candidates, int(session.model.config.get_text_config().vocab_size))
     steps: list[ExplainStep] = []
 
@@ -651,8 +654,6 @@ def generate(loaded: LoadedModel, options: GenerateOptions, on_text: TextCallbac
     results = tuple(run_strategy(session, strategy, on_text) for strategy in options.strategies)
     explanation = None
     if options.explain:
-        if session.is_encoder_decoder:
-            raise UsageError("--explain steps through decoder-only models", hint="Drop --explain for seq2seq.")
         greedy = next((r for r in results if r.strategy == "greedy"), None)
         explanation = explain_greedy(session, greedy)
     notes = list(session.notes)

@@ -238,6 +238,8 @@ def test_output_rules_exit_5(cli, out, zoo_dir) -> None:
     assert existing.read_bytes() == b"keep me"
     into_input = cli("export", "onnx", zoo_dir / "convnet", "-o", zoo_dir / "convnet" / "model.onnx")
     assert into_input.exit_code == 5 and "overwrite the input" in into_input.stderr
+    folder = cli("export", "onnx", "builtin:convnet", "-o", out, "--force")
+    assert folder.exit_code == 5 and "is a folder" in folder.stderr
 
 
 def test_usage_errors_exit_2(cli, out) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.errors import InputError, OutputError, UsageError
 from mlops_cli.core.inputs import TEXT_INPUTS, InputSet, InputSpec, specs_for
 from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind
 from mlops_cli.services.parity import Tolerances
@@ -497,6 +497,8 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
 
     _check_settings(settings)
     target = Path(output)
+    if target.is_dir():
+        raise OutputError(f"output {target} is a folder", hint="Give a file path such as model.onnx.")
     sources = [reference] if not reference.startswith("builtin:") else []
     check_output(target, settings.force, sources)
     check_output(_data_file(target), True, sources)  # the .data beside it is ours to replace

@@ -353,3 +353,12 @@ def test_torch_export_program_exports_with_dynamo(cli, out, convnet_archives) ->
     parity = cli("verify-parity", "builtin:convnet", program, "--json", "--no-timing")
     assert parity.exit_code == 0, parity.stderr
     assert parity.json()["parity"]["candidate_backend"] == "torch.export"
+
+
+def test_a_graph_the_checker_rejects_fails_without_verification(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(service, "run_checker", lambda path: "failed: Field 'type' of 'value_info' is required")
+    settings = service.ExportOnnxSettings(exporter="legacy", repeats=1)
+    report = service.export_onnx("builtin:lenet", tmp_path / "lenet.onnx", settings)
+    assert not report.passed and report.verification is None
+    assert report.verdict == "onnx.checker rejected lenet.onnx: Field 'type' of 'value_info' is required"
+    assert (tmp_path / "lenet.onnx").is_file()  # kept for inspection

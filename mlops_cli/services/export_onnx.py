@@ -520,7 +520,7 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
         verification: Any = None
         passes: list[_Pass] = []
         notes = list(loaded.warnings)
-        if settings.verify:
+        if settings.verify and checker.startswith("passed"):  # ONNX Runtime may not even load a rejected graph
             verify = _verifier(loaded, example, settings, notes)
             with watch.stage("verify"):
                 verification = verify(current)
@@ -532,8 +532,7 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
             files = _move_into_place(current, target)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _report(reference, target, files, written, checker, passes, verification, watch.stages, notes,
-                   settings)
+    return _report(reference, target, files, written, checker, passes, verification, watch.stages, notes)
 
 
 def _check_settings(settings: ExportOnnxSettings) -> None:
@@ -683,8 +682,7 @@ def _umask() -> int:
 
 
 def _report(reference: str, target: Path, files: dict[str, int], written: OnnxWriteResult, checker: str,
-            passes: list[Any], verification: Any, stages: dict[str, float], notes: list[str],
-            settings: ExportOnnxSettings) -> ExportOnnxReport:
+            passes: list[Any], verification: Any, stages: dict[str, float], notes: list[str]) -> ExportOnnxReport:
     info = graph_info(target)
     checked = checker.startswith("passed")
     if not checked:

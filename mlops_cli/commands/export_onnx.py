@@ -72,7 +72,7 @@ def export_onnx_command(
     rtol: RtolOpt = None,
     preset: PresetOpt = Preset.fp32,
     include_padding: IncludePaddingOpt = False,
-    device: DeviceOpt = Device.cpu,
+    device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
     force: ForceOpt = False,
     as_json: JsonOpt = False,

@@ -30,6 +30,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def device_for(loaded: LoadedModel, device: str) -> str:
+    """The device a model runs on for a --device option. For ONNX models 'auto' means CUDA only where this
+    onnxruntime has its CUDA provider (the plain `onnxruntime` wheel has none), so auto never fails."""
+    if loaded.kind == ModelKind.ONNX and device == "auto":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "cpu"
+    return resolve_device(device)
+
+
 @dataclass
 class Runner:
     """Runs a model on numpy inputs; `call` is the backend-specific function."""

@@ -459,7 +459,7 @@ class ExportOnnxSettings:
     seed: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
     include_padding: bool = False
-    device: str = "cpu"
+    device: str = "auto"
     repeats: int = 10
     force: bool = False
     load: LoadOptions = field(default_factory=LoadOptions)
@@ -566,20 +566,19 @@ def run_checker(path: Path) -> str:
 def _verifier(loaded: LoadedModel, example: InputSet, settings: ExportOnnxSettings, notes: list[str]) -> Any:
     """A function `path -> ParityReport` comparing an ONNX file with the loaded model."""
     from mlops_cli.core.inputs import model_shape_sets
-    from mlops_cli.core.runtimes import onnx_runner, resolve_device, runner_for
+    from mlops_cli.core.runtimes import device_for, onnx_runner, runner_for
     from mlops_cli.services.parity import check_parity
 
-    device = resolve_device(settings.device)
     if settings.static:
         input_sets = [InputSet(f"example (static) {example.label}", example.tensors, example.sizes)]
         notes.append("static export: verified at the example shape only (other shapes are rejected by design)")
     else:
         input_sets = model_shape_sets(loaded, list(settings.inputs) or None, settings.seed)
-    reference = runner_for(loaded, device)
+    reference = runner_for(loaded, device_for(loaded, settings.device))
 
     def verify(path: Path) -> Any:
         onnx_model = LoadedModel(str(path), ModelKind.ONNX, None, path=path)
-        candidate = onnx_runner(onnx_model, device)
+        candidate = onnx_runner(onnx_model, device_for(onnx_model, settings.device))
         candidate.name = str(path.name)
         return check_parity(reference, candidate, input_sets, settings.tolerances,
                             include_masked=settings.include_padding, repeats=settings.repeats)

@@ -87,6 +87,9 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
     dropped = sorted(set(candidate.dropped_inputs) | set(reference.dropped_inputs))
     if dropped:
         notes.append(f"inputs not taken by one side (not fed to it): {', '.join(dropped)}")
+    if reference.device != candidate.device:
+        notes.append(f"the reference runs on {reference.device}, the candidate on {candidate.device}: "
+                     "latencies are not like for like")
     paired = sorted({d.name for r in results for d in r.outputs if " ~ " in d.name})
     if paired:
         notes.append(f"outputs named differently, paired by position: {', '.join(paired)}")

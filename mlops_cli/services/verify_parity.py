@@ -51,7 +51,7 @@ class VerifyParityReport:
 def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> VerifyParityReport:
     """Load both sides, build the input sets, and run the parity engine."""
     from mlops_cli.core.loading import load_model
-    from mlops_cli.core.runtimes import resolve_device, runner_for
+    from mlops_cli.core.runtimes import device_for, runner_for
     from mlops_cli.services.parity import check_parity
 
     if settings.samples < 1:
@@ -60,11 +60,12 @@ def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> V
         raise UsageError("--repeats must be at least 1")
     if settings.inputs_file and settings.inputs:
         raise UsageError("--inputs FILE and --input specs cannot be combined", hint="Use one or the other.")
-    device = resolve_device(settings.device)
     ref_model = load_model(reference, settings.load)
     cand_model = load_model(candidate, settings.load)
     input_sets, source = build_input_sets(ref_model, cand_model, settings)
-    report = check_parity(runner_for(ref_model, device), runner_for(cand_model, device), input_sets,
+    ref_runner = runner_for(ref_model, device_for(ref_model, settings.device))
+    cand_runner = runner_for(cand_model, device_for(cand_model, settings.device))
+    report = check_parity(ref_runner, cand_runner, input_sets,
                           settings.tolerances, include_masked=settings.include_padding,
                           time_runs=settings.timing, repeats=settings.repeats)
     return VerifyParityReport(reference, candidate, settings.preset, source, len(input_sets), report, report.passed,

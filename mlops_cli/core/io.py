@@ -17,7 +17,7 @@ from typing import Any
 from mlops_cli.core.errors import OutputError
 
 
-def _default_mode(directory: bool = False) -> int:
+def default_mode(directory: bool = False) -> int:
     """Permissions an ordinary file/folder would get under the current umask (0644/0755 under 022)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -66,7 +66,7 @@ def atomic_file(path: str | Path, force: bool = False, inputs: Iterable[str | Pa
         yield temp
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(temp, _default_mode())
+        os.chmod(temp, default_mode())
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(temp, target)
@@ -92,11 +92,11 @@ def atomic_dir(path: str | Path, force: bool = False, inputs: Iterable[str | Pat
     try:
         yield temp
         for file in temp.rglob("*"):
-            os.chmod(file, _default_mode(directory=file.is_dir()))
+            os.chmod(file, default_mode(directory=file.is_dir()))
             if file.is_file():
                 with open(file, "rb+") as handle:
                     os.fsync(handle.fileno())
-        os.chmod(temp, _default_mode(directory=True))
+        os.chmod(temp, default_mode(directory=True))
         if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

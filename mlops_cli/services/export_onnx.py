@@ -31,6 +31,7 @@ import numpy as np
 
 from mlops_cli.core.errors import InputError, OutputError, UsageError
 from mlops_cli.core.inputs import TEXT_INPUTS, InputSet, InputSpec, specs_for
+from mlops_cli.core.io import default_mode
 from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind
 from mlops_cli.services.parity import Tolerances
 
@@ -664,20 +665,14 @@ def _move_into_place(current: Path, target: Path) -> dict[str, int]:
     data = _data_file(current)
     if data.exists():
         files[_data_file(target).name] = data.stat().st_size
-        os.chmod(data, 0o666 & ~_umask())
+        os.chmod(data, default_mode())
         os.replace(data, _data_file(target))
     else:
         _remove_stale_data(target)
     files[target.name] = current.stat().st_size
-    os.chmod(current, 0o666 & ~_umask())
+    os.chmod(current, default_mode())
     os.replace(current, target)
     return files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _report(reference: str, target: Path, files: dict[str, int], written: OnnxWriteResult, checker: str,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlops_cli.core.timing import summarize_samples  # noqa: E402
+from mlops_cli.core.timing import summarize_samples
 
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],

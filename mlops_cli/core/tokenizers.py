@@ -65,7 +65,11 @@ class Encoded:
 
 
 def _tuple(values: Any) -> tuple[int, ...] | None:
-    return None if values is None else tuple(int(v) for v in values)
+    return None if values is None else _ids(values)
+
+
+def _ids(values: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
 
 
 # ---------------------------------------------------------------- what was found on disk
@@ -330,9 +334,9 @@ class TransformersImplementation(Implementation):
     def encoded(self, result: Any) -> list[Encoded]:
         ids, mask, types = result["input_ids"], result.get("attention_mask"), result.get("token_type_ids")
         if ids and isinstance(ids[0], list):
-            return [Encoded(_tuple(row), _tuple(mask[i]) if mask else None, _tuple(types[i]) if types else None)
+            return [Encoded(_ids(row), _tuple(mask[i]) if mask else None, _tuple(types[i]) if types else None)
                     for i, row in enumerate(ids)]
-        return [Encoded(_tuple(ids), _tuple(mask), _tuple(types))]
+        return [Encoded(_ids(ids), _tuple(mask), _tuple(types))]
 
 
 class TokenizersImplementation(Implementation):
@@ -501,7 +505,7 @@ class TokenizerSuite:
     @property
     def default_reference(self) -> str:
         """What the model is normally fed by: transformers for model folders, the library itself otherwise."""
-        order = ("sentencepiece",) if self.files.kind == "sentencepiece" else ()
+        order: tuple[str, ...] = ("sentencepiece",) if self.files.kind == "sentencepiece" else ()
         order += ("transformers", "tokenizers", "sentencepiece", "transformers-python", "tiktoken")
         available = {i.name for i in self.implementations}
         return next(name for name in order if name in available)
@@ -592,7 +596,7 @@ def _transformers_rust(files: TokenizerFiles, scratch: Path, warnings: list[str]
         notes.append("BertTokenizer defaults: lowercase, Chinese characters split, [CLS]/[SEP] template")
     elif files.kind == "bpe":
         vocab = _read_json(files.bpe_vocab)
-        tokenizer = GPT2Tokenizer(vocab=vocab, merges=_read_merges(files.bpe_merges))
+        tokenizer = GPT2Tokenizer(vocab=vocab, merges=_read_merges(files.bpe_merges))  # type: ignore[arg-type]
     else:  # a bare tokenizer.json or .model: the generic class, through a scratch folder
         folder = scratch / "transformers"
         folder.mkdir(exist_ok=True)
@@ -671,7 +675,7 @@ def _transformers_python(files: TokenizerFiles, scratch: Path, rust: Transformer
         specials = {name: getattr(rust.tokenizer, name) for name in
                     ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
                     if getattr(rust.tokenizer, name, None) is not None}
-        tokenizer = BertTokenizerLegacy(vocab_file=str(vocab_file), **settings, **specials)
+        tokenizer: Any = BertTokenizerLegacy(vocab_file=str(vocab_file), **settings, **specials)
         notes.append("BertTokenizerLegacy omits token_type_ids unless asked: requested explicitly")
         return TransformersImplementation(tokenizer, "transformers-python", "Python", notes,
                                           type_ids=rust.type_ids)

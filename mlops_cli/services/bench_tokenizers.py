@@ -302,6 +302,7 @@ class _Run:
         checked = 0
         for index, text, ref_value, cand_value in self._outputs(impl, workload):
             checked += 1
+            fields: tuple[str, ...]
             if workload == "decode":
                 fields = ("text",) if ref_value != cand_value else ()
             else:

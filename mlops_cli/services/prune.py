@@ -31,9 +31,9 @@ from mlops_cli.core.loading import (
     LoadedModel,
     LoadOptions,
     ModelKind,
-    read_sidecar,
     build_architecture,
     load_model,
+    read_sidecar,
 )
 from mlops_cli.core.timing import Timing
 from mlops_cli.services.parity import ParityReport, Tolerances

@@ -98,10 +98,29 @@ def _command_modules() -> list[str]:
     return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
 
 
+def _first_sentence(text: str) -> str:
+    """A docstring's first sentence on one line: the short help shown in command listings."""
+    flat = " ".join(text.split("\n\n")[0].split())
+    end = flat.find(". ")
+    return flat if end < 0 else flat[: end + 1]
+
+
+def _set_short_help(typer_app: typer.Typer) -> None:
+    """Listings show one sentence per command; `COMMAND --help` keeps the whole docstring."""
+    for info in typer_app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if info.short_help is None and doc:
+            info.short_help = _first_sentence(doc)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _set_short_help(group.typer_instance)
+
+
 for _name in _command_modules():
     _module = importlib.import_module(f"mlops_cli.commands.{_name}")
     if hasattr(_module, "register"):
         _module.register(app)
+_set_short_help(app)
 
 
 def main() -> int:

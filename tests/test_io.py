@@ -127,3 +127,25 @@ def test_save_safetensors_with_several_metadata_keys_is_byte_identical(tmp_path)
     from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / "a.safetensors"))["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_folder_is_never_replaced_by_a_file_even_with_force(tmp_path) -> None:
+    """`-o precious --force` on a folder used to delete the folder's contents."""
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="is a folder") as info:
+        io.write_bytes(folder, b"model", force=True)
+    assert info.value.exit_code == 5
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_current_folder_and_its_parents_are_never_replaced(tmp_path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    for target in (".", "..", str(work)):
+        with pytest.raises(OutputError, match="current folder"), io.atomic_dir(target, force=True):
+            pass
+    assert (work / "data.txt").read_text() == "keep me"

@@ -231,3 +231,89 @@ def test_int8_artefacts_load_back(zoo_dir, tmp_path) -> None:
         reference = load_model(str(zoo_dir / name))
         for key, value in _outputs(reference).items():
             np.testing.assert_allclose(_outputs(quantized)[key], value, atol=0.05)
+
+
+def _rewrite_zip(source, target, replace):
+    """Copy a zip archive, replacing the members for which `replace(name, data)` returns new bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = old.read(info.filename)
+            new.writestr(info, replace(info.filename, data) or data)
+
+
+@pytest.fixture(scope="module")
+def program_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pt2") / "linear.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),)), path)
+    return path
+
+
+def test_pt2_with_pickled_weights_is_refused_without_trust_code(program_file, tmp_path) -> None:
+    """torch.export.load unpickles `use_pickle` weights with weights_only=False: that would run code."""
+    import io as bytes_io
+
+    marker = tmp_path / "pwned"
+    payload = bytes_io.BytesIO()
+    torch.save(Evil(str(marker)), payload)
+
+    def poison(name, data):
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            first = next(iter(config["config"].values()))
+            first["use_pickle"] = True
+            return json.dumps(config).encode()
+        if "/data/weights/weight_0" in name:
+            return payload.getvalue()
+        return None
+
+    evil = tmp_path / "evil.pt2"
+    _rewrite_zip(program_file, evil, poison)
+    with pytest.raises(UnsafeInputError, match="pickled Python object") as info:
+        load_model(str(evil))
+    assert "--trust-code" in info.value.hint
+    assert not marker.exists()
+
+
+def test_pt2_with_unsafe_sample_inputs_is_refused(program_file, tmp_path) -> None:
+    """Sample inputs that a safe load rejects would make torch fall back to weights_only=False."""
+    import io as bytes_io
+
+    marker = tmp_path / "pwned"
+    payload = bytes_io.BytesIO()
+    torch.save(Evil(str(marker)), payload)
+    evil = tmp_path / "evil.pt2"
+    _rewrite_zip(program_file, evil,
+                 lambda name, data: payload.getvalue() if name.endswith("sample_inputs/model.pt") else None)
+    with pytest.raises(UnsafeInputError, match="safe load refuses"):
+        load_model(str(evil))
+    assert not marker.exists()
+    assert load_model(str(program_file)).kind == ModelKind.EXPORTED  # a clean archive needs no flag
+
+
+def test_sidecar_cannot_reach_code_through_mlops_modules(zoo_dir, tmp_path) -> None:
+    """`mlops_cli.`-prefixed factories are not enough: only built-in architectures may be named by a file."""
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "evil"
+    shutil.copytree(zoo_dir / "convnet", folder)
+    for sidecar in (
+        {"arch": "mlops_cli.core.loading:build_architecture",
+         "arch_kwargs": {"arch": "subprocess:run", "arch_kwargs": {"args": ["touch", str(marker)]}}},
+        {"arch": "mlops_cli.services.prune:rebuild",
+         "arch_kwargs": {"arch": "subprocess:run", "arch_kwargs": {"args": ["touch", str(marker)]},
+                         "trust_code": True}},
+    ):
+        (folder / "mlops.json").write_text(json.dumps({"weights": "model.safetensors", **sidecar}))
+        with pytest.raises(UnsafeInputError, match="would run its code"):
+            load_model(str(folder))
+    assert not marker.exists()
+
+
+def test_exported_archives_carry_their_input_specs(cli, tmp_path) -> None:
+    """`export jit/pt2` store the input specs in the archive, so the artefacts run without --input."""
+    result = cli("export", "pt2", "builtin:convnet", "-o", tmp_path / "cv.pt2", "--repeats", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    loaded = load_model(str(tmp_path / "cv.pt2"))
+    assert loaded.input_specs == ("x:float32[batch=2,1,28,28]",)
+    assert _outputs(loaded)["output"].shape == (2, 10)

@@ -213,3 +213,69 @@ def load_tensor_file(path: str | Path, fmt: Format | None = None) -> Any:
     if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
         return torch_load_weights(path)
     raise InputError(f"{path} is {fmt.value}, not a weights file")
+
+
+# ---------------------------------------------------------------- torch.export archives and mlops metadata
+
+_PT2_CONFIGS = ("_weights_config.json", "_constants_config.json")
+_PT2_UNSAFE_CONSTANTS = ("custom_obj", "opaque_obj")
+ARCHIVE_METADATA = "extra/mlops.json"  # written into TorchScript/.pt2 archives by `mlops export jit/pt2`
+
+
+def check_exported_archive(path: str | Path) -> None:
+    """Refuse a .pt2 whose loading would unpickle arbitrary objects (exit 4).
+
+    `torch.export.load` unpickles weights/constants marked `use_pickle`, custom and opaque objects, and
+    falls back to `weights_only=False` for any pickle that a safe load rejects. We accept the archive only
+    when none of that can happen: no such entries, and every pickle inside loads with `weights_only=True`.
+    """
+    import io
+    import pickle
+
+    import torch
+
+    target = Path(path)
+    with zipfile.ZipFile(target) as archive:
+        for name in archive.namelist():
+            if name.endswith(_PT2_CONFIGS):
+                config = json.loads(archive.read(name)).get("config", {})
+                for entry, meta in config.items():
+                    path_name = str(meta.get("path_name", ""))
+                    if meta.get("use_pickle") or path_name.startswith(_PT2_UNSAFE_CONSTANTS):
+                        raise UnsafeInputError(
+                            f"{target}: {entry!r} is stored as a pickled Python object, which loading would run",
+                            hint="Pass --trust-code if you trust where the file came from.")
+            elif name.endswith((".pt", ".pkl")):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True, map_location="cpu")
+                except (pickle.UnpicklingError, RuntimeError) as exc:
+                    raise UnsafeInputError(
+                        f"{target}: {name} holds Python objects a safe load refuses",
+                        hint="Pass --trust-code if you trust where the file came from.") from exc
+
+
+def read_archive_metadata(path: str | Path) -> dict[str, Any]:
+    """The `extra/mlops.json` that `mlops export jit/pt2` store in their archives ({} when absent).
+
+    Read straight from the zip: nothing is unpickled and no TorchScript code runs.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(ARCHIVE_METADATA)), None)
+            data = json.loads(archive.read(name)) if name else {}
+    except (zipfile.BadZipFile, OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def metadata_input_specs(metadata: dict[str, Any]) -> tuple[str, ...]:
+    """`--input` style specs from archive metadata: named dims keep their example size (batch=2)."""
+    specs = []
+    for spec in metadata.get("inputs") or []:
+        try:
+            dims = [str(dim) if str(dim).isdigit() else f"{dim}={size}"
+                    for dim, size in zip(spec["dims"], spec["example_shape"], strict=True)]
+            specs.append(f"{spec['name']}:{spec['dtype']}[{','.join(dims)}]")
+        except (KeyError, TypeError, ValueError):
+            return ()
+    return tuple(specs)

@@ -26,7 +26,7 @@ def default_mode(directory: bool = False) -> int:
 
 def check_output(path: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> Path:
     """Validate an output path before any work is done, so bad outputs fail fast (exit 5)."""
-    target = Path(path)
+    target = Path(os.path.abspath(path))  # "." and "out/.." get a real name; symlinks are not followed
     if target.is_symlink():
         raise OutputError(f"refusing to write through a symbolic link: {target}",
                           hint="Give the real path as the output.")
@@ -38,6 +38,10 @@ def check_output(path: str | Path, force: bool, inputs: Iterable[str | Path] = (
                               hint="Write the output to another path.")
     if target.exists() and not force:
         raise OutputError(f"output already exists: {target}", hint="Pass --force to overwrite it.")
+    protected = {Path.cwd().resolve(), Path.home().resolve(), *Path.cwd().resolve().parents}
+    if target.is_dir() and resolved in protected:
+        raise OutputError(f"refusing to replace {target}: it is the current folder, one of its parents or home",
+                          hint="Give a new folder (or file) as the output.")
     if not target.parent.exists():
         raise OutputError(f"output folder does not exist: {target.parent}",
                           hint="Create the folder first or choose another output path.")
@@ -57,8 +61,14 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    A folder at `path` is never replaced by a file (not even with --force): that would delete its contents.
+    """
     target = check_output(path, force, inputs)
+    if target.is_dir():
+        raise OutputError(f"{target} is a folder; this output is a single file",
+                          hint="Give a file path, e.g. inside that folder.")
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     temp = Path(temp_name)
@@ -67,8 +77,6 @@ def atomic_file(path: str | Path, force: bool = False, inputs: Iterable[str | Pa
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(temp, default_mode())
-        if target.is_dir():
-            shutil.rmtree(target)
         os.replace(temp, target)
         _fsync_dir(target.parent)
     except BaseException:

@@ -1,8 +1,9 @@
 """Model references -> loaded models. One MODEL argument, many kinds, detected by content.
 
 Safe by default: weights load with `weights_only=True` or from safetensors, keys are matched strictly
-(missing, unexpected and mis-shaped keys are named in the error), and code-carrying formats
-(TorchScript, `trust_remote_code` models, architectures named by a file) need an explicit trust flag.
+(missing, unexpected and mis-shaped keys are named in the error), code-carrying formats (TorchScript,
+`trust_remote_code` models, .pt2 archives holding pickles) need an explicit trust flag, and architecture code
+runs only when the user names it with `--arch` or it is one of mlops' built-ins.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
-from mlops_cli.core.formats import SIDECAR, WEIGHT_FORMATS, Format, detect_format, load_tensor_file
+from mlops_cli.core.formats import (
+    SIDECAR,
+    WEIGHT_FORMATS,
+    Format,
+    check_exported_archive,
+    detect_format,
+    load_tensor_file,
+    metadata_input_specs,
+    read_archive_metadata,
+)
 
 BUILTIN_PREFIX = "builtin:"
 QUANTIZATION_INFO = "quantization.json"  # an HF folder whose weights are dynamic-int8 (`mlops compress int8`)
 PACKED_PARAMS = "._packed_params"  # marks the layers of a dynamically quantised state_dict
+PRUNE_REBUILD = "mlops_cli.services.prune:rebuild"  # factory of structurally pruned built-in architectures
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "weights", "ema")
 TASK_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -99,7 +110,7 @@ def load_model(reference: str, options: LoadOptions | None = None) -> LoadedMode
     if fmt == Format.TORCHSCRIPT:
         return _load_torchscript(path, options)
     if fmt == Format.EXPORTED_PROGRAM:
-        return _load_exported(path)
+        return _load_exported(path, options)
     if fmt == Format.ONNX:
         check_onnx_external_data(path)
         return LoadedModel(reference, ModelKind.ONNX, fmt, path=path)
@@ -261,10 +272,9 @@ def _load_weights_file(path: Path, fmt: Format, options: LoadOptions, sidecar: d
                          hint="Pass --arch module.path:Factory (or file.py:Factory) and --arch-kwargs if needed. "
                               "`mlops inspect` shows what the file holds.")
     arch_kwargs = options.arch_kwargs or dict(sidecar.get("arch_kwargs") or {})
-    if not options.arch and not str(arch).startswith("mlops_cli."):
-        raise UnsafeInputError(f"{path.parent / SIDECAR} names the architecture {arch}, which would run its code",
-                               hint=f"Pass --arch {arch} yourself if you trust it.")
-    module = build_architecture(arch, arch_kwargs, trust_code=True)
+    if not options.arch:
+        check_sidecar_architecture(str(arch), arch_kwargs, path.parent / SIDECAR)
+    module = build_architecture(arch, arch_kwargs)
     state_dict = strip_prefix(state_dict, options.strip_prefix)
     if any(PACKED_PARAMS in key for key in state_dict):
         module = _load_int8(module, state_dict)
@@ -273,6 +283,20 @@ def _load_weights_file(path: Path, fmt: Format, options: LoadOptions, sidecar: d
     return LoadedModel(str(path), ModelKind.MODULE, fmt, module=module.eval(), path=path,
                        input_specs=tuple(sidecar.get("inputs") or ()), arch=arch, arch_kwargs=arch_kwargs,
                        checkpoint_extras=extras, state_key=key)
+
+
+def check_sidecar_architecture(arch: str, arch_kwargs: dict[str, Any], sidecar: Path) -> None:
+    """A file may only name mlops' own built-in architectures (or their pruned rebuild): anything else
+    would let a downloaded folder run code. The user's own `--arch` is the explicit way to trust code."""
+    from mlops_cli.zoo import ARCH_PATHS
+
+    builtin = set(ARCH_PATHS.values())
+    trusted = arch in builtin or (
+        arch == PRUNE_REBUILD and arch_kwargs.get("arch") in builtin and "trust_code" not in arch_kwargs)
+    if not trusted:
+        named = arch_kwargs.get("arch", arch) if arch == PRUNE_REBUILD else arch
+        raise UnsafeInputError(f"{sidecar} names the architecture {named}, which would run its code",
+                               hint="If you trust it, pass --arch (and --arch-kwargs) yourself.")
 
 
 def is_tensor_dict(value: Any) -> bool:
@@ -308,8 +332,13 @@ def strip_prefix(state_dict: dict[str, Any], prefix: str | None) -> dict[str, An
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
-def build_architecture(arch: str, arch_kwargs: dict[str, Any], trust_code: bool) -> Any:
-    """Import `module.path:Factory` or `path/to/file.py:Factory` and call it with `arch_kwargs`."""
+def build_architecture(arch: str, arch_kwargs: dict[str, Any], trust_code: bool = True) -> Any:
+    """Import `module.path:Factory` or `path/to/file.py:Factory` and call it with `arch_kwargs`.
+
+    This runs the named code: callers pass only what the user named with `--arch` (explicit consent) or
+    what `check_sidecar_architecture` accepted. `trust_code` is kept for callers that state it.
+    """
+    del trust_code  # the decision is the caller's (see above); nothing here can check it
     target, sep, attribute = arch.rpartition(":")
     if not sep or not target or not attribute:
         raise UsageError(f"--arch {arch!r} is not of the form module.path:Factory or file.py:Factory")
@@ -379,17 +408,23 @@ def _load_torchscript(path: Path, options: LoadOptions) -> LoadedModel:
         module = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as exc:
         raise InputError(f"{path} could not be loaded as TorchScript: {str(exc).splitlines()[0]}") from exc
-    return LoadedModel(str(path), ModelKind.TORCHSCRIPT, Format.TORCHSCRIPT, module=module.eval(), path=path)
+    specs = metadata_input_specs(read_archive_metadata(path))
+    return LoadedModel(str(path), ModelKind.TORCHSCRIPT, Format.TORCHSCRIPT, module=module.eval(), path=path,
+                       input_specs=specs)
 
 
-def _load_exported(path: Path) -> LoadedModel:
+def _load_exported(path: Path, options: LoadOptions) -> LoadedModel:
     import torch
 
+    if not options.trust_code:
+        check_exported_archive(path)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise InputError(f"{path} could not be loaded as a torch.export program: {str(exc).splitlines()[0]}") from exc
-    return LoadedModel(str(path), ModelKind.EXPORTED, Format.EXPORTED_PROGRAM, module=program.module(), path=path)
+    specs = metadata_input_specs(read_archive_metadata(path))
+    return LoadedModel(str(path), ModelKind.EXPORTED, Format.EXPORTED_PROGRAM, module=program.module(), path=path,
+                       input_specs=specs)
 
 
 def check_onnx_external_data(path: Path) -> None:

@@ -349,6 +349,59 @@ def test_command_tables_and_engine_loop(cli: Any) -> None:
     assert "loop" in result.stdout and "TTFT" in result.stdout
 
 
+def _narrow(*args: str) -> Any:
+    """The command at 80 columns (CI logs, pipes): the `cli` fixture runs at 160."""
+    from typer.testing import CliRunner
+
+    from mlops_cli.app import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "80", "NO_COLOR": "1"})
+
+
+def _texts_column(stdout: str) -> dict[str, str]:
+    """The `texts` table read back: strategy -> its generated text, wrapped lines joined by one space."""
+    texts: dict[str, list[str]] = {}
+    strategy = ""
+    in_table = False
+    for line in stdout.splitlines():
+        in_table = in_table or line.startswith("texts")
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if not in_table or len(cells) < 3:
+            continue
+        strategy = cells[0] or strategy
+        texts.setdefault(strategy, []).append(cells[-1])
+    return {name: " ".join(piece for piece in pieces if piece) for name, pieces in texts.items()}
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "all"])
+def test_command_at_80_columns_shows_every_generated_text_within_the_width(cli: Any, strategy: str) -> None:
+    args = [TINY, "--prompt", "The model", "--strategy", strategy, "--max-new-tokens", "12", "--warmup", "0",
+            "--device", "cpu"]
+    reference = cli("generate", *args, "--json")
+    assert reference.exit_code == 0, reference.stderr
+    result = _narrow("generate", *args)
+    assert result.exit_code == 0, result.stderr
+    from rich.cells import cell_len
+
+    assert max(cell_len(line) for line in result.stdout.splitlines()) <= 80
+    assert "peak mem" in result.stdout and "total" in result.stdout  # the last figure columns are not cut off
+    shown = _texts_column(result.stdout)
+    expected = {r["strategy"]: r["outputs"][0]["text"] for r in reference.json()["results"]}
+    assert set(shown) == set(expected)
+    greedy = expected["greedy"]
+    assert greedy.split() and shown["greedy"].split() == greedy.split()  # the whole text, every word
+    for name, text in shown.items():
+        assert text, f"{name}: empty text column"
+
+
+@pytest.mark.parametrize("spelling", ["--repeat", "--repeats"])
+def test_command_accepts_both_repeat_spellings(cli: Any, spelling: str) -> None:
+    result = cli("generate", TINY, "-p", PROMPT, "--max-new-tokens", "3", "--warmup", "0", "--device", "cpu",
+                 spelling, "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["results"][0]["metrics"]["runs"] == 2
+
+
 def test_command_stream_prints_text_before_the_tables(cli: Any) -> None:
     result = cli("generate", TINY, "-p", PROMPT, "--stream", "--max-new-tokens", "5", "--device", "cpu")
     assert result.exit_code == 0, result.stderr

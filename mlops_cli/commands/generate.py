@@ -116,7 +116,8 @@ def generate_command(
         "--fixed-length", panel=MEASURING,
         help="Ignore EOS and generate exactly --max-new-tokens tokens (benchmarking); checked (exit 6).")] = False,
     repeat: Annotated[int, _opt(
-        "--repeat", panel=MEASURING, min=1, help="Measured runs per strategy: median and spread.")] = 1,
+        "--repeat", "--repeats", panel=MEASURING, min=1,
+        help="Measured runs per strategy: median and spread (--repeats, as in the other commands, works too).")] = 1,
     warmup: Annotated[int, _opt("--warmup", panel=MEASURING, min=0, help="Untimed runs before measuring.")] = 1,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -1,4 +1,7 @@
-"""Tables for `mlops generate`: the run's setup, one row per strategy (text and figures), the explain table."""
+"""Tables for `mlops generate`: the run's setup, the figures per strategy, the generated texts, the explain table.
+
+Figures and texts are separate tables so that the texts stay readable at 80 columns (CI logs, pipes).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ from mlops_cli.render import fmt_bytes, fmt_ms, fmt_pct, key_values, note, stdou
 
 METRICS_NOTE = ("TTFT: call to first generated token. tok/s and per-token latency p50 / p90 (time between "
                 "consecutive tokens): after the first token. Medians over the measured runs; total ± half its "
-                "range. Full text and all figures: --json.")
+                "range. All figures and token ids: --json.")
 
 
-TEXT_LIMIT = 60  # characters of generated text per table cell; --json has it all
+TEXT_LIMIT = 400  # characters of generated text shown per output; --json has it all
+PROMPT_LIMIT = 24  # characters of a batch's prompt shown beside its text
+TITLE_LIMIT = 60  # characters of the prompt in the explain table's title
 
 
 def _visible(text: str, limit: int | None = None) -> str:
@@ -82,28 +87,33 @@ def _total(metrics: Any) -> str:
 
 
 def results_table(report: Any) -> RenderableType:
-    """One row per strategy (per prompt in a batch): its text and its figures."""
-    batch = report.batch_size > 1
+    """One row per strategy: its figures. Every column may wrap, so the table fits a narrow terminal."""
     mixed = len({r.engine for r in report.results}) > 1  # --engine loop with beam strategies
-    columns = ["strategy", *(["engine"] if mixed else []), *(["prompt"] if batch else []), "text", "new",
-               "TTFT", "tok/s", "p50 / p90", "total", "peak mem"]
+    columns = ["strategy", *(["engine"] if mixed else []), "TTFT", "tok/s", "p50 / p90", "total", "peak mem"]
     rows = []
     for result in report.results:
         metrics = result.metrics
-        figures = [fmt_ms(metrics.ttft.median_ms) if metrics.ttft else "-", _rate(metrics.decode_tokens_per_s),
-                   _latency(metrics), _total(metrics), fmt_bytes(metrics.peak_memory_bytes)]
+        rows.append([result.strategy, *([result.engine] if mixed else []),
+                     fmt_ms(metrics.ttft.median_ms) if metrics.ttft else "-", _rate(metrics.decode_tokens_per_s),
+                     _latency(metrics), _total(metrics), fmt_bytes(metrics.peak_memory_bytes)])
+    numeric = ("TTFT", "tok/s", "p50 / p90", "total", "peak mem")
+    return table("results", columns, rows, numeric=numeric, caption=METRICS_NOTE)
+
+
+def texts_table(report: Any) -> RenderableType:
+    """The generated texts (and their new-token counts) in a table of their own: the text column gets what the
+    labels leave of the width, however many figure columns the results table has."""
+    batch = report.batch_size > 1
+    columns = ["strategy", *(["prompt"] if batch else []), "new", "generated text"]
+    rows = []
+    for result in report.results:
         for index, output in enumerate(result.outputs):
-            head = [result.strategy if index == 0 else "", *([result.engine if index == 0 else ""] if mixed else [])]
             text = _visible(output.text, TEXT_LIMIT)
             if output.stop_reason != "max_new_tokens":
                 text += f" [{output.stop_reason}]"
-            cells = [*head, *([_visible(output.prompt, 16)] if batch else []), text, output.new_tokens]
-            rows.append(cells + (figures if index == 0 else [""] * len(figures)))
-    numeric = ("new", "TTFT", "tok/s", "p50 / p90", "total", "peak mem")
-    result = _no_wrap(table("results", columns, rows, numeric=numeric, caption=METRICS_NOTE),
-                      ("strategy", "engine", *numeric))
-    result.columns[columns.index("text")].min_width = 16 if batch else 20
-    return result
+            rows.append([result.strategy if index == 0 else "",
+                         *([_visible(output.prompt, PROMPT_LIMIT)] if batch else []), output.new_tokens, text])
+    return table("texts", columns, rows, numeric=("new",))
 
 
 def explain_table(explanation: Any) -> RenderableType:
@@ -122,13 +132,14 @@ def explain_table(explanation: Any) -> RenderableType:
                  None: ""}[explanation.matches_greedy]
     caption = ("Candidates by probability after the logits processors (what greedy picks from); the chosen one is "
                "bold. KV-cached." + agreement)
-    title = f"explain: greedy step by step for {_visible(explanation.prompt, TEXT_LIMIT)!r}"
+    title = f"explain: greedy step by step for {_visible(explanation.prompt, TITLE_LIMIT)!r}"
     return _no_wrap(table(title, columns, rows, numeric=("step",), caption=caption), ("step",))
 
 
 def generate_tables(report: Any) -> Iterable[RenderableType]:
     yield setup_table(report)
     yield results_table(report)
+    yield texts_table(report)
     if report.explanation is not None:
         yield explain_table(report.explanation)
     for result in report.results:

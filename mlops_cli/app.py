@@ -55,16 +55,32 @@ def load_job_file(path: Path) -> dict[str, Any]:
         raise InputError(f"job file {path} could not be read: {exc}") from exc
     if not isinstance(data, dict):
         raise InputError(f"job file {path} must map command names to their options")
-    return _normalise_keys(data)
+    return data
 
 
-def _normalise_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """Option names may be written as on the command line (`max-new-tokens`) or as parameters."""
-    return {
-        (key.replace("-", "_") if not isinstance(value, dict) else key): (
-            _normalise_keys(value) if isinstance(value, dict) else value)
-        for key, value in data.items()
-    }
+def resolve_job_keys(command: Any, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Map a job file onto the command tree: keys name commands (or groups), then options, written as
+    parameters (`max_new_tokens`) or as on the command line (`max-new-tokens`, `json`). A key that names
+    nothing is an error, never a silently ignored setting."""
+    from mlops_cli.core.errors import UsageError
+
+    subcommands = getattr(command, "commands", None)
+    resolved: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if subcommands is not None:
+            if key not in subcommands or not isinstance(value, dict):
+                raise UsageError(f"job file: {path!r} is not a command here",
+                                 hint=f"Commands: {', '.join(sorted(subcommands))}.")
+            resolved[key] = resolve_job_keys(subcommands[key], value, f"{path}.")
+            continue
+        aliases = {flag.lstrip("-").replace("-", "_"): param.name
+                   for param in command.params for flag in [param.name or "", *getattr(param, "opts", [])]}
+        if key.replace("-", "_") not in aliases:
+            raise UsageError(f"job file: {where.rstrip('.')!r} has no option {key!r}",
+                             hint=f"Its options: {', '.join(sorted(k for k in aliases if len(k) > 1))}.")
+        resolved[aliases[key.replace("-", "_")]] = value
+    return resolved
 
 
 def _config(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -73,7 +89,8 @@ def _config(ctx: typer.Context, value: Path | None) -> Path | None:
         from mlops_cli.core.errors import MlopsError
 
         try:
-            ctx.default_map = {**(ctx.default_map or {}), **load_job_file(value)}
+            job = resolve_job_keys(ctx.command, load_job_file(value))
+            ctx.default_map = {**(ctx.default_map or {}), **job}
         except MlopsError as exc:
             render.error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None

@@ -128,3 +128,32 @@ def test_bad_job_file_is_exit_3(cli, tmp_path) -> None:
     job.write_text("- just\n- a list\n")
     result = cli("--config", job, "zoo", "list")
     assert result.exit_code == 3 and "must map command names" in result.stderr
+
+
+def test_job_file_typos_are_usage_errors(cli, tmp_path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("zoo:\n  save:\n    forse: true\n")
+    result = cli("--config", job, "zoo", "list")
+    assert result.exit_code == 2 and "'zoo.save' has no option 'forse'" in result.stderr
+    job.write_text("zooo:\n  list: {}\n")
+    result = cli("--config", job, "zoo", "list")
+    assert result.exit_code == 2 and "'zooo' is not a command" in result.stderr
+
+
+def test_job_file_accepts_command_line_option_names(cli, tmp_path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("zoo:\n  list:\n    json: true\n")
+    result = cli("--config", job, "zoo", "list")
+    assert result.exit_code == 0
+    assert result.json()["models"]
+
+
+def test_paths_with_brackets_are_not_read_as_markup(cli, zoo_dir, tmp_path) -> None:
+    import shutil
+
+    for name in ("run[1]", "cv[/bold]"):
+        folder = tmp_path / name
+        shutil.copytree(zoo_dir / "convnet", folder)
+        result = cli("inspect", folder / "model.safetensors")
+        assert result.exit_code == 0, result.stderr
+        assert f"Checkpoint:{folder / 'model.safetensors'}" in "".join(result.stdout.split())  # titles wrap

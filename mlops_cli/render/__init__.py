@@ -83,8 +83,12 @@ def emit(report: Any, as_json: bool, human: Callable[[Any], Iterable[RenderableT
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
           numeric: Sequence[str] = (), caption: str | None = None) -> Table:
-    """A table in the house style; columns named in `numeric` are right-aligned."""
-    result = Table(title=title, title_justify="left", title_style="bold", caption=caption,
+    """A table in the house style; columns named in `numeric` are right-aligned.
+
+    Titles, captions and cells are plain text: a path like `run[1]/model.pt` must not be read as markup.
+    """
+    result = Table(title=Text(title, style="bold"), title_justify="left",
+                   caption=Text(caption) if caption is not None else None,
                    caption_justify="left", header_style="bold cyan", show_lines=False)
     for column in columns:
         result.add_column(column, justify="right" if column in numeric else "left", overflow="fold")

@@ -1,8 +1,12 @@
 # `make demo` and `make test` set everything up first (idempotent: a second run does nothing slow).
-# GPU boxes: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# torch comes first and pinned to the CPU build (`+cpu`), so no dependency can pull a multi-GB CUDA build.
+# Where that wheel is not on local disk, name PyTorch's CPU index:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# GPU boxes: make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -13,8 +17,7 @@ setup: $(STAMP)
 # The stamp depends on pyproject.toml, so a dependency change reinstalls and nothing else does.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# Pinned CPU torch first, so no dependency pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[dev,extras]'
 	touch $(STAMP)
 

@@ -192,7 +192,8 @@ def test_artefacts_load_back_through_the_model_reference_rules(bert_jit, cli):
 
 def test_trace_with_batch_branch_fails_naming_the_shape(cli, arch_dir, tmp_path):
     output = tmp_path / "branch.pt"
-    result = cli("export", "jit", *arch_args(arch_dir, "BatchBranch"), "-o", output, "--json", *FAST)
+    result = cli("export", "jit", *arch_args(arch_dir, "BatchBranch"), "-o", output, "--json", "--discard-failed",
+                 *FAST)
     assert result.exit_code == 6, result.stderr
     report = result.json()
     shapes = {s["label"]: s["passed"] for s in report["artefacts"][0]["parity"]["shapes"]}
@@ -206,7 +207,7 @@ def test_trace_with_batch_branch_fails_naming_the_shape(cli, arch_dir, tmp_path)
 
 def test_trace_and_export_of_a_sequence_loop_fail_at_other_lengths(arch_dir, tmp_path):
     weights, _, arch, _, spec = arch_args(arch_dir, "SequenceLoop")
-    settings = ExportSettings(input_specs=(spec,), repeats=0)
+    settings = ExportSettings(input_specs=(spec,), repeats=0, keep_failed=False)
     traced = export_torchscript(weights, tmp_path / "loop.pt", LoadOptions(arch=arch), settings=settings)
     assert not traced.passed and "sequence=" in traced.verdict and "(export shape)" not in traced.verdict
     exported = export_program(weights, tmp_path / "loop.pt2", LoadOptions(arch=arch), settings=settings)
@@ -224,9 +225,9 @@ def test_script_mode_keeps_the_control_flow(cli, arch_dir, tmp_path):
     assert result.json()["mode"] == "script" and result.json()["passed"]
 
 
-def test_keep_failed_writes_the_failing_artefact(cli, arch_dir, tmp_path):
+def test_a_failing_artefact_is_kept_by_default_like_export_onnx(cli, arch_dir, tmp_path):
     output = tmp_path / "branch.pt2"
-    result = cli("export", "pt2", *arch_args(arch_dir, "BatchBranch"), "-o", output, "--keep-failed", *FAST)
+    result = cli("export", "pt2", *arch_args(arch_dir, "BatchBranch"), "-o", output, *FAST)
     assert result.exit_code == 6
     assert output.exists() and detect_format(output) == Format.EXPORTED_PROGRAM
     assert "Guard failed" in result.stdout or "Guard failed" in result.stderr

@@ -41,8 +41,10 @@ class JitMode(str, Enum):
 
 RepeatsOpt = Annotated[int, typer.Option("--repeats", min=0, help="Timed runs per shape in the verification "
                                                                   "(0: compare only, no latency table).")]
-KeepFailedOpt = Annotated[bool, typer.Option("--keep-failed", help="Write the artefact even when the verification "
-                                                                   "fails (the exit code is still 6).")]
+KeepFailedOpt = Annotated[bool, typer.Option(
+    "--keep-failed/--discard-failed",
+    help="Keep an artefact that fails verification beside the verdict, for inspection (exit code 6 either way), "
+         "as `export onnx` does; --discard-failed writes nothing then.")]
 
 
 def _settings(input_specs: list[str] | None, seed: int, atol: list[str] | None, rtol: list[str] | None,
@@ -83,7 +85,7 @@ def jit_command(
     rtol: RtolOpt = None,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
-    keep_failed: KeepFailedOpt = False,
+    keep_failed: KeepFailedOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -128,7 +130,7 @@ def pt2_command(
     rtol: RtolOpt = None,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
-    keep_failed: KeepFailedOpt = False,
+    keep_failed: KeepFailedOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,

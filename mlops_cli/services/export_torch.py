@@ -3,9 +3,10 @@
 A trace records one run of the model: Python control flow that depends on a shape (`if x.shape[0] > 2`,
 a loop over `x.size(1)`) is frozen at the traced shape, and torch.export specialises such dims the same
 way. So every artefact is written, loaded back through the MODEL reference rules, and compared with the
-eager model by the parity engine on the export shape AND on other batch/sequence sizes; the artefact is
-moved into place only when every shape passes (or with `keep_failed`), so a shape-specialised export
-fails with exit 6 naming the shape that broke instead of passing at the one shape it was made with.
+eager model by the parity engine on the export shape AND on other batch/sequence sizes. A shape-specialised
+export fails with exit 6 naming the shape that broke instead of passing at the one shape it was made with;
+the failing artefact is kept beside the verdict for inspection, as `export onnx` does (`keep_failed=False`
+writes nothing then).
 
 Models are wrapped (`PositionalModel`) so the artefact takes positional tensors in the order of the input
 specs (input_ids, attention_mask, token_type_ids for BERT) and returns a dict of named tensors when the
@@ -55,7 +56,7 @@ class ExportSettings:
     device: str = "cpu"
     repeats: int = 10  # timed runs per shape in the verification; 0 = no timing
     force: bool = False
-    keep_failed: bool = False  # write the artefact even when verification fails
+    keep_failed: bool = True  # keep an artefact that fails verification (exit 6 either way), as export onnx does
 
 
 @dataclass(frozen=True)
@@ -473,8 +474,8 @@ def _report(job: _Job, exporter: str, mode: str, artefacts: tuple[Artefact, ...]
                if failed is None else f"{Path(failed.path).name}: {failed.parity.verdict}")
     notes = list(extra.pop("notes", []))
     if failed is not None:
-        notes.append("the failing artefact was written anyway (--keep-failed)" if failed.written else
-                     f"{failed.path} was not written (verification failed); --keep-failed writes it anyway")
+        notes.append(f"{failed.path} was kept for inspection; it failed verification (--discard-failed drops it)"
+                     if failed.written else f"{failed.path} was not written (verification failed, --discard-failed)")
     return TorchExportReport(
         exporter=exporter, mode=mode, source=job.loaded.reference, source_kind=job.loaded.kind.value,
         device=job.device, inputs=_artefact_inputs(job), outputs=tuple(job.output_names),

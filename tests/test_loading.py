@@ -231,6 +231,10 @@ def test_int8_artefacts_load_back(zoo_dir, tmp_path) -> None:
         reference = load_model(str(zoo_dir / name))
         for key, value in _outputs(reference).items():
             np.testing.assert_allclose(_outputs(quantized)[key], value, atol=0.05)
+        from mlops_cli.services.inspect import inspect_path
+
+        report = inspect_path(str(tmp_path / name))  # the packed int8 weights are listed, not a crash
+        assert "qint8" in {d.dtype for d in report.dtypes}
 
 
 def _rewrite_zip(source, target, replace):

@@ -115,8 +115,27 @@ def _safetensors_info(name: str, info: dict[str, Any]) -> TensorInfo:
 
 
 def _tensor_infos(state_dict: dict[str, Any]) -> list[TensorInfo]:
-    return [TensorInfo(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel() * t.element_size())
-            for name, t in state_dict.items()]
+    """One row per tensor; the packed (weight, bias) pairs of an int8 state_dict count as their tensors."""
+    import torch
+
+    infos = []
+    for name, value in state_dict.items():
+        parts = [(name, value)] if isinstance(value, torch.Tensor) else [
+            (f"{name}.{i}", part) for i, part in enumerate(value if isinstance(value, (tuple, list)) else ())
+            if isinstance(part, torch.Tensor)]
+        infos += [TensorInfo(part_name, str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                             t.numel() * t.element_size()) for part_name, t in parts]
+    return infos
+
+
+def _state_infos(content: Any) -> tuple[list[TensorInfo], str | None]:
+    """The tensors of a loaded pickle: the whole dict, or the state_dict under a well-known checkpoint key."""
+    if is_tensor_dict(content):
+        return _tensor_infos(content), None
+    if not isinstance(content, dict):
+        return [], None
+    state_key = next((k for k in CHECKPOINT_KEYS if is_tensor_dict(content.get(k))), None)
+    return (_tensor_infos(content[state_key]) if state_key else []), state_key
 
 
 def _inspect_torch_pickle(path: Path, fmt: Format) -> InspectReport:
@@ -125,8 +144,7 @@ def _inspect_torch_pickle(path: Path, fmt: Format) -> InspectReport:
         return _report(path, fmt, _tensor_infos(content))
     if not isinstance(content, dict):
         return _report(path, fmt, [], notes=(f"holds a {type(content).__name__}, not a dict",))
-    state_key = next((k for k in CHECKPOINT_KEYS if is_tensor_dict(content.get(k))), None)
-    infos = _tensor_infos(content[state_key]) if state_key else []
+    infos, state_key = _state_infos(content)
     entries = {str(k): summarize_value(v) for k, v in content.items() if k != state_key}
     notes = () if state_key else ("no state_dict found under a well-known key; use --key with other commands",)
     return _report(path, fmt, infos, state_key=state_key, checkpoint_entries=entries, notes=notes)
@@ -170,9 +188,10 @@ def _inspect_folder(folder: Path, fmt: Format) -> InspectReport:
         if name.endswith(".safetensors"):
             tensors, metadata = read_safetensors_header(member)
             infos += [_safetensors_info(n, i) for n, i in tensors.items()]
-        elif name.endswith(".bin") or name.endswith(".pt") or name.endswith(".pth"):
-            sub = _inspect_torch_pickle(member, detect_format(member))
-            notes.append(f"{name}: {sub.tensor_count} tensors (torch pickle, loaded weights_only)")
+        elif name.endswith((".bin", ".pt", ".pth")):
+            pickled, _ = _state_infos(load_tensor_file(member))
+            infos += pickled
+            notes.append(f"{name}: {len(pickled)} tensors (torch pickle, loaded weights_only)")
     if not infos and not notes:
         notes.append("no weight files found in the folder")
     tokenizer_files = [n for n in files if n.startswith("tokenizer") or n in ("vocab.txt", "vocab.json", "merges.txt")]

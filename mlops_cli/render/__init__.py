@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console, RenderableType
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -130,6 +129,8 @@ def progress(description: str, total: float | None = None, quiet: bool = False) 
     if quiet or not sys.stderr.isatty() or os.environ.get("CI"):
         yield lambda *args, **kwargs: None
         return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # only when shown
+
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=stderr(), transient=True) as bar:
         task = bar.add_task(description, total=total)

@@ -268,37 +268,17 @@ def test_no_verify_skips_the_parity_check(cli, out) -> None:
 # ---------------------------------------------------------------- job files
 
 
-def _command(path: list[str]):
-    import typer.main
-
-    from mlops_cli.app import app
-
-    command = typer.main.get_command(app)
-    for name in path:
-        command = command.commands[name]  # type: ignore[attr-defined]
-    return command
-
-
-def _option_sections(data: dict, path: list[str]):
-    """(command path, options) for every command section of a job file."""
-    if all(isinstance(value, dict) for value in data.values()) and data:
-        for name, value in data.items():
-            yield from _option_sections(value, [*path, name])
-    else:
-        yield path, data
-
-
 @pytest.mark.parametrize("job_file", sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.*")),
                          ids=lambda p: p.name)
 def test_every_job_file_names_real_commands_and_options(job_file) -> None:
-    from mlops_cli.app import load_job_file
+    """Through the resolver `--config` uses: a key naming no command or option raises UsageError."""
+    import typer.main
+
+    from mlops_cli.app import app, load_job_file, resolve_job_keys
 
     data = load_job_file(job_file)
     assert data, f"{job_file} is empty"
-    for path, options in _option_sections(data, []):
-        command = _command(path)
-        known = {param.name for param in command.params}
-        assert set(options) <= known, f"{job_file}: {' '.join(path)} has unknown options {set(options) - known}"
+    assert resolve_job_keys(typer.main.get_command(app), data)
 
 
 def test_ci_job_file_drives_export_and_verify_parity(cli, out) -> None:
@@ -362,3 +342,77 @@ def test_a_graph_the_checker_rejects_fails_without_verification(tmp_path, monkey
     assert not report.passed and report.verification is None
     assert report.verdict == "onnx.checker rejected lenet.onnx: Field 'type' of 'value_info' is required"
     assert (tmp_path / "lenet.onnx").is_file()  # kept for inspection
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+def _metadata(path: Path) -> dict[str, int]:
+    """How many metadata entries of each kind an ONNX file carries."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    values = [*graph.input, *graph.output, *graph.value_info, *graph.initializer]
+    return {"node": sum(len(node.metadata_props) for node in graph.node),
+            "graph": sum(prop.key.startswith("pkg.torch.") for prop in graph.metadata_props),
+            "value": sum(len(value.metadata_props) for value in values),
+            "doc": sum(bool(node.doc_string) for node in graph.node)}
+
+
+@pytest.mark.slow
+def test_dynamo_export_carries_no_stack_traces_or_local_paths(bert, out) -> None:
+    data = (out / "bert.onnx").read_bytes()
+    repo = str(Path(service.__file__).resolve().parents[2]).encode()
+    assert repo not in data and b"stack_trace" not in data and b"pkg.torch" not in data
+    assert _metadata(out / "bert.onnx") == {"node": 0, "graph": 0, "value": 0, "doc": 0}
+    assert bert["passed"] and bert["files"]["bert.onnx"] < 300_000  # 528 KB with the exporter's metadata
+    assert dims(bert) == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
+                          "token_type_ids": ["batch", "sequence"]}
+    assert onnx.load(str(out / "bert.onnx")).opset_import[0].version == 20
+
+
+@pytest.mark.slow
+def test_dynamo_export_is_byte_identical_and_keep_metadata_keeps_it(tmp_path) -> None:
+    loaded = load_model("builtin:lenet")
+    example = example_inputs(loaded)
+    first, second, kept = (service.write_onnx(loaded, tmp_path / name, example, exporter="dynamo",
+                                              keep_metadata=name == "kept.onnx")
+                           for name in ("first.onnx", "second.onnx", "kept.onnx"))
+    assert first.exporter_used == second.exporter_used == kept.exporter_used == "dynamo"
+    assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "second.onnx").read_bytes()
+    stripped, full = _metadata(tmp_path / "first.onnx"), _metadata(tmp_path / "kept.onnx")
+    assert stripped == {"node": 0, "graph": 0, "value": 0, "doc": 0}
+    assert full["node"] > 0 and full["graph"] > 0
+    assert b"stack_trace" in (tmp_path / "kept.onnx").read_bytes()
+    assert service.graph_info(tmp_path / "first.onnx") == service.graph_info(tmp_path / "kept.onnx")
+
+
+def test_unknown_per_output_tolerance_is_a_usage_error(cli, out) -> None:
+    target = out / "override.onnx"
+    result = cli("export", "onnx", "builtin:convnet", "-o", target, "--exporter", "legacy", "--repeats", "1",
+                 "--atol", "logits=1e-3", "--json")
+    assert result.exit_code == 2, result.stderr
+    assert "'logits'" in result.stderr and "the outputs are: output" in result.stderr
+    assert result.stdout == "" and not target.exists()
+
+
+def test_leftover_data_file_beside_a_new_output_needs_force(cli, out) -> None:
+    target, data = out / "fresh.onnx", out / "fresh.onnx.data"
+    data.write_bytes(b"someone else's weights")
+    refused = cli("export", "onnx", "builtin:convnet", "-o", target, "--exporter", "legacy", "--repeats", "1")
+    assert refused.exit_code == 5 and "fresh.onnx.data" in refused.stderr and "--force" in refused.stderr
+    assert data.read_bytes() == b"someone else's weights" and not target.exists()
+    forced = cli("export", "onnx", "builtin:convnet", "-o", target, "--exporter", "legacy", "--repeats", "1",
+                 "--force")
+    assert forced.exit_code == 0, forced.stderr
+    assert target.is_file() and not data.exists()  # one-file export: the stale .data is gone
+
+
+def test_repeats_0_skips_timing(cli, out) -> None:
+    result = cli("export", "onnx", "builtin:convnet", "-o", out / "untimed.onnx", "--exporter", "legacy",
+                 "--repeats", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    shapes = result.json()["verification"]["shapes"]
+    assert shapes and all(s["passed"] and s["reference_latency"] is None and s["speed_ratio"] is None
+                          for s in shapes)
+    negative = cli("export", "onnx", "builtin:convnet", "-o", out / "neg.onnx", "--repeats", "-1")
+    assert negative.exit_code == 2

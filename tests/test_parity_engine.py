@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlops_cli.core.compare import PRESETS, compare_arrays
+from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.inputs import InputSet
 from mlops_cli.core.runtimes import Runner
 from mlops_cli.services.parity import Tolerances, check_parity
@@ -154,3 +155,39 @@ def test_worst_output_names_the_furthest_failure() -> None:
     report = check(lambda x: {"a": x, "b": x}, lambda x: {"a": x + 1e-3, "b": x + 1.0},
                    tolerances=Tolerances(1e-4, 0.0))
     assert worst_output(report) == "b at batch=3" or worst_output(report) == "b at batch=1"
+
+
+def test_fixed_shape_hint_only_for_size_errors() -> None:
+    def broken(x):
+        raise RuntimeError("unsupported operator aten::frobnicate")
+
+    def fixed(x):
+        raise RuntimeError("The size of tensor a (3) must match the size of tensor b (2) at non-singleton dimension 0")
+
+    unrelated = check(lambda x: {"output": x}, broken)
+    assert "candidate failed at batch=1: unsupported operator" in unrelated.verdict
+    assert "fixed shapes" not in unrelated.verdict
+    assert "(was it traced or exported with fixed shapes?)" in check(lambda x: {"output": x}, fixed).verdict
+
+
+@pytest.mark.parametrize("side", ["candidate", "reference"])
+def test_an_onnx_side_needing_missing_inputs_is_an_input_error(side) -> None:
+    graph = Runner("model.onnx", "onnxruntime", "cpu", ["x", "mask"], lambda inputs: {"output": inputs["x"]})
+    torch_side = runner("torch-model", lambda x: {"output": x})
+    pair = (torch_side, graph) if side == "candidate" else (graph, torch_side)
+    with pytest.raises(InputError) as caught:
+        check_parity(*pair, sets(1), time_runs=False)
+    message = caught.value.message
+    assert f"the {side} model.onnx needs mask" in message and "fixed shapes" not in message
+    assert "torch-model takes x" in message and "model.onnx takes x, mask" in message
+
+
+def test_unknown_per_output_override_is_a_usage_error() -> None:
+    with pytest.raises(UsageError) as caught:
+        check(lambda x: {"logits": x}, lambda x: {"logits": x},
+              tolerances=Tolerances(per_output={"logit": (1.0, None)}))
+    assert "'logit' matches no output" in caught.value.message and "the outputs are: logits" in caught.value.message
+    # a candidate-side name of an output paired by position is a real output too
+    paired = check(lambda x: {"logits": x}, lambda x: {"linear_3": x + 0.5},
+                   tolerances=Tolerances(per_output={"linear_3": (1.0, None)}))
+    assert paired.passed and paired.shapes[0].outputs[0].atol == 1.0

@@ -260,3 +260,37 @@ def test_errors_have_their_exit_codes(cli, out, bert_onnx, pooled) -> None:
     traced = trace(pooled, "untrusted.pt", train=False)
     untrusted = cli("verify-parity", pooled / "pooled.safetensors", traced, "--arch", f"{pooled / 'pooled.py'}:make")
     assert untrusted.exit_code == 4 and "--trust-code" in untrusted.stderr
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+def test_unknown_per_output_tolerance_is_a_usage_error_naming_the_outputs(cli, bert_onnx) -> None:
+    result = cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--atol", "logit=1", "--rtol", "probs=0.1",
+                 "--json", "--no-timing")
+    assert result.exit_code == 2, result.stderr
+    assert "overrides for 'logit', 'probs' match no output" in result.stderr
+    assert "the outputs are: logits" in result.stderr and result.stdout == ""
+    known = parity(cli, "builtin:tiny-bert", bert_onnx, "--atol", "logits=1e-3", "--no-timing")
+    assert known.exit_code == 0 and known.json()["parity"]["shapes"][0]["outputs"][0]["atol"] == 1e-3
+
+
+def test_candidate_needing_inputs_the_reference_lacks_is_an_input_error(cli, bert_onnx) -> None:
+    result = cli("verify-parity", "builtin:tiny-gpt2", bert_onnx, "--json", "--no-timing")
+    assert result.exit_code == 3, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "the models take different inputs" in message and "needs token_type_ids" in message
+    assert "builtin:tiny-gpt2 takes input_ids, attention_mask;" in message
+    assert "bert.onnx takes input_ids, attention_mask, token_type_ids" in message
+    assert "--input" in message and "fixed shapes" not in message and result.stdout == ""
+
+
+def test_repeats_0_skips_timing_like_no_timing(cli, bert_onnx) -> None:
+    for flags in (("--repeats", "0"), ("--no-timing",)):
+        result = cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--json", *flags)
+        assert result.exit_code == 0, result.stderr
+        shapes = result.json()["parity"]["shapes"]
+        assert all(s["reference_latency"] is None and s["candidate_latency"] is None for s in shapes)
+    human = cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--repeats", "0")
+    assert human.exit_code == 0 and "PASS" in human.stdout
+    assert cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--repeats", "-1").exit_code == 2

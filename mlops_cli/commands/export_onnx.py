@@ -74,6 +74,9 @@ def export_onnx_command(
     include_padding: IncludePaddingOpt = False,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
+    keep_metadata: Annotated[bool, typer.Option(
+        "--keep-metadata", help="Keep the dynamo exporter's per-node debugging metadata (source stack traces with "
+                                "local paths, module names): about twice the file size.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -95,7 +98,7 @@ def export_onnx_command(
         opset=opset, static=static, exporter=exporter.value, external_data=external_data, verify=verify,
         optimize=optimize.value, inputs=tuple(inputs or ()), seed=seed,
         tolerances=parse_tolerances(atol, rtol, PRESETS[preset.value]), include_padding=include_padding,
-        device=device.value, repeats=repeats, force=force, load=load)
+        device=device.value, repeats=repeats, force=force, keep_metadata=keep_metadata, load=load)
     with render.progress(f"exporting {model} to ONNX", quiet=quiet):
         report = export_onnx(model, Path(output), settings)
     if not quiet and report.fallback_reason:

@@ -41,7 +41,8 @@ PresetOpt = Annotated[Preset, typer.Option(
 IncludePaddingOpt = Annotated[bool, typer.Option(
     "--include-padding", help="Also compare positions the attention mask marks as padding (excluded by default: "
                               "they legitimately differ).")]
-RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per side and input set (after warm-up).")]
+RepeatsOpt = Annotated[int, typer.Option(
+    "--repeats", min=0, help="Timed runs per side and input set (after warm-up); 0 skips timing.")]
 ModelRefArg = "Model reference: HF folder, weights file (+ --arch), TorchScript/.pt2, .onnx, or builtin:NAME."
 
 
@@ -63,7 +64,8 @@ def verify_parity_command(
     include_padding: IncludePaddingOpt = False,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
-    timing: Annotated[bool, typer.Option("--timing/--no-timing", help="Time both sides on every input set.")] = True,
+    timing: Annotated[bool, typer.Option(
+        "--timing/--no-timing", help="Time both sides on every input set (--no-timing is --repeats 0).")] = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -85,7 +87,8 @@ def verify_parity_command(
     settings = VerifySettings(
         inputs=tuple(inputs or ()), inputs_file=str(inputs_file) if inputs_file else None, samples=samples, seed=seed,
         tolerances=parse_tolerances(atol, rtol, PRESETS[preset.value]), preset=preset.value,
-        include_padding=include_padding, device=device.value, repeats=repeats, timing=timing, load=load)
+        include_padding=include_padding, device=device.value, repeats=repeats, timing=timing and repeats > 0,
+        load=load)
     with render.progress(f"comparing {candidate} with {reference}", quiet=quiet):
         report = verify_parity(reference, candidate, settings)
     render.emit(report, as_json, verify_parity_tables)

@@ -70,13 +70,14 @@ class OnnxWriteResult:
 
 def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dynamic: bool = True, opset: int = 20,
                exporter: str = "auto", external_data: bool | None = None,
-               specs: list[InputSpec] | None = None) -> OnnxWriteResult:
+               specs: list[InputSpec] | None = None, keep_metadata: bool = False) -> OnnxWriteResult:
     """Export `loaded` to `path` (a plain write: callers handle atomicity) using `example` as inputs.
 
     `dynamic`: batch and sequence dims (named as in the input specs, shared across inputs) stay
     symbolic. `exporter`: auto (dynamo, then legacy on failure), dynamo or legacy. `external_data`:
     True forces weights into `<path>.data`, None/False writes one file unless the weights are too big.
     `specs` tells which axes are batch/sequence; by default they come from the model.
+    `keep_metadata`: keep the dynamo exporter's debugging metadata (see `strip_exporter_metadata`).
     """
     import torch
 
@@ -98,7 +99,7 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
     if exporter != "legacy":
         fallback_reason, fixed = _dynamo_or_reason(
             wrapper, args, target, input_names, output_names, _dim_bounds(loaded, axes), opset, use_external,
-            may_fall_back=exporter == "auto")
+            may_fall_back=exporter == "auto", keep_metadata=keep_metadata)
     used = "dynamo" if exporter != "legacy" and fallback_reason is None else "legacy"
     if used == "legacy":
         _legacy_or_fail(wrapper, args, target, input_names, output_names, axes, opset, use_external, fallback_reason)
@@ -112,10 +113,10 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
 
 def _dynamo_or_reason(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
                       output_names: list[str], bounded: dict[str, dict[int, tuple[str, int | None]]], opset: int,
-                      external: bool, *, may_fall_back: bool) -> tuple[str | None, list[str]]:
+                      external: bool, *, may_fall_back: bool, keep_metadata: bool) -> tuple[str | None, list[str]]:
     """Export with dynamo. Returns (why the legacy exporter should take over, dims dynamo had to fix)."""
     try:
-        _export_dynamo(wrapper, args, target, input_names, output_names, bounded, opset, external)
+        _export_dynamo(wrapper, args, target, input_names, output_names, bounded, opset, external, keep_metadata)
     except Exception as exc:
         if not may_fall_back:
             raise InputError(f"the dynamo exporter failed: {exporter_failure(exc)}",
@@ -320,7 +321,7 @@ def _dim_bounds(loaded: LoadedModel, axes: dict[str, dict[int, str]]) -> dict[st
 
 def _export_dynamo(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
                    output_names: list[str], bounded: dict[str, dict[int, tuple[str, int | None]]], opset: int,
-                   external: bool) -> None:
+                   external: bool, keep_metadata: bool) -> None:
     import torch
 
     dims: dict[str, Any] = {}
@@ -335,7 +336,38 @@ def _export_dynamo(wrapper: Any, args: tuple[Any, ...], target: Path, input_name
                                     verbose=False, optimize=True)
         if program is None:  # only the legacy path returns None
             raise RuntimeError("torch.onnx.export returned no ONNX program")
+        if not keep_metadata:
+            strip_exporter_metadata(program.model)
         program.save(str(target), external_data=external)
+
+
+def strip_exporter_metadata(model: Any) -> None:
+    """Drop what the dynamo exporter records for debugging: per-node source stack traces, module paths
+    and FX node dumps (`pkg.torch.onnx.*`, `namespace`), per-value original names, and the graph-level
+    `pkg.torch.export.*` program signature. On a small transformer that is over half the file, and the
+    stack traces carry local file paths into a file that gets shipped. Names, shapes, types, opsets and
+    weights are untouched, so the graph computes and reads the same.
+
+    `model` is the exporter's in-memory `onnx_ir.Model` (stripped before saving, so no second write).
+    """
+    graphs = [*model.graphs()]
+    for function in model.functions.values():
+        graphs += [function.graph, *function.graph.subgraphs()]
+    _drop_torch_props(model.metadata_props)
+    for graph in graphs:
+        _drop_torch_props(graph.metadata_props)
+        values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+        for node in graph:
+            node.metadata_props.clear()
+            node.doc_string = None
+            values += [value for value in node.outputs if value is not None]
+        for value in values:
+            value.metadata_props.clear()
+
+
+def _drop_torch_props(props: dict[str, str]) -> None:
+    for key in [key for key in props if key.startswith("pkg.torch.")]:
+        del props[key]
 
 
 def _export_legacy(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
@@ -461,8 +493,9 @@ class ExportOnnxSettings:
     tolerances: Tolerances = field(default_factory=Tolerances)
     include_padding: bool = False
     device: str = "auto"
-    repeats: int = 10
+    repeats: int = 10  # timed runs per side and shape in the verification; 0 skips timing
     force: bool = False
+    keep_metadata: bool = False  # keep the exporter's per-node stack traces and module paths
     load: LoadOptions = field(default_factory=LoadOptions)
 
 
@@ -502,7 +535,7 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
         raise OutputError(f"output {target} is a folder", hint="Give a file path such as model.onnx.")
     sources = [reference] if not reference.startswith("builtin:") else []
     check_output(target, settings.force, sources)
-    check_output(_data_file(target), True, sources)  # the .data beside it is ours to replace
+    _check_data_file(target, settings.force, sources)
     watch = Stopwatch()
     with watch.stage("load"):
         loaded = load_model(reference, settings.load)
@@ -514,7 +547,8 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
         with watch.stage("export"):
             written = write_onnx(loaded, workdir / target.name, example, dynamic=not settings.static,
                                  opset=settings.opset, exporter=settings.exporter,
-                                 external_data=settings.external_data, specs=specs)
+                                 external_data=settings.external_data, specs=specs,
+                                 keep_metadata=settings.keep_metadata)
         current = workdir / target.name
         with watch.stage("check"):
             checker = run_checker(current)
@@ -536,11 +570,23 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
     return _report(reference, target, files, written, checker, passes, verification, watch.stages, notes)
 
 
+def _check_data_file(target: Path, force: bool, sources: list[str]) -> None:
+    """The export replaces or removes `<output>.data`. Beside an output being overwritten (--force) it
+    is that model's weights; beside a new output it belongs to something else: not ours to delete."""
+    from mlops_cli.core.io import check_output
+
+    data = _data_file(target)
+    if not force and (data.exists() or data.is_symlink()):
+        raise OutputError(f"{data} already exists beside the new output {target.name}: the export would "
+                          "replace or delete it", hint="Move it away, choose another output name, or pass --force.")
+    check_output(data, True, sources)
+
+
 def _check_settings(settings: ExportOnnxSettings) -> None:
     if settings.optimize not in OPTIMIZERS:
         raise UsageError(f"unknown --optimize {settings.optimize!r}", hint=f"Use one of: {', '.join(OPTIMIZERS)}.")
-    if settings.repeats < 1:
-        raise UsageError("--repeats must be at least 1")
+    if settings.repeats < 0:
+        raise UsageError("--repeats must be 0 (no timing) or more")
     if settings.optimize != "none" and not settings.verify:
         raise UsageError("--optimize needs verification (a pass that changes the outputs must be rejected)",
                          hint="Drop --no-verify.")
@@ -582,7 +628,8 @@ def _verifier(loaded: LoadedModel, example: InputSet, settings: ExportOnnxSettin
         candidate = onnx_runner(onnx_model, device_for(onnx_model, settings.device))
         candidate.name = str(path.name)
         return check_parity(reference, candidate, input_sets, settings.tolerances,
-                            include_masked=settings.include_padding, repeats=settings.repeats)
+                            include_masked=settings.include_padding, time_runs=settings.repeats > 0,
+                            repeats=settings.repeats)
 
     return verify
 

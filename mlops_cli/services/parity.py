@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlops_cli.core.compare import OutputDiff, compare_arrays
+from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.inputs import InputSet
 from mlops_cli.core.runtimes import Runner
 from mlops_cli.core.timing import Timing, measure_interleaved
@@ -27,9 +28,21 @@ class Tolerances:
     rtol: float = 1e-3
     per_output: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
-    def for_output(self, name: str) -> tuple[float, float]:
-        atol, rtol = self.per_output.get(name, (None, None))
+    def for_output(self, name: str, other_name: str | None = None) -> tuple[float, float]:
+        """The tolerances of output `name` (`other_name`: its name on the other side, when they differ)."""
+        atol, rtol = self.per_output.get(name, self.per_output.get(other_name or name, (None, None)))
         return (self.atol if atol is None else atol, self.rtol if rtol is None else rtol)
+
+    def check_names(self, *outputs: dict[str, np.ndarray]) -> None:
+        """A per-output override whose name matches no output would silently do nothing: a usage error."""
+        known = [name for side in outputs for name in side]
+        unknown = [name for name in self.per_output if name not in known]
+        if unknown:
+            real = ", ".join(dict.fromkeys(known)) or "(none)"
+            which = "override for" if len(unknown) == 1 else "overrides for"
+            raise UsageError(f"--atol/--rtol {which} {', '.join(map(repr, unknown))} "
+                             f"match{'es' if len(unknown) == 1 else ''} no output; the outputs are: {real}",
+                             hint=f"Use NAME=VALUE with one of: {real} (or a bare VALUE for every output).")
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
     notes: list[str] = []
     results: list[ShapeResult] = []
     for index, input_set in enumerate(input_sets):
+        _check_inputs(reference, candidate, input_set)
         result = _compare_on(reference, candidate, input_set, tolerances, include_masked, time_runs, repeats)
         if index == 0 and check_determinism and result.error is None:
             problem = _nondeterminism(reference, candidate, input_set)
@@ -113,9 +127,8 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
     try:
         cand_out = candidate(_feed(candidate, input_set))
     except Exception as exc:
-        return ShapeResult(input_set.label, shapes, (), False,
-                           f"candidate failed at {input_set.label}: {_first_line(exc)} "
-                           "(was it traced or exported with fixed shapes?)")
+        return ShapeResult(input_set.label, shapes, (), False, _candidate_failure(input_set, exc))
+    tolerances.check_names(ref_out, cand_out)
     mask = None if include_masked else input_set.tensors.get("attention_mask")
     diffs = _match_outputs(ref_out, cand_out, tolerances, mask)
     ref_time = cand_time = None
@@ -129,6 +142,47 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
     ratio = ref_time.median_ms / cand_time.median_ms if ref_time and cand_time and cand_time.median_ms else None
     return ShapeResult(input_set.label, shapes, tuple(diffs), all(d.passed for d in diffs) and bool(diffs),
                        None if diffs else "no outputs to compare", ref_time, cand_time, ratio)
+
+
+# Errors that say a graph or trace was built for other sizes (ONNX Runtime, torch, TorchScript wordings).
+_SHAPE_ERROR = re.compile(r"dimension|shape|size of tensor|of size|broadcast|\brank\b", re.IGNORECASE)
+
+
+def _candidate_failure(input_set: InputSet, exc: BaseException) -> str:
+    """One line for a candidate that raised; the fixed-shapes question only where the error is about sizes."""
+    message = f"candidate failed at {input_set.label}: {_first_line(exc)}"
+    if _SHAPE_ERROR.search(str(exc)):
+        message += " (was it traced or exported with fixed shapes?)"
+    return message
+
+
+def _check_inputs(reference: Runner, candidate: Runner, input_set: InputSet) -> None:
+    """A side whose every input is required (an ONNX graph) and that needs inputs the set lacks cannot
+    be compared at all: that is the two models taking different inputs, not a parity failure."""
+    given = list(input_set.tensors)
+    for side, runner in (("reference", reference), ("candidate", candidate)):
+        missing = [name for name in _required_inputs(runner) if name not in input_set.tensors]
+        if missing:
+            raise InputError(
+                f"the models take different inputs: the {side} {runner.name} needs {', '.join(missing)}, which "
+                f"the input sets do not have ({reference.name} takes {_takes(reference, given)}; "
+                f"{candidate.name} takes {_takes(candidate, given)})",
+                hint="Compare models that take the same inputs, or give every input both sides need with "
+                     "--input NAME:DTYPE[DIMS] (once per input) or --inputs FILE.")
+
+
+def _required_inputs(runner: Runner) -> list[str]:
+    """Inputs a runner cannot run without: all of an ONNX graph's; unknown (none checked) for torch modules,
+    whose forward arguments are mostly optional."""
+    return list(runner.input_names or []) if runner.backend == "onnxruntime" else []
+
+
+def _takes(runner: Runner, given: list[str]) -> str:
+    """The inputs a side runs on: an ONNX graph's inputs, or the given ones a torch forward accepts."""
+    if runner.backend == "onnxruntime":
+        return ", ".join(runner.input_names or []) or "no inputs"
+    accepted = [name for name in given if runner.input_names is None or name in runner.input_names]
+    return ", ".join(accepted) or "none of the given inputs"
 
 
 def _feed(runner: Runner, input_set: InputSet) -> dict[str, np.ndarray]:
@@ -166,7 +220,7 @@ def _match_outputs(ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarra
     pairs += list(zip(ref_rest, cand_rest, strict=True))
     diffs = []
     for ref_name, cand_name in pairs:
-        atol, rtol = tolerances.for_output(ref_name)
+        atol, rtol = tolerances.for_output(ref_name, cand_name)
         label = ref_name if ref_name == cand_name else f"{ref_name} ~ {cand_name}"
         diffs.append(compare_arrays(label, ref_out[ref_name], cand_out[cand_name], atol, rtol, mask))
     return diffs

@@ -29,7 +29,7 @@ class VerifySettings:
     preset: str = "fp32"
     include_padding: bool = False
     device: str = "auto"
-    repeats: int = 10
+    repeats: int = 10  # 0 skips timing, like timing=False
     timing: bool = True
     load: LoadOptions = field(default_factory=LoadOptions)
 
@@ -56,8 +56,8 @@ def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> V
 
     if settings.samples < 1:
         raise UsageError("--samples must be at least 1")
-    if settings.repeats < 1:
-        raise UsageError("--repeats must be at least 1")
+    if settings.repeats < 0:
+        raise UsageError("--repeats must be 0 (no timing) or more")
     if settings.inputs_file and settings.inputs:
         raise UsageError("--inputs FILE and --input specs cannot be combined", hint="Use one or the other.")
     ref_model = load_model(reference, settings.load)
@@ -67,7 +67,7 @@ def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> V
     cand_runner = runner_for(cand_model, device_for(cand_model, settings.device))
     report = check_parity(ref_runner, cand_runner, input_sets,
                           settings.tolerances, include_masked=settings.include_padding,
-                          time_runs=settings.timing, repeats=settings.repeats)
+                          time_runs=settings.timing and settings.repeats > 0, repeats=settings.repeats)
     return VerifyParityReport(reference, candidate, settings.preset, source, len(input_sets), report, report.passed,
                               report.verdict, None if report.passed else worst_output(report), failure_hint(report))
 

@@ -420,3 +420,180 @@ def test_int8_tiny_bert_folder_and_tolerance_failure(cli, zoo_dir: Path, tmp_pat
                  "--rtol", "0", "--json")
     assert strict.exit_code == 6
     assert "drift beyond tolerance" in strict.json()["verdict"]
+
+
+# ---------------------------------------------------------------- refusals made before any work
+
+
+def _flat(text: str) -> str:
+    """stderr with its line wrapping undone, so long hints can be matched."""
+    return " ".join(text.split())
+
+
+def _plain_convnet_state(zoo_dir: Path, path: Path) -> Path:
+    torch.save(load_file(str(zoo_dir / "convnet" / "model.safetensors")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_models(zoo_dir: Path, onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`compress int8` outputs of every kind: mlops weights folder, HF folder, torch state_dict, ONNX."""
+    from mlops_cli.services.compress_int8 import Int8Options, compress_int8
+
+    root = tmp_path_factory.mktemp("int8")
+    plain = _plain_convnet_state(zoo_dir, root / "convnet.pth")
+    quiet = Int8Options(check=False)
+    compress_int8(str(zoo_dir / "convnet"), root / "folder", LoadOptions(), quiet)
+    compress_int8(str(zoo_dir / "tiny-bert"), root / "hf", LoadOptions(), quiet)
+    compress_int8(str(plain), root / "state.pth", LoadOptions(arch="mlops_cli.zoo:ConvNet"), quiet)
+    compress_int8(str(onnx_dir / "convnet.onnx"), root / "graph.onnx", LoadOptions(), quiet)
+    return {"folder": root / "folder", "hf": root / "hf", "state": root / "state.pth", "onnx": root / "graph.onnx"}
+
+
+@pytest.mark.parametrize(("kind", "evidence"), [
+    ("folder", "quantization: dynamic-int8"), ("hf", "quantization.json"), ("state", "packed int8 layers such as fc.0"),
+    ("onnx", "MatMulInteger"),
+])
+@pytest.mark.parametrize("command", ["half", "int8"])
+def test_int8_input_is_refused(cli, int8_models: dict[str, Path], tmp_path: Path, kind: str, evidence: str,
+                               command: str) -> None:
+    """`compress int8 c -o c8 && compress half c8 ...` crashed (exit 1): now exit 3 with a hint, nothing written."""
+    source = int8_models[kind]
+    output = tmp_path / ("out.onnx" if kind == "onnx" else "out.pth" if kind == "state" else "out")
+    arch = ("--arch", "mlops_cli.zoo:ConvNet") if kind == "state" else ()
+    result = cli("compress", command, source, "-o", output, *arch)
+    assert result.exit_code == 3, result.stderr
+    message = _flat(result.stderr)
+    assert "already quantised" in message and evidence in message
+    assert "compress the float checkpoint" in message
+    assert not output.exists()
+
+
+def test_unknown_inputs_fail_before_anything_is_written(cli, tmp_path: Path) -> None:
+    """A plain state_dict of a model whose inputs mlops cannot tell: exit 2 and no output, for half and int8."""
+    (tmp_path / "arch.py").write_text("import torch\n\n\ndef Net():\n"
+                                      "    return torch.nn.Sequential(torch.nn.Linear(4, 3))\n")
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 3)).state_dict(), tmp_path / "lin.pth")
+    arch = ("--arch", f"{tmp_path / 'arch.py'}:Net")
+    for command in ("half", "int8"):
+        output = tmp_path / f"{command}.pth"
+        result = cli("compress", command, tmp_path / "lin.pth", "-o", output, *arch)
+        assert result.exit_code == 2, result.stderr
+        assert "cannot tell what inputs" in result.stderr and "--no-check" in _flat(result.stderr)
+        assert not output.exists()
+    unchecked = cli("compress", "half", tmp_path / "lin.pth", "-o", tmp_path / "half.pth", *arch, "--no-check")
+    assert unchecked.exit_code == 0, unchecked.stderr
+    assert torch.load(tmp_path / "half.pth", weights_only=True)["0.weight"].dtype == torch.float16
+
+
+def test_zoo_arch_supplies_its_inputs(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    """`--arch mlops_cli.zoo:ConvNet` without --input: the zoo entry's inputs measure the drift."""
+    plain = _plain_convnet_state(zoo_dir, tmp_path / "ckpt.pth")
+    half = cli("compress", "half", plain, "-o", tmp_path / "half.pth", "--arch", "mlops_cli.zoo:ConvNet", "--json")
+    assert half.exit_code == 0, half.stderr
+    report = half.json()
+    assert report["drift"]["passed"]
+    assert [shape["input_shapes"]["x"] for shape in report["drift"]["shapes"]] == [[1, 1, 28, 28], [3, 1, 28, 28]]
+    int8 = cli("compress", "int8", plain, "-o", tmp_path / "q.pth", "--arch", "mlops_cli.zoo:ConvNet", "--repeats",
+               "1", "--json")
+    assert int8.exit_code == 0, int8.stderr
+    assert int8.json()["drift"]["passed"]
+
+
+# ---------------------------------------------------------------- mask fills (sentinels) are not overflow
+
+
+def test_mask_fills_saturate_instead_of_overflowing(tmp_path: Path) -> None:
+    """+-finfo(float32).max (HF's attention-mask fill) becomes +-65504 (bf16: its own max), counted apart;
+    source inf stays inf; a real 1e5 still overflows fp16."""
+    fill = torch.finfo(torch.float32).max
+    masks = {"mask_bias": torch.tensor([-fill, 0.5, fill, -fill]), "inf_mask": torch.tensor([float("-inf"), -fill])}
+    save_file(masks, str(tmp_path / "masks.safetensors"))
+    torch.save(masks, tmp_path / "masks.pth")
+    for source in ("masks.safetensors", "masks.pth"):  # streamed path and in-memory path
+        output = tmp_path / f"out-{source}"
+        report = compress_half(str(tmp_path / source), output, LoadOptions(), HalfOptions())
+        assert report.passed and report.written, report.verdict
+        assert report.totals.overflow == 0 and report.totals.sentinel == 4
+        assert any("4 sentinel value(s) ±3.4e38 (attention-mask fills) saturated to ±65504" in n for n in report.notes)
+        written = load_file(str(output)) if source.endswith(".safetensors") else torch.load(output, weights_only=True)
+        assert written["mask_bias"].tolist() == [-65504.0, 0.5, 65504.0, -65504.0]
+        assert written["inf_mask"].tolist() == [float("-inf"), -65504.0]
+        assert {t.name: t.nonfinite_source for t in report.tensors}["inf_mask"] == 1
+
+    bf16 = compress_half(str(tmp_path / "masks.safetensors"), tmp_path / "bf16.safetensors", LoadOptions(),
+                         HalfOptions(dtype="bf16"))
+    values = load_file(str(tmp_path / "bf16.safetensors"))["mask_bias"]
+    assert bf16.totals.overflow == 0 and bf16.totals.sentinel == 4
+    assert values[0].item() == -torch.finfo(torch.bfloat16).max and torch.isfinite(values).all()
+
+    save_file({"mask_bias": torch.tensor([-fill, 1e5])}, str(tmp_path / "real.safetensors"))
+    real = compress_half(str(tmp_path / "real.safetensors"), tmp_path / "real16.safetensors", LoadOptions(),
+                         HalfOptions())
+    assert not real.passed and not real.written and real.totals.overflow == 1 and real.totals.sentinel == 1
+
+
+def test_onnx_attention_mask_fill_is_not_overflow(cli, tmp_path: Path) -> None:
+    """An exported graph holding finfo(float32).min as its mask fill converts (exit 0), the fill becomes -65504,
+    and the fp16 graph passes verify-parity --preset fp16 against the original."""
+    import warnings
+
+    import onnx
+    from onnx import numpy_helper
+
+    class MaskedAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            scores = self.query(x) @ x.transpose(1, 2)
+            scores = scores + (1.0 - attention_mask[:, None, :].float()) * torch.finfo(torch.float32).min
+            return scores.softmax(-1) @ x
+
+    torch.manual_seed(0)
+    example = (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.int64))
+    axes = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(MaskedAttention().eval(), example, str(tmp_path / "attn.onnx"),
+                          input_names=["x", "attention_mask"], output_names=["y"], opset_version=17, dynamo=False,
+                          dynamic_axes={"x": axes, "attention_mask": axes})
+    result = cli("compress", "half", tmp_path / "attn.onnx", "-o", tmp_path / "attn16.onnx", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["totals"]["overflow"] == 0 and report["totals"]["sentinel"] == 1 and report["drift"]["passed"]
+    assert any("saturated to ±65504" in line for line in report["notes"])
+    (name,) = report["totals"]["tensors_with_sentinel"]
+    graph = onnx.load(str(tmp_path / "attn16.onnx")).graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    stored |= {f"Constant:{n.output[0]}": numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+               if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")}
+    assert float(stored[name]) == -65504.0
+    parity = cli("verify-parity", tmp_path / "attn.onnx", tmp_path / "attn16.onnx", "--preset", "fp16", "--no-timing",
+                 "--json")
+    assert parity.exit_code == 0, parity.stderr
+
+
+# ---------------------------------------------------------------- exit 6 says what to do
+
+
+def test_validation_failures_carry_a_hint(cli, zoo_dir: Path, onnx_dir: Path, tmp_path: Path) -> None:
+    source = _convnet_with(tmp_path, zoo_dir, "big", 1e5)
+    refused = cli("compress", "half", source, "-o", tmp_path / "a")
+    assert refused.exit_code == 6
+    hint = _flat(refused.stderr).partition("hint:")[2]
+    assert r"--keep-fp32 '^fc\.0\.weight$'" in hint and "--dtype bf16" in hint and "--allow-overflow" in hint
+    kept = cli("compress", "half", source, "-o", tmp_path / "b", "--keep-fp32", r"^fc\.0\.weight$", "--json")
+    assert kept.exit_code == 0 and kept.json()["totals"]["overflow"] == 0  # the hint's advice works
+
+    strict = cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "c", "--atol", "1e-9", "--rtol", "0")
+    assert strict.exit_code == 6
+    hint = _flat(strict.stderr).partition("hint:")[2]
+    assert "--atol/--rtol (now atol 1e-09, rtol 0)" in hint and "--keep-fp32" in hint and "--per-layer" in hint
+
+    int8 = cli("compress", "int8", onnx_dir / "convnet.onnx", "-o", tmp_path / "q.onnx", "--atol", "1e-9", "--rtol",
+               "0", "--repeats", "1")
+    assert int8.exit_code == 6
+    hint = _flat(int8.stderr).partition("hint:")[2]
+    assert "--atol/--rtol (now atol 1e-09, rtol 0)" in hint and "--exclude" in hint

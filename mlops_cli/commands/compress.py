@@ -90,7 +90,7 @@ def half_command(
     from mlops_cli import render
     from mlops_cli.core.compare import PRESETS
     from mlops_cli.core.errors import ValidationFailed
-    from mlops_cli.render.compress import half_tables
+    from mlops_cli.render.compress import half_failure_hint, half_tables
     from mlops_cli.services.compress_half import HalfOptions, compress_half
 
     options = HalfOptions(
@@ -102,7 +102,7 @@ def half_command(
         report = compress_half(model, output, load, options)
     render.emit(report, as_json, half_tables)
     if not report.passed:
-        raise ValidationFailed(report.verdict)
+        raise ValidationFailed(report.verdict, hint=half_failure_hint(report))
 
 
 @compress_app.command("int8")
@@ -145,7 +145,7 @@ def int8_command(
     from mlops_cli import render
     from mlops_cli.core.compare import PRESETS
     from mlops_cli.core.errors import ValidationFailed
-    from mlops_cli.render.compress import int8_tables
+    from mlops_cli.render.compress import int8_failure_hint, int8_tables
     from mlops_cli.services.compress_int8 import Int8Options, compress_int8
 
     options = Int8Options(
@@ -156,7 +156,7 @@ def int8_command(
         report = compress_int8(model, output, load, options)
     render.emit(report, as_json, int8_tables)
     if not report.passed:
-        raise ValidationFailed(report.verdict)
+        raise ValidationFailed(report.verdict, hint=int8_failure_hint(report))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from rich.console import RenderableType
@@ -21,6 +22,45 @@ LAYER_COLUMNS = ("#", "layer", "type", "rel. error", "max |diff|", "max |activat
 
 def _ratio(after: int, before: int) -> str:
     return f"{after / before:.3f}x" if before and after else "-"
+
+
+def half_failure_hint(report: HalfReport) -> str:
+    """What to do when `compress half` fails (exit 6): overflow refused, or drift beyond tolerance."""
+    totals = report.totals
+    onnx = report.output_format == "onnx"
+    bf16 = "convert to --dtype bf16 (float32's range)" if report.dtype == "float16" and not onnx else ""
+    tolerances = (f"loosen --atol/--rtol (now atol {report.drift.atol:g}, rtol {report.drift.rtol:g})"
+                  if report.drift else "loosen --atol/--rtol")
+    if totals.overflow and not report.written:
+        choices = [f"Keep the overflowing tensors in float32 ({_keep_example(totals.tensors_with_overflow)})", bf16]
+        return (f"{', '.join(filter(None, choices))}, or pass --allow-overflow if {'±65504' if onnx else 'inf'} "
+                "there is intended.")
+    if totals.overflow:
+        return (f"The {totals.overflow} overflowing value(s) you allowed are the likely cause: keep their tensors in "
+                f"float32 ({_keep_example(totals.tensors_with_overflow)}){' or ' + bf16 if bf16 else ''}; "
+                f"or {tolerances}.")
+    layers = "" if onnx else " (--per-layer names the first one)"
+    return (f"If this drift is acceptable, {tolerances}; otherwise keep the layers that drift in float32 with "
+            f"--keep-fp32 REGEX{layers}{' or ' + bf16 if bf16 else ''}.")
+
+
+def _keep_example(names: tuple[str, ...]) -> str:
+    """A --keep-fp32 option naming exactly these tensors (a shard prefix `file:` is not part of a name)."""
+    escaped = [re.escape(name.rpartition(":")[2]) for name in names[:3]]
+    pattern = escaped[0] if len(escaped) == 1 else f"({'|'.join(escaped)})"
+    return f"--keep-fp32 '^{pattern}$'" if escaped else "--keep-fp32 REGEX"
+
+
+def int8_failure_hint(report: Int8Report) -> str:
+    """What to do when `compress int8` fails (exit 6): nothing quantised, or drift beyond tolerance."""
+    if not any(kind.quantized for kind in report.kinds):
+        return ("Check --exclude" + (" and --op-types (e.g. MatMul,Gemm)" if report.input_format == "onnx" else "")
+                + "; --quantize-embeddings also quantises embedding tables.")
+    tolerances = (f"loosen --atol/--rtol (now atol {report.drift.atol:g}, rtol {report.drift.rtol:g})"
+                  if report.drift else "loosen --atol/--rtol")
+    embeddings = ", drop --quantize-embeddings" if report.embeddings_quantized else ""
+    return (f"If this drift is acceptable, {tolerances}; otherwise leave the layers that drift in float with "
+            f"--exclude REGEX{embeddings}, or use compress half, which keeps more precision.")
 
 
 def half_tables(report: HalfReport) -> Iterator[RenderableType]:

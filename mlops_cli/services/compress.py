@@ -5,6 +5,10 @@
   most from rounding).
 - The safety count of a cast, per tensor: values that overflow to inf, flush to zero, or land in the
   target dtype's subnormal range (where precision collapses). Counted on the real cast, not estimated.
+  Mask fills (the source dtype's extreme, e.g. the `finfo(float32).min` every Hugging Face attention mask
+  adds) are not overflow: they saturate to the target's extreme and are counted apart.
+- Refusals made before any work: an input already quantised to int8, and a drift check whose model
+  inputs cannot be told (so a usage error never leaves an output behind).
 - Size accounting, and the drift check: the compressed model against the original through the parity
   engine, optionally layer by layer (forward hooks) to name the first layer whose error jumps.
 """
@@ -20,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.formats import SIDECAR, Format
+from mlops_cli.core.formats import SIDECAR, Format, detect_format, torch_load_weights
+from mlops_cli.core.loading import PACKED_PARAMS, QUANTIZATION_INFO
 
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")  # fp8 tensors are left alone
@@ -31,6 +36,10 @@ NORM_ONNX_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLaye
                  "SkipSimplifiedLayerNormalization", "BatchNormalization", "InstanceNormalization",
                  "GroupNormalization", "RMSNormalization")
 CHUNK_ELEMENTS = 1024 * 1024  # tensors are cast in chunks of this many elements (4 MiB of fp32)
+# Ops of a graph that is already quantised (ONNX Runtime's dynamic and QDQ/QOperator formats).
+QUANTISED_ONNX_OPS = frozenset({
+    "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul",
+    "QLinearConv", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM"})
 
 
 # ---------------------------------------------------------------- which tensors change
@@ -101,6 +110,7 @@ class TensorSafety:
     subnormal: int = 0  # values now in the target's subnormal range: few significant bits left
     nonfinite_source: int = 0  # NaN/inf already present before the cast
     max_abs: float | None = None  # largest finite |value| before the cast
+    sentinel: int = 0  # mask fills (+-the source dtype's largest value) saturated to +-the target's, not overflow
 
     @property
     def has_issue(self) -> bool:
@@ -116,6 +126,7 @@ class CastCounts:
     subnormal: int = 0
     nonfinite_source: int = 0
     max_abs: float = 0.0
+    sentinel: int = 0
 
 
 class ChunkCaster:
@@ -125,6 +136,10 @@ class ChunkCaster:
     does not churn the allocator: peak memory stays at about one chunk. Every count is a difference of
     plain counts (a value is 0 after the cast iff it was 0 or underflowed; inf iff it was inf or
     overflowed); the rare non-finite inputs take a slower path with temporary masks.
+
+    Values equal to +-the source dtype's largest finite value are mask/sentinel fills (Hugging Face fills
+    masked attention scores with `finfo(float32).min`): they become +-the target's largest finite value
+    (+-65504 for fp16) instead of +-inf, and are counted as `sentinel`, not as overflow.
     """
 
     def __init__(self, target: str, chunk_elements: int = CHUNK_ELEMENTS) -> None:
@@ -132,6 +147,7 @@ class ChunkCaster:
 
         self.dtype = torch_dtype(target)
         self.tiny = torch.finfo(self.dtype).tiny
+        self.largest = torch.finfo(self.dtype).max
         self.capacity = chunk_elements
         self._result = torch.empty(0, dtype=self.dtype)
         self._magnitude = torch.empty(0, dtype=self.dtype)
@@ -160,14 +176,30 @@ class ChunkCaster:
             counts.max_abs = max(counts.max_abs, abs(low), abs(high))
             after_low, after_high = (float(v) for v in torch.aminmax(result))
             if not (math.isfinite(after_low) and math.isfinite(after_high)):
+                counts.sentinel += self._saturate_sentinels(chunk, result)
                 counts.overflow += int(torch.isinf(result).sum())
         else:  # NaN/inf already in the source
             inf_before = int(torch.isinf(chunk).sum())
             counts.nonfinite_source += inf_before + int(torch.isnan(chunk).sum())
+            counts.sentinel += self._saturate_sentinels(chunk, result)
             counts.overflow += int(torch.isinf(result).sum()) - inf_before
             finite = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
             counts.max_abs = max(counts.max_abs, float(finite.abs().max()))
         return result
+
+    def _saturate_sentinels(self, chunk: Any, result: Any) -> int:
+        """Write +-the target's largest value where the source holds +-its own largest; return how many."""
+        import torch
+
+        extreme = torch.finfo(chunk.dtype).max
+        if extreme <= self.largest:  # the source's extreme fits the target: nothing saturates
+            return 0
+        positive, negative = chunk == extreme, chunk == -extreme
+        count = int(torch.count_nonzero(positive)) + int(torch.count_nonzero(negative))
+        if count:
+            result.masked_fill_(positive, self.largest)
+            result.masked_fill_(negative, -self.largest)
+        return count
 
 
 def cast_tensor(tensor: Any, target: str, caster: ChunkCaster | None = None) -> tuple[Any, CastCounts]:
@@ -190,7 +222,8 @@ def tensor_safety(name: str, shape: tuple[int, ...], source_dtype: str, output_d
     counts = counts or CastCounts()
     return TensorSafety(name, tuple(shape), source_dtype, output_dtype, converted, reason, elements,
                         elements * itemsizes[0], elements * itemsizes[1], counts.overflow, counts.underflow,
-                        counts.subnormal, counts.nonfinite_source, counts.max_abs if converted else None)
+                        counts.subnormal, counts.nonfinite_source, counts.max_abs if converted else None,
+                        counts.sentinel)
 
 
 def convert_state_dict(state_dict: dict[str, Any], target: str, keep: KeepRules
@@ -223,6 +256,8 @@ class SafetyTotals:
     subnormal: int
     nonfinite_source: int
     tensors_with_overflow: tuple[str, ...]
+    sentinel: int = 0  # mask fills saturated to the target's largest value (not overflow)
+    tensors_with_sentinel: tuple[str, ...] = ()
 
 
 def safety_totals(tensors: Iterable[TensorSafety]) -> SafetyTotals:
@@ -236,7 +271,32 @@ def safety_totals(tensors: Iterable[TensorSafety]) -> SafetyTotals:
         subnormal=sum(t.subnormal for t in items),
         nonfinite_source=sum(t.nonfinite_source for t in items),
         tensors_with_overflow=tuple(t.name for t in items if t.overflow),
+        sentinel=sum(t.sentinel for t in items),
+        tensors_with_sentinel=tuple(t.name for t in items if t.sentinel),
     )
+
+
+def sentinel_notes(tensors: Iterable[TensorSafety], target: str) -> list[str]:
+    """One line per source dtype whose mask fills were saturated, e.g. `1 sentinel value(s) +-3.4e38 ...`."""
+    import torch
+
+    largest = torch.finfo(torch_dtype(target)).max
+    by_source: dict[str, list[TensorSafety]] = {}
+    for tensor in tensors:
+        if tensor.sentinel:
+            by_source.setdefault(tensor.source_dtype, []).append(tensor)
+    notes = []
+    for source, items in by_source.items():
+        names = ", ".join(t.name for t in items[:3]) + (" ..." if len(items) > 3 else "")
+        fill = _compact(torch.finfo(torch_dtype(source)).max)
+        notes.append(f"{sum(t.sentinel for t in items)} sentinel value(s) ±{fill} (attention-mask fills) saturated "
+                     f"to ±{_compact(largest)} in {names}; not counted as overflow")
+    return notes
+
+
+def _compact(value: float) -> str:
+    """65504 -> '65504', 3.4028e38 -> '3.4e38'."""
+    return f"{value:g}" if value < 1e6 else f"{value:.2g}".replace("e+", "e")
 
 
 # ---------------------------------------------------------------- sizes
@@ -302,6 +362,78 @@ def reject_builtin(reference: str) -> None:
         raise InputError("compress reads a model file or folder and writes the same kind; "
                          f"{reference} exists only in memory",
                          hint=f"Save it first: mlops zoo save {name} {name}/ && mlops compress ... {name}/")
+
+
+def refuse_quantised(source: Path, fmt: Format, command: str) -> None:
+    """An int8 model cannot be converted to fp16/bf16 nor quantised again: refuse it before any work."""
+    evidence = quantised_evidence(source, fmt)
+    if evidence is not None:
+        raise InputError(f"{source} is already quantised to int8 ({evidence}); {command} needs float weights",
+                         hint="It is already quantised: compress the float checkpoint it was made from instead.")
+
+
+def quantised_evidence(source: Path, fmt: Format) -> str | None:
+    """What shows that a model is already quantised (written by `compress int8` or alike), or None."""
+    if fmt == Format.HF_FOLDER and (source / QUANTIZATION_INFO).is_file():
+        return f"{QUANTIZATION_INFO} describes its int8 weights"
+    if fmt in (Format.HF_FOLDER, Format.WEIGHTS_FOLDER):
+        method = sidecar_of(source).get("quantization")
+        if method:
+            return f"{SIDECAR} says quantization: {method}"
+        for path in weight_files(source):
+            layer = _packed_layer(path) if detect_format(path) in (Format.TORCH_ZIP, Format.TORCH_LEGACY) else None
+            if layer:
+                return f"{path.name} holds packed int8 layers such as {layer}"
+        return None
+    if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY):
+        layer = _packed_layer(source)
+        return f"its state_dict holds packed int8 layers such as {layer}" if layer else None
+    if fmt == Format.ONNX:
+        import onnx
+
+        graph = onnx.load(str(source), load_external_data=False).graph
+        ops = sorted({node.op_type for node in graph.node} & QUANTISED_ONNX_OPS)
+        return f"its graph has {', '.join(ops)} nodes" if ops else None
+    return None
+
+
+def _packed_layer(path: Path) -> str | None:
+    """The first dynamically quantised layer of a torch file's state_dict (alone or inside a checkpoint)."""
+    content = torch_load_weights(path)  # memory-mapped: reads the pickle, not the tensor data
+    if not isinstance(content, dict):
+        return None
+    dicts = [content, *(value for value in content.values() if isinstance(value, dict))]
+    key = next((str(k) for d in dicts for k in d if PACKED_PARAMS in str(k)), None)
+    return key.split(PACKED_PARAMS)[0] if key is not None else None
+
+
+def resolve_input_specs(loaded: Any, explicit: tuple[str, ...]) -> tuple[str, ...]:
+    """The `--input` specs the drift check will use, settled before anything is converted or written.
+
+    `--input` first, then what the model knows (mlops.json, HF config, ONNX graph); a plain state_dict
+    loaded with `--arch` naming a built-in architecture (mlops_cli.zoo:ConvNet) gets that zoo entry's inputs.
+    A model whose inputs cannot be told fails here (exit 2), so the usage error leaves no output behind.
+    """
+    from mlops_cli.core.inputs import specs_for
+
+    if explicit:
+        specs_for(loaded, list(explicit))  # a malformed --input fails here with its own message
+        return explicit
+    specs = () if loaded.input_specs else zoo_inputs(loaded.arch)
+    try:
+        specs_for(loaded, list(specs) or None)
+    except UsageError as exc:
+        hint = f"{exc.hint or ''} Or pass --no-check to convert without measuring drift.".lstrip()
+        raise UsageError(exc.message, hint=hint) from exc
+    return specs
+
+
+def zoo_inputs(arch: str | None) -> tuple[str, ...]:
+    """The input specs of the built-in model whose architecture `arch` names (mlops_cli.zoo:ConvNet), or ()."""
+    from mlops_cli import zoo
+
+    name = next((name for name, path in zoo.ARCH_PATHS.items() if path == arch), None)
+    return zoo.ENTRIES[name].inputs if name else ()
 
 
 def sidecar_of(folder: Path) -> dict[str, Any]:

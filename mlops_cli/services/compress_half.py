@@ -6,8 +6,11 @@
 - ONNX -> fp16 ONNX through ONNX Runtime's float16 converter, whose clamping is counted and reported.
 
 Only floating-point tensors change. Overflow to inf (or, for ONNX, clamping to the largest finite fp16)
-discards the output and fails unless `allow_overflow`. The drift check loads the written artefact (so it
-also proves the file loads) and compares it with the original through the parity engine.
+discards the output and fails unless `allow_overflow`; mask fills (+-the source dtype's largest value, as in
+every Hugging Face attention mask) saturate to +-the target's largest value and are only noted. An input
+already quantised to int8 is refused, and the drift check's inputs are settled before anything is written.
+The drift check loads the written artefact (so it also proves the file loads) and compares it with the
+original through the parity engine.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,11 @@ from mlops_cli.services.compress import (
     compare_layers,
     convert_state_dict,
     output_load_options,
+    refuse_quantised,
     reject_builtin,
+    resolve_input_specs,
     safety_totals,
+    sentinel_notes,
     size_summary,
     tensor_safety,
     torch_dtype,
@@ -131,15 +137,18 @@ def compress_half(reference: str, output: Path, load: LoadOptions, options: Half
     source = Path(reference)
     fmt = detect_format(source)
     _check_supported(fmt, options)
+    refuse_quantised(source, fmt, "compress half")
     check_output(output, options.force, [source])
     keep = KeepRules.build(options.keep_fp32, options.default_keep)
     original = load_model(reference, load) if options.check and can_build_model(source, fmt, load.arch) else None
+    if original is not None:  # before converting: a model whose inputs are unknown must leave nothing behind
+        options = replace(options, inputs=resolve_input_specs(original, options.inputs))
 
     started = time.perf_counter()
     conversion = _convert(source, fmt, output, target, keep, load, options)
     seconds = time.perf_counter() - started
     totals = safety_totals(conversion.tensors)
-    notes = list(conversion.notes)
+    notes = list(conversion.notes) + sentinel_notes(conversion.tensors, target)
     drift = mode = per_layer = None
     if conversion.written and original is not None:
         drift, mode, per_layer = _measure_drift(original, output, load, options, target)
@@ -355,12 +364,13 @@ def _onnx_safety(name: str, array: Any, result: Any, keep: KeepRules) -> TensorS
     finite = np.isfinite(values)
     magnitude = np.abs(np.where(finite, values, 0.0))
     out = np.abs(result.astype(np.float64).ravel())
+    sentinel = int((magnitude == np.finfo(array.dtype).max).sum())  # mask fills: the converter clamps them too
     counts = CastCounts(
-        overflow=int((magnitude > FP16_MAX).sum()),
+        overflow=int((magnitude > FP16_MAX).sum()) - sentinel,
         underflow=int(((magnitude > 0) & (magnitude < ORT_MIN_POSITIVE)).sum()),
         subnormal=int(((out > 0) & (out < FP16_TINY)).sum()),
         nonfinite_source=int((~finite).sum()),
-        max_abs=float(magnitude.max()) if magnitude.size else 0.0)
+        max_abs=float(magnitude.max()) if magnitude.size else 0.0, sentinel=sentinel)
     return tensor_safety(name, shape, source_dtype, output_dtype, True, "converted", sizes, counts)
 
 

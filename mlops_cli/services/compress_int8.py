@@ -9,6 +9,9 @@
   result is a torch file of the quantised state_dict (safetensors cannot hold quantised tensors),
   loadable with weights_only=True; `load_int8_state` rebuilds the model from it, and the drift check
   uses exactly that, so the written file is what gets measured.
+
+An input that is already quantised (packed int8 layers, quantization.json, quantised ONNX ops) is refused,
+and the drift check's inputs are settled before anything is written.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from mlops_cli.core.formats import HF_CONFIG, SIDECAR, Format, detect_format, to
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, LoadOptions, load_model
 from mlops_cli.core.timing import Timing, measure_interleaved
-from mlops_cli.services.compress import disk_size, reject_builtin, weight_files
+from mlops_cli.services.compress import (
+    disk_size,
+    refuse_quantised,
+    reject_builtin,
+    resolve_input_specs,
+    weight_files,
+)
 from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
 
 ONNX_DEFAULT_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
@@ -111,6 +120,7 @@ def compress_int8(reference: str, output: Path, load: LoadOptions, options: Int8
     fmt = detect_format(source)
     for pattern in options.exclude:
         _compile(pattern)
+    refuse_quantised(source, fmt, "compress int8")
     check_output(output, options.force, [source])
     if fmt == Format.ONNX:
         return _onnx_int8(source, output, load, options)
@@ -118,6 +128,11 @@ def compress_int8(reference: str, output: Path, load: LoadOptions, options: Int8
         raise InputError(f"compress int8 quantises ONNX files and torch checkpoints, not {fmt.value}",
                          hint="Quantise the checkpoint the program was made from, or its ONNX export.")
     return _torch_int8(source, fmt, output, load, options)
+
+
+def _with_inputs(original: LoadedModel, options: Int8Options) -> Int8Options:
+    """Settle the drift check's inputs before quantising, so a model whose inputs are unknown writes nothing."""
+    return replace(options, inputs=resolve_input_specs(original, options.inputs)) if options.check else options
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -139,6 +154,7 @@ def _onnx_int8(source: Path, output: Path, load: LoadOptions, options: Int8Optio
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     original = load_model(str(source), load)
+    options = _with_inputs(original, options)
     graph = onnx.load(str(source), load_external_data=False).graph
     op_types = tuple(dict.fromkeys(options.op_types + (ONNX_EMBEDDING_OPS if options.quantize_embeddings else ())))
     weighted = _weighted_nodes(graph)
@@ -222,6 +238,7 @@ def _quiet_onnxruntime() -> Iterator[None]:
 
 def _torch_int8(source: Path, fmt: Format, output: Path, load: LoadOptions, options: Int8Options) -> Int8Report:
     original = load_model(str(source), load)
+    options = _with_inputs(original, options)
     plan = plan_torch_quantization(original.module, options)
     quantized = quantize_torch(copy.deepcopy(original.module), plan)
     state = quantized.state_dict()

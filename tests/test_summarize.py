@@ -198,3 +198,48 @@ def test_wrong_input_shape_is_reported_not_a_crash(cli: Any) -> None:
     result = cli("summarize", "builtin:convnet", "--input", "x:float32[batch=1,3,28,28]", "--repeats", "0")
     assert result.exit_code == 3, result.output
     assert "forward pass failed" in result.stderr
+
+
+# ---------------------------------------------------------------- dynamically quantised (compress int8) models
+
+
+def test_int8_convnet_counts_packed_weights_and_their_macs(cli: Any, zoo_dir: Path, tmp_path: Path) -> None:
+    """`compress int8` keeps Linear weights in packed params (outside parameters()): they are counted as qint8,
+    their MACs added, and the whole equals the float model's figures."""
+    int8 = tmp_path / "convnet-int8"
+    made = cli("compress", "int8", zoo_dir / "convnet", "-o", int8)
+    assert made.exit_code == 0, made.stderr
+    report = run(str(int8), batch_size=1)
+    linear_weights = 1568 * 128 + 128 * 64 + 64 * 10
+    linear_biases = 128 + 64 + 10
+    conv = 16 * 9 + 16 + 32 * 16 * 9 + 32
+    assert report.parameters.unique == report.parameters.total == 214_538 == linear_weights + linear_biases + conv
+    assert report.parameters.trainable == conv  # packed int8 weights are not trainable
+    qint8 = next(d for d in report.parameters.by_dtype if d.dtype == "qint8")
+    assert (qint8.tensors, qint8.elements) == (3, linear_weights)
+    assert linear_weights < qint8.nbytes < linear_weights + 4_000  # 1 byte each + per-channel scales/zero points
+    assert report.compute.macs == convnet_macs(1)
+    assert report.compute.by_op["quantized.linear_dynamic"] == linear_weights
+    fc0 = layer(report, "fc.0")
+    assert (fc0.params, fc0.macs) == (1568 * 128 + 128, 1568 * 128)
+    assert layer(report, "fc").macs == 1568 * 128 + 128 * 64
+    assert not any(row.path.endswith("_packed_params") for row in report.layers)
+    assert 0 < report.stored.tensor_bytes <= report.stored.file_bytes
+    assert any("dynamically quantised" in line for line in report.notes)
+    result = cli("summarize", int8, "--repeats", "1", "--warmup", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "qint8" in result.stdout and "dynamically quantised" in " ".join(result.stdout.split())
+
+
+def test_int8_gpt2_folder_matches_the_float_model(cli: Any, zoo_dir: Path, tmp_path: Path) -> None:
+    """An HF folder quantised by `compress int8` (GPT-2's Conv1D became quantised Linear): same parameters and
+    MACs as the float folder, tied embedding still named, stored tensors read from its model.int8.pt."""
+    int8 = tmp_path / "gpt2-int8"
+    made = cli("compress", "int8", zoo_dir / "tiny-gpt2", "-o", int8)
+    assert made.exit_code == 0, made.stderr
+    quantised, float_model = run(str(int8)), run(str(zoo_dir / "tiny-gpt2"))
+    assert quantised.parameters.unique == float_model.parameters.unique
+    assert quantised.compute.macs == float_model.compute.macs
+    assert ("transformer.wte.weight", "lm_head.weight") in quantised.parameters.tied
+    assert quantised.stored.files == {"model.int8.pt": (int8 / "model.int8.pt").stat().st_size}
+    assert quantised.parameters.memory_bytes < float_model.parameters.memory_bytes

@@ -5,6 +5,8 @@ in memory), a layer table from one instrumented forward pass (output shapes, par
 core/flops, attention included), totals per example, an activation-memory estimate and the warm forward
 time. ONNX files get their graph facts (inputs with symbolic dims, opset, ops, initializers, external
 data) from services/inspect plus an ONNX Runtime timing. TorchScript and .pt2 get what can be known.
+Dynamically quantised models (`mlops compress int8`) keep their int8 weights in packed parameters, outside
+`parameters()`: they are unpacked here and counted as qint8 (and their Linear MACs added by forward hooks).
 """
 
 from __future__ import annotations
@@ -195,6 +197,12 @@ def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str)
         module.to(device)
     notes: list[str] = []
     parameters = parameter_summary(module)
+    packed = packed_layers(module)
+    if packed:
+        kinds = ", ".join(sorted({type(layer).__name__ for layer in packed.values()}))
+        notes.append(f"{len(packed)} dynamically quantised layer(s) ({kinds}): "
+                     "their packed int8 weights are counted as qint8 parameters (1 byte per element, plus "
+                     "per-channel scales and zero points), not trainable.")
     if parameters.tied:
         notes.append("tied weights (one tensor, several names): "
                      + "; ".join(" = ".join(group) for group in parameters.tied))
@@ -246,6 +254,21 @@ def _named_tensors(module: Any, kind: str) -> list[tuple[str, Any]]:
         return list(method())
 
 
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes a tensor holds; a quantised one adds its per-channel scales and zero points."""
+    size = tensor.numel() * tensor.element_size()
+    if getattr(tensor, "is_quantized", False):
+        import torch
+
+        if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                                torch.per_channel_affine_float_qparams):
+            scales, zero_points = tensor.q_per_channel_scales(), tensor.q_per_channel_zero_points()
+            size += scales.numel() * scales.element_size() + zero_points.numel() * zero_points.element_size()
+        else:
+            size += 16  # one float64 scale, one int64 zero point
+    return size
+
+
 def parameter_summary(module: Any) -> ParameterSummary:
     named_parameters = _named_tensors(module, "parameters")
     named_buffers = _named_tensors(module, "buffers")
@@ -256,22 +279,86 @@ def parameter_summary(module: Any) -> ParameterSummary:
         groups.setdefault(key, []).append(name)
         unique.setdefault(key, tensor)
     buffers = {_tensor_key(t): t for _, t in named_buffers if _tensor_key(t) not in unique}
+    packed = [tensor for layer in packed_layers(module).values() for _, tensor in packed_tensors(layer)]
     by_dtype: dict[str, list[int]] = {}
-    for tensor in [*unique.values(), *buffers.values()]:
+    for tensor in [*unique.values(), *packed, *buffers.values()]:
         entry = by_dtype.setdefault(str(tensor.dtype).removeprefix("torch."), [0, 0, 0])
         entry[0] += 1
         entry[1] += tensor.numel()
-        entry[2] += tensor.numel() * tensor.element_size()
-    parameter_bytes = sum(t.numel() * t.element_size() for t in unique.values())
-    buffer_bytes = sum(t.numel() * t.element_size() for t in buffers.values())
+        entry[2] += tensor_bytes(tensor)
+    parameter_bytes = sum(tensor_bytes(t) for t in [*unique.values(), *packed])
+    buffer_bytes = sum(tensor_bytes(t) for t in buffers.values())
+    packed_elements = sum(t.numel() for t in packed)
     return ParameterSummary(
-        total=sum(t.numel() for _, t in named_parameters),
-        unique=sum(t.numel() for t in unique.values()),
+        total=sum(t.numel() for _, t in named_parameters) + packed_elements,
+        unique=sum(t.numel() for t in unique.values()) + packed_elements,
         trainable=sum(t.numel() for t in unique.values() if t.requires_grad),
         buffers=sum(t.numel() for t in buffers.values()),
         by_dtype=tuple(DtypeCount(d, *v) for d, v in sorted(by_dtype.items(), key=lambda kv: -kv[1][2])),
         tied=tuple(tuple(names) for names in groups.values() if len(names) > 1),
         parameter_bytes=parameter_bytes, buffer_bytes=buffer_bytes, memory_bytes=parameter_bytes + buffer_bytes)
+
+
+# ---------------------------------------------------------------- dynamically quantised layers
+
+
+def packed_layers(module: Any) -> dict[str, Any]:
+    """path -> torch.ao dynamically quantised layer (Linear, Embedding) whose weights sit in packed params."""
+    return {path: sub for path, sub in module.named_modules()
+            if type(sub).__module__.startswith("torch.ao.nn.quantized") and hasattr(sub, "_packed_params")
+            and callable(getattr(sub, "weight", None))}
+
+
+def packed_tensors(layer: Any) -> list[tuple[str, Any]]:
+    """A packed layer's weight (quantised) and bias (float), unpacked."""
+    tensors = [("weight", layer.weight())]
+    bias = layer.bias() if callable(getattr(layer, "bias", None)) else None
+    if bias is not None:
+        tensors.append(("bias", bias))
+    return tensors
+
+
+def _packed_elements(module: Any) -> dict[str, int]:
+    """path of each quantised layer -> elements of its packed weight and bias."""
+    return {path: sum(t.numel() for _, t in packed_tensors(layer)) for path, layer in packed_layers(module).items()}
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
+
+
+def _count_packed_linear_macs(module: Any) -> tuple[dict[str, int], Any]:
+    """Forward hooks adding up the MACs of quantised Linear layers (their kernels are not aten ops, so the
+    counting mode misses them): each call does output elements x in_features multiply-adds.
+    Returns the per-layer counts (filled during the pass) and a function removing the hooks."""
+    counts: dict[str, int] = {}
+    handles = []
+    for path, layer in packed_layers(module).items():
+        if not hasattr(layer, "in_features"):
+            continue  # a quantised Embedding looks rows up: no MACs
+
+        def hook(_module: Any, _inputs: Any, output: Any, path: str = path, width: int = layer.in_features) -> None:
+            counts[path] = counts.get(path, 0) + int(output.numel()) * width
+
+        handles.append(layer.register_forward_hook(hook))
+    return counts, lambda: [handle.remove() for handle in handles]
+
+
+def _with_packed_macs(profile: Any, counts: dict[str, int]) -> Any:
+    """The profile with the quantised Linear MACs added to the total, the op table and each enclosing module."""
+    if not counts or any(op.startswith("quantized") for op in profile.macs.by_op):
+        return profile  # nothing quantised ran, or core/flops counts these ops itself
+    from dataclasses import replace
+
+    by_module = dict(profile.macs.by_module)
+    for path, macs in counts.items():
+        parts = path.split(".")
+        for ancestor in ["", *(".".join(parts[:i]) for i in range(1, len(parts) + 1))]:
+            by_module[ancestor] = by_module.get(ancestor, 0) + macs
+    total = sum(counts.values())
+    by_op = {**profile.macs.by_op, "quantized.linear_dynamic": total}
+    return replace(profile, macs=replace(profile.macs, macs=profile.macs.macs + total, by_module=by_module,
+                                         by_op=by_op))
 
 
 def _profile(module: Any, inputs: InputSet, device: str) -> tuple[ComputeSummary, Any]:
@@ -285,12 +372,16 @@ def _profile(module: Any, inputs: InputSet, device: str) -> tuple[ComputeSummary
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
+    packed_macs, remove_hooks = _count_packed_linear_macs(module)
     try:
         profile = profile_forward(module, inputs.tensors, record_shapes=True, track_memory=True)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"the forward pass failed on inputs {describe_inputs(inputs)}: {message}",
                          hint="Describe the inputs the model takes with --input name:dtype[d0,d1,...].") from exc
+    finally:
+        remove_hooks()
+    profile = _with_packed_macs(profile, packed_macs)
     measured = None
     if cuda:
         torch.cuda.synchronize()
@@ -307,15 +398,17 @@ def _profile(module: Any, inputs: InputSet, device: str) -> tuple[ComputeSummary
 
 def _layer_rows(module: Any, depth: int, profile: Any) -> tuple[LayerRow, ...]:
     rows = []
+    packed = _packed_elements(module)
     for path, sub in module.named_modules():
         level = path.count(".") + 1 if path else 0
-        if level > depth:
+        if level > depth or path.endswith("._packed_params"):  # a packed layer's storage, not a layer
             continue
         call = profile.modules.get(path) if profile is not None else None
         macs = _module_macs(sub, path, profile) if profile is not None else None
         if not path and profile is not None:
             macs = profile.macs.macs  # the whole model, including ops outside any module's hooks
-        params = sum(p.numel() for p in sub.parameters())
+        params = sum(p.numel() for p in sub.parameters()) + sum(
+            count for layer, count in packed.items() if _inside(layer, path))
         rows.append(LayerRow(path, _type_name(sub), level, call.output_shapes if call else (), params, macs,
                              call.calls if call else 0))
     return tuple(rows)

@@ -284,6 +284,10 @@ def test_command_tables_state_what_zeros_do_not_buy(cli, tmp_path: Path) -> None
     (["--method", "ln-structured", "--dim", "4"], 2, "does not exist"),
     (["--include", "("], 2, "regular expression"),
     (["--structured-shrink", "--amount", "1"], 2, "every channel"),
+    (["--max-drift", "-1"], 2, "--max-drift -1 must be 0 or more"),
+    (["--max-drift", "nan"], 2, "--max-drift nan"),
+    (["--min-top1", "2"], 2, "--min-top1 2 is not a fraction between 0 and 1"),
+    (["--min-top1", "-0.1"], 2, "--min-top1 -0.1"),
 ])
 def test_command_usage_errors(cli, args: list[str], code: int, words: str) -> None:
     result = cli("prune", "builtin:convnet", *args)
@@ -347,7 +351,7 @@ def test_shrunk_user_architecture_loads_back_only_when_trusted_again(user_arch: 
     assert result.parameters < report.parameters_before
     assert result.reloaded == "loads back through mlops; outputs identical to the pruned model"
     assert any("--arch-kwargs" in note and "trust_code" in note for note in report.notes)
-    with pytest.raises(UnsafeInputError, match="outside mlops"):
+    with pytest.raises(UnsafeInputError, match="would run"):
         load_model(str(out))  # an mlops.json alone never makes mlops import foreign code
     kwargs = {**json.loads((out / "mlops.json").read_text())["arch_kwargs"], "trust_code": True}
     trusted = load_model(str(out), LoadOptions(arch="mlops_cli.services.prune:rebuild", arch_kwargs=kwargs))
@@ -371,3 +375,18 @@ def test_sweep_output_names_keep_a_file_suffix(zoo_dir: Path, tmp_path: Path) ->
     shrink = PruneOptions(amounts=(0.1, 0.5), structured_shrink=True)  # a shrunk module is written as a folder
     assert output_paths(weights, tmp_path / "p", shrink) == {0.1: tmp_path / "p-0.1", 0.5: tmp_path / "p-0.5"}
     assert output_paths("builtin:convnet", None, sweep) == {}
+
+
+def test_an_int8_model_is_refused_with_the_way_round(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    """`compress int8` output holds packed int8 kernels (state_dict keys with `._packed_params`): pruning cannot
+    mask them, so it must say so (exit 3) rather than crash, and write nothing."""
+    int8 = tmp_path / "convnet-int8"
+    made = cli("compress", "int8", zoo_dir / "convnet", "-o", int8)
+    assert made.exit_code == 0, made.stderr
+    assert any("._packed_params" in key for key in torch.load(int8 / "model.int8.pt", weights_only=True))
+    result = cli("prune", int8, "-o", tmp_path / "pruned", "--repeats", "1", "--warmup", "0")
+    assert result.exit_code == 3, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "quantised to int8 (fc.0, fc.2, out)" in message
+    assert "Prune the float checkpoint first, then quantise" in message
+    assert not (tmp_path / "pruned").exists()

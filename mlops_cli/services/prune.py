@@ -248,6 +248,12 @@ def validate_options(options: PruneOptions) -> None:
             raise UsageError(f"--include/--exclude {pattern!r} is not a valid regular expression: {exc}") from exc
     if options.repeats < 1 or options.warmup < 0:
         raise UsageError("--repeats must be at least 1 and --warmup at least 0")
+    if options.max_drift is not None and not options.max_drift >= 0:  # NaN fails too
+        raise UsageError(f"--max-drift {options.max_drift:g} must be 0 or more (a max |diff| bound)",
+                         hint="Example: --max-drift 0.05")
+    if options.min_top1 is not None and not 0.0 <= options.min_top1 <= 1.0:
+        raise UsageError(f"--min-top1 {options.min_top1:g} is not a fraction between 0 and 1",
+                         hint="Example: --min-top1 0.99 (99% of the top-1 predictions unchanged)")
 
 
 def check_prunable(loaded: LoadedModel) -> None:
@@ -255,6 +261,19 @@ def check_prunable(loaded: LoadedModel) -> None:
         raise InputError(f"{loaded.reference} is a {loaded.kind.value} model: mlops prunes weights of PyTorch modules",
                          hint="Prune the original checkpoint (a Hugging Face folder, or weights + --arch), "
                               "then export the pruned result.")
+    quantised = quantised_layers(loaded.module)
+    if quantised:
+        shown = ", ".join(quantised[:3]) + (f" and {len(quantised) - 3} more" if len(quantised) > 3 else "")
+        raise InputError(f"{loaded.reference} is quantised to int8 ({shown}): its weights are packed int8 "
+                         "kernels, which pruning cannot mask or shrink",
+                         hint="Prune the float checkpoint first, then quantise the result: "
+                              "mlops prune FLOAT -o pruned && mlops compress int8 pruned -o pruned-int8")
+
+
+def quantised_layers(module: Any) -> list[str]:
+    """Names of torch.ao quantised layers (`mlops compress int8` output: weights in packed params)."""
+    return [name or "(model)" for name, sub in module.named_modules()
+            if type(sub).__module__.startswith("torch.ao.nn.quantized") and not name.endswith("._packed_params")]
 
 
 def input_paths(loaded: LoadedModel) -> list[Path]:

@@ -6,4 +6,5 @@ mlops export onnx "$DEMO_OUT/convnet" -o "$DEMO_OUT/convnet-static.onnx" --stati
     > /dev/null
 status=0
 mlops verify-parity "$DEMO_OUT/convnet" "$DEMO_OUT/convnet-static.onnx" --no-timing || status=$?
-[ "$status" -eq 6 ] && echo "verify-parity exited 6 as expected: the static export only runs at batch 2"
+[ "$status" -eq 6 ] || { echo "expected exit 6 from verify-parity, got $status" >&2; exit 1; }
+echo "verify-parity exited 6 as expected: the static export only runs at batch 2"

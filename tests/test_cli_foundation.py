@@ -157,3 +157,18 @@ def test_paths_with_brackets_are_not_read_as_markup(cli, zoo_dir, tmp_path) -> N
         result = cli("inspect", folder / "model.safetensors")
         assert result.exit_code == 0, result.stderr
         assert f"Checkpoint:{folder / 'model.safetensors'}" in "".join(result.stdout.split())  # titles wrap
+
+
+def test_tied_tensors_are_counted_once(cli, tmp_path) -> None:
+    """torch.save stores GPT-2's lm_head/wte once; the byte total must not count it twice."""
+    from mlops_cli import zoo
+
+    model, _ = zoo.build("tiny-gpt2")
+    path = tmp_path / "gpt2.pt"
+    torch.save(model.state_dict(), path)
+    report = cli("inspect", path, "--json").json()
+    tied = {t["name"]: t["tied_to"] for t in report["largest"] if t["tied_to"]}
+    assert tied == {"lm_head.weight": "transformer.wte.weight"}
+    assert report["tensor_bytes"] < report["file_bytes"]
+    assert report["tensor_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())

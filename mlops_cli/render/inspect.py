@@ -24,8 +24,9 @@ def inspect_tables(report: InspectReport) -> Iterator[RenderableType]:
                     ((d.dtype, d.tensors, fmt_count(d.elements), fmt_bytes(d.nbytes)) for d in report.dtypes),
                     numeric=("tensors", "elements", "bytes"))
     if report.largest:
-        yield table("Largest tensors", ("name", "dtype", "shape", "bytes"),
-                    ((t.name, t.dtype, list(t.shape), fmt_bytes(t.nbytes)) for t in report.largest), numeric=("bytes",))
+        yield table("Largest tensors", ("name", "dtype", "shape", "bytes", "shares storage with"),
+                    ((t.name, t.dtype, list(t.shape), fmt_bytes(t.nbytes), t.tied_to or "") for t in report.largest),
+                    numeric=("bytes",))
     if report.checkpoint_entries:
         yield key_values("Training checkpoint entries", report.checkpoint_entries.items())
     if report.config:

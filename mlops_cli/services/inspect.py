@@ -40,6 +40,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    tied_to: str | None = None  # an earlier name whose storage this tensor shares (stored once, counted once)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def _report(path: Path, fmt: Format, infos: list[TensorInfo], **extra: Any) -> I
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     return InspectReport(
         path=str(path), format=fmt.value, file_bytes=size, tensor_count=len(infos), element_count=elements,
-        tensor_bytes=sum(i.nbytes for i in infos),
+        tensor_bytes=sum(i.nbytes for i in infos if i.tied_to is None),
         dtypes=tuple(DtypeTotal(d, *v) for d, v in sorted(totals.items(), key=lambda kv: -kv[1][2])),
         largest=tuple(sorted(infos, key=lambda i: -i.nbytes)[:LARGEST_SHOWN]), **extra)
 
@@ -115,17 +116,33 @@ def _safetensors_info(name: str, info: dict[str, Any]) -> TensorInfo:
 
 
 def _tensor_infos(state_dict: dict[str, Any]) -> list[TensorInfo]:
-    """One row per tensor; the packed (weight, bias) pairs of an int8 state_dict count as their tensors."""
+    """One row per tensor; the packed (weight, bias) pairs of an int8 state_dict count as their tensors, and
+    tied tensors (one storage under two names, as torch.save stores GPT-2's lm_head/wte) name their twin."""
     import torch
 
     infos = []
+    seen: dict[tuple[Any, ...], str] = {}
     for name, value in state_dict.items():
         parts = [(name, value)] if isinstance(value, torch.Tensor) else [
             (f"{name}.{i}", part) for i, part in enumerate(value if isinstance(value, (tuple, list)) else ())
             if isinstance(part, torch.Tensor)]
-        infos += [TensorInfo(part_name, str(t.dtype).removeprefix("torch."), tuple(t.shape),
-                             t.numel() * t.element_size()) for part_name, t in parts]
+        for part_name, tensor in parts:
+            identity = _storage_identity(tensor)
+            tied_to = seen.get(identity) if identity else None
+            if identity and tied_to is None:
+                seen[identity] = part_name
+            infos.append(TensorInfo(part_name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape),
+                                    tensor.numel() * tensor.element_size(), tied_to))
     return infos
+
+
+def _storage_identity(tensor: Any) -> tuple[Any, ...] | None:
+    """Where a tensor's bytes live; None where torch cannot say (quantised tensors)."""
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()), tensor.dtype)
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _state_infos(content: Any) -> tuple[list[TensorInfo], str | None]:

@@ -335,7 +335,7 @@ def user_arch(tmp_path: Path) -> tuple[Path, Path]:
     arch = tmp_path / "user_net.py"
     arch.write_text(USER_ARCH)
     torch.manual_seed(0)
-    net = build_architecture(f"{arch}:Net", {}, trust_code=True)
+    net = build_architecture(f"{arch}:Net", {})
     weights = tmp_path / "net.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
     return arch, weights

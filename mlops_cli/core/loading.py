@@ -332,13 +332,12 @@ def strip_prefix(state_dict: dict[str, Any], prefix: str | None) -> dict[str, An
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
-def build_architecture(arch: str, arch_kwargs: dict[str, Any], trust_code: bool = True) -> Any:
+def build_architecture(arch: str, arch_kwargs: dict[str, Any]) -> Any:
     """Import `module.path:Factory` or `path/to/file.py:Factory` and call it with `arch_kwargs`.
 
     This runs the named code: callers pass only what the user named with `--arch` (explicit consent) or
-    what `check_sidecar_architecture` accepted. `trust_code` is kept for callers that state it.
+    what `check_sidecar_architecture` accepted.
     """
-    del trust_code  # the decision is the caller's (see above); nothing here can check it
     target, sep, attribute = arch.rpartition(":")
     if not sep or not target or not attribute:
         raise UsageError(f"--arch {arch!r} is not of the form module.path:Factory or file.py:Factory")

@@ -626,11 +626,13 @@ def rebuild(arch: str, arch_kwargs: dict[str, Any] | None = None, shapes: dict[s
     """
     import torch
 
-    if not arch.startswith("mlops_cli.") and not trust_code:
+    from mlops_cli.zoo import ARCH_PATHS
+
+    if arch not in ARCH_PATHS.values() and not trust_code:
         raise UnsafeInputError(f"this pruned model is built on {arch}, which would run code from outside mlops",
                                hint=f"If you trust it, load it with --arch {REBUILD_ARCH} and --arch-kwargs holding "
                                     "the arch_kwargs of its mlops.json plus \"trust_code\": true.")
-    module = build_architecture(arch, dict(arch_kwargs or {}), trust_code=True)
+    module = build_architecture(arch, dict(arch_kwargs or {}))
     for name, values in (attributes or {}).items():
         child = module.get_submodule(name)
         for attr, value in values.items():

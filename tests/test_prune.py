@@ -213,6 +213,17 @@ def test_structured_shrink_of_a_cnn_reduces_parameters_and_macs_and_loads_back(t
     assert result.reloaded == "loads back through mlops; outputs identical to the pruned model"
 
 
+def test_a_shrunk_model_can_be_shrunk_again_and_loads_back(tmp_path: Path) -> None:
+    """The second shrink is described against the base architecture (rebuild inside rebuild is refused)."""
+    run("builtin:convnet", tmp_path / "once", structured_shrink=True, amounts=(0.5,))
+    report = run(str(tmp_path / "once"), tmp_path / "twice", structured_shrink=True, amounts=(0.5,))
+    sidecar = json.loads((tmp_path / "twice" / "mlops.json").read_text())
+    assert sidecar["arch_kwargs"]["arch"] == "mlops_cli.zoo:ConvNet"
+    reloaded = load_model(str(tmp_path / "twice"))
+    assert reloaded.module.conv1[0].out_channels == 4
+    assert sum(p.numel() for p in reloaded.module.parameters()) == report.results[0].parameters
+
+
 @pytest.mark.parametrize(("model", "field", "width"), [("tiny-bert", "intermediate_size", 64),
                                                        ("tiny-gpt2", "n_inner", 128)])
 def test_structured_shrink_of_hf_feed_forward_updates_the_config(model: str, field: str, width: int,

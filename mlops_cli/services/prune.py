@@ -933,9 +933,7 @@ class _Pruner:
         weights = str(sidecar.get("weights", "model.safetensors"))
         if self.options.structured_shrink:
             weights = "model.safetensors"
-            description = shape_description(module, self.loaded.module)
-            arch_kwargs = {"arch": arch, "arch_kwargs": self.loaded.arch_kwargs, **description}
-            sidecar.update(arch=REBUILD_ARCH, arch_kwargs=arch_kwargs)
+            sidecar.update(arch=REBUILD_ARCH, arch_kwargs=self._rebuild_kwargs(module, arch))
         else:
             sidecar.update(arch=arch, arch_kwargs=self.loaded.arch_kwargs)
         sidecar.update(weights=weights, inputs=list(self.options.inputs or self.loaded.input_specs), pruned=info)
@@ -946,6 +944,22 @@ class _Pruner:
         else:
             save_torch(state, folder / weights)
         (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+
+    def _rebuild_kwargs(self, module: Any, arch: str) -> dict[str, Any]:
+        """What `rebuild` needs: the base architecture and every shape that differs from it. A model that was
+        shrunk before is described against its base architecture, its earlier changes merged with these."""
+        base_arch, base_kwargs = arch, self.loaded.arch_kwargs
+        shapes: dict[str, Any] = {}
+        attributes: dict[str, Any] = {}
+        if arch == REBUILD_ARCH:
+            base_arch, base_kwargs = self.loaded.arch_kwargs["arch"], self.loaded.arch_kwargs.get("arch_kwargs", {})
+            shapes = dict(self.loaded.arch_kwargs.get("shapes") or {})
+            attributes = {k: dict(v) for k, v in (self.loaded.arch_kwargs.get("attributes") or {}).items()}
+        description = shape_description(module, self.loaded.module)
+        shapes.update(description["shapes"])
+        for name, changed in description["attributes"].items():
+            attributes.setdefault(name, {}).update(changed)
+        return {"arch": base_arch, "arch_kwargs": base_kwargs, "shapes": shapes, "attributes": attributes}
 
     def _reload_check(self, output: Path, candidate: Any) -> str:
         """Load the written artefact back through mlops and compare it with the in-memory result."""

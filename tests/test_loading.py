@@ -321,3 +321,21 @@ def test_exported_archives_carry_their_input_specs(cli, tmp_path) -> None:
     loaded = load_model(str(tmp_path / "cv.pt2"))
     assert loaded.input_specs == ("x:float32[batch=2,1,28,28]",)
     assert _outputs(loaded)["output"].shape == (2, 10)
+
+
+@pytest.mark.parametrize(("sidecar", "message"), [
+    ([1], "not a JSON object"),
+    ({"arch": "mlops_cli.zoo:ConvNet", "arch_kwargs": [1]}, "'arch_kwargs' must be a dict"),
+    ({"arch": "mlops_cli.zoo:ConvNet", "inputs": "x:float32[2]"}, "'inputs' must be a list"),
+    ({"arch": "mlops_cli.zoo:ConvNet", "arch_kwargs": {"bogus": 1}}, "calling it with"),
+    ({"arch": "mlops_cli.zoo:ConvNet", "inputs": ["x:float32[2,1,28"]}, "not of the form"),
+])
+def test_a_malformed_sidecar_is_an_input_error_naming_the_file(zoo_dir, tmp_path, cli, sidecar, message) -> None:
+    folder = tmp_path / "bad"
+    shutil.copytree(zoo_dir / "convnet", folder)
+    (folder / "mlops.json").write_text(json.dumps(sidecar))
+    with pytest.raises(InputError, match=message) as info:
+        load_model(str(folder))
+    assert "mlops.json" in info.value.message and "Re-save" in info.value.hint
+    result = cli("inspect", folder)
+    assert result.exit_code in (0, 3) and "internal error" not in result.stderr

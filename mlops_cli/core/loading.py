@@ -250,9 +250,18 @@ def read_sidecar(folder: Path, name: str = SIDECAR) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{sidecar} could not be read: {exc}") from exc
-    return data if isinstance(data, dict) else {}
+    fields = {"weights": str, "arch": str, "arch_kwargs": dict, "inputs": list}
+    problem = "it is not a JSON object" if not isinstance(data, dict) else next(
+        (f"{key!r} must be a {kind.__name__}" for key, kind in fields.items()
+         if key in data and not isinstance(data[key], kind)), None)
+    if problem is None and not all(isinstance(spec, str) for spec in data.get("inputs", [])):
+        problem = "'inputs' must be a list of input specs such as \"x:float32[batch=2,3,32,32]\""
+    if problem:
+        raise InputError(f"{sidecar} is malformed: {problem}",
+                         hint="Re-save the folder with mlops, or pass --arch/--input yourself.")
+    return data
 
 
 def _load_weights_folder(folder: Path, options: LoadOptions) -> LoadedModel:
@@ -274,15 +283,35 @@ def _load_weights_file(path: Path, fmt: Format, options: LoadOptions, sidecar: d
     arch_kwargs = options.arch_kwargs or dict(sidecar.get("arch_kwargs") or {})
     if not options.arch:
         check_sidecar_architecture(str(arch), arch_kwargs, path.parent / SIDECAR)
-    module = build_architecture(arch, arch_kwargs)
+        try:
+            module = build_architecture(arch, arch_kwargs)
+        except UsageError as exc:  # the file's values, not the user's options, are wrong
+            raise InputError(f"{path.parent / SIDECAR}: {exc.message}",
+                             hint="Re-save the folder with mlops, or pass --arch/--arch-kwargs yourself.") from exc
+    else:
+        module = build_architecture(arch, arch_kwargs)
     state_dict = strip_prefix(state_dict, options.strip_prefix)
     if any(PACKED_PARAMS in key for key in state_dict):
         module = _load_int8(module, state_dict)
     else:
         load_state_dict_strict(module, state_dict, path)
     return LoadedModel(str(path), ModelKind.MODULE, fmt, module=module.eval(), path=path,
-                       input_specs=tuple(sidecar.get("inputs") or ()), arch=arch, arch_kwargs=arch_kwargs,
-                       checkpoint_extras=extras, state_key=key)
+                       input_specs=_sidecar_inputs(sidecar, path.parent / SIDECAR), arch=arch,
+                       arch_kwargs=arch_kwargs, checkpoint_extras=extras, state_key=key)
+
+
+def _sidecar_inputs(sidecar: dict[str, Any], where: Path) -> tuple[str, ...]:
+    """The input specs a sidecar records, checked here so a bad one is blamed on the file, not on --input."""
+    from mlops_cli.core.inputs import parse_input_spec
+
+    specs = tuple(sidecar.get("inputs") or ())
+    for spec in specs:
+        try:
+            parse_input_spec(spec)
+        except UsageError as exc:
+            raise InputError(f"{where}: {exc.message}",
+                             hint="Re-save the folder with mlops, or pass --input yourself.") from exc
+    return specs
 
 
 def check_sidecar_architecture(arch: str, arch_kwargs: dict[str, Any], sidecar: Path) -> None:

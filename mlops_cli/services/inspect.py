@@ -23,7 +23,7 @@ from mlops_cli.core.formats import (
     load_tensor_file,
     read_safetensors_header,
 )
-from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict
+from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict, read_sidecar
 
 LARGEST_SHOWN = 5
 SAFETENSORS_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -192,10 +192,7 @@ def summarize_value(value: Any) -> str:
 def _inspect_folder(folder: Path, fmt: Format) -> InspectReport:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     config_path = folder / (HF_CONFIG if fmt == Format.HF_FOLDER else SIDECAR)
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{config_path} could not be read: {exc}") from exc
+    raw = read_sidecar(folder, config_path.name) if fmt == Format.WEIGHTS_FOLDER else _read_json_object(config_path)
     config = {k: raw[k] for k in CONFIG_FIELDS if k in raw} if fmt == Format.HF_FOLDER else raw
     infos: list[TensorInfo] = []
     metadata: dict[str, str] = {}
@@ -215,6 +212,16 @@ def _inspect_folder(folder: Path, fmt: Format) -> InspectReport:
     if tokenizer_files:
         notes.append(f"tokenizer files: {', '.join(tokenizer_files)}")
     return _report(folder, fmt, infos, metadata=metadata, config=config, files=files, notes=tuple(notes))
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} could not be read: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InputError(f"{path} is malformed: it is not a JSON object")
+    return raw
 
 
 def _inspect_onnx(path: Path) -> InspectReport:

@@ -294,3 +294,15 @@ def test_repeats_0_skips_timing_like_no_timing(cli, bert_onnx) -> None:
     human = cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--repeats", "0")
     assert human.exit_code == 0 and "PASS" in human.stdout
     assert cli("verify-parity", "builtin:tiny-bert", bert_onnx, "--repeats", "-1").exit_code == 2
+
+
+def test_inputs_that_do_not_fit_the_reference_are_an_input_error(cli, tmp_path):
+    """A reference that cannot run the inputs is exit 3 naming the reference, not a candidate FAIL (exit 6)."""
+    import numpy as np
+
+    inputs = tmp_path / "bad.npz"
+    np.savez(inputs, x=np.zeros((2, 3), np.float32))
+    result = cli("verify-parity", "builtin:convnet", "builtin:convnet", "--inputs", inputs, "--repeats", "0", "--json")
+    assert result.exit_code == 3, result.stderr
+    assert "the reference builtin:convnet fails on the inputs" in result.stderr and "x[2, 3]" in result.stderr
+    assert result.stdout == ""

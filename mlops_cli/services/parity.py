@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlops_cli.core.compare import OutputDiff, compare_arrays
-from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.errors import InputError, MlopsError, UsageError
 from mlops_cli.core.inputs import InputSet
 from mlops_cli.core.runtimes import Runner
 from mlops_cli.core.timing import Timing, measure_interleaved
@@ -122,8 +122,14 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
     shapes = {name: tuple(array.shape) for name, array in input_set.tensors.items()}
     try:
         ref_out = reference(_feed(reference, input_set))
-    except Exception as exc:
-        return ShapeResult(input_set.label, shapes, (), False, f"reference failed: {_first_line(exc)}")
+    except MlopsError:
+        raise
+    except Exception as exc:  # the inputs do not fit the reference: nothing to compare, and not the candidate's fault
+        shown = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
+        raise InputError(f"the reference {reference.name} fails on the inputs {input_set.label} ({shown}): "
+                         f"{_first_line(exc)}",
+                         hint="Describe the inputs the reference takes with --input, or give real ones with "
+                              "--inputs FILE.") from exc
     try:
         cand_out = candidate(_feed(candidate, input_set))
     except Exception as exc:

@@ -69,16 +69,20 @@ def resolve_job_keys(command: Any, data: dict[str, Any], where: str = "") -> dic
     for key, value in data.items():
         path = f"{where}{key}"
         if subcommands is not None:
-            if key not in subcommands or not isinstance(value, dict):
+            if key not in subcommands:
                 raise UsageError(f"job file: {path!r} is not a command here",
                                  hint=f"Commands: {', '.join(sorted(subcommands))}.")
+            if not isinstance(value, dict):
+                raise UsageError(f"job file: {path!r} must map option names to values")
             resolved[key] = resolve_job_keys(subcommands[key], value, f"{path}.")
             continue
-        aliases = {flag.lstrip("-").replace("-", "_"): param.name
-                   for param in command.params for flag in [param.name or "", *getattr(param, "opts", [])]}
+        aliases = {flag[2:].replace("-", "_"): param.name for param in command.params
+                   if getattr(param, "param_type_name", "") == "option"
+                   for flag in param.opts if flag.startswith("--")}
         if key.replace("-", "_") not in aliases:
-            raise UsageError(f"job file: {where.rstrip('.')!r} has no option {key!r}",
-                             hint=f"Its options: {', '.join(sorted(k for k in aliases if len(k) > 1))}.")
+            raise UsageError(f"job file: {where.rstrip('.')!r} has no option {key!r} (arguments such as MODEL "
+                             "stay on the command line)",
+                             hint=f"Its options: {', '.join(sorted(k.replace('_', '-') for k in aliases))}.")
         resolved[aliases[key.replace("-", "_")]] = value
     return resolved
 

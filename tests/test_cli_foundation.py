@@ -138,6 +138,12 @@ def test_job_file_typos_are_usage_errors(cli, tmp_path) -> None:
     job.write_text("zooo:\n  list: {}\n")
     result = cli("--config", job, "zoo", "list")
     assert result.exit_code == 2 and "'zooo' is not a command" in result.stderr
+    job.write_text("zoo:\n  save:\n    name: convnet\n")  # an argument, not an option
+    result = cli("--config", job, "zoo", "list")
+    assert result.exit_code == 2 and "has no option 'name'" in result.stderr
+    job.write_text("zoo:\n  save: [1]\n")
+    result = cli("--config", job, "zoo", "list")
+    assert result.exit_code == 2 and "must map option names to values" in result.stderr
 
 
 def test_job_file_accepts_command_line_option_names(cli, tmp_path) -> None:

@@ -306,3 +306,18 @@ def test_inputs_that_do_not_fit_the_reference_are_an_input_error(cli, tmp_path):
     assert result.exit_code == 3, result.stderr
     assert "the reference builtin:convnet fails on the inputs" in result.stderr and "x[2, 3]" in result.stderr
     assert result.stdout == ""
+
+
+def test_real_texts_are_tokenized_with_the_models_tokenizer(cli):
+    result = cli("verify-parity", "builtin:tiny-gpt2", "builtin:tiny-gpt2", "--text", "今天天气很好",
+                 "--text", "export the model and verify it", "--repeats", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["input_source"] == "2 text(s), tokenizer of builtin:tiny-gpt2"
+    shapes = report["parity"]["shapes"]
+    assert len(shapes) == 1 and shapes[0]["input_shapes"]["input_ids"][0] == 2
+    assert shapes[0]["outputs"][0]["masked_out"] > 0  # the shorter text is padded, and the padding excluded
+    assert shapes[0]["label"].startswith("text:batch=2")
+    clash = cli("verify-parity", "builtin:tiny-bert", "builtin:tiny-bert", "--text", "a", "--input",
+                "input_ids:int64[batch,sequence]")
+    assert clash.exit_code == 2 and "cannot be combined" in clash.stderr

@@ -45,6 +45,9 @@ InputOpt = Annotated[list[str] | None, typer.Option(
     "--input", show_default=False,
     help="Input spec name:dtype\\[d0,d1,...], repeatable; a dim may be named (batch, sequence=32). Named dims "
          "(the first by default) are varied by multi-shape checks. Example: --input x:float32\\[batch=2,3,224,224]")]
+TextOpt = Annotated[list[str] | None, typer.Option(
+    "--text", show_default=False,
+    help="A real text, tokenized with the model's tokenizer (repeatable: one padded batch of all texts).")]
 AtolOpt = Annotated[list[str] | None, typer.Option(
     "--atol", show_default=False,
     help=f"Absolute tolerance, or NAME=VALUE for one output (repeatable). {TOLERANCE_HELP}")]

@@ -19,6 +19,7 @@ from mlops_cli.commands.common import (
     QuietOpt,
     RtolOpt,
     SeedOpt,
+    TextOpt,
     guarded,
     model_options,
     parse_tolerances,
@@ -56,6 +57,7 @@ def verify_parity_command(
     inputs: InputOpt = None,
     inputs_file: Annotated[Path | None, typer.Option(
         "--inputs", show_default=False, help="Real inputs from an .npz or .safetensors file (name -> array).")] = None,
+    texts: TextOpt = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Random draws of every shape set.")] = 1,
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
@@ -85,7 +87,8 @@ def verify_parity_command(
     from mlops_cli.services.verify_parity import VerifySettings, verify_parity
 
     settings = VerifySettings(
-        inputs=tuple(inputs or ()), inputs_file=str(inputs_file) if inputs_file else None, samples=samples, seed=seed,
+        inputs=tuple(inputs or ()), inputs_file=str(inputs_file) if inputs_file else None, texts=tuple(texts or ()),
+        samples=samples, seed=seed,
         tolerances=parse_tolerances(atol, rtol, PRESETS[preset.value]), preset=preset.value,
         include_padding=include_padding, device=device.value, repeats=repeats, timing=timing and repeats > 0,
         load=load)

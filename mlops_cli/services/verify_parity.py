@@ -23,6 +23,7 @@ class VerifySettings:
 
     inputs: tuple[str, ...] = ()  # --input specs
     inputs_file: str | None = None  # --inputs FILE (npz/safetensors) of real inputs
+    texts: tuple[str, ...] = ()  # --text: real texts, tokenized with a side's tokenizer
     samples: int = 1  # random draws per shape set
     seed: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
@@ -58,8 +59,8 @@ def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> V
         raise UsageError("--samples must be at least 1")
     if settings.repeats < 0:
         raise UsageError("--repeats must be 0 (no timing) or more")
-    if settings.inputs_file and settings.inputs:
-        raise UsageError("--inputs FILE and --input specs cannot be combined", hint="Use one or the other.")
+    if sum(map(bool, (settings.inputs_file, settings.inputs, settings.texts))) > 1:
+        raise UsageError("--inputs FILE, --input specs and --text cannot be combined", hint="Use one of them.")
     ref_model = load_model(reference, settings.load)
     cand_model = load_model(candidate, settings.load)
     input_sets, source = build_input_sets(ref_model, cand_model, settings)
@@ -87,10 +88,13 @@ def failure_hint(report: ParityReport) -> str | None:
 def build_input_sets(ref_model: LoadedModel, cand_model: LoadedModel,
                      settings: VerifySettings) -> tuple[list[InputSet], str]:
     """Real inputs from a file, or `samples` random draws of every shape set of the model's inputs."""
-    from mlops_cli.core.inputs import load_inputs_file, model_shape_sets
+    from mlops_cli.core.inputs import from_texts, load_inputs_file, model_shape_sets
 
     if settings.inputs_file:
         return [load_inputs_file(settings.inputs_file)], f"file {Path(settings.inputs_file).name}"
+    if settings.texts:
+        side = next((m for m in (ref_model, cand_model) if m.tokenizer is not None), ref_model)
+        return [from_texts(side, list(settings.texts))], f"{len(settings.texts)} text(s), tokenizer of {side.reference}"
     # Specs and vocabulary from a PyTorch side when there is one: it knows its config and tokenizer.
     source_model = cand_model if ref_model.kind == ModelKind.ONNX and cand_model.kind != ModelKind.ONNX \
         else ref_model

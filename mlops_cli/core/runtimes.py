@@ -55,6 +55,13 @@ class Runner:
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.call(inputs)
 
+    def feed(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs in this runner's own argument order where it is known (positional backends need it)."""
+        if self.backend == "onnxruntime" or not self.input_names:
+            return tensors
+        ordered = {name: tensors[name] for name in self.input_names if name in tensors}
+        return ordered if len(ordered) == len(tensors) else tensors
+
 
 def runner_for(loaded: LoadedModel, device: str = "cpu") -> Runner:
     """The right runner for a loaded model."""

@@ -467,21 +467,13 @@ def _drift(original: LoadedModel, candidate: LoadedModel, options: Int8Options
     report = check_parity(before, after, input_sets, tolerances, time_runs=False)
     rows = []
     for input_set in input_sets:
-        feed_before, feed_after = _feed(before, input_set.tensors), _feed(after, input_set.tensors)
+        feed_before, feed_after = before.feed(input_set.tensors), after.feed(input_set.tensors)
         timings = measure_interleaved({"before": functools.partial(before, feed_before),
                                        "after": functools.partial(after, feed_after)},
                                       warmup=2, repeats=options.repeats)
         speedup = timings["before"].median_ms / timings["after"].median_ms if timings["after"].median_ms else None
         rows.append(LatencyRow(input_set.label, timings["before"], timings["after"], speedup))
     return report, tuple(rows)
-
-
-def _feed(runner: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Only the inputs a runner takes, in its own order (as the parity engine feeds it)."""
-    if runner.backend == "onnxruntime" or not runner.input_names:
-        return tensors
-    ordered = {name: tensors[name] for name in runner.input_names if name in tensors}
-    return ordered if len(ordered) == len(tensors) else tensors
 
 
 def _report(source: Path, output: Path, input_format: str, output_format: str, engine: str, weights: str,

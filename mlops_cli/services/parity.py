@@ -121,7 +121,7 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
                 include_masked: bool, time_runs: bool, repeats: int) -> ShapeResult:
     shapes = {name: tuple(array.shape) for name, array in input_set.tensors.items()}
     try:
-        ref_out = reference(_feed(reference, input_set))
+        ref_out = reference(reference.feed(input_set.tensors))
     except MlopsError:
         raise
     except Exception as exc:  # the inputs do not fit the reference: nothing to compare, and not the candidate's fault
@@ -131,7 +131,7 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
                          hint="Describe the inputs the reference takes with --input, or give real ones with "
                               "--inputs FILE.") from exc
     try:
-        cand_out = candidate(_feed(candidate, input_set))
+        cand_out = candidate(candidate.feed(input_set.tensors))
     except Exception as exc:
         return ShapeResult(input_set.label, shapes, (), False, _candidate_failure(input_set, exc))
     tolerances.check_names(ref_out, cand_out)
@@ -139,7 +139,7 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
     diffs = _match_outputs(ref_out, cand_out, tolerances, mask)
     ref_time = cand_time = None
     if time_runs:
-        ref_feed, cand_feed = _feed(reference, input_set), _feed(candidate, input_set)
+        ref_feed, cand_feed = reference.feed(input_set.tensors), candidate.feed(input_set.tensors)
         # A/B interleaved, so machine noise (other processes, clock changes) hits both sides alike.
         device = candidate.device if candidate.device.startswith("cuda") else reference.device
         sides = {"reference": lambda: reference(ref_feed), "candidate": lambda: candidate(cand_feed)}
@@ -191,17 +191,6 @@ def _takes(runner: Runner, given: list[str]) -> str:
     return ", ".join(accepted) or "none of the given inputs"
 
 
-def _feed(runner: Runner, input_set: InputSet) -> dict[str, np.ndarray]:
-    """Inputs in the runner's own argument order where it is known (positional backends need it)."""
-    tensors = input_set.tensors
-    if runner.backend == "onnxruntime" or not runner.input_names:
-        return tensors
-    ordered = {name: tensors[name] for name in runner.input_names if name in tensors}
-    if len(ordered) == len(tensors):
-        return ordered
-    return tensors
-
-
 # Names exporters and plain modules give when they know no better: `output`, `output_0`, `linear_13`.
 _GENERIC_OUTPUT = re.compile(r"^(output|out)?_?\d*$|^[a-z]+(_[a-z]+)*_\d+$")
 
@@ -240,7 +229,7 @@ def _described(outputs: dict[str, np.ndarray], names: list[str] | None = None) -
 def _nondeterminism(reference: Runner, candidate: Runner, input_set: InputSet) -> str | None:
     """Run each side twice: different results mean dropout (train mode) or another random op is active."""
     for side, runner in (("reference", reference), ("candidate", candidate)):
-        feed = _feed(runner, input_set)
+        feed = runner.feed(input_set.tensors)
         first, second = runner(feed), runner(feed)
         for name, value in first.items():
             if name in second and value.shape == second[name].shape and not _same(value, second[name]):

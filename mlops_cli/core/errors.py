@@ -54,15 +54,3 @@ class ResourceError(MlopsError):
 
     exit_code = 7
 
-
-EXIT_CODES: dict[int, str] = {
-    0: "success",
-    1: "internal error (a bug: please report it with MLOPS_DEBUG=1 output)",
-    2: "usage error (bad option or argument)",
-    3: "input missing, unreadable, corrupt or of an unsupported format",
-    4: "unsafe input refused (code-carrying file, pickle globals, path escape)",
-    5: "output exists (use --force) or cannot be written",
-    6: "validation failed (parity outside tolerance, overflow to inf/NaN, disagreement)",
-    7: "out of resources (memory, disk)",
-    130: "interrupted (Ctrl-C)",
-}

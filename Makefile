@@ -27,9 +27,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# ruff (style, and no heavy module-level import in the CLI layers), mypy, and the layer contract
+# (import-linter: app -> commands -> render -> services -> core; no typer/rich below commands).
 lint: setup
-	$(BIN)/ruff check mlops_cli tests benchmarks
+	$(BIN)/ruff check mlops_cli tests benchmarks scripts
 	$(BIN)/mypy mlops_cli
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done

@@ -56,7 +56,7 @@ def random_gpt2(layers: int, hidden: int) -> LoadedModel:
     """A GPT-2 of the given size with seeded random weights and the tiny GPT-2's tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     tokenizer = zoo.gpt2_tokenizer()
     eos = tokenizer.convert_tokens_to_ids(zoo.BPE_SPECIAL)

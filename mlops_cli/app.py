@@ -1,25 +1,66 @@
-"""The root `mlops` app: registers every command module and maps errors to exit codes.
+"""The root `mlops` app: registers every command module and maps errors to exit codes, once.
 
 Command modules live in `mlops_cli/commands/`; each exposes `register(app)`. They import torch and
-friends only inside their functions, so `mlops --help` stays fast.
+friends only inside their functions, so `mlops --help` stays fast. Whatever a command (or a job file) raises
+comes through `MlopsGroup.main`, the one place that turns it into a message on stderr and an exit code.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from mlops_cli import __version__, commands
+from mlops_cli.core.errors import MlopsError, ResourceError
 
 # Order in `mlops --help`; modules not listed come after, alphabetically.
 COMMAND_ORDER = ("inspect", "summarize", "view", "export", "verify_parity", "compress", "prune",
                  "bench_tokenizers", "generate", "zoo")
 
+def exit_code_for(exc: BaseException) -> tuple[int, str, str | None]:
+    """The one error -> (exit code, message, hint) table. Typed errors carry their own code and hint."""
+    if isinstance(exc, MlopsError):
+        return exc.exit_code, exc.message, exc.hint
+    if isinstance(exc, MemoryError):
+        return ResourceError.exit_code, "out of memory", "Use a smaller batch/shape or a machine with more memory."
+    if isinstance(exc, OSError):
+        if exc.errno == 28:
+            return ResourceError.exit_code, f"no space left on device: {exc.filename or ''}".strip(": "), \
+                "Free some disk space."
+        return 1, f"{exc.strerror or exc}: {exc.filename or ''}".strip(": "), \
+            "Run with MLOPS_DEBUG=1 for the traceback."
+    return 1, f"internal error: {type(exc).__name__}: {exc}", \
+        "This is a bug in mlops; rerun with MLOPS_DEBUG=1 and report the traceback."
+
+
+class MlopsGroup(TyperGroup):
+    """The root command: every exception a command raises becomes a message, a hint and its exit code here."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            from mlops_cli import render
+
+            if os.environ.get("MLOPS_DEBUG") == "1":
+                traceback.print_exc()
+            code, message, hint = exit_code_for(exc)
+            render.error(message, hint)
+            sys.exit(code)
+
+
 app = typer.Typer(
+    cls=MlopsGroup,
     name="mlops",
     help="Model-ops toolbox for PyTorch checkpoints: inspect, export, verify parity, compress, prune, "
          "summarize and benchmark. Exit codes: 0 ok, 2 usage, 3 bad input, 4 unsafe input, "
@@ -89,15 +130,8 @@ def resolve_job_keys(command: Any, data: dict[str, Any], where: str = "") -> dic
 
 def _config(ctx: typer.Context, value: Path | None) -> Path | None:
     if value is not None:
-        from mlops_cli import render
-        from mlops_cli.core.errors import MlopsError
-
-        try:
-            job = resolve_job_keys(ctx.command, load_job_file(value))
-            ctx.default_map = {**(ctx.default_map or {}), **job}
-        except MlopsError as exc:
-            render.error(exc.message, exc.hint)
-            raise typer.Exit(exc.exit_code) from None
+        job = resolve_job_keys(ctx.command, load_job_file(value))
+        ctx.default_map = {**(ctx.default_map or {}), **job}
     return value
 
 
@@ -145,7 +179,7 @@ _set_short_help(app)
 
 
 def main() -> int:
-    """Console-script entry point; returns the process exit code."""
+    """Console-script entry point; returns the process exit code (errors were mapped by `MlopsGroup.main`)."""
     try:
         app()
     except SystemExit as exc:

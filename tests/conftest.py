@@ -37,7 +37,7 @@ def cli() -> Cli:
 @pytest.fixture(scope="session")
 def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every built-in model saved once per session with `zoo save` (read-only use in tests, please)."""
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
     from mlops_cli.services.zoo import save_model
 
     root = tmp_path_factory.mktemp("zoo")

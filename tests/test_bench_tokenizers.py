@@ -46,7 +46,7 @@ def assert_figures_positive(report: TokenizerBenchReport) -> None:
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT WordPiece tokenizer saved as a Hugging Face folder (tokenizer.json + config)."""
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     folder = tmp_path_factory.mktemp("bert-tok")
     zoo.bert_tokenizer().save_pretrained(folder)
@@ -56,7 +56,7 @@ def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2 byte-level BPE tokenizer: tokenizer.json + vocab.json + merges.txt."""
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     folder = tmp_path_factory.mktemp("gpt2-tok")
     zoo.gpt2_tokenizer().save_pretrained(folder)
@@ -72,7 +72,7 @@ def unigram_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SentencePiece Unigram model trained here on the bundled corpus (a few hundredths of a second)."""
     import sentencepiece
 
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     prefix = tmp_path_factory.mktemp("spm") / "unigram"
     sentencepiece.SentencePieceTrainer.train(
@@ -110,7 +110,7 @@ def test_wordpiece_implementations_agree_and_figures_are_positive(bert_report: T
 def test_python_bert_omits_token_type_ids_unless_asked(tmp_path: Path) -> None:
     from transformers import BertTokenizerLegacy
 
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     suite = load_suite("builtin:tiny-bert", tmp_path)
     python, rust = suite.get("transformers-python"), suite.get("transformers")
@@ -164,7 +164,7 @@ def test_use_fast_false_returns_the_rust_class_and_the_python_one_is_built(bert_
 
 def test_modified_wordpiece_vocab_is_flagged(bert_folder: Path, tmp_path: Path) -> None:
     """vocab.txt edited next to an untouched tokenizer.json: the Python class reads one, Rust the other."""
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     folder = tmp_path / "edited"
     folder.mkdir()

@@ -167,7 +167,7 @@ def test_paths_with_brackets_are_not_read_as_markup(cli, zoo_dir, tmp_path) -> N
 
 def test_tied_tensors_are_counted_once(cli, tmp_path) -> None:
     """torch.save stores GPT-2's lm_head/wte once; the byte total must not count it twice."""
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     model, _ = zoo.build("tiny-gpt2")
     path = tmp_path / "gpt2.pt"

@@ -16,7 +16,7 @@ from mlops_cli.services.compress import KeepRules
 from mlops_cli.services.compress_half import HalfOptions, compress_half
 from mlops_cli.services.compress_stream import stream_convert
 
-CONVNET_ARCH = ("--arch", "mlops_cli.zoo:ConvNet", "--input", "x:float32[batch=2,1,28,28]")
+CONVNET_ARCH = ("--arch", "mlops_cli.core.zoo:ConvNet", "--input", "x:float32[batch=2,1,28,28]")
 
 
 # ---------------------------------------------------------------- fixtures
@@ -378,8 +378,8 @@ def test_int8_torch_gpt2_folder_round_trips(cli, zoo_dir: Path, tmp_path: Path) 
     import copy
 
     from mlops_cli.core.formats import torch_load_weights
+    from mlops_cli.core.int8_state import load_int8_state
     from mlops_cli.core.loading import load_model
-    from mlops_cli.services.compress_int8 import load_int8_state
 
     result = cli("compress", "int8", zoo_dir / "tiny-gpt2", "-o", tmp_path / "q", "--repeats", "2", "--json")
     assert result.exit_code == 0, result.stderr
@@ -445,7 +445,7 @@ def int8_models(zoo_dir: Path, onnx_dir: Path, tmp_path_factory: pytest.TempPath
     quiet = Int8Options(check=False)
     compress_int8(str(zoo_dir / "convnet"), root / "folder", LoadOptions(), quiet)
     compress_int8(str(zoo_dir / "tiny-bert"), root / "hf", LoadOptions(), quiet)
-    compress_int8(str(plain), root / "state.pth", LoadOptions(arch="mlops_cli.zoo:ConvNet"), quiet)
+    compress_int8(str(plain), root / "state.pth", LoadOptions(arch="mlops_cli.core.zoo:ConvNet"), quiet)
     compress_int8(str(onnx_dir / "convnet.onnx"), root / "graph.onnx", LoadOptions(), quiet)
     return {"folder": root / "folder", "hf": root / "hf", "state": root / "state.pth", "onnx": root / "graph.onnx"}
 
@@ -460,7 +460,7 @@ def test_int8_input_is_refused(cli, int8_models: dict[str, Path], tmp_path: Path
     """`compress int8 c -o c8 && compress half c8 ...` crashed (exit 1): now exit 3 with a hint, nothing written."""
     source = int8_models[kind]
     output = tmp_path / ("out.onnx" if kind == "onnx" else "out.pth" if kind == "state" else "out")
-    arch = ("--arch", "mlops_cli.zoo:ConvNet") if kind == "state" else ()
+    arch = ("--arch", "mlops_cli.core.zoo:ConvNet") if kind == "state" else ()
     result = cli("compress", command, source, "-o", output, *arch)
     assert result.exit_code == 3, result.stderr
     message = _flat(result.stderr)
@@ -487,14 +487,14 @@ def test_unknown_inputs_fail_before_anything_is_written(cli, tmp_path: Path) -> 
 
 
 def test_zoo_arch_supplies_its_inputs(cli, zoo_dir: Path, tmp_path: Path) -> None:
-    """`--arch mlops_cli.zoo:ConvNet` without --input: the zoo entry's inputs measure the drift."""
+    """`--arch mlops_cli.core.zoo:ConvNet` without --input: the zoo entry's inputs measure the drift."""
     plain = _plain_convnet_state(zoo_dir, tmp_path / "ckpt.pth")
-    half = cli("compress", "half", plain, "-o", tmp_path / "half.pth", "--arch", "mlops_cli.zoo:ConvNet", "--json")
+    half = cli("compress", "half", plain, "-o", tmp_path / "half.pth", "--arch", "mlops_cli.core.zoo:ConvNet", "--json")
     assert half.exit_code == 0, half.stderr
     report = half.json()
     assert report["drift"]["passed"]
     assert [shape["input_shapes"]["x"] for shape in report["drift"]["shapes"]] == [[1, 1, 28, 28], [3, 1, 28, 28]]
-    int8 = cli("compress", "int8", plain, "-o", tmp_path / "q.pth", "--arch", "mlops_cli.zoo:ConvNet", "--repeats",
+    int8 = cli("compress", "int8", plain, "-o", tmp_path / "q.pth", "--arch", "mlops_cli.core.zoo:ConvNet", "--repeats",
                "1", "--json")
     assert int8.exit_code == 0, int8.stderr
     assert int8.json()["drift"]["passed"]

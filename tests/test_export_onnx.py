@@ -15,8 +15,8 @@ import pytest
 
 from mlops_cli.core.inputs import example_inputs
 from mlops_cli.core.loading import load_model
+from mlops_cli.core.parity import Tolerances
 from mlops_cli.services import export_onnx as service
-from mlops_cli.services.parity import Tolerances
 
 BRANCHY = '''
 import torch
@@ -113,7 +113,7 @@ def test_causal_lm_exports_logits_without_cache(gpt2) -> None:
 def test_vision_model_and_cnn_from_weights_and_arch(cli, out, zoo_dir) -> None:
     vit = export(cli, "builtin:tiny-vit", "-o", out / "vit.onnx").json()
     assert vit["passed"] and dims(vit) == {"pixel_values": ["batch", 3, 32, 32]}
-    convnet = export(cli, zoo_dir / "convnet" / "model.safetensors", "--arch", "mlops_cli.zoo:ConvNet",
+    convnet = export(cli, zoo_dir / "convnet" / "model.safetensors", "--arch", "mlops_cli.core.zoo:ConvNet",
                      "-o", out / "convnet.onnx").json()
     assert convnet["passed"] and dims(convnet) == {"x": ["batch", 1, 28, 28]}
     assert dims(convnet, "outputs") == {"output": ["batch", 10]}
@@ -301,7 +301,7 @@ def convnet_archives(out) -> tuple[Path, Path]:
     """The built-in ConvNet as a TorchScript trace and as a torch.export program with a dynamic batch."""
     import torch
 
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     model, _ = zoo.build("convnet")
     example = torch.randn(2, 1, 28, 28)

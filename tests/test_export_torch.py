@@ -19,9 +19,9 @@ from mlops_cli.core.errors import UnsafeInputError, UsageError
 from mlops_cli.core.formats import Format, detect_format
 from mlops_cli.core.inputs import model_shape_sets
 from mlops_cli.core.loading import LoadOptions, load_model
+from mlops_cli.core.parity import check_parity
 from mlops_cli.core.runtimes import runner_for
 from mlops_cli.services.export_torch import ExportSettings, export_program, export_torchscript, find_cxx_compiler
-from mlops_cli.services.parity import check_parity
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAST = ("--repeats", "0", "-q")  # no latency timing in tests (speed goals live in benchmarks/)

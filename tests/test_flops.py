@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlops_cli import zoo
+from mlops_cli.core import zoo
 from mlops_cli.core.flops import attention_macs, count_macs, profile_forward
 
 BATCH, SEQ = 2, 16

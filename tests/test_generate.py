@@ -308,7 +308,7 @@ def test_chat_template_wraps_the_prompt(zoo_dir: Path, tmp_path: Path) -> None:
 def test_seq2seq_models_generate_with_the_generate_engine(tmp_path: Path) -> None:
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     tokenizer = zoo.gpt2_tokenizer()
     eos = tokenizer.convert_tokens_to_ids(zoo.BPE_SPECIAL)

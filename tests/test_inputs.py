@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlops_cli.core.errors import UsageError
-from mlops_cli.core.inputs import Dim, make_inputs, model_shape_sets, parse_input_spec, shape_sets
+from mlops_cli.core.inputs import Dim, InputRequest, make_inputs, parse_input_spec, plan_inputs, varied_sizes
 from mlops_cli.core.loading import load_model
 
 
@@ -22,8 +22,7 @@ def test_parse_input_spec_named_and_fixed_dims() -> None:
 def test_first_dim_is_varied_by_default() -> None:
     spec = parse_input_spec("x:float32[2,3]")
     assert spec.dims[0] == Dim(2, "batch")
-    sets = shape_sets([spec])
-    assert [s.tensors["x"].shape for s in sets] == [(1, 3), (3, 3)]
+    assert varied_sizes({"batch": 2}) == [{"batch": 2}, {"batch": 1}, {"batch": 3}]
 
 
 @pytest.mark.parametrize("text", ["x:float32", "x:complex[2]", "x:float32[channels]", "1x:float32[2]"])
@@ -49,7 +48,7 @@ def test_text_inputs_are_realistic() -> None:
 
 def test_shape_sets_cover_batches_and_lengths_for_a_text_model() -> None:
     loaded = load_model("builtin:tiny-bert")
-    sets = model_shape_sets(loaded)
+    sets = plan_inputs(loaded).sets
     shapes = {s.tensors["input_ids"].shape for s in sets}
     batches = {b for b, _ in shapes}
     lengths = {n for _, n in shapes}
@@ -60,5 +59,27 @@ def test_shape_sets_cover_batches_and_lengths_for_a_text_model() -> None:
 
 def test_vision_model_inputs_from_config() -> None:
     loaded = load_model("builtin:tiny-vit")
-    sets = model_shape_sets(loaded)
-    assert [s.tensors["pixel_values"].shape for s in sets] == [(1, 3, 32, 32), (3, 3, 32, 32)]
+    sets = plan_inputs(loaded).sets
+    assert [s.tensors["pixel_values"].shape for s in sets] == [(2, 3, 32, 32), (1, 3, 32, 32), (3, 3, 32, 32)]
+
+
+def test_the_users_sizes_are_the_first_input_set_and_the_others_derive_from_them() -> None:
+    """Issue 13.2: `--input input_ids:int64[batch=1,sequence=128]` used to run at sequence 8/8/48."""
+    loaded = load_model("builtin:tiny-bert")
+    specs = ("input_ids:int64[batch=1,sequence=128]", "attention_mask:int64[batch=1,sequence=128]")
+    plan = plan_inputs(loaded, InputRequest(specs=specs))
+    longest = min(256, loaded.config.max_position_embeddings)  # never past what the model can embed
+    assert [s.sizes for s in plan.sets] == [{"batch": 1, "sequence": 128}, {"batch": 1, "sequence": 64},
+                                            {"batch": 2, "sequence": longest}]
+    assert plan.example.tensors["input_ids"].shape == (1, 128)
+    sized = plan_inputs(loaded, InputRequest(batch_size=4, seq_len=20))
+    assert sized.example.tensors["input_ids"].shape == (4, 20)
+    assert all(s.tensors["input_ids"].shape[1] <= loaded.config.max_position_embeddings for s in sized.sets)
+
+
+def test_sizes_for_a_dim_the_inputs_lack_and_combined_sources_are_usage_errors() -> None:
+    loaded = load_model("builtin:lenet")
+    with pytest.raises(UsageError, match="no sequence dim"):
+        plan_inputs(loaded, InputRequest(seq_len=10))
+    with pytest.raises(UsageError, match="cannot be combined"):
+        InputRequest(specs=("x:float32[2,1,28,28]",), texts=("hello",))

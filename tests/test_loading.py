@@ -14,7 +14,7 @@ from mlops_cli.core.inputs import example_inputs
 from mlops_cli.core.loading import LoadOptions, ModelKind, load_model
 from mlops_cli.core.runtimes import runner_for
 
-CONVNET = LoadOptions(arch="mlops_cli.zoo:ConvNet")
+CONVNET = LoadOptions(arch="mlops_cli.core.zoo:ConvNet")
 
 
 class Evil:
@@ -28,7 +28,7 @@ class Evil:
 
 
 def _convnet_state() -> dict[str, torch.Tensor]:
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     return zoo.build("convnet")[0].state_dict()
 
@@ -97,10 +97,10 @@ def test_key_option_and_wrong_key(tmp_path) -> None:
     with pytest.raises(InputError, match="without a recognisable state_dict") as info:
         load_model(str(path), CONVNET)
     assert "--key" in info.value.hint and "ema_weights" in info.value.hint
-    loaded = load_model(str(path), LoadOptions(arch="mlops_cli.zoo:ConvNet", key="ema_weights"))
+    loaded = load_model(str(path), LoadOptions(arch="mlops_cli.core.zoo:ConvNet", key="ema_weights"))
     assert loaded.state_key == "ema_weights"
     with pytest.raises(InputError, match="no key 'nope'"):
-        load_model(str(path), LoadOptions(arch="mlops_cli.zoo:ConvNet", key="nope"))
+        load_model(str(path), LoadOptions(arch="mlops_cli.core.zoo:ConvNet", key="nope"))
 
 
 def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path) -> None:
@@ -127,7 +127,7 @@ def test_dataparallel_prefix_needs_strip_prefix(tmp_path) -> None:
     with pytest.raises(InputError) as info:
         load_model(str(path), CONVNET)
     assert "--strip-prefix module." in info.value.hint
-    loaded = load_model(str(path), LoadOptions(arch="mlops_cli.zoo:ConvNet", strip_prefix="module."))
+    loaded = load_model(str(path), LoadOptions(arch="mlops_cli.core.zoo:ConvNet", strip_prefix="module."))
     assert loaded.kind == ModelKind.MODULE
 
 
@@ -186,7 +186,7 @@ def test_saved_zoo_models_load_back_identically(zoo_dir) -> None:
         for key, value in _outputs(builtin).items():
             np.testing.assert_allclose(_outputs(saved)[key], value, atol=1e-6)
     weights_only = load_model(str(zoo_dir / "convnet" / "model.safetensors"))  # sidecar found beside it
-    assert weights_only.arch == "mlops_cli.zoo:ConvNet"
+    assert weights_only.arch == "mlops_cli.core.zoo:ConvNet"
 
 
 def test_hf_folder_with_wrong_weights_is_exit_3(zoo_dir, tmp_path) -> None:
@@ -325,10 +325,10 @@ def test_exported_archives_carry_their_input_specs(cli, tmp_path) -> None:
 
 @pytest.mark.parametrize(("sidecar", "message"), [
     ([1], "not a JSON object"),
-    ({"arch": "mlops_cli.zoo:ConvNet", "arch_kwargs": [1]}, "'arch_kwargs' must be a dict"),
-    ({"arch": "mlops_cli.zoo:ConvNet", "inputs": "x:float32[2]"}, "'inputs' must be a list"),
-    ({"arch": "mlops_cli.zoo:ConvNet", "arch_kwargs": {"bogus": 1}}, "calling it with"),
-    ({"arch": "mlops_cli.zoo:ConvNet", "inputs": ["x:float32[2,1,28"]}, "not of the form"),
+    ({"arch": "mlops_cli.core.zoo:ConvNet", "arch_kwargs": [1]}, "'arch_kwargs' must be a dict"),
+    ({"arch": "mlops_cli.core.zoo:ConvNet", "inputs": "x:float32[2]"}, "'inputs' must be a list"),
+    ({"arch": "mlops_cli.core.zoo:ConvNet", "arch_kwargs": {"bogus": 1}}, "calling it with"),
+    ({"arch": "mlops_cli.core.zoo:ConvNet", "inputs": ["x:float32[2,1,28"]}, "not of the form"),
 ])
 def test_a_malformed_sidecar_is_an_input_error_naming_the_file(zoo_dir, tmp_path, cli, sidecar, message) -> None:
     folder = tmp_path / "bad"

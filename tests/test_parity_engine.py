@@ -9,8 +9,8 @@ import pytest
 from mlops_cli.core.compare import PRESETS, compare_arrays
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.inputs import InputSet
+from mlops_cli.core.parity import Tolerances, check_parity
 from mlops_cli.core.runtimes import Runner
-from mlops_cli.services.parity import Tolerances, check_parity
 from mlops_cli.services.verify_parity import worst_output
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import read_safetensors_header
 from mlops_cli.core.loading import LoadOptions, build_architecture, load_model
-from mlops_cli.services.prune import PruneOptions, prune_model, rebuild
+from mlops_cli.core.pruned import rebuild
+from mlops_cli.services.prune import PruneOptions, prune_model
 
 FAST = {"repeats": 1, "warmup": 0}
 CONVNET_TARGETS = ["conv1.0", "conv2.0", "fc.0", "fc.2"]  # `out` is the classifier head: left alone
@@ -111,7 +112,7 @@ def test_safetensors_file_keeps_dtype_and_metadata(zoo_dir: Path, tmp_path: Path
     source = tmp_path / "half.safetensors"
     save_file({k: v.half() for k, v in state.items()}, str(source), metadata={"format": "pt", "origin": "test"})
     out = tmp_path / "pruned.safetensors"
-    load = LoadOptions(arch="mlops_cli.zoo:ConvNet")
+    load = LoadOptions(arch="mlops_cli.core.zoo:ConvNet")
     report = run(str(source), out, load, amounts=(0.5,), inputs=("x:float32[batch=2,1,28,28]",))
     assert report.model_kind == "safetensors"
     header, metadata = read_safetensors_header(out)
@@ -127,7 +128,7 @@ def test_training_checkpoint_keeps_its_other_entries(zoo_dir: Path, tmp_path: Pa
     source = tmp_path / "ckpt.pt"
     torch.save({"net": state, "epoch": 3, "optimizer": {"lr": 0.1}}, source)
     out = tmp_path / "pruned.pt"
-    load = LoadOptions(arch="mlops_cli.zoo:ConvNet")
+    load = LoadOptions(arch="mlops_cli.core.zoo:ConvNet")
     report = run(str(source), out, load, amounts=(0.2,), inputs=("x:float32[batch=2,1,28,28]",))
     assert report.model_kind == "torch"
     saved = torch.load(out, weights_only=True)
@@ -204,8 +205,8 @@ def test_structured_shrink_of_a_cnn_reduces_parameters_and_macs_and_loads_back(t
     shapes = {layer.name: layer.shape for layer in result.layers}
     assert shapes["conv1.0.weight"] == (8, 1, 3, 3) and shapes["out.weight"] == (10, 32)
     sidecar = json.loads((out / "mlops.json").read_text())
-    assert sidecar["arch"] == "mlops_cli.services.prune:rebuild"
-    assert sidecar["arch_kwargs"]["arch"] == "mlops_cli.zoo:ConvNet"
+    assert sidecar["arch"] == "mlops_cli.core.pruned:rebuild"
+    assert sidecar["arch_kwargs"]["arch"] == "mlops_cli.core.zoo:ConvNet"
     reloaded = load_model(str(out))  # no --arch needed: mlops' own architecture
     assert sum(p.numel() for p in reloaded.module.parameters()) == result.parameters
     assert reloaded.module.conv1[0].out_channels == 8
@@ -218,7 +219,7 @@ def test_a_shrunk_model_can_be_shrunk_again_and_loads_back(tmp_path: Path) -> No
     run("builtin:convnet", tmp_path / "once", structured_shrink=True, amounts=(0.5,))
     report = run(str(tmp_path / "once"), tmp_path / "twice", structured_shrink=True, amounts=(0.5,))
     sidecar = json.loads((tmp_path / "twice" / "mlops.json").read_text())
-    assert sidecar["arch_kwargs"]["arch"] == "mlops_cli.zoo:ConvNet"
+    assert sidecar["arch_kwargs"]["arch"] == "mlops_cli.core.zoo:ConvNet"
     reloaded = load_model(str(tmp_path / "twice"))
     assert reloaded.module.conv1[0].out_channels == 4
     assert sum(p.numel() for p in reloaded.module.parameters()) == report.results[0].parameters

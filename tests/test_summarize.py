@@ -29,7 +29,7 @@ def torch_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The ConvNet as TorchScript (code-carrying) and as a torch.export program."""
     import torch
 
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     model = zoo.build("convnet")[0]
     folder = tmp_path_factory.mktemp("torch-files")

@@ -64,7 +64,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     folder = tmp_path_factory.mktemp("models")
     weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "weight")

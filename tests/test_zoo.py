@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mlops_cli import zoo
+from mlops_cli.core import zoo
 
 
 def test_builds_are_seeded_and_leave_global_rng_alone() -> None:

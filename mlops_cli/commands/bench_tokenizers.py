@@ -7,14 +7,13 @@ from typing import Annotated
 
 import typer
 
-from mlops_cli.commands.common import JsonOpt, QuietOpt, guarded
+from mlops_cli.commands.common import JsonOpt, QuietOpt
 from mlops_cli.core.errors import UsageError
 
 IMPLEMENTATIONS = "transformers-python, transformers, tokenizers, tiktoken, sentencepiece"
 WORKLOADS = "single, pair, batch, decode"
 
 
-@guarded
 def bench_tokenizers_command(
     tokenizer: Annotated[str, typer.Argument(
         metavar="TOKENIZER", show_default=False,

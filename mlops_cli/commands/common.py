@@ -1,7 +1,8 @@
-"""What every command shares: option types with the same names everywhere, the model-loading options,
-and the guard that turns typed errors into a message and an exit code.
+"""What every command shares: one option vocabulary (the same names, choices and help everywhere), the
+model-loading options, and `finish()`, which renders a report and turns a failed verdict into exit 6.
 
-Nothing here imports torch: `mlops --help` must stay fast.
+Choices come from the constants of core and the services, so a new precision or preset shows up everywhere.
+Typed errors are mapped to exit codes once, in `app.py`. Nothing here imports torch: `mlops --help` must stay fast.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
-import traceback
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from mlops_cli import render
-from mlops_cli.core.errors import MlopsError, ResourceError, UsageError
+from mlops_cli.core.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 TOLERANCE_HELP = "An element passes when |candidate - reference| <= atol + rtol * |reference|."
@@ -29,6 +28,13 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+# Precisions a candidate can have, and so the tolerance presets (core/compare.py PRESETS has the same keys).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)  # type: ignore[misc]
+HalfPrecision = Enum("HalfPrecision", {name: name for name in ("fp16", "bf16")}, type=str)  # type: ignore[misc]
+Preset = Enum("Preset", {name: name for name in ("auto", *PRECISIONS)}, type=str)  # type: ignore[misc]
 
 
 ModelArg = Annotated[str, typer.Argument(
@@ -48,6 +54,24 @@ InputOpt = Annotated[list[str] | None, typer.Option(
 TextOpt = Annotated[list[str] | None, typer.Option(
     "--text", show_default=False,
     help="A real text, tokenized with the model's tokenizer (repeatable: one padded batch of all texts).")]
+RepeatsOpt = Annotated[int, typer.Option(
+    "--repeats", min=0, help="Timed runs per measured item, after warm-up (median and p90 reported); 0 skips timing.")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs before timing.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", min=1, show_default=False,
+    help="CPU threads for torch and ONNX Runtime (default: chosen to avoid oversubscription, and reported).")]
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    "--batch-size", min=1, show_default=False,
+    help="Size of the inputs' 'batch' dim for the first input set (the others vary from it).")]
+SeqLenOpt = Annotated[int | None, typer.Option(
+    "--seq-len", min=1, show_default=False,
+    help="Size of the inputs' 'sequence' dim for the first input set (text models; the others vary from it).")]
+PresetOpt = Annotated[Preset, typer.Option(
+    "--preset", help="Tolerances for the kind of candidate: auto (from what was produced), fp32, fp16, bf16, int8; "
+                     "--atol/--rtol override them.")]
+IncludePaddingOpt = Annotated[bool, typer.Option(
+    "--include-padding", help="Also compare positions the attention mask marks as padding (excluded by default: "
+                              "they legitimately differ).")]
 AtolOpt = Annotated[list[str] | None, typer.Option(
     "--atol", show_default=False,
     help=f"Absolute tolerance, or NAME=VALUE for one output (repeatable). {TOLERANCE_HELP}")]
@@ -134,7 +158,7 @@ def model_options(fn: F) -> F:
 
 def parse_tolerances(atol: list[str] | None, rtol: list[str] | None, default: tuple[float, float]) -> Any:
     """`--atol 1e-4 --atol logits=1e-3` -> Tolerances (global value plus per-output overrides)."""
-    from mlops_cli.services.parity import Tolerances
+    from mlops_cli.core.parity import Tolerances
 
     base = {"atol": default[0], "rtol": default[1]}
     per_output: dict[str, list[float | None]] = {}
@@ -159,44 +183,3 @@ def show_warnings(loaded: Any, quiet: bool = False) -> None:
     if not quiet:
         for message in getattr(loaded, "warnings", []):
             render.hint(f"warning: {message}")
-
-
-def guarded(fn: F) -> F:
-    """Run a command: typed errors become one message + hint on stderr and their exit code.
-
-    Unexpected exceptions are internal errors (exit 1); MLOPS_DEBUG=1 shows the traceback.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = os.environ.get("MLOPS_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
-        except MlopsError as exc:
-            if debug:
-                traceback.print_exc()
-            render.error(exc.message, exc.hint)
-            raise typer.Exit(exc.exit_code) from None
-        except MemoryError as exc:
-            if debug:
-                traceback.print_exc()
-            err = ResourceError("out of memory", hint="Use a smaller batch/shape or a machine with more memory.")
-            render.error(err.message, err.hint)
-            raise typer.Exit(err.exit_code) from exc
-        except OSError as exc:
-            if debug:
-                traceback.print_exc()
-            code = 7 if exc.errno == 28 else 1
-            render.error(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": "),
-                         "Free some disk space." if code == 7 else "Run with MLOPS_DEBUG=1 for the traceback.")
-            raise typer.Exit(code) from exc
-        except Exception as exc:  # a bug in mlops (or an unhandled library error)
-            if debug:
-                traceback.print_exc()
-            render.error(f"internal error: {type(exc).__name__}: {exc}",
-                         "This is a bug in mlops; rerun with MLOPS_DEBUG=1 and report the traceback.")
-            raise typer.Exit(1) from exc
-
-    return wrapper  # type: ignore[return-value]

@@ -20,7 +20,6 @@ from mlops_cli.commands.common import (
     QuietOpt,
     RtolOpt,
     SeedOpt,
-    guarded,
     model_options,
     parse_tolerances,
 )
@@ -44,7 +43,6 @@ RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats
 
 
 @compress_app.command("half")
-@guarded
 @model_options
 def half_command(
     model: ModelArg,
@@ -106,7 +104,6 @@ def half_command(
 
 
 @compress_app.command("int8")
-@guarded
 @model_options
 def int8_command(
     model: ModelArg,

@@ -22,7 +22,6 @@ from mlops_cli.commands.common import (
     QuietOpt,
     RtolOpt,
     SeedOpt,
-    guarded,
     model_options,
     parse_tolerances,
 )
@@ -46,7 +45,6 @@ class Optimize(str, Enum):
     all = "all"
 
 
-@guarded
 @model_options
 def export_onnx_command(
     model: ModelArg,

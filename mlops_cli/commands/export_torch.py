@@ -22,7 +22,6 @@ from mlops_cli.commands.common import (
     QuietOpt,
     RtolOpt,
     SeedOpt,
-    guarded,
     model_options,
 )
 from mlops_cli.commands.export import export_app
@@ -71,7 +70,6 @@ def _finish(report: Any, as_json: bool, quiet: bool, hint: str) -> None:
         raise ValidationFailed(report.verdict, hint=hint)
 
 
-@guarded
 @model_options
 def jit_command(
     model: ModelArg,
@@ -113,7 +111,6 @@ def jit_command(
                                     "on a size: try --mode script, or remove that control flow.")
 
 
-@guarded
 @model_options
 def pt2_command(
     model: ModelArg,

@@ -17,7 +17,6 @@ from mlops_cli.commands.common import (
     ModelArg,
     QuietOpt,
     SeedOpt,
-    guarded,
     model_options,
     show_warnings,
 )
@@ -58,7 +57,6 @@ def _opt(*names: str, panel: str = DECODING, **kwargs: Any) -> Any:
     return typer.Option(*names, rich_help_panel=panel, **kwargs)
 
 
-@guarded
 @model_options
 def generate_command(
     model: ModelArg,

@@ -6,10 +6,9 @@ from typing import Annotated
 
 import typer
 
-from mlops_cli.commands.common import JsonOpt, guarded
+from mlops_cli.commands.common import JsonOpt
 
 
-@guarded
 def inspect_command(
     path: Annotated[str, typer.Argument(metavar="FILE", show_default=False,
                                         help="A checkpoint file or model folder.")],

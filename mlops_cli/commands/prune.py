@@ -19,7 +19,6 @@ from mlops_cli.commands.common import (
     QuietOpt,
     RtolOpt,
     SeedOpt,
-    guarded,
     model_options,
 )
 
@@ -34,7 +33,6 @@ class Method(str, Enum):
     global_ = "global"
 
 
-@guarded
 @model_options
 def prune_command(
     model: Annotated[str, typer.Argument(metavar="MODEL", show_default=False, help=(

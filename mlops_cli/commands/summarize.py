@@ -16,7 +16,6 @@ from mlops_cli.commands.common import (
     ModelArg,
     QuietOpt,
     SeedOpt,
-    guarded,
     model_options,
     show_warnings,
 )
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
 
 
-@guarded
 @model_options
 def summarize_command(
     model: ModelArg,

@@ -20,7 +20,6 @@ from mlops_cli.commands.common import (
     RtolOpt,
     SeedOpt,
     TextOpt,
-    guarded,
     model_options,
     parse_tolerances,
 )
@@ -47,7 +46,6 @@ RepeatsOpt = Annotated[int, typer.Option(
 ModelRefArg = "Model reference: HF folder, weights file (+ --arch), TorchScript/.pt2, .onnx, or builtin:NAME."
 
 
-@guarded
 @model_options
 def verify_parity_command(
     reference: Annotated[str, typer.Argument(metavar="REFERENCE", show_default=False,

@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mlops_cli.commands.common import InputOpt, JsonOpt, ModelArg, QuietOpt, SeedOpt, guarded, model_options
+from mlops_cli.commands.common import InputOpt, JsonOpt, ModelArg, QuietOpt, SeedOpt, model_options
 
 if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
 
 
-@guarded
 @model_options
 def view_command(
     model: ModelArg,

@@ -7,14 +7,13 @@ from typing import Annotated
 
 import typer
 
-from mlops_cli.commands.common import ForceOpt, JsonOpt, guarded
+from mlops_cli.commands.common import ForceOpt, JsonOpt
 
 zoo_app = typer.Typer(help="Built-in tiny models (random weights, fixed seeds) for demos and tests.",
                       no_args_is_help=True)
 
 
 @zoo_app.command("list")
-@guarded
 def list_command(as_json: JsonOpt = False) -> None:
     """List the built-in models (use them as builtin:NAME).
 
@@ -28,7 +27,6 @@ def list_command(as_json: JsonOpt = False) -> None:
 
 
 @zoo_app.command("save")
-@guarded
 def save_command(
     name: Annotated[str, typer.Argument(help="Built-in model name (see `mlops zoo list`).", show_default=False)],
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to create.", show_default=False)],

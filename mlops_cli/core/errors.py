@@ -1,6 +1,7 @@
 """Typed errors. Each carries its exit code and a hint telling the user what to do next.
 
-`app.main()` is the single place that turns them into a message on stderr and an exit code.
+`app.MlopsGroup.main` (what `mlops` and `app.main()` run) is the single place that turns them, and any other
+exception, into a message on stderr and an exit code.
 """
 
 from __future__ import annotations

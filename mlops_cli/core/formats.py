@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import InputError, UnsafeInputError
+from mlops_cli.core.sidecar import SIDECAR
 
 HF_CONFIG = "config.json"
-SIDECAR = "mlops.json"  # written by `mlops zoo save` / prune: names the builtin architecture of a weights file
 _TORCH_LEGACY_MAGIC = bytes.fromhex("8a0a6cfc9c46f9206aa850")  # pickled magic number of torch's legacy format
 _ONNX_SECOND_FIELDS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}  # ModelProto field tags after ir_version
 SAFETENSORS_DTYPES = {
@@ -41,6 +41,10 @@ class Format(str, enum.Enum):
 
 
 WEIGHT_FORMATS = {Format.SAFETENSORS, Format.TORCH_ZIP, Format.TORCH_LEGACY}
+# File names that hold a model's weights in a folder (ours or anyone's): never copied as "extras" beside an
+# output, and counted as weights by summaries.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx.data", ".gguf",
+                   ".pt2")
 
 
 def detect_format(path: str | Path) -> Format:

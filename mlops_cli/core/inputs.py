@@ -203,37 +203,101 @@ def padded_lengths(batch: int, sequence: int) -> np.ndarray:
     return np.array([max(1, sequence - (i * sequence) // (batch + 1)) for i in range(batch)])
 
 
-def shape_sets(specs: list[InputSpec], *, seed: int = 0, vocab_size: int | None = None,
-               pad_token_id: int | None = None, max_sequence: int | None = None) -> list[InputSet]:
-    """Several shape sets for multi-shape checks: batch 1 and >1, short and long sequences, padded."""
-    named = {dim.name: dim.size for spec in specs for dim in spec.dims if dim.name}
-    variants: list[dict[str, int]] = []
-    if "sequence" in named:
-        long = min(48, max_sequence or 48)
-        short = min(8, long)
-        variants = [{"batch": 1, "sequence": short}, {"batch": 3, "sequence": short}, {"batch": 2, "sequence": long}]
-    elif "batch" in named:
-        variants = [{"batch": 1}, {"batch": 3}]
-    else:
-        variants = [{}]
-    result = []
-    for index, variant in enumerate(variants):
-        sizes = {name: variant.get(name, size) for name, size in named.items()}
-        result.append(make_inputs(specs, sizes, seed=seed + index, vocab_size=vocab_size, pad_token_id=pad_token_id))
-    return result
+def varied_sizes(base: dict[str, int], max_sequence: int | None = None) -> list[dict[str, int]]:
+    """The sizes multi-shape checks run at: `base` (the user's sizes, or the specs' defaults) first, then sizes
+    derived from it: batch 1 with a shorter sequence, a larger batch with a longer one (never past the model's
+    maximum), so a graph fixed to the first shape, or a trace specialised to batch 1, is caught."""
+    sizes = [dict(base)]
+    batch, sequence = base.get("batch"), base.get("sequence")
+    if batch is not None and sequence is not None:
+        longest = max_sequence or max(2 * sequence, sequence + 8)
+        sizes.append({**base, "batch": 1, "sequence": max(1, sequence // 2)})
+        sizes.append({**base, "batch": batch + 1, "sequence": min(longest, max(2 * sequence, sequence + 8))})
+    elif batch is not None:
+        sizes += [{**base, "batch": 1}, {**base, "batch": batch + 1}]
+    unique: list[dict[str, int]] = []
+    for candidate in sizes:
+        if candidate not in unique:
+            unique.append(candidate)
+    return unique
 
 
-def model_shape_sets(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> list[InputSet]:
-    """Shape sets for a loaded model, with vocabulary and padding taken from its config/tokenizer."""
-    specs = specs_for(loaded, explicit)
+@dataclass(frozen=True)
+class InputRequest:
+    """What the user asked for: `--input` specs, `--text`, `--inputs FILE`, `--batch-size`/`--seq-len`."""
+
+    specs: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+    file: str | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    samples: int = 1  # random draws of every shape set
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if sum(map(bool, (self.file, self.specs, self.texts))) > 1:
+            raise UsageError("--inputs FILE, --input specs and --text cannot be combined", hint="Use one of them.")
+        for name, value in (("--batch-size", self.batch_size), ("--seq-len", self.seq_len)):
+            if value is not None and value < 1:
+                raise UsageError(f"{name} must be at least 1")
+        if self.samples < 1:
+            raise UsageError("--samples must be at least 1")
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """The inputs of one run, resolved once and passed down: specs, and the input sets every step uses.
+
+    `sets[0]` is at the user's sizes (or the specs' defaults); the others vary the named dims from there.
+    """
+
+    specs: tuple[InputSpec, ...]
+    sets: tuple[InputSet, ...]
+    source: str
+    vocab_size: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def example(self) -> InputSet:
+        return self.sets[0]
+
+    def at(self, sizes: dict[str, int], seed: int = 0) -> InputSet:
+        """The same inputs at other sizes (e.g. an export example whose dynamic dims must be >= 2)."""
+        if not self.specs:
+            return self.example
+        return make_inputs(list(self.specs), sizes, seed=seed, vocab_size=self.vocab_size,
+                           pad_token_id=self.pad_token_id)
+
+
+def plan_inputs(loaded: Any, request: InputRequest | None = None) -> InputPlan:
+    """Resolve a request against a model: real inputs (file, texts), or random draws at several shapes."""
+    request = request or InputRequest()
+    if request.file:
+        return InputPlan((), (load_inputs_file(request.file),), f"file {Path(request.file).name}")
+    if request.texts:
+        texts = list(request.texts)
+        return InputPlan((), (from_texts(loaded, texts, request.seq_len),),
+                         f"{len(texts)} text(s), tokenizer of {loaded.reference}")
+    specs = specs_for(loaded, list(request.specs) or None)
     vocab, pad_id, max_positions = text_properties(loaded)
-    return shape_sets(specs, seed=seed, vocab_size=vocab, pad_token_id=pad_id, max_sequence=max_positions)
-
-
-def example_inputs(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> InputSet:
-    """One example input set at the specs' default sizes (what an export traces with)."""
-    vocab, pad_id, _ = text_properties(loaded)
-    return make_inputs(specs_for(loaded, explicit), seed=seed, vocab_size=vocab, pad_token_id=pad_id)
+    base = {dim.name: dim.size for spec in specs for dim in spec.dims if dim.name}
+    for name, value in (("batch", request.batch_size), ("sequence", request.seq_len)):
+        if value is not None:
+            if name not in base:
+                raise UsageError(f"--{'batch-size' if name == 'batch' else 'seq-len'} was given but the inputs of "
+                                 f"{loaded.reference} have no {name} dim",
+                                 hint="Name the dim in --input, e.g. x:float32[batch=2,3,32,32].")
+            base[name] = value
+    sets: list[InputSet] = []
+    for sample in range(request.samples):
+        for index, sizes in enumerate(varied_sizes(base, max_positions)):
+            drawn = make_inputs(specs, sizes, seed=request.seed + 1000 * sample + index, vocab_size=vocab,
+                                pad_token_id=pad_id)
+            label = drawn.label if request.samples == 1 else f"{drawn.label} #{sample + 1}"
+            sets.append(InputSet(label, drawn.tensors, drawn.sizes))
+    origin = "--input specs" if request.specs else f"shapes of {loaded.reference}"
+    draws = f", {request.samples} random draw(s)" if request.samples > 1 else ""
+    return InputPlan(tuple(specs), tuple(sets), f"{origin}{draws}, seed {request.seed}", vocab, pad_id)
 
 
 def text_properties(loaded: Any) -> tuple[int | None, int | None, int | None]:
@@ -285,3 +349,16 @@ def load_inputs_file(path: str | Path) -> InputSet:
     first = next(iter(tensors.values()), None)
     sizes = {"batch": int(first.shape[0])} if first is not None and first.ndim else {}
     return InputSet(f"file:{target.name}", tensors, sizes)
+
+
+# ---------------------------------------------------------------- transitional (removed once every service plans)
+
+
+def model_shape_sets(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> list[InputSet]:
+    """The input sets of `plan_inputs` for `--input` specs (services still moving to the contract use this)."""
+    return list(plan_inputs(loaded, InputRequest(specs=tuple(explicit or ()), seed=seed)).sets)
+
+
+def example_inputs(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> InputSet:
+    """The first input set of `plan_inputs` (services still moving to the contract use this)."""
+    return plan_inputs(loaded, InputRequest(specs=tuple(explicit or ()), seed=seed)).example

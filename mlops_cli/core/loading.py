@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlops_cli.core.contract import BUILTIN_PREFIX, LoadOptions, ModelRef
 from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import (
     SIDECAR,
@@ -28,11 +29,10 @@ from mlops_cli.core.formats import (
     metadata_input_specs,
     read_archive_metadata,
 )
+from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
+from mlops_cli.core.pruned import REBUILD_ARCH
+from mlops_cli.core.sidecar import canonical_arch, read_sidecar
 
-BUILTIN_PREFIX = "builtin:"
-QUANTIZATION_INFO = "quantization.json"  # an HF folder whose weights are dynamic-int8 (`mlops compress int8`)
-PACKED_PARAMS = "._packed_params"  # marks the layers of a dynamically quantised state_dict
-PRUNE_REBUILD = "mlops_cli.services.prune:rebuild"  # factory of structurally pruned built-in architectures
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "weights", "ema")
 TASK_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -52,19 +52,6 @@ class ModelKind(str, enum.Enum):
     TORCHSCRIPT = "torchscript"
     EXPORTED = "torch-export"
     ONNX = "onnx"
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to load a MODEL reference; mirrors the shared loading options of every command."""
-
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    key: str | None = None
-    strip_prefix: str | None = None
-    task: str | None = None
-    trust_code: bool = False
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -94,12 +81,14 @@ class LoadedModel:
         return self.reference
 
 
-def load_model(reference: str, options: LoadOptions | None = None) -> LoadedModel:
+def load_model(reference: str | ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Resolve a MODEL reference into a LoadedModel (torch modules in eval mode, on CPU)."""
     options = options or LoadOptions()
-    if reference.startswith(BUILTIN_PREFIX):
-        return _load_builtin(reference)
-    path = Path(reference)
+    ref = ModelRef.parse(reference)
+    if ref.builtin is not None:
+        return _load_builtin(ref.builtin)
+    path = Path(ref.text)
+    reference = ref.text
     fmt = detect_format(path)
     if fmt == Format.HF_FOLDER:
         return _load_hf_folder(path, options)
@@ -121,10 +110,10 @@ def load_model(reference: str, options: LoadOptions | None = None) -> LoadedMode
 # ---------------------------------------------------------------- builtin
 
 
-def _load_builtin(reference: str) -> LoadedModel:
-    from mlops_cli import zoo
+def _load_builtin(name: str) -> LoadedModel:
+    from mlops_cli.core import zoo
 
-    name = reference[len(BUILTIN_PREFIX):]
+    reference = f"{BUILTIN_PREFIX}{name}"
     entry = zoo.entry(name)
     module, tokenizer = zoo.build(name)
     if entry.kind == "hf":
@@ -193,8 +182,8 @@ def _load_hf_int8_folder(folder: Path, config: Any, model_class: Any, options: L
 
 
 def _load_int8(module: Any, state: dict[str, Any]) -> Any:
-    """Rebuild a dynamically quantised model (the rebuild lives with the int8 compressor that defines it)."""
-    from mlops_cli.services.compress_int8 import load_int8_state
+    """Rebuild a dynamically quantised model from its float architecture (core/int8_state.py)."""
+    from mlops_cli.core.int8_state import load_int8_state
 
     return load_int8_state(module, state)
 
@@ -243,27 +232,6 @@ def _load_hf_tokenizer(folder: Path, options: LoadOptions, warnings: list[str]) 
 # ---------------------------------------------------------------- weights + architecture
 
 
-def read_sidecar(folder: Path, name: str = SIDECAR) -> dict[str, Any]:
-    """A JSON file written beside weights (mlops.json, quantization.json); {} when absent."""
-    sidecar = folder / name
-    if not sidecar.is_file():
-        return {}
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{sidecar} could not be read: {exc}") from exc
-    fields = {"weights": str, "arch": str, "arch_kwargs": dict, "inputs": list}
-    problem = "it is not a JSON object" if not isinstance(data, dict) else next(
-        (f"{key!r} must be a {kind.__name__}" for key, kind in fields.items()
-         if key in data and not isinstance(data[key], kind)), None)
-    if problem is None and not all(isinstance(spec, str) for spec in data.get("inputs", [])):
-        problem = "'inputs' must be a list of input specs such as \"x:float32[batch=2,3,32,32]\""
-    if problem:
-        raise InputError(f"{sidecar} is malformed: {problem}",
-                         hint="Re-save the folder with mlops, or pass --arch/--input yourself.")
-    return data
-
-
 def _load_weights_folder(folder: Path, options: LoadOptions) -> LoadedModel:
     sidecar = read_sidecar(folder)
     weights = folder / str(sidecar.get("weights", "model.safetensors"))
@@ -291,7 +259,7 @@ def _load_weights_file(path: Path, fmt: Format, options: LoadOptions, sidecar: d
     else:
         module = build_architecture(arch, arch_kwargs)
     state_dict = strip_prefix(state_dict, options.strip_prefix)
-    if any(PACKED_PARAMS in key for key in state_dict):
+    if any(PACKED in key for key in state_dict):
         module = _load_int8(module, state_dict)
     else:
         load_state_dict_strict(module, state_dict, path)
@@ -317,13 +285,13 @@ def _sidecar_inputs(sidecar: dict[str, Any], where: Path) -> tuple[str, ...]:
 def check_sidecar_architecture(arch: str, arch_kwargs: dict[str, Any], sidecar: Path) -> None:
     """A file may only name mlops' own built-in architectures (or their pruned rebuild): anything else
     would let a downloaded folder run code. The user's own `--arch` is the explicit way to trust code."""
-    from mlops_cli.zoo import ARCH_PATHS
+    from mlops_cli.core.zoo import ARCH_PATHS
 
     builtin = set(ARCH_PATHS.values())
     trusted = arch in builtin or (
-        arch == PRUNE_REBUILD and arch_kwargs.get("arch") in builtin and "trust_code" not in arch_kwargs)
+        arch == REBUILD_ARCH and arch_kwargs.get("arch") in builtin and "trust_code" not in arch_kwargs)
     if not trusted:
-        named = arch_kwargs.get("arch", arch) if arch == PRUNE_REBUILD else arch
+        named = arch_kwargs.get("arch", arch) if arch == REBUILD_ARCH else arch
         raise UnsafeInputError(f"{sidecar} names the architecture {named}, which would run its code",
                                hint="If you trust it, pass --arch (and --arch-kwargs) yourself.")
 
@@ -333,7 +301,7 @@ def is_tensor_dict(value: Any) -> bool:
     import torch
 
     return isinstance(value, dict) and bool(value) and all(
-        isinstance(v, torch.Tensor) or PACKED_PARAMS in str(k) for k, v in value.items())
+        isinstance(v, torch.Tensor) or PACKED in str(k) for k, v in value.items())
 
 
 def split_checkpoint(content: Any, key: str | None, path: Path) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
@@ -367,7 +335,7 @@ def build_architecture(arch: str, arch_kwargs: dict[str, Any]) -> Any:
     This runs the named code: callers pass only what the user named with `--arch` (explicit consent) or
     what `check_sidecar_architecture` accepted.
     """
-    target, sep, attribute = arch.rpartition(":")
+    target, sep, attribute = canonical_arch(arch).rpartition(":")
     if not sep or not target or not attribute:
         raise UsageError(f"--arch {arch!r} is not of the form module.path:Factory or file.py:Factory")
     try:

@@ -115,7 +115,7 @@ def resolve_files(reference: str, scratch: Path) -> TokenizerFiles:
 
 
 def _builtin_files(reference: str, scratch: Path) -> TokenizerFiles:
-    from mlops_cli import zoo
+    from mlops_cli.core import zoo
 
     name = reference[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_TOKENIZERS:

@@ -66,12 +66,19 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def emit(report: Any, as_json: bool, human: Callable[[Any], Iterable[RenderableType]]) -> None:
-    """Print a report: one JSON object on stdout with --json, otherwise its Rich renderables."""
+def emit(report: Any, as_json: bool, human: Callable[[Any], Iterable[RenderableType]], quiet: bool = False) -> None:
+    """Print a report: one JSON object on stdout with --json, otherwise its Rich renderables.
+
+    A report's `warnings` (core/contract.py `Report`) are shown here, the one way for every command: inside the
+    JSON object with --json, else as `warning:` lines on stderr (never mixed into stdout tables).
+    """
     if as_json:
         sys.stdout.write(json.dumps(to_jsonable(report), indent=2) + "\n")
         sys.stdout.flush()
         return
+    if not quiet:
+        for message in getattr(report, "warnings", ()):
+            hint(f"warning: {message}")
     console = stdout()
     for renderable in human(report):
         console.print(renderable)

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from rich.console import RenderableType
 from rich.text import Text
 
+from mlops_cli.core.parity import ParityReport
 from mlops_cli.render import fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
-from mlops_cli.services.parity import ParityReport
 from mlops_cli.services.verify_parity import VerifyParityReport
 
 PARITY_COLUMNS = ("input set", "output", "max |diff|", "max rel", "mean |diff|", "p99 |diff|", "cosine",

@@ -171,7 +171,7 @@ def load_corpus(path: str | None) -> Corpus:
     With one text per line, pairs are neighbouring lines (line i with line i+1, the last with the first).
     """
     if path is None:
-        from mlops_cli import zoo
+        from mlops_cli.core import zoo
 
         lines = zoo.corpus_lines()
         return Corpus("built-in zh/en corpus", tuple(lines), _neighbour_pairs(lines))

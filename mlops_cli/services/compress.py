@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -24,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.formats import SIDECAR, Format, detect_format, torch_load_weights
-from mlops_cli.core.loading import PACKED_PARAMS, QUANTIZATION_INFO
+from mlops_cli.core.formats import Format, detect_format, torch_load_weights
+from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
+from mlops_cli.core.sidecar import SIDECAR, read_sidecar
 
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")  # fp8 tensors are left alone
@@ -377,7 +377,7 @@ def quantised_evidence(source: Path, fmt: Format) -> str | None:
     if fmt == Format.HF_FOLDER and (source / QUANTIZATION_INFO).is_file():
         return f"{QUANTIZATION_INFO} describes its int8 weights"
     if fmt in (Format.HF_FOLDER, Format.WEIGHTS_FOLDER):
-        method = sidecar_of(source).get("quantization")
+        method = read_sidecar(source).get("quantization")
         if method:
             return f"{SIDECAR} says quantization: {method}"
         for path in weight_files(source):
@@ -403,15 +403,15 @@ def _packed_layer(path: Path) -> str | None:
     if not isinstance(content, dict):
         return None
     dicts = [content, *(value for value in content.values() if isinstance(value, dict))]
-    key = next((str(k) for d in dicts for k in d if PACKED_PARAMS in str(k)), None)
-    return key.split(PACKED_PARAMS)[0] if key is not None else None
+    key = next((str(k) for d in dicts for k in d if PACKED in str(k)), None)
+    return key.split(PACKED)[0] if key is not None else None
 
 
 def resolve_input_specs(loaded: Any, explicit: tuple[str, ...]) -> tuple[str, ...]:
     """The `--input` specs the drift check will use, settled before anything is converted or written.
 
     `--input` first, then what the model knows (mlops.json, HF config, ONNX graph); a plain state_dict
-    loaded with `--arch` naming a built-in architecture (mlops_cli.zoo:ConvNet) gets that zoo entry's inputs.
+    loaded with `--arch` naming a built-in architecture (mlops_cli.core.zoo:ConvNet) gets that zoo entry's inputs.
     A model whose inputs cannot be told fails here (exit 2), so the usage error leaves no output behind.
     """
     from mlops_cli.core.inputs import specs_for
@@ -429,27 +429,17 @@ def resolve_input_specs(loaded: Any, explicit: tuple[str, ...]) -> tuple[str, ..
 
 
 def zoo_inputs(arch: str | None) -> tuple[str, ...]:
-    """The input specs of the built-in model whose architecture `arch` names (mlops_cli.zoo:ConvNet), or ()."""
-    from mlops_cli import zoo
+    """The input specs of the built-in model whose architecture `arch` names (mlops_cli.core.zoo:ConvNet), or ()."""
+    from mlops_cli.core import zoo
 
     name = next((name for name, path in zoo.ARCH_PATHS.items() if path == arch), None)
     return zoo.ENTRIES[name].inputs if name else ()
 
 
-def sidecar_of(folder: Path) -> dict[str, Any]:
-    """The mlops.json beside a weights file (architecture, inputs), or {}."""
-    path = folder / SIDECAR
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} could not be read: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a model folder: every *.safetensors, `pytorch_model*.bin` / `model*.bin`, and the
     file mlops.json names. Other pickles (training_args.bin, optimizer.pt, rng_state.pth) are not weights."""
-    named = str(sidecar_of(folder).get("weights", ""))
+    named = str(read_sidecar(folder).get("weights", ""))
     return [path for path in sorted(folder.iterdir()) if path.is_file() and (
         path.suffix == ".safetensors" or path.name == named
         or (path.suffix == ".bin" and path.name.startswith(("pytorch_model", "model"))))]
@@ -458,7 +448,7 @@ def weight_files(folder: Path) -> list[Path]:
 def can_build_model(path: Path, fmt: Format, arch: str | None) -> bool:
     """Can mlops build a runnable model from this input (to measure drift)? A bare state_dict cannot."""
     if fmt in (Format.SAFETENSORS, Format.TORCH_ZIP, Format.TORCH_LEGACY):
-        return bool(arch or sidecar_of(path.parent).get("arch"))
+        return bool(arch or read_sidecar(path.parent).get("arch"))
     return fmt in (Format.HF_FOLDER, Format.WEIGHTS_FOLDER, Format.ONNX)
 
 

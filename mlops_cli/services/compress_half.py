@@ -27,6 +27,7 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, torch_load_weights
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, LoadOptions, load_model, split_checkpoint
+from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.services.compress import (
     HALF_DTYPES,
     NORM_ONNX_OPS,
@@ -50,7 +51,6 @@ from mlops_cli.services.compress import (
     weight_files,
 )
 from mlops_cli.services.compress_stream import stream_convert
-from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
 
 FP16_MAX = 65504.0
 ORT_MIN_POSITIVE = 5.96e-08  # what ONNX Runtime's converter raises smaller non-zero magnitudes to

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import re
 import shutil
@@ -32,9 +31,19 @@ from typing import Any
 
 from mlops_cli.core.compare import PRESETS
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.formats import HF_CONFIG, SIDECAR, Format, detect_format, torch_load_weights
+from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, torch_load_weights
+from mlops_cli.core.int8_state import (
+    INT8_WEIGHTS,
+    QUANTIZATION_INFO,
+    Int8Layout,
+    load_int8_state,
+    quantizable_kind,
+    quantize_torch,
+)
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, LoadOptions, load_model
+from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
+from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing, measure_interleaved
 from mlops_cli.services.compress import (
     disk_size,
@@ -43,16 +52,12 @@ from mlops_cli.services.compress import (
     resolve_input_specs,
     weight_files,
 )
-from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
 
 ONNX_DEFAULT_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
 ONNX_EMBEDDING_OPS = ("Gather",)
-INT8_WEIGHTS = "model.int8.pt"
-QUANTIZATION_INFO = "quantization.json"
 TORCH_ENGINE = "torch.ao.quantization.quantize_dynamic (qint8 weights, dynamic activations; x86/fbgemm kernels)"
 TORCH_ENGINE_NOTE = ("torch.ao.quantization is deprecated since torch 2.10 and still the only dynamic int8 path in "
                      "core torch 2.13; its successor is torchao's quantize_ (not installed)")
-PACKED = "._packed_params"
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,7 @@ def _torch_int8(source: Path, fmt: Format, output: Path, load: LoadOptions, opti
     original = load_model(str(source), load)
     options = _with_inputs(original, options)
     plan = plan_torch_quantization(original.module, options)
-    quantized = quantize_torch(copy.deepcopy(original.module), plan)
+    quantized = quantize_torch(copy.deepcopy(original.module), plan.layout)
     state = quantized.state_dict()
     notes = [TORCH_ENGINE_NOTE]
     if fmt in (Format.HF_FOLDER, Format.WEIGHTS_FOLDER):
@@ -259,7 +264,7 @@ def _torch_int8(source: Path, fmt: Format, output: Path, load: LoadOptions, opti
         reloaded = load_int8_state(copy.deepcopy(original.module), _read_state(weights_file, original.state_key))
         drift, latency = _drift(original, replace(original, module=reloaded, reference=str(output), path=output),
                                 options)
-    reload = (f"build the model, then mlops_cli.services.compress_int8.load_int8_state(model, state_dict of "
+    reload = (f"build the model, then mlops_cli.core.int8_state.load_int8_state(model, state_dict of "
               f"{weights_file.name}); or by hand: quantize_dynamic with the same layers, then load_state_dict")
     weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}), activations quantised per call"
                + ("; embeddings: uint8 per row, weight-only" if options.quantize_embeddings else ""))
@@ -269,17 +274,14 @@ def _torch_int8(source: Path, fmt: Format, output: Path, load: LoadOptions, opti
 
 @dataclass(frozen=True)
 class TorchPlan:
-    """Which modules get quantised (name -> 'linear' | 'embedding'), which Conv1D become Linear first."""
+    """The layout to quantise to, plus what the report says about every candidate layer."""
 
-    modules: dict[str, str]
-    conv1d: tuple[str, ...]
-    per_channel: bool
+    layout: Int8Layout
     kinds: tuple[QuantizedKind, ...]
     skipped: tuple[tuple[str, str], ...]
 
 
 def plan_torch_quantization(module: Any, options: Int8Options) -> TorchPlan:
-    import torch.nn as nn
 
     owners: dict[int, list[str]] = {}
     for name, sub in module.named_modules():
@@ -292,7 +294,7 @@ def plan_torch_quantization(module: Any, options: Int8Options) -> TorchPlan:
     totals: Counter[str] = Counter()
     done: Counter[str] = Counter()
     for name, sub in module.named_modules():
-        kind = _quantizable_kind(sub, nn)
+        kind = quantizable_kind(sub)
         if kind is None:
             continue
         label = type(sub).__name__
@@ -310,16 +312,7 @@ def plan_torch_quantization(module: Any, options: Int8Options) -> TorchPlan:
                                 if label in ("Embedding",) and not options.quantize_embeddings else
                                 "as Linear (GPT-2's transposed Linear)" if label == "Conv1D" else "")
                   for label in sorted(totals, key=lambda k: (-totals[k], k)))
-    return TorchPlan(chosen, tuple(conv1d), options.per_channel, kinds, tuple(skipped))
-
-
-def _quantizable_kind(sub: Any, nn: Any) -> str | None:
-    if isinstance(sub, nn.Linear) or (type(sub).__name__ == "Conv1D" and getattr(sub, "weight", None) is not None
-                                      and sub.weight.dim() == 2):
-        return "linear"
-    if isinstance(sub, nn.Embedding):
-        return "embedding"
-    return None
+    return TorchPlan(Int8Layout(chosen, tuple(conv1d), options.per_channel), kinds, tuple(skipped))
 
 
 def _skip_reason(name: str, sub: Any, kind: str, owners: dict[int, list[str]], options: Int8Options) -> str | None:
@@ -332,80 +325,6 @@ def _skip_reason(name: str, sub: Any, kind: str, owners: dict[int, list[str]], o
     if shared:
         return f"weight tied to {shared[0]} (a quantised copy would store it twice)"
     return None
-
-
-def quantize_torch(module: Any, plan: TorchPlan) -> Any:
-    """Apply a plan in place (Conv1D -> Linear swaps, then dynamic quantisation) and return the module."""
-    import torch
-    from torch.ao.quantization import (
-        default_dynamic_qconfig,
-        float_qparams_weight_only_qconfig,
-        per_channel_dynamic_qconfig,
-        quantize_dynamic,
-    )
-
-    for name in plan.conv1d:
-        _swap_conv1d(module, name)
-    linear = per_channel_dynamic_qconfig if plan.per_channel else default_dynamic_qconfig
-    spec = {name: (float_qparams_weight_only_qconfig if kind == "embedding" else linear)
-            for name, kind in plan.modules.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the deprecation notices of torch.ao (reported once, in the notes)
-        return quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
-
-
-def _swap_conv1d(module: Any, name: str) -> None:
-    """transformers' Conv1D is a Linear with a transposed weight; make it the Linear torch can quantise."""
-    import torch
-    import torch.nn as nn
-
-    parent_name, _, child = name.rpartition(".")
-    parent = module.get_submodule(parent_name) if parent_name else module
-    conv = getattr(parent, child)
-    linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.t())
-        if conv.bias is not None:
-            linear.bias.copy_(conv.bias)
-    setattr(parent, child, linear)
-
-
-def load_int8_state(module: Any, state: dict[str, Any]) -> Any:
-    """Rebuild a quantised model from its saved state_dict: `module` is the float architecture.
-
-    The state tells which layers are quantised (their `_packed_params` entries) and how (per-channel or
-    not); GPT-2 Conv1D layers are turned into Linear first, as when they were quantised.
-    """
-    import torch.nn as nn
-
-    names = sorted({key.split(PACKED)[0] for key in state if PACKED in key})
-    modules: dict[str, str] = {}
-    conv1d: list[str] = []
-    per_channel = False
-    for name in names:
-        try:
-            sub = module.get_submodule(name)
-        except AttributeError as exc:
-            raise InputError(f"the int8 state names a layer the architecture lacks: {name}",
-                             hint="Build the same architecture the model was quantised from.") from exc
-        kind = _quantizable_kind(sub, nn)
-        if kind is None:
-            raise InputError(f"the int8 state quantises {name}, a {type(sub).__name__}, which mlops cannot rebuild")
-        modules[name] = kind
-        if type(sub).__name__ == "Conv1D":
-            conv1d.append(name)
-        packed = state.get(f"{name}{PACKED}{PACKED}")
-        if kind == "linear" and isinstance(packed, tuple) and packed and packed[0].qscheme() != _per_tensor():
-            per_channel = True
-    quantized = quantize_torch(module, TorchPlan(modules, tuple(conv1d), per_channel, (), ()))
-    quantized.load_state_dict(state, strict=True)
-    return quantized.eval()
-
-
-def _per_tensor() -> Any:
-    import torch
-
-    return torch.per_tensor_affine
 
 
 def _read_state(path: Path, state_key: str | None) -> dict[str, Any]:
@@ -432,8 +351,9 @@ def _write_folder(source: Path, fmt: Format, output: Path, state: dict[str, Any]
                   options: Int8Options) -> None:
     """The folder again, with its weight files replaced by model.int8.pt and the method written down."""
     info = {"method": "dynamic-int8", "engine": TORCH_ENGINE, "weights": INT8_WEIGHTS,
-            "per_channel": plan.per_channel, "layers": plan.modules, "conv1d_as_linear": list(plan.conv1d),
-            "reload": "build the float model, then mlops_cli.services.compress_int8.load_int8_state(model, state)"}
+            "per_channel": plan.layout.per_channel, "layers": plan.layout.modules,
+            "conv1d_as_linear": list(plan.layout.conv1d),
+            "reload": "build the float model, then mlops_cli.core.int8_state.load_int8_state(model, state)"}
     weights = weight_files(source)
     with atomic_dir(output, options.force, [source]) as folder:
         for path in sorted(source.iterdir()):
@@ -442,14 +362,12 @@ def _write_folder(source: Path, fmt: Format, output: Path, state: dict[str, Any]
             elif path in weights or path.name.endswith(".index.json"):
                 continue  # the float weights: replaced by the int8 file
             elif path.name == SIDECAR and fmt == Format.WEIGHTS_FOLDER:
-                sidecar = json.loads(path.read_text(encoding="utf-8"))
-                sidecar.update(weights=INT8_WEIGHTS, quantization="dynamic-int8")
-                (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+                write_sidecar(folder, {**read_sidecar(source), "weights": INT8_WEIGHTS, "quantization": "dynamic-int8"})
             else:
                 shutil.copyfile(path, folder / path.name)
         save_torch(state, folder / INT8_WEIGHTS)
         if fmt == Format.HF_FOLDER and (source / HF_CONFIG).is_file():
-            (folder / QUANTIZATION_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            write_sidecar(folder, info, QUANTIZATION_INFO)
 
 
 # ---------------------------------------------------------------- drift, latency and the report

@@ -33,7 +33,7 @@ from mlops_cli.core.errors import InputError, OutputError, UsageError
 from mlops_cli.core.inputs import TEXT_INPUTS, InputSet, InputSpec, specs_for
 from mlops_cli.core.io import default_mode
 from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind
-from mlops_cli.services.parity import Tolerances
+from mlops_cli.core.parity import Tolerances
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 OPSETS = (18, 19, 20, 21)
@@ -613,8 +613,8 @@ def run_checker(path: Path) -> str:
 def _verifier(loaded: LoadedModel, example: InputSet, settings: ExportOnnxSettings, notes: list[str]) -> Any:
     """A function `path -> ParityReport` comparing an ONNX file with the loaded model."""
     from mlops_cli.core.inputs import model_shape_sets
+    from mlops_cli.core.parity import check_parity
     from mlops_cli.core.runtimes import device_for, onnx_runner, runner_for
-    from mlops_cli.services.parity import check_parity
 
     if settings.static:
         input_sets = [InputSet(f"example (static) {example.label}", example.tensors, example.sizes)]

@@ -37,9 +37,9 @@ from mlops_cli.core.formats import Format, detect_format
 from mlops_cli.core.inputs import InputSet, InputSpec, example_inputs, model_shape_sets, specs_for
 from mlops_cli.core.io import atomic_file, check_output
 from mlops_cli.core.loading import BUILTIN_PREFIX, LoadedModel, LoadOptions, ModelKind, load_model
+from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.runtimes import Runner, flatten_outputs, forward_parameter_names, resolve_device, runner_for
 from mlops_cli.core.timing import Stopwatch
-from mlops_cli.services.parity import ParityReport, Tolerances, check_parity
 
 METADATA_FILE = "mlops.json"  # stored inside both archives: input order, dtypes, dims, output names
 SKIPPED_OUTPUTS = ("past_key_values", "cache")  # caches are not results (same rule as core/runtimes)

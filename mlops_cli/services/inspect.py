@@ -23,7 +23,8 @@ from mlops_cli.core.formats import (
     load_tensor_file,
     read_safetensors_header,
 )
-from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict, read_sidecar
+from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict
+from mlops_cli.core.sidecar import read_sidecar
 
 LARGEST_SHOWN = 5
 SAFETENSORS_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",

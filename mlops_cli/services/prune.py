@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -25,21 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
-from mlops_cli.core.formats import SIDECAR, Format, read_safetensors_header
+from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.formats import Format, read_safetensors_header
 from mlops_cli.core.loading import (
     LoadedModel,
     LoadOptions,
     ModelKind,
-    build_architecture,
     load_model,
-    read_sidecar,
 )
+from mlops_cli.core.parity import ParityReport, Tolerances
+from mlops_cli.core.pruned import REBUILD_ARCH
+from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing
-from mlops_cli.services.parity import ParityReport, Tolerances
 
 METHODS = ("l1", "random", "ln-structured", "global")
-REBUILD_ARCH = "mlops_cli.services.prune:rebuild"
 GZIP_LEVEL = 6  # what `gzip` uses by default
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".pt2")
 UNSTRUCTURED_NOTE = ("Unstructured pruning writes zeros into dense tensors: the raw file keeps its size and dense "
@@ -617,38 +615,6 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def rebuild(arch: str, arch_kwargs: dict[str, Any] | None = None, shapes: dict[str, list[int]] | None = None,
-            attributes: dict[str, dict[str, Any]] | None = None, trust_code: bool = False) -> Any:
-    """Factory named in the mlops.json of a shrunk model: build `arch`, then give it the pruned shapes.
-
-    The loader fills in the weights afterwards (strictly). Only mlops' own architectures are built without
-    `trust_code`, so a shrunk model's mlops.json cannot be used to run arbitrary code.
-    """
-    import torch
-
-    from mlops_cli.zoo import ARCH_PATHS
-
-    if arch not in ARCH_PATHS.values() and not trust_code:
-        raise UnsafeInputError(f"this pruned model is built on {arch}, which would run code from outside mlops",
-                               hint=f"If you trust it, load it with --arch {REBUILD_ARCH} and --arch-kwargs holding "
-                                    "the arch_kwargs of its mlops.json plus \"trust_code\": true.")
-    module = build_architecture(arch, dict(arch_kwargs or {}))
-    for name, values in (attributes or {}).items():
-        child = module.get_submodule(name)
-        for attr, value in values.items():
-            setattr(child, attr, tuple(value) if isinstance(value, list) else value)
-    for name, shape in (shapes or {}).items():
-        owner_name, _, tensor_name = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        current = getattr(owner, tensor_name)
-        resized = torch.empty(shape, dtype=current.dtype)
-        if isinstance(current, torch.nn.Parameter):
-            setattr(owner, tensor_name, torch.nn.Parameter(resized, requires_grad=current.requires_grad))
-        else:
-            owner.register_buffer(tensor_name, resized)
-    return module
-
-
 # ---------------------------------------------------------------- sizes
 
 
@@ -752,8 +718,8 @@ class _Pruner:
         return None
 
     def _one_amount(self, amount: float, output: Path | None) -> AmountResult:
+        from mlops_cli.core.parity import check_parity
         from mlops_cli.core.runtimes import runner_for
-        from mlops_cli.services.parity import check_parity
 
         candidate, layers = self._pruned_copy(amount)
         pruned = dataclasses.replace(self.loaded, module=candidate, reference=f"pruned {amount:g}", warnings=[])
@@ -920,7 +886,7 @@ class _Pruner:
         module.save_pretrained(folder)
 
     def _write_weights_folder(self, module: Any, state: dict[str, Any], folder: Path, info: dict[str, Any]) -> None:
-        from mlops_cli import zoo
+        from mlops_cli.core import zoo
         from mlops_cli.core.io import save_torch
         source = Path(self.loaded.reference)
         sidecar: dict[str, Any] = read_sidecar(source) if source.is_dir() else {}
@@ -943,7 +909,7 @@ class _Pruner:
             save_file(state, str(folder / weights), metadata={"format": "pt"})  # what was done: in mlops.json
         else:
             save_torch(state, folder / weights)
-        (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        write_sidecar(folder, sidecar)
 
     def _rebuild_kwargs(self, module: Any, arch: str) -> dict[str, Any]:
         """What `rebuild` needs: the base architecture and every shape that differs from it. A model that was

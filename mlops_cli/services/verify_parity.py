@@ -14,7 +14,7 @@ from pathlib import Path
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.inputs import InputSet
 from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind
-from mlops_cli.services.parity import ParityReport, Tolerances
+from mlops_cli.core.parity import ParityReport, Tolerances
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class VerifyParityReport:
 def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> VerifyParityReport:
     """Load both sides, build the input sets, and run the parity engine."""
     from mlops_cli.core.loading import load_model
+    from mlops_cli.core.parity import check_parity
     from mlops_cli.core.runtimes import device_for, runner_for
-    from mlops_cli.services.parity import check_parity
 
     if settings.samples < 1:
         raise UsageError("--samples must be at least 1")

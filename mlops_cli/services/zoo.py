@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlops_cli import zoo
-from mlops_cli.core.formats import SIDECAR
+from mlops_cli.core import zoo
 from mlops_cli.core.io import atomic_dir
+from mlops_cli.core.sidecar import write_sidecar
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def save_model(name: str, output: Path, force: bool = False) -> ZooSaveReport:
             save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
             sidecar = {"weights": "model.safetensors", "arch": zoo.ARCH_PATHS[name], "arch_kwargs": {},
                        "inputs": list(entry.inputs)}
-            (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+            write_sidecar(folder, sidecar)
             usage = (f"mlops summarize {output}   (or: mlops summarize {output}/model.safetensors "
                      f"--arch {zoo.ARCH_PATHS[name]} --input {entry.inputs[0]})")
         files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}

@@ -87,12 +87,12 @@ def _define_cnns() -> dict[str, type]:
 
 
 def ConvNet(num_classes: int = 10) -> Any:
-    """Factory for `--arch mlops_cli.zoo:ConvNet`."""
+    """Factory for `--arch mlops_cli.core.zoo:ConvNet`."""
     return _define_cnns()["ConvNet"](num_classes)
 
 
 def LeNet(num_classes: int = 10) -> Any:
-    """Factory for `--arch mlops_cli.zoo:LeNet`."""
+    """Factory for `--arch mlops_cli.core.zoo:LeNet`."""
     return _define_cnns()["LeNet"](num_classes)
 
 
@@ -197,7 +197,7 @@ _HF_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "tiny-bert": _tiny_bert, "tiny-gpt2": _tiny_gpt2, "tiny-vit": _tiny_vit,
 }
 _MODULE_BUILDERS: dict[str, Callable[[], Any]] = {"convnet": ConvNet, "lenet": LeNet}
-ARCH_PATHS = {"convnet": "mlops_cli.zoo:ConvNet", "lenet": "mlops_cli.zoo:LeNet"}
+ARCH_PATHS = {"convnet": "mlops_cli.core.zoo:ConvNet", "lenet": "mlops_cli.core.zoo:LeNet"}
 
 ENTRIES: dict[str, ZooEntry] = {
     entry.name: entry

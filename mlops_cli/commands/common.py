@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -183,3 +184,11 @@ def show_warnings(loaded: Any, quiet: bool = False) -> None:
     if not quiet:
         for message in getattr(loaded, "warnings", []):
             render.hint(f"warning: {message}")
+
+
+@contextmanager
+def progress_steps(title: str, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """Progress for a service run: yields the `on_step` callback to put in its options; each step a service
+    names shows as `title: step` on stderr (a terminal only, and not with --quiet)."""
+    with render.progress(title, quiet=quiet) as advance:
+        yield lambda step: advance(0, description=f"{title}: {step}")

@@ -11,6 +11,7 @@ Services never print and never import typer/rich; commands build the options, ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,23 @@ class LoadOptions:
     trust_remote_code: bool = False
 
 
+StepCallback = Callable[[str], None]
+
+
+def ignore_step(name: str) -> None:
+    """The default `on_step`: nobody is watching."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServiceOptions:
-    """What every service takes: how to load its MODEL."""
+    """What every service takes: how to load its MODEL, and whom to tell which step is running.
+
+    `on_step("exporting")` names a step that may take a while; the command shows it as progress (services never
+    print). It is not part of the options' identity (not compared, not shown).
+    """
 
     load: LoadOptions = field(default_factory=LoadOptions)
+    on_step: StepCallback = field(default=ignore_step, compare=False, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)

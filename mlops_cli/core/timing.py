@@ -27,6 +27,14 @@ class Timing:
         return 100.0 * (self.p90_ms - self.min_ms) / self.median_ms if self.median_ms else 0.0
 
 
+def speedup(before: Timing | None, after: Timing | None) -> float | None:
+    """How many times faster `after` is than `before` (median over median): > 1 means faster; None when either
+    side was not timed. The one place a speed-up is computed, so every table means the same by it."""
+    if before is None or after is None or not after.median_ms:
+        return None
+    return before.median_ms / after.median_ms
+
+
 def summarize_samples(samples_ms: list[float], warmup: int = 0) -> Timing:
     """Reduce raw samples (ms) to a Timing."""
     if not samples_ms:

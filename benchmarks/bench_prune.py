@@ -16,8 +16,10 @@ import argparse
 import torch
 
 from mlops_cli import render
-from mlops_cli.core.loading import LoadOptions
-from mlops_cli.services.prune import PruneOptions, PruneReport, prune_model
+from mlops_cli.core.contract import ModelRef
+from mlops_cli.core.inputs import InputRequest
+from mlops_cli.services import prune
+from mlops_cli.services.prune import PruneOptions, PruneReport
 
 WORKLOADS = {  # model -> --input specs (large enough that compute, not call overhead, dominates)
     "builtin:convnet": ("x:float32[batch=256,1,28,28]",),
@@ -31,9 +33,9 @@ COLUMNS = ("model", "variant", "params", "MACs", "raw size", "gzip size", "max |
 def rows_for(model: str, inputs: tuple[str, ...], amount: float, repeats: int) -> list[tuple[str, ...]]:
     rows = []
     for shrink in (False, True):
-        options = PruneOptions(method="l1", amounts=(amount,), structured_shrink=shrink, inputs=inputs,
-                               repeats=repeats, warmup=3)
-        report = prune_model(model, LoadOptions(), options)
+        options = PruneOptions(method="l1", amounts=(amount,), structured_shrink=shrink,
+                               inputs=InputRequest(specs=inputs), repeats=repeats, warmup=3)
+        report = prune.run(ModelRef.parse(model), options)
         rows.append(row(model, report))
     return rows
 

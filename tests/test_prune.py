@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import read_safetensors_header
+from mlops_cli.core.inputs import InputRequest
 from mlops_cli.core.loading import LoadOptions, build_architecture, load_model
 from mlops_cli.core.pruned import rebuild
-from mlops_cli.services.prune import PruneOptions, prune_model
+from mlops_cli.services import prune
+from mlops_cli.services.prune import PruneOptions, PruneReport
 
 FAST = {"repeats": 1, "warmup": 0}
 CONVNET_TARGETS = ["conv1.0", "conv2.0", "fc.0", "fc.2"]  # `out` is the classifier head: left alone
 
 
 def run(reference: str, output: Path | None = None, load: LoadOptions | None = None, force: bool = False,
-        **options: object):
-    return prune_model(reference, load or LoadOptions(), PruneOptions(**{**FAST, **options}), output, force)
+        inputs: tuple[str, ...] = (), **options: Any) -> PruneReport:
+    request = InputRequest(specs=inputs, seed=options.get("seed", 0))
+    return prune.run(ModelRef.parse(reference), PruneOptions(
+        **{**FAST, **options}, load=load or LoadOptions(), output=output, force=force, inputs=request))
 
 
 def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -378,15 +384,15 @@ def test_shrink_that_breaks_a_hard_coded_forward_is_an_input_error(user_arch: tu
 
 
 def test_sweep_output_names_keep_a_file_suffix(zoo_dir: Path, tmp_path: Path) -> None:
-    from mlops_cli.services.prune import output_paths
+    from mlops_cli.services.prune.artefact import output_paths
 
-    sweep = PruneOptions(amounts=(0.1, 0.5))
-    weights = str(zoo_dir / "convnet" / "model.safetensors")
-    assert output_paths(weights, tmp_path / "p.safetensors", sweep) == {
-        0.1: tmp_path / "p-0.1.safetensors", 0.5: tmp_path / "p-0.5.safetensors"}
-    shrink = PruneOptions(amounts=(0.1, 0.5), structured_shrink=True)  # a shrunk module is written as a folder
-    assert output_paths(weights, tmp_path / "p", shrink) == {0.1: tmp_path / "p-0.1", 0.5: tmp_path / "p-0.5"}
-    assert output_paths("builtin:convnet", None, sweep) == {}
+    weights = ModelRef.parse(str(zoo_dir / "convnet" / "model.safetensors"))
+    sweep = PruneOptions(amounts=(0.1, 0.5), output=tmp_path / "p.safetensors")
+    assert output_paths(weights, sweep) == {0.1: tmp_path / "p-0.1.safetensors", 0.5: tmp_path / "p-0.5.safetensors"}
+    # a shrunk module is written as a folder
+    shrink = PruneOptions(amounts=(0.1, 0.5), structured_shrink=True, output=tmp_path / "p")
+    assert output_paths(weights, shrink) == {0.1: tmp_path / "p-0.1", 0.5: tmp_path / "p-0.5"}
+    assert output_paths(ModelRef.parse("builtin:convnet"), PruneOptions(amounts=(0.1, 0.5))) == {}
 
 
 def test_an_int8_model_is_refused_with_the_way_round(cli, zoo_dir: Path, tmp_path: Path) -> None:

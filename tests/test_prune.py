@@ -152,10 +152,14 @@ def test_weights_folder_keeps_its_weights_format_and_other_files(zoo_dir: Path, 
     sidecar = {**json.loads((zoo_dir / "lenet" / "mlops.json").read_text()), "weights": "weights.pt"}
     (source / "mlops.json").write_text(json.dumps(sidecar))
     (source / "README.md").write_text("notes")
+    (source / "eval").mkdir()
+    (source / "eval" / "scores.json").write_text("{}")
     out = tmp_path / "pruned"
     report = run(str(source), out, amounts=(0.5,))
     assert report.model_kind == "weights-folder"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mlops.json", "weights.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "eval", "mlops.json", "weights.pt"]
+    assert (out / "eval" / "scores.json").read_text() == "{}"
+    assert report.results[0].output_files["eval/"] == 2
     assert_no_reparametrisation(torch.load(out / "weights.pt", weights_only=True))
     assert json.loads((out / "mlops.json").read_text())["pruned"]["amount"] == 0.5
     assert report.results[0].reloaded == "loads back through mlops; outputs identical to the pruned model"
@@ -408,3 +412,82 @@ def test_an_int8_model_is_refused_with_the_way_round(cli, zoo_dir: Path, tmp_pat
     assert "quantised to int8 (fc.0, fc.2, out)" in message
     assert "Prune the float checkpoint first, then quantise" in message
     assert not (tmp_path / "pruned").exists()
+
+
+# ---------------------------------------------------------------- Hugging Face base models (#13.3)
+
+SENTENCE_TRANSFORMERS_EXTRAS = {
+    "1_Pooling/config.json": '{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}',
+    "modules.json": '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}, '
+                    '{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]',
+    "config_sentence_transformers.json": '{"__version__": {"sentence_transformers": "3.0.0"}}',
+    "sentence_bert_config.json": '{"max_seq_length": 64, "do_lower_case": false}',
+}
+
+
+def tiny_bert_config(**extra: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, **extra)
+
+
+@pytest.fixture()
+def sentence_folder(tmp_path: Path) -> Path:
+    """A sentence-transformers-like folder around a bare BertModel (no head, no `bert.` prefix)."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "minilm"
+    BertModel(tiny_bert_config()).eval().save_pretrained(folder)
+    for name, text in SENTENCE_TRANSFORMERS_EXTRAS.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_global_pruning_of_a_bare_base_model_prunes_linear_weights_only(cli, sentence_folder: Path,
+                                                                        tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    result = cli("prune", sentence_folder, "-o", out, "--method", "global", "--amount", "0.3", "--repeats", "0",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    data = result.json()
+    assert data["results"][0]["target_sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert {layer["module_type"] for layer in data["results"][0]["layers"]} == {"Linear"}
+    assert "encoder.layer.0.attention.self.query" in data["targets"] and "pooler.dense" in data["targets"]
+    skipped = dict(map(tuple, data["skipped"]))
+    assert "embeddings.word_embeddings" in skipped and "encoder.layer.0.output.LayerNorm" in skipped
+    original, pruned = load_file(str(sentence_folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name, tensor in pruned.items():
+        if "LayerNorm" in name or "embeddings" in name or name.endswith(".bias"):
+            assert torch.equal(tensor, original[name]), name  # norms, embeddings and biases untouched
+    assert int((pruned["encoder.layer.1.intermediate.dense.weight"] == 0).sum()) > 0
+    for name, text in SENTENCE_TRANSFORMERS_EXTRAS.items():
+        assert (out / name).read_text() == text, name  # every extra file and folder beside the weights
+    assert load_model(str(out)).module is not None
+
+
+def test_include_selects_layers_by_type_never_norms_named_only_through_their_parent(sentence_folder: Path) -> None:
+    report = run(str(sentence_folder), include=("encoder",), amounts=(0.3,))
+    assert report.targets and not [name for name in report.targets if "LayerNorm" in name]
+    assert all(layer.module_type == "Linear" for layer in report.results[0].layers)
+    assert dict(report.skipped)["encoder.layer.0.output.LayerNorm"].startswith("embeddings and norms")
+    named = run(str(sentence_folder), include=("LayerNorm",), amounts=(0.3,))  # named by the user: pruned
+    assert named.targets and all("LayerNorm" in name for name in named.targets)
+
+
+def test_task_head_model_keeps_its_head_and_prunes_its_base(tmp_path: Path) -> None:
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / "classifier"
+    BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval().save_pretrained(folder)
+    report = run(str(folder), tmp_path / "out", method="global", amounts=(0.3,))
+    assert dict(report.skipped)["classifier"].startswith("the classifier/LM head")
+    assert "bert.pooler.dense" in report.targets
+    assert report.results[0].target_sparsity == pytest.approx(0.3, abs=1e-3)
+    assert report.results[0].reloaded == "loads back through mlops; outputs identical to the pruned model"
+    base = run(str(folder), include=("^bert\\.",), amounts=(0.3,))  # the base model's layers, by type
+    assert "bert.pooler.dense" in base.targets and "classifier" not in base.targets
+    assert not [name for name in base.targets if "LayerNorm" in name or "embeddings" in name]

@@ -65,7 +65,34 @@ def save(ref: ModelRef, loaded: LoadedModel, options: PruneOptions, module: Any,
             info = {"method": options.method, "amount": amount, "seed": options.seed,
                     "structured_shrink": options.structured_shrink}
             _write_weights_folder(ref, loaded, options, module, state, folder, info)
-        return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+        return written_sizes(folder)
+
+
+def written_sizes(folder: Path) -> dict[str, int]:
+    """Files and folders written (a folder as `name/` with the bytes of everything inside it)."""
+    sizes = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_dir():
+            sizes[f"{path.name}/"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            sizes[path.name] = path.stat().st_size
+    return sizes
+
+
+def copy_extras(source: Path, folder: Path, rewritten: tuple[str, ...]) -> None:
+    """Everything beside the weights travels with them: tokenizer files, READMEs, sentence-transformers
+    modules (`1_Pooling/`, `modules.json`, ...). Weight files and the files named in `rewritten` are written
+    anew by the caller."""
+    for item in sorted(source.iterdir()):
+        if item.is_dir():
+            shutil.copytree(item, folder / item.name)
+        elif item.name not in rewritten and not is_weight_file(item.name):
+            shutil.copy2(item, folder / item.name)
+
+
+def is_weight_file(name: str) -> bool:
+    """Weights, or the index of sharded weights (model.safetensors.index.json)."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES)
 
 
 def _safetensors_metadata(loaded: LoadedModel) -> dict[str, str]:
@@ -79,13 +106,11 @@ def _safetensors_metadata(loaded: LoadedModel) -> dict[str, str]:
 
 
 def _write_hf_folder(loaded: LoadedModel, module: Any, folder: Path) -> None:
-    """Tokenizer and other files copied from the input; config and weights written by save_pretrained."""
+    """Tokenizer and every other file and folder copied from the input; config and weights written by
+    save_pretrained."""
     source = loaded.path
     if source is not None and source.is_dir():
-        for item in sorted(source.iterdir()):
-            if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES) \
-                    and not item.name.endswith(".index.json"):
-                shutil.copy2(item, folder / item.name)
+        copy_extras(source, folder, rewritten=("config.json",))
     elif loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     module.save_pretrained(folder)
@@ -100,9 +125,7 @@ def _write_weights_folder(ref: ModelRef, loaded: LoadedModel, options: PruneOpti
     source = ref.path if ref.path is not None and ref.path.is_dir() else None
     sidecar: dict[str, Any] = read_sidecar(source) if source is not None else {}
     if source is not None:
-        for item in sorted(source.iterdir()):
-            if item.is_file() and item.name != SIDECAR and not item.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(item, folder / item.name)
+        copy_extras(source, folder, rewritten=(SIDECAR,))
     arch = loaded.arch or zoo.ARCH_PATHS.get(ref.builtin or "", "")
     weights = str(sidecar.get("weights", "model.safetensors"))
     if options.structured_shrink:

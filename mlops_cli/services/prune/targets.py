@@ -51,14 +51,18 @@ def has_weight(module: Any) -> bool:
 def head_modules(loaded: LoadedModel, module: Any, example: dict[str, Any]) -> set[str]:
     """The classifier/LM head: left alone by default (its few weights decide every prediction).
 
-    Hugging Face: every module outside the base model, plus the output embeddings. Plain modules: the
-    last Linear/Conv layer that runs in a forward pass.
+    Hugging Face task models: every module outside the base model, plus the output embeddings; a bare base
+    model (BertModel, a sentence-transformers folder) has no head. Plain modules: the last Linear/Conv layer that
+    runs in a forward pass.
     """
-    names = {id(m): n for n, m in module.named_modules()}
     if loaded.kind == ModelKind.HF:
+        names = {id(m): n for n, m in module.named_modules()}
         prefix = getattr(module, "base_model_prefix", "")
-        heads = {n for n, m in module.named_modules()
-                 if has_weight(m) and prefix and n != prefix and not n.startswith(prefix + ".")}
+        base = getattr(module, prefix, None) if prefix else None
+        heads = set()
+        if base is not None and base is not module:  # a task model wraps its base model under `prefix`
+            heads = {n for n, m in module.named_modules()
+                     if has_weight(m) and n != prefix and not n.startswith(prefix + ".")}
         output_embeddings = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
         if output_embeddings is not None and id(output_embeddings) in names:
             heads.add(names[id(output_embeddings)])
@@ -85,21 +89,26 @@ def _last_executed(module: Any, example: dict[str, Any]) -> str | None:
 
 def select_targets(module: Any, heads: set[str], include: Iterable[str],
                    exclude: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """(names of modules to prune, [(name, why skipped)]) for modules that carry a weight."""
+    """(names of modules to prune, [(name, why skipped)]) for modules that carry a weight.
+
+    Layers are chosen by type: Linear/Conv weights. `--include` narrows them by name; it adds the head when it
+    matches it, and embeddings or norms only when it names them (`--include encoder` must not prune LayerNorms
+    just because they live in the encoder).
+    """
     include, exclude = list(include), list(exclude)
     targets: list[str] = []
     skipped: list[tuple[str, str]] = []
     for name, child in module.named_modules():
         if not name or not has_weight(child):
             continue
+        matched = any(re.search(pattern, name) for pattern in include)
         if any(re.search(pattern, name) for pattern in exclude):
             skipped.append((name, "matches --exclude"))
-        elif include:
-            if any(re.search(pattern, name) for pattern in include):
-                targets.append(name)
-        elif name in heads:
+        elif include and not matched:
+            continue
+        elif name in heads and not matched:
             skipped.append((name, HEAD_REASON))
-        elif is_prunable_module(child):
+        elif is_prunable_module(child) or names_module(include, name):
             targets.append(name)
         else:
             skipped.append((name, OTHER_REASON))
@@ -107,6 +116,13 @@ def select_targets(module: Any, heads: set[str], include: Iterable[str],
         raise UsageError("no layer to prune: nothing matches the selection",
                          hint="Check --include/--exclude against the module names (`mlops summarize` lists them).")
     return targets, skipped
+
+
+def names_module(patterns: Iterable[str], name: str) -> bool:
+    """Whether a pattern is about this module itself, not only about a module it sits in: it matches the last
+    part of the name (`LayerNorm`, `word_embeddings`), or the full name but not the parent's."""
+    parent, _, last = name.rpartition(".")
+    return any(re.search(p, name) and (re.search(p, last) or not re.search(p, parent)) for p in patterns)
 
 
 def tied_targets(module: Any, targets: list[str]) -> list[str]:

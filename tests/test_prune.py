@@ -290,7 +290,7 @@ def test_command_json_and_threshold_exit_codes(cli, tmp_path: Path) -> None:
 def test_command_tables_state_what_zeros_do_not_buy(cli, tmp_path: Path) -> None:
     result = cli("prune", "builtin:convnet", "-o", tmp_path / "p", "--repeats", "1", "--warmup", "0")
     assert result.exit_code == 0, result.stderr
-    for words in ("Sparsity per layer", "weights, gzip -6", "Drift vs the unpruned model", "latency p50",
+    for words in ("Sparsity per layer", "weights, gzip -1", "Drift vs the unpruned model", "latency p50",
                   "do not get faster", "reload check"):
         assert words in result.stdout
     sweep = cli("prune", "builtin:convnet", "--amount", "0.2,0.6", "--structured-shrink", "--repeats", "1")
@@ -491,3 +491,45 @@ def test_task_head_model_keeps_its_head_and_prunes_its_base(tmp_path: Path) -> N
     base = run(str(folder), include=("^bert\\.",), amounts=(0.3,))  # the base model's layers, by type
     assert "bert.pooler.dense" in base.targets and "classifier" not in base.targets
     assert not [name for name in base.targets if "LayerNorm" in name or "embeddings" in name]
+
+
+# ---------------------------------------------------------------- slow steps (#13.8)
+
+
+def test_compressed_size_of_a_large_state_is_estimated_from_a_fixed_sample() -> None:
+    from mlops_cli.services.prune.sizes import weight_sizes
+
+    generator = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(256, 1024, generator=generator) * 0.02 for i in range(4)}  # 4 MiB
+    for i, tensor in enumerate(state.values()):  # sparsity that differs per tensor: the sample must span them all
+        tensor[torch.rand(tensor.shape, generator=generator) < 0.2 * i] = 0
+    exact = weight_sizes(state, sample_bytes=None)
+    sampled = weight_sizes(state, sample_bytes=512 * 1024)
+    assert exact.sampled_share == 1.0 and exact.method == "every byte compressed" and exact.codec == "gzip -1"
+    assert sampled.raw_bytes == exact.raw_bytes == 4 * 1024 * 1024
+    assert sampled.sampled_share == pytest.approx(1 / 8)
+    assert "1 block of 64 KiB in 8 compressed (12.5% of the bytes)" in sampled.method
+    assert sampled.gzip_bytes == pytest.approx(exact.gzip_bytes, rel=0.03)
+    assert weight_sizes(state, sample_bytes=512 * 1024) == sampled  # the same blocks every run
+    skipped = weight_sizes(state, estimate=False)
+    assert skipped.gzip_bytes is None and skipped.gzip_ratio is None and "--no-size-estimate" in skipped.method
+
+
+def test_every_long_step_names_itself_and_the_size_estimate_can_be_skipped(tmp_path: Path) -> None:
+    steps: list[str] = []
+    report = run("builtin:lenet", tmp_path / "out", on_step=steps.append, repeats=1, amounts=(0.3,))
+    assert steps == ["loading", "estimating the compressed size of the input", "pruning 0.3", "measuring drift 0.3",
+                     "writing out", "reload check out", "timing 0.3", "estimating the compressed size at 0.3"]
+    assert report.results[0].size.gzip_bytes and report.size_before.method == "every byte compressed"
+    steps.clear()
+    quick = run("builtin:lenet", on_step=steps.append, repeats=0, size_estimate=False, amounts=(0.3,))
+    assert not [step for step in steps if "compressed size" in step or "timing" in step]
+    assert quick.results[0].size.gzip_bytes is None and quick.results[0].latency is None
+
+
+def test_command_no_size_estimate_says_so(cli) -> None:
+    result = cli("prune", "builtin:lenet", "--no-size-estimate", "--repeats", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "compressed size: not estimated (--no-size-estimate)" in " ".join(result.stdout.split())
+    data = cli("prune", "builtin:lenet", "--no-size-estimate", "--repeats", "0", "--json").json()
+    assert data["size_before"]["gzip_bytes"] is None and data["results"][0]["latency"] is None

@@ -74,6 +74,10 @@ def prune_command(
     min_top1: Annotated[float | None, typer.Option(
         "--min-top1", show_default=False, help="Fail (exit 6) when top-1 agreement with the unpruned model is lower "
                                                "(0-1).")] = None,
+    size_estimate: Annotated[bool, typer.Option(
+        "--size-estimate/--no-size-estimate",
+        help="Estimate the compressed size, where zeros pay off (gzip -1; beyond 16 MiB of weights from a fixed "
+             "sample of the bytes, as the report says). Off saves its time on large models.")] = True,
     preset: PresetOpt = Preset.auto,  # type: ignore[attr-defined]
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
@@ -121,7 +125,7 @@ def prune_command(
             dim=dim, include=tuple(include or ()), exclude=tuple(exclude or ()), structured_shrink=structured_shrink,
             seed=seed, device=device.value, tolerances=tolerances, max_drift=max_drift, min_top1=min_top1,
             inputs=InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed),
-            repeats=repeats, warmup=warmup)
+            repeats=repeats, warmup=warmup, size_estimate=size_estimate)
         report = run(ModelRef.parse(model), options)
     render.emit(report, as_json, prune_tables, quiet)
     if report.enforced and not report.passed:

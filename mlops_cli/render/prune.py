@@ -21,6 +21,7 @@ def prune_tables(report: PruneReport) -> Iterator[RenderableType]:
     else:
         yield from _single_tables(report, report.results[0])
     yield from _skipped_notes(report.skipped)
+    yield _size_note(report)
     for line in report.notes:
         yield note(line)
     if report.enforced:
@@ -98,8 +99,16 @@ def _before_after(report: PruneReport, result: AmountResult) -> Iterator[tuple[s
 def _size_rows(before: SizeFigures, after: SizeFigures) -> Iterator[tuple[str, str, str, str]]:
     yield "weights, raw", fmt_bytes(before.raw_bytes), fmt_bytes(after.raw_bytes), _change(before.raw_bytes,
                                                                                            after.raw_bytes)
-    yield "weights, gzip -6", fmt_bytes(before.gzip_bytes), fmt_bytes(after.gzip_bytes), _change(before.gzip_bytes,
-                                                                                                 after.gzip_bytes)
+    yield (f"weights, {after.codec or 'compressed'}", fmt_bytes(before.gzip_bytes), fmt_bytes(after.gzip_bytes),
+           _change(before.gzip_bytes, after.gzip_bytes))
+
+
+def _size_note(report: PruneReport) -> Text:
+    """How the compressed size was found (whole, or from a sample), so an estimate is never read as exact."""
+    size = report.size_before
+    if size.gzip_bytes is None:
+        return note(f"compressed size: {size.method}")
+    return note(f"compressed size ({size.codec}): {size.method}")
 
 
 def _change(before: float | None, after: float | None) -> str:

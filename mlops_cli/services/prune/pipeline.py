@@ -15,7 +15,7 @@ from mlops_cli.core.loading import LoadedModel
 from mlops_cli.core.parity import Tolerances
 from mlops_cli.services.prune import artefact, verdict
 from mlops_cli.services.prune.options import PruneOptions
-from mlops_cli.services.prune.report import AmountResult, LatencyFigures, LayerChange, PruneReport
+from mlops_cli.services.prune.report import AmountResult, LatencyFigures, LayerChange, PruneReport, SizeFigures
 from mlops_cli.services.prune.shrink import shrink_module
 from mlops_cli.services.prune.sizes import file_dtypes, state_for_saving, weight_sizes
 from mlops_cli.services.prune.targets import head_modules, select_targets
@@ -38,8 +38,7 @@ class Pruner:
     def run(self, outputs: dict[float, Path]) -> PruneReport:
         options, module = self.options, self.loaded.module
         parameters, zeros = parameter_counts(module)
-        options.on_step("estimating the compressed size")
-        size_before = weight_sizes(state_for_saving(module, self.dtypes))
+        size_before = self._sizes(state_for_saving(module, self.dtypes), "of the input")
         macs_before = self._macs(module) if options.structured_shrink else None
         results = [self._one_amount(amount, outputs.get(amount)) for amount in options.amounts]
         passed = all(r.passed for r in results)
@@ -87,8 +86,7 @@ class Pruner:
             reloaded = artefact.reload_check(self.loaded, options.load, output, cand_runner, self.example.tensors,
                                              self.device)
         latency = self._latency(cand_runner, amount)
-        step(f"estimating the compressed size {amount:g}")
-        size = weight_sizes(state)
+        size = self._sizes(state, f"at {amount:g}")
         return AmountResult(
             amount=amount, layers=tuple(layers),
             target_zeros=sum(layer.zeros for layer in layers), target_elements=sum(layer.elements for layer in layers),
@@ -118,6 +116,11 @@ class Pruner:
         timings = measure_interleaved({"before": lambda: self.reference(feed), "after": lambda: candidate(feed)},
                                       warmup=self.options.warmup, repeats=self.options.repeats, device=self.device)
         return LatencyFigures(self.example.label, timings["before"], timings["after"])
+
+    def _sizes(self, state: dict[str, Any], which: str) -> SizeFigures:
+        if self.options.size_estimate:
+            self.options.on_step(f"estimating the compressed size {which}")
+        return weight_sizes(state, estimate=self.options.size_estimate)
 
     def _macs(self, module: Any) -> int:
         from mlops_cli.core.flops import count_macs

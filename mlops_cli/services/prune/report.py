@@ -29,15 +29,23 @@ class LayerChange:
 
 @dataclass(frozen=True)
 class SizeFigures:
-    """Weight bytes as stored (raw) and after gzip -6: zeros only pay off in the second figure."""
+    """Weight bytes as stored (raw) and compressed (gzip): zeros only pay off in the second figure.
+
+    `gzip_bytes` is an estimate by `codec` (None when skipped); `method` says how it was made and
+    `sampled_share` which share of the bytes was actually compressed (1.0: all of them, exact for that codec).
+    """
 
     raw_bytes: int
-    gzip_bytes: int
+    gzip_bytes: int | None
+    codec: str = ""
+    method: str = ""
+    sampled_share: float = 1.0
 
-    gzip_ratio: float = dataclasses.field(init=False)
+    gzip_ratio: float | None = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "gzip_ratio", self.gzip_bytes / self.raw_bytes if self.raw_bytes else 1.0)
+        ratio = None if self.gzip_bytes is None else self.gzip_bytes / self.raw_bytes if self.raw_bytes else 1.0
+        object.__setattr__(self, "gzip_ratio", ratio)
 
 
 @dataclass(frozen=True)

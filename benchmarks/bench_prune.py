@@ -81,7 +81,7 @@ def size_estimate_rows(megabytes: int) -> list[tuple[str, ...]]:
         started = time.perf_counter()
         figures[name] = (weight_sizes(state, **kwargs), time.perf_counter() - started)  # type: ignore[arg-type]
     exact = figures["gzip -1, every byte"][0].gzip_bytes or 1
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name, (size, seconds) in figures.items():
         error = f"{(size.gzip_bytes or 0) / exact - 1:+.2%}" if size.codec == "gzip -1" else "-"
         rows.append((name, size.codec, f"{size.sampled_share:.1%}", f"{seconds:.2f}",

@@ -25,6 +25,7 @@ import torch
 from mlops_cli import render
 from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.inputs import InputRequest
+from mlops_cli.render.prune import speed_change
 from mlops_cli.services import prune
 from mlops_cli.services.prune import PruneOptions, PruneReport
 
@@ -58,7 +59,7 @@ def row(model: str, report: PruneReport) -> tuple[str, ...]:
             macs, f"{render.fmt_bytes(report.size_before.raw_bytes)} -> {render.fmt_bytes(result.size.raw_bytes)}",
             f"{render.fmt_bytes(report.size_before.gzip_bytes)} -> {render.fmt_bytes(result.size.gzip_bytes)}",
             render.fmt_float(result.drift.max_abs), render.fmt_ms(latency.before.median_ms),
-            render.fmt_ms(latency.after.median_ms), f"{latency.speedup:.2f}x" if latency.speedup else "-")
+            render.fmt_ms(latency.after.median_ms), speed_change(latency))
 
 
 SIZE_COLUMNS = ("method", "codec", "bytes compressed", "seconds", "MB/s of weights", "estimate", "vs exact gzip -1")

@@ -533,3 +533,27 @@ def test_command_no_size_estimate_says_so(cli) -> None:
     assert "compressed size: not estimated (--no-size-estimate)" in " ".join(result.stdout.split())
     data = cli("prune", "builtin:lenet", "--no-size-estimate", "--repeats", "0", "--json").json()
     assert data["size_before"]["gzip_bytes"] is None and data["results"][0]["latency"] is None
+
+
+# ---------------------------------------------------------------- speed-ups the spread supports (#14)
+
+
+def timing(median: float, p90: float, low: float, repeats: int = 20) -> Any:
+    from mlops_cli.core.timing import Timing
+
+    return Timing(median_ms=median, p90_ms=p90, min_ms=low, max_ms=p90, stdev_ms=0.1, repeats=repeats, warmup=3)
+
+
+def test_a_speed_up_is_claimed_only_when_the_spreads_do_not_overlap() -> None:
+    from mlops_cli.render.prune import speed_change
+    from mlops_cli.services.prune import LatencyFigures
+
+    overlapping = LatencyFigures("x", before=timing(1.8, 2.0, 1.0), after=timing(1.0, 2.0, 0.9))  # issue #14
+    assert overlapping.speedup == pytest.approx(1.8) and not overlapping.measurable
+    assert speed_change(overlapping) == "no measurable difference"
+    faster = LatencyFigures("x", before=timing(2.0, 2.2, 1.9), after=timing(1.0, 1.1, 0.95))
+    assert faster.measurable and speed_change(faster) == "2.00x speed-up"
+    slower = LatencyFigures("x", before=timing(1.0, 1.1, 0.95), after=timing(2.0, 2.2, 1.9))
+    assert slower.measurable and speed_change(slower) == "2.00x slow-down"
+    few = LatencyFigures("x", before=timing(2.0, 2.0, 2.0, repeats=1), after=timing(1.0, 1.0, 1.0, repeats=1))
+    assert not few.measurable and speed_change(few) == "too few repeats to tell (1)"

@@ -283,6 +283,8 @@ def test_command_json_and_threshold_exit_codes(cli, tmp_path: Path) -> None:
     assert strict.json()["passed"] is False and "exceeds --max-drift" in strict.stderr
     atol = cli("prune", "builtin:lenet", "--amount", "0.3", "--atol", "1e-6", "--rtol", "0", "--repeats", "1")
     assert atol.exit_code == 6 and "max |diff|" in atol.stdout
+    preset = cli("prune", "builtin:lenet", "--amount", "0.3", "--preset", "fp32", "--repeats", "0", "--json")
+    assert preset.exit_code == 6 and preset.json()["thresholds"] == {"atol": 1e-4, "rtol": 1e-3}
     loose = cli("prune", "builtin:lenet", "--amount", "0.1", "--max-drift", "100", "--min-top1", "0", "--repeats", "1")
     assert loose.exit_code == 0 and "PASS" in loose.stdout
 

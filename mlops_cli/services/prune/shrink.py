@@ -29,7 +29,6 @@ SIZE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels",
                    "normalized_shape", "num_channels", "num_groups", "num_embeddings", "embedding_dim", "nf", "nx")
 
 
-
 def shrink_module(loaded: LoadedModel, module: Any, targets: list[str], example: dict[str, Any],
                   options: PruneOptions, amount: float) -> list[LayerChange]:
     """Remove whole channels so tensors really get smaller; returns the tensors whose shape changed."""

@@ -11,15 +11,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlops_cli.core.loading import LoadOptions
-from mlops_cli.services.compress import KeepRules
-from mlops_cli.services.compress_half import HalfOptions, compress_half
-from mlops_cli.services.compress_stream import stream_convert
+from mlops_cli.core.contract import LoadOptions, ModelRef
+from mlops_cli.services.compress import half
+from mlops_cli.services.compress.keep import KeepRules
+from mlops_cli.services.compress.stream import stream_convert
 
 CONVNET_ARCH = ("--arch", "mlops_cli.core.zoo:ConvNet", "--input", "x:float32[batch=2,1,28,28]")
 
 
 # ---------------------------------------------------------------- fixtures
+
+
+def compress_half(source: str | Path, output: Path, load: LoadOptions | None = None, **options: Any) -> Any:
+    """`half.run` on a path, as the command calls it."""
+    return half.run(ModelRef.parse(str(source)),
+                    half.HalfOptions(output=output, load=load or LoadOptions(), **options))
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +165,7 @@ def test_per_layer_flags_activations_beyond_fp16_range() -> None:
     overflows there even though fp16-rounded weights computed in fp32 look fine."""
     import copy
 
-    from mlops_cli.services.compress import compare_layers
+    from mlops_cli.services.compress.drift import compare_layers
 
     torch.manual_seed(0)
     reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
@@ -182,7 +188,7 @@ def test_underflow_and_subnormal_are_counted(zoo_dir: Path, tmp_path: Path) -> N
     state = load_file(str(source / "model.safetensors"))
     state["out.weight"][0, :3] = torch.tensor([1e-6, -2e-6, 3e-7])
     save_file(state, str(source / "model.safetensors"))
-    report = compress_half(str(source), tmp_path / "out", LoadOptions(), HalfOptions(check=False))
+    report = compress_half(str(source), tmp_path / "out", check=False)
     by_name = {t.name: t for t in report.tensors}
     assert by_name["fc.0.weight"].underflow >= 1  # 1e-9 flushes to zero in fp16
     assert by_name["out.weight"].subnormal >= 3
@@ -199,7 +205,8 @@ def test_hf_folder_stays_a_folder_with_norms_kept(cli, zoo_dir: Path, tmp_path: 
     assert result.exit_code == 0, result.stderr
     report = result.json()
     out = tmp_path / "bert16"
-    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # see the round-trip test below
+    assert report["config_dtype"] == "float32"
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(report["files_copied"])
     assert (out / "tokenizer.json").read_bytes() == (zoo_dir / "tiny-bert" / "tokenizer.json").read_bytes()
     state = load_file(str(out / "model.safetensors"))
@@ -222,7 +229,7 @@ def test_sharded_folder_updates_index_and_copies_other_pickles(zoo_dir: Path, tm
     torch.save({"learning_rate": 3e-5}, folder / "training_args.bin")
     assert len(list(folder.glob("*.safetensors"))) > 1
 
-    report = compress_half(str(folder), tmp_path / "out", LoadOptions(), HalfOptions())
+    report = compress_half(str(folder), tmp_path / "out")
     assert report.passed and report.drift is not None and report.drift.passed
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -252,7 +259,7 @@ def test_training_checkpoint_keeps_keys_and_integer_dtypes(zoo_dir: Path, tmp_pa
 
     outputs = []
     for name in ("a.pt", "b.pt"):
-        report = compress_half(str(tmp_path / "ckpt.pt"), tmp_path / name, LoadOptions(), HalfOptions())
+        report = compress_half(str(tmp_path / "ckpt.pt"), tmp_path / name)
         assert report.passed and report.output_format == "torch-zip"
         assert sorted(report.checkpoint_keys_kept) == ["epoch", "optimizer"]
         assert any("drift not measured" in line for line in report.notes)  # no --arch: weights only
@@ -438,15 +445,15 @@ def _plain_convnet_state(zoo_dir: Path, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def int8_models(zoo_dir: Path, onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`compress int8` outputs of every kind: mlops weights folder, HF folder, torch state_dict, ONNX."""
-    from mlops_cli.services.compress_int8 import Int8Options, compress_int8
+    from mlops_cli.services.compress import int8
 
     root = tmp_path_factory.mktemp("int8")
     plain = _plain_convnet_state(zoo_dir, root / "convnet.pth")
-    quiet = Int8Options(check=False)
-    compress_int8(str(zoo_dir / "convnet"), root / "folder", LoadOptions(), quiet)
-    compress_int8(str(zoo_dir / "tiny-bert"), root / "hf", LoadOptions(), quiet)
-    compress_int8(str(plain), root / "state.pth", LoadOptions(arch="mlops_cli.core.zoo:ConvNet"), quiet)
-    compress_int8(str(onnx_dir / "convnet.onnx"), root / "graph.onnx", LoadOptions(), quiet)
+    convnet = LoadOptions(arch="mlops_cli.core.zoo:ConvNet")
+    for source, output, load in ((zoo_dir / "convnet", "folder", LoadOptions()), (zoo_dir / "tiny-bert", "hf", None),
+                                 (plain, "state.pth", convnet), (onnx_dir / "convnet.onnx", "graph.onnx", None)):
+        int8.run(ModelRef.parse(str(source)), int8.Int8Options(output=root / output, load=load or LoadOptions(),
+                                                               check=False))
     return {"folder": root / "folder", "hf": root / "hf", "state": root / "state.pth", "onnx": root / "graph.onnx"}
 
 
@@ -489,11 +496,12 @@ def test_unknown_inputs_fail_before_anything_is_written(cli, tmp_path: Path) -> 
 def test_zoo_arch_supplies_its_inputs(cli, zoo_dir: Path, tmp_path: Path) -> None:
     """`--arch mlops_cli.core.zoo:ConvNet` without --input: the zoo entry's inputs measure the drift."""
     plain = _plain_convnet_state(zoo_dir, tmp_path / "ckpt.pth")
-    half = cli("compress", "half", plain, "-o", tmp_path / "half.pth", "--arch", "mlops_cli.core.zoo:ConvNet", "--json")
-    assert half.exit_code == 0, half.stderr
-    report = half.json()
+    fp16 = cli("compress", "half", plain, "-o", tmp_path / "half.pth", "--arch", "mlops_cli.core.zoo:ConvNet", "--json")
+    assert fp16.exit_code == 0, fp16.stderr
+    report = fp16.json()
     assert report["drift"]["passed"]
-    assert [shape["input_shapes"]["x"] for shape in report["drift"]["shapes"]] == [[1, 1, 28, 28], [3, 1, 28, 28]]
+    assert [shape["input_shapes"]["x"] for shape in report["drift"]["shapes"]] == [[2, 1, 28, 28], [1, 1, 28, 28],
+                                                                                [3, 1, 28, 28]]
     int8 = cli("compress", "int8", plain, "-o", tmp_path / "q.pth", "--arch", "mlops_cli.core.zoo:ConvNet", "--repeats",
                "1", "--json")
     assert int8.exit_code == 0, int8.stderr
@@ -512,7 +520,7 @@ def test_mask_fills_saturate_instead_of_overflowing(tmp_path: Path) -> None:
     torch.save(masks, tmp_path / "masks.pth")
     for source in ("masks.safetensors", "masks.pth"):  # streamed path and in-memory path
         output = tmp_path / f"out-{source}"
-        report = compress_half(str(tmp_path / source), output, LoadOptions(), HalfOptions())
+        report = compress_half(str(tmp_path / source), output)
         assert report.passed and report.written, report.verdict
         assert report.totals.overflow == 0 and report.totals.sentinel == 4
         assert any("4 sentinel value(s) ±3.4e38 (attention-mask fills) saturated to ±65504" in n for n in report.notes)
@@ -521,15 +529,13 @@ def test_mask_fills_saturate_instead_of_overflowing(tmp_path: Path) -> None:
         assert written["inf_mask"].tolist() == [float("-inf"), -65504.0]
         assert {t.name: t.nonfinite_source for t in report.tensors}["inf_mask"] == 1
 
-    bf16 = compress_half(str(tmp_path / "masks.safetensors"), tmp_path / "bf16.safetensors", LoadOptions(),
-                         HalfOptions(dtype="bf16"))
+    bf16 = compress_half(str(tmp_path / "masks.safetensors"), tmp_path / "bf16.safetensors", dtype="bf16")
     values = load_file(str(tmp_path / "bf16.safetensors"))["mask_bias"]
     assert bf16.totals.overflow == 0 and bf16.totals.sentinel == 4
     assert values[0].item() == -torch.finfo(torch.bfloat16).max and torch.isfinite(values).all()
 
     save_file({"mask_bias": torch.tensor([-fill, 1e5])}, str(tmp_path / "real.safetensors"))
-    real = compress_half(str(tmp_path / "real.safetensors"), tmp_path / "real16.safetensors", LoadOptions(),
-                         HalfOptions())
+    real = compress_half(str(tmp_path / "real.safetensors"), tmp_path / "real16.safetensors")
     assert not real.passed and not real.written and real.totals.overflow == 1 and real.totals.sentinel == 1
 
 

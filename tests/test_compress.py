@@ -240,6 +240,121 @@ def test_sharded_folder_updates_index_and_copies_other_pickles(zoo_dir: Path, tm
     assert all(":" in t.name for t in report.tensors)  # names carry their shard
 
 
+EFFICIENTNET_STYLE = """import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._depthwise_conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self._bn1 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self._bn1(self._depthwise_conv(x)).relu()
+
+
+class Net(nn.Module):
+    \"\"\"EfficientNet's naming (lukemelas/EfficientNet-PyTorch): _conv_stem, _bn0, _blocks.N._bn1.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self._bn0 = nn.BatchNorm2d(8)
+        self._blocks = nn.ModuleList([Block(), Block()])
+        self._fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self._bn0(self._conv_stem(x)).relu()
+        for block in self._blocks:
+            x = block(x)
+        return self._fc(x.mean((2, 3)))
+"""
+
+
+def test_batchnorm_is_kept_by_module_type_whatever_its_name(cli, tmp_path: Path) -> None:
+    """EfficientNet's `_bn0` / `_blocks.N._bn1` escape every name pattern: with --arch the module type decides,
+    so every BatchNorm tensor stays float32 (the name defaults kept none of them). Without --arch only names
+    can decide, and the report says so."""
+    (tmp_path / "effnet.py").write_text(EFFICIENTNET_STYLE)
+    torch.manual_seed(0)
+    model = _load_arch(tmp_path / "effnet.py").Net().eval()
+    save_file(model.state_dict(), str(tmp_path / "effnet.safetensors"))
+    bn_floats = {name for name in model.state_dict() if "_bn" in name and "num_batches" not in name}
+    assert len(bn_floats) == 12
+
+    result = cli("compress", "half", tmp_path / "effnet.safetensors", "-o", tmp_path / "out.safetensors",
+                 "--arch", f"{tmp_path / 'effnet.py'}:Net", "--input", "x:float32[batch=2,3,8,8]", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    kept = {t["name"]: t for t in report["tensors"] if t["kept_by"]}
+    assert set(kept) == bn_floats
+    assert {t["kept_by"] for t in kept.values()} == {"module type"}
+    assert kept["_bn0.running_var"]["reason"] == "kept: BatchNorm2d module"
+    assert report["totals"]["kept_by_module_type"] == 12 and report["totals"]["kept_by_name"] == 0
+    assert "by type" in report["keep_rule"] and report["drift"]["passed"]
+    written = load_file(str(tmp_path / "out.safetensors"))
+    assert all(written[name].dtype == torch.float32 for name in bn_floats)
+    assert written["_blocks.1._depthwise_conv.weight"].dtype == torch.float16
+    assert written["_bn0.num_batches_tracked"].dtype == torch.int64
+
+    bare = cli("compress", "half", tmp_path / "effnet.safetensors", "-o", tmp_path / "bare.safetensors", "--json")
+    assert bare.exit_code == 0, bare.stderr
+    assert bare.json()["totals"]["kept_tensors"] == 0 and "by name" in bare.json()["keep_rule"]
+
+
+def _load_arch(path: Path) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"test_arch_{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hf_rmsnorm_classes_are_kept_by_module_type(tmp_path: Path) -> None:
+    """A transformers family whose norms are its own classes (LlamaRMSNorm): kept by type, nothing else kept."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    report = compress_half(tmp_path / "llama", tmp_path / "out", check=False)
+    kept = {t.name: t.reason for t in report.tensors if t.kept_by}
+    assert set(kept) == {"model.norm.weight"} | {f"model.layers.{i}.{norm}.weight" for i in range(2)
+                                                 for norm in ("input_layernorm", "post_attention_layernorm")}
+    assert set(kept.values()) == {"kept: LlamaRMSNorm module"}
+    assert report.totals.kept_by_module_type == 5 and report.totals.converted_tensors > 5
+
+
+def test_kept_norms_stay_float32_through_plain_transformers(zoo_dir: Path, tmp_path: Path) -> None:
+    """`from_pretrained(folder)` casts every tensor to config.json's dtype (transformers 5 keeps per-tensor
+    dtypes only for classes listing _keep_in_fp32_modules). With dtype float16 the kept LayerNorms came back
+    float16; the output's config says float32 now, so they stay float32 and the converted weights load as the
+    fp16 values they hold (what the drift check measured)."""
+    from transformers import AutoModelForSequenceClassification
+
+    report = compress_half(zoo_dir / "tiny-bert", tmp_path / "bert16", check=False)
+    assert report.config_dtype == "float32" and any("_keep_in_fp32_modules" in note for note in report.notes)
+    stored = load_file(str(tmp_path / "bert16" / "model.safetensors"))
+    assert stored["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.float16
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert16")
+    layer = model.bert.encoder.layer[0]
+    assert model.bert.embeddings.LayerNorm.weight.dtype == torch.float32
+    assert layer.output.LayerNorm.weight.dtype == torch.float32
+    query = layer.attention.self.query.weight
+    assert torch.equal(query, stored["bert.encoder.layer.0.attention.self.query.weight"].float())
+    half_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert16", dtype=torch.float16)
+    assert half_model.bert.embeddings.LayerNorm.weight.dtype == torch.float16  # what asking for fp16 gives
+
+    unkept = compress_half(zoo_dir / "tiny-bert", tmp_path / "all16", check=False, default_keep=False)
+    assert unkept.config_dtype == "float16"  # nothing kept: the folder reloads as float16
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "all16")
+    assert reloaded.bert.embeddings.LayerNorm.weight.dtype == torch.float16
+
+
 def test_gpt2_folder_bf16_without_default_keep(cli, zoo_dir: Path, tmp_path: Path) -> None:
     result = cli("compress", "half", zoo_dir / "tiny-gpt2", "-o", tmp_path / "gpt", "--dtype", "bf16",
                  "--no-default-keep", "--keep-fp32", r"wpe", "--json")

@@ -548,8 +548,8 @@ def test_int8_tiny_bert_folder_and_tolerance_failure(cli, zoo_dir: Path, tmp_pat
 
 
 def _flat(text: str) -> str:
-    """stderr with its line wrapping undone, so long hints can be matched."""
-    return " ".join(text.split())
+    """stderr (or a table's text) with its line wrapping and cell borders undone, so long lines can be matched."""
+    return " ".join(text.replace("│", " ").split())
 
 
 def _plain_convnet_state(zoo_dir: Path, path: Path) -> Path:
@@ -718,3 +718,26 @@ def test_validation_failures_carry_a_hint(cli, zoo_dir: Path, onnx_dir: Path, tm
     assert int8.exit_code == 6
     hint = _flat(int8.stderr).partition("hint:")[2]
     assert "--atol/--rtol (now atol 1e-09, rtol 0)" in hint and "--exclude" in hint
+
+
+def test_failed_check_says_the_output_was_kept(cli, zoo_dir: Path, onnx_dir: Path, tmp_path: Path) -> None:
+    """Exit 6 after writing: the tables and the hint say the output stays, where, and that a re-run needs --force
+    (the looser re-run otherwise stops on exit 5)."""
+    strict = ("--atol", "1e-9", "--rtol", "0")
+    failed = cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "out", *strict)
+    assert failed.exit_code == 6 and (tmp_path / "out").is_dir()
+    tables = _flat(failed.stdout)
+    assert f"kept at {tmp_path / 'out'} although the check failed" in tables and "--force" in tables
+    hint = _flat(failed.stderr).partition("hint:")[2]
+    assert f"The output was kept at {tmp_path / 'out'}" in hint and "needs --force to replace it" in hint
+    assert cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "out").exit_code == 5
+    assert cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "out", "--force").exit_code == 0
+
+    int8 = cli("compress", "int8", onnx_dir / "convnet.onnx", "-o", tmp_path / "q.onnx", *strict, "--repeats", "0")
+    assert int8.exit_code == 6 and (tmp_path / "q.onnx").is_file()
+    assert "although the check failed" in _flat(int8.stdout)
+    assert f"The output was kept at {tmp_path / 'q.onnx'}" in _flat(int8.stderr)
+
+    refused = cli("compress", "half", _convnet_with(tmp_path, zoo_dir, "big", 1e5), "-o", tmp_path / "big16")
+    assert refused.exit_code == 6 and not (tmp_path / "big16").exists()
+    assert "NOT written" in refused.stdout and "kept at" not in _flat(refused.stderr)

@@ -50,6 +50,7 @@ from mlops_cli.services.compress.shared import (
     loader_warnings,
     output_load_options,
     plan_check_inputs,
+    preset_label,
     refuse_quantised,
     source_path,
     weight_files,
@@ -174,7 +175,7 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
         drift = _measure_drift(original, plan, options, target)
     elif conversion.written and options.check:
         notes.append("drift not measured: this file holds only weights; pass --arch (and --input) to build the model")
-    preset = f"{options.preset} (--preset)" if options.preset else f"{options.dtype} (auto)"
+    preset = preset_label(options.preset, options.dtype, overridden=options.tolerances is not None)
     passed, verdict = _verdict(conversion, totals, drift.report if drift else None, options, target, preset)
     return HalfReport(
         warnings=loader_warnings(original, drift.candidate if drift else None),

@@ -51,6 +51,7 @@ from mlops_cli.services.compress.shared import (
     disk_size,
     loader_warnings,
     plan_check_inputs,
+    preset_label,
     refuse_quantised,
     source_path,
     weight_files,
@@ -417,7 +418,7 @@ def _report(source: Path, input_format: str, output_format: str, engine: str, we
             notes: tuple[str, ...] = ()) -> Int8Report:
     before, after = disk_size(source), disk_size(options.output)
     quantized = sum(kind.quantized for kind in kinds)
-    preset = f"{options.preset} (--preset)" if options.preset else "int8 (auto)"
+    preset = preset_label(options.preset, "int8", overridden=options.tolerances is not None)
     if quantized == 0:
         passed, verdict = False, "nothing was quantised: no layer of a quantisable type (see the table)"
     elif drift is not None and not drift.passed:

@@ -100,6 +100,13 @@ def plan_check_inputs(loaded: Any, request: InputRequest) -> InputPlan:
         raise UsageError(exc.message, hint=hint) from exc
 
 
+def preset_label(chosen: str | None, auto: str, overridden: bool) -> str:
+    """How the drift check's tolerances were chosen, for the report: `fp16 (auto)`, `fp32 (--preset)`, plus
+    `, --atol/--rtol over it` when the user's values replace the preset's."""
+    label = f"{chosen} (--preset)" if chosen else f"{auto} (auto)"
+    return f"{label}, --atol/--rtol over it" if overridden else label
+
+
 def zoo_inputs(arch: str | None) -> tuple[str, ...]:
     """The input specs of the built-in model whose architecture `arch` names (mlops_cli.core.zoo:ConvNet), or ()."""
     from mlops_cli.core import zoo

@@ -741,3 +741,27 @@ def test_failed_check_says_the_output_was_kept(cli, zoo_dir: Path, onnx_dir: Pat
     refused = cli("compress", "half", _convnet_with(tmp_path, zoo_dir, "big", 1e5), "-o", tmp_path / "big16")
     assert refused.exit_code == 6 and not (tmp_path / "big16").exists()
     assert "NOT written" in refused.stdout and "kept at" not in _flat(refused.stderr)
+
+
+def test_drift_check_uses_the_produced_precisions_preset(cli, zoo_dir: Path, onnx_dir: Path, tmp_path: Path) -> None:
+    """half checks with the fp16/bf16 preset, int8 with int8's, named in the report; --preset picks another."""
+    from mlops_cli.core.compare import PRESETS
+
+    for dtype in ("fp16", "bf16"):
+        result = cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / dtype, "--dtype", dtype, "--json")
+        assert result.exit_code == 0, result.stderr
+        report = result.json()
+        assert report["preset"] == f"{dtype} (auto)"
+        assert (report["drift"]["atol"], report["drift"]["rtol"]) == PRESETS[dtype]
+        assert f"preset {dtype} (auto)" in report["verdict"]
+    chosen = cli("compress", "half", zoo_dir / "convnet", "-o", tmp_path / "fp32", "--preset", "fp32", "--json")
+    assert chosen.json()["preset"] == "fp32 (--preset)" and chosen.json()["drift"]["atol"] == PRESETS["fp32"][0]
+
+    int8 = cli("compress", "int8", onnx_dir / "convnet.onnx", "-o", tmp_path / "q.onnx", "--repeats", "0")
+    assert int8.exit_code == 0, int8.stderr
+    assert "preset int8 (auto)" in _flat(int8.stdout)
+    overridden = cli("compress", "int8", onnx_dir / "convnet.onnx", "-o", tmp_path / "q2.onnx", "--repeats", "0",
+                     "--atol", "0.5", "--json")
+    report = overridden.json()
+    assert report["preset"] == "int8 (auto), --atol/--rtol over it" and report["latency"] == []
+    assert (report["drift"]["atol"], report["drift"]["rtol"]) == (0.5, PRESETS["int8"][1])

@@ -33,7 +33,7 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny BERT, tiny GPT-2 and the ConvNet as ONNX files (legacy exporter: fast, dynamic batch/sequence)."""
     import warnings
 
-    from mlops_cli.core.inputs import example_inputs
+    from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.loading import load_model
 
     class NoCache(torch.nn.Module):
@@ -47,7 +47,7 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("onnx")
     for name in ("tiny-bert", "tiny-gpt2", "convnet"):
         loaded = load_model(f"builtin:{name}")
-        example = {k: torch.from_numpy(v) for k, v in example_inputs(loaded).tensors.items()}
+        example = {k: torch.from_numpy(v) for k, v in plan_inputs(loaded).example.tensors.items()}
         module = NoCache(loaded.module) if name == "tiny-gpt2" else loaded.module
         axes = {k: ({0: "batch", 1: "sequence"} if v.ndim == 2 else {0: "batch"}) for k, v in example.items()}
         with warnings.catch_warnings():
@@ -532,6 +532,21 @@ def test_int8_torch_checkpoint_keeps_entries(cli, zoo_dir: Path, tmp_path: Path)
     assert result.json()["size_ratio"] < 0.35  # the ConvNet's weights are mostly in its Linear layers
 
 
+def test_int8_folder_leaves_float_weights_of_other_formats_out(zoo_dir: Path, tmp_path: Path) -> None:
+    """Beside model.int8.pt, a Flax or ONNX copy of the float weights would carry the float model along: left out
+    and named; a training pickle that is not weights (training_args.bin) is copied."""
+    from mlops_cli.services.compress import int8
+
+    folder = tmp_path / "bert"
+    shutil.copytree(zoo_dir / "tiny-bert", folder)
+    (folder / "flax_model.msgpack").write_bytes(b"float weights")
+    torch.save({"learning_rate": 3e-5}, folder / "training_args.bin")
+    report = int8.run(ModelRef.parse(str(folder)), int8.Int8Options(output=tmp_path / "q", check=False))
+    written = {path.name for path in (tmp_path / "q").iterdir()}
+    assert "flax_model.msgpack" not in written and {"training_args.bin", "model.int8.pt"} <= written
+    assert any("flax_model.msgpack" in note for note in report.notes)
+
+
 @pytest.mark.slow
 def test_int8_tiny_bert_folder_and_tolerance_failure(cli, zoo_dir: Path, tmp_path: Path) -> None:
     ok = cli("compress", "int8", zoo_dir / "tiny-bert", "-o", tmp_path / "q", "--repeats", "2")
@@ -765,3 +780,17 @@ def test_drift_check_uses_the_produced_precisions_preset(cli, zoo_dir: Path, onn
     report = overridden.json()
     assert report["preset"] == "int8 (auto), --atol/--rtol over it" and report["latency"] == []
     assert (report["drift"]["atol"], report["drift"]["rtol"]) == (0.5, PRESETS["int8"][1])
+
+
+def test_loader_warnings_reach_the_report(cli, zoo_dir: Path, tmp_path: Path) -> None:
+    """A tokenizer that fails to load is a loader warning: in the JSON report's warnings, on stderr otherwise."""
+    folder = tmp_path / "bert"
+    shutil.copytree(zoo_dir / "tiny-bert", folder)
+    (folder / "tokenizer.json").write_text("{not json")
+    result = cli("compress", "half", folder, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    warnings = result.json()["warnings"]  # the original's, and the copy's (its tokenizer is the same file)
+    assert [w.startswith(f"the tokenizer in {path} could not be loaded") for w in warnings for path in
+            (folder, tmp_path / "out")].count(True) == 2
+    tables = cli("compress", "half", folder, "-o", tmp_path / "out2")
+    assert "warning: the tokenizer" in _flat(tables.stderr)

@@ -157,7 +157,8 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     refuse_quantised(source, fmt, "compress half")
     check_output(options.output, options.force, ref.sources)
     original = None
-    if can_build_model(source, fmt, options.load.arch):  # its module types say what to keep; the check runs it
+    # Built when its module types decide what to keep or the check runs it (--no-check --no-default-keep: never).
+    if (options.check or options.default_keep) and can_build_model(source, fmt, options.load.arch):
         options.on_step("loading the original")
         original = load_model(ref, options.load)
     keep = KeepRules.build(options.keep_fp32, options.default_keep, original.module if original else None,

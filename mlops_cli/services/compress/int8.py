@@ -11,7 +11,8 @@
   uses exactly that, so the written file is what gets measured.
 
 An input that is already quantised (packed int8 layers, quantization.json, quantised ONNX ops) is refused,
-and the drift check's inputs are settled before anything is written.
+and the drift check's inputs are settled before anything is written. The drift check uses the int8 tolerance
+preset unless told otherwise; a failed check keeps the output (to inspect it) and says so.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class KeepRules:
         if module is None:
             return cls(patterns, use_defaults, user)
         norms = norm_tensors(module) if use_defaults else {}
-        names = frozenset(name for name, _ in module.state_dict().items())
+        names = frozenset(module.state_dict())
         return cls(patterns, use_defaults, user, norms, names, strip_prefix)
 
     @property

@@ -221,11 +221,11 @@ def test_unknown_builtin_is_a_usage_error() -> None:
 @pytest.mark.slow
 def test_int8_artefacts_load_back(zoo_dir, tmp_path) -> None:
     """`compress int8` outputs (HF folder with quantization.json, weights folder) are MODEL references too."""
-    from mlops_cli.services.compress_int8 import Int8Options, compress_int8
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.compress import int8
 
-    options = Int8Options(check=False, repeats=1)
     for name in ("tiny-bert", "convnet"):
-        compress_int8(str(zoo_dir / name), tmp_path / name, LoadOptions(), options)
+        int8.run(ModelRef.parse(str(zoo_dir / name)), int8.Int8Options(output=tmp_path / name, check=False))
         quantized = load_model(str(tmp_path / name))
         assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.module.modules())
         reference = load_model(str(zoo_dir / name))

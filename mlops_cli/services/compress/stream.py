@@ -6,7 +6,7 @@ tensor is read through a memory map, cast in chunks and appended. Pages of the i
 the model is. `safetensors.safe_open` is not used for reading: its mapping keeps every page it touched
 resident, so the process's peak RSS grows to the file's size (measured reading a 200 MiB file once,
 tensor by tensor: +214 MiB through safe_open, +27 MiB through this map). The casts reuse their buffers
-(services/compress.ChunkCaster). benchmarks/bench_compress_streaming.py compares the whole conversion
+(cast.ChunkCaster). benchmarks/bench_compress_streaming.py compares the whole conversion
 with a naive load-convert-save.
 
 The output is the file `safetensors.torch.save_file` writes for the same tensors and metadata: same
@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mlops_cli.core.formats import SAFETENSORS_DTYPES, read_safetensors_header
-from mlops_cli.services.compress import (
+from mlops_cli.services.compress.cast import (
     CHUNK_ELEMENTS,
     CastCounts,
     ChunkCaster,
-    KeepRules,
     TensorSafety,
     plan_tensor,
     tensor_safety,
     torch_dtype,
 )
+from mlops_cli.services.compress.keep import KeepRules
 
 ST_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
@@ -77,7 +77,7 @@ def stream_convert(source: Path, destination: Path, target: str, keep: KeepRules
     """Write `source` with its floating tensors cast to `target` into `destination` (a new file)."""
     data_start, entries, metadata = raw_entries(source)
     plans = {name: plan_tensor(name, ST_TO_TORCH[info["dtype"]], target, keep) for name, info in entries.items()}
-    out_types = {name: (TORCH_TO_ST[target] if plans[name][0] else info["dtype"], info["shape"])
+    out_types = {name: (TORCH_TO_ST[target] if plans[name].convert else info["dtype"], info["shape"])
                  for name, info in entries.items()}
     header, order = output_header(out_types, metadata)
     safety: dict[str, TensorSafety] = {}
@@ -91,12 +91,12 @@ def stream_convert(source: Path, destination: Path, target: str, keep: KeepRules
         try:
             for name in order:
                 info = entries[name]
-                convert, reason = plans[name]
+                plan = plans[name]
                 begin, end = (data_start + offset for offset in info["data_offsets"])
-                counts = _copy_tensor(mapped, begin, end, info["dtype"], caster if convert else None, out)
+                counts = _copy_tensor(mapped, begin, end, info["dtype"], caster if plan.convert else None, out)
                 source_dtype = ST_TO_TORCH[info["dtype"]]
-                output_dtype = target if convert else source_dtype
-                safety[name] = tensor_safety(name, tuple(info["shape"]), source_dtype, output_dtype, convert, reason,
+                output_dtype = target if plan.convert else source_dtype
+                safety[name] = tensor_safety(name, tuple(info["shape"]), source_dtype, output_dtype, plan,
                                              (SAFETENSORS_DTYPES[info["dtype"]],
                                               SAFETENSORS_DTYPES[out_types[name][0]]), counts)
         finally:

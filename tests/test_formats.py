@@ -92,3 +92,35 @@ def test_truncated_torch_zip_is_input_error(files, tmp_path) -> None:
     with pytest.raises(InputError) as info:
         load_tensor_file(path)
     assert info.value.exit_code == 3
+
+
+# ---------------------------------------------------------------- the one safetensors reader and writer
+
+
+def test_writer_round_trips_every_dtype_in_the_librarys_layout(tmp_path) -> None:
+    """Same bytes as safetensors' save_file (one metadata key: no hash order involved), readable by it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mlops_cli.core.safetensors_file import DTYPES, save_safetensors
+
+    tensors = {f"t_{name}": torch.arange(6).reshape(2, 3).to(getattr(torch, dtype.torch))
+               for name, dtype in DTYPES.items()}
+    tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "strided": torch.ones(4, 4)[:, 1]}
+    save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "lib.safetensors"),
+              metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+    loaded = load_file(str(tmp_path / "ours.safetensors"))
+    assert all(torch.equal(loaded[k].view(torch.uint8), v.contiguous().view(torch.uint8)) if v.dim()
+               else loaded[k].item() == v.item() for k, v in tensors.items())
+    tensors_read, metadata = read_safetensors_header(tmp_path / "ours.safetensors")
+    assert metadata == {"format": "pt"} and tensors_read["t_BF16"] == {"dtype": "BF16", "shape": [2, 3], "nbytes": 12}
+
+
+def test_formats_keep_their_names_for_the_one_table() -> None:
+    from mlops_cli.core import formats, io, safetensors_file
+
+    assert formats.SAFETENSORS_DTYPES["BF16"] == 2 and safetensors_file.TO_TORCH["F8_E4M3"] == "float8_e4m3fn"
+    assert io.save_safetensors is safetensors_file.save_safetensors
+    assert formats.read_safetensors_header is safetensors_file.read_safetensors_header

@@ -113,12 +113,14 @@ def test_save_safetensors_is_byte_identical(tmp_path) -> None:
 
 
 def test_save_safetensors_with_several_metadata_keys_is_byte_identical(tmp_path) -> None:
-    """safetensors writes metadata in hash order; the header is canonicalised so saves are reproducible."""
+    """safetensors writes metadata in hash order; the header is canonicalised so saves are reproducible (also with
+    non-ASCII names, whose escaped canonical header used to be too long to replace the original)."""
     import subprocess
     import sys
 
     code = ("import torch, sys; from mlops_cli.core import io; "
-            "io.save_safetensors({'w': torch.ones(3), 'b': torch.zeros(2)}, sys.argv[1], "
+            "io.save_safetensors({'w': torch.ones(3), 'b': torch.zeros(2), 'poids_\u00e9t\u00e9': torch.ones(1)}, "
+            "sys.argv[1], "
             "metadata={f'key{i}': str(i) for i in range(8)})")
     for name in ("a.safetensors", "b.safetensors"):  # separate processes: separate hash seeds
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True,

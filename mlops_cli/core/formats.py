@@ -1,6 +1,6 @@
 """What is this file? Formats are detected from content (magic bytes, archive layout), never extensions.
 
-Also the safe readers for each weights format: safetensors (headers validated against the file size
+Also the safe readers for each weights format: safetensors (the header validated by core/safetensors_file.py
 before anything is allocated) and torch pickles (always `weights_only=True`, memory-mapped, on CPU).
 """
 
@@ -9,22 +9,19 @@ from __future__ import annotations
 import enum
 import json
 import re
-import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import InputError, UnsafeInputError
+from mlops_cli.core.safetensors_file import ITEMSIZE, looks_like_safetensors, read_header
+from mlops_cli.core.safetensors_file import read_safetensors_header as read_safetensors_header  # re-exported
 from mlops_cli.core.sidecar import SIDECAR
 
 HF_CONFIG = "config.json"
 _TORCH_LEGACY_MAGIC = bytes.fromhex("8a0a6cfc9c46f9206aa850")  # pickled magic number of torch's legacy format
 _ONNX_SECOND_FIELDS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}  # ModelProto field tags after ir_version
-SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-}
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+SAFETENSORS_DTYPES = ITEMSIZE  # element size by safetensors dtype; the table lives in core/safetensors_file.py
 
 
 class Format(str, enum.Enum):
@@ -64,7 +61,7 @@ def detect_format(path: str | Path) -> Format:
                          hint="Run `git lfs pull` (or download the file itself) and try again.")
     if head.startswith(b"PK\x03\x04"):
         return _detect_zip(target)
-    if _looks_like_safetensors(head, size):
+    if looks_like_safetensors(head, size):
         return Format.SAFETENSORS
     if head[:1] == b"\x80" and _TORCH_LEGACY_MAGIC in head[:16]:
         return Format.TORCH_LEGACY
@@ -73,13 +70,6 @@ def detect_format(path: str | Path) -> Format:
     raise InputError(f"{target} is not a format mlops understands",
                      hint="Supported: safetensors, torch.save zip/legacy pickles, TorchScript, torch.export "
                           ".pt2, ONNX, and Hugging Face model folders.")
-
-
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 10:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 8 + header_len <= size
 
 
 def _detect_folder(folder: Path) -> Format:
@@ -111,53 +101,6 @@ def _detect_zip(path: Path) -> Format:
     if names and all(n.endswith(".npy") for n in names):
         return Format.NPZ
     raise InputError(f"{path} is a zip archive but not one mlops understands (no data.pkl, code/ or .pt2 layout)")
-
-
-# ---------------------------------------------------------------- safetensors
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Parse and validate a safetensors header without reading any tensor data.
-
-    Returns (tensors, metadata), where tensors maps name -> {dtype, shape, nbytes}. Every declared size
-    and offset is checked against the real file size, so a tiny file cannot make us allocate gigabytes.
-    """
-    target = Path(path)
-    size = target.stat().st_size
-    with open(target, "rb") as handle:
-        raw_len = handle.read(8)
-        if len(raw_len) < 8:
-            raise InputError(f"{target} is truncated: no safetensors header")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise InputError(f"{target} declares a {header_len}-byte header but the file has {size} bytes",
-                             hint="The file is truncated or not safetensors.")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{target} has a corrupt safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise InputError(f"{target} has a corrupt safetensors header (not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - header_len
-    tensors: dict[str, dict[str, Any]] = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{target}: tensor {name!r} has a malformed header entry") from exc
-        if dtype not in SAFETENSORS_DTYPES:
-            raise InputError(f"{target}: tensor {name!r} has unsupported dtype {dtype}")
-        count = 1
-        for dim in shape:
-            count *= int(dim)
-        nbytes = count * SAFETENSORS_DTYPES[dtype]
-        if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
-            raise InputError(f"{target}: tensor {name!r} declares {nbytes} bytes at [{begin}, {end}) "
-                             f"but the data section has {data_size} bytes",
-                             hint="The file is truncated or corrupt; re-download it.")
-        tensors[name] = {"dtype": dtype, "shape": shape, "nbytes": nbytes}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 # ---------------------------------------------------------------- torch pickles
@@ -207,7 +150,7 @@ def load_tensor_file(path: str | Path, fmt: Format | None = None) -> Any:
     """Load a weights file (safetensors or torch pickle) as Python objects holding CPU tensors."""
     fmt = fmt or detect_format(path)
     if fmt == Format.SAFETENSORS:
-        read_safetensors_header(path)
+        read_header(path)  # validated before the library allocates anything
         from safetensors.torch import load_file
 
         try:

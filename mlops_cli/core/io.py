@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import OutputError
+from mlops_cli.core.safetensors_file import save_safetensors as save_safetensors  # the one writer, re-exported
 
 
 def default_mode(directory: bool = False) -> int:
@@ -192,29 +193,3 @@ def _patch_central_directory_crc(handle: object, filename: str, crc: int) -> Non
             fh.write(struct.pack("<I", crc))
             return
         position += 46 + name_len + extra_len + comment_len
-
-
-def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None,
-                     force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
-    """Write tensors as safetensors atomically and reproducibly (the header is rewritten with sorted keys:
-    safetensors writes metadata in hash order, so two saves of the same tensors could differ)."""
-    from safetensors.torch import save_file
-
-    with atomic_file(path, force, inputs) as temp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata=metadata)
-        sort_safetensors_header(temp)
-    return Path(path)
-
-
-def sort_safetensors_header(path: Path) -> None:
-    """Rewrite a safetensors header in place with sorted keys, padded with spaces to its original length."""
-    import json
-    import struct
-
-    with open(path, "r+b") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        if len(canonical) <= length:
-            handle.seek(8)
-            handle.write(canonical + b" " * (length - len(canonical)))

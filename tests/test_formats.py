@@ -124,3 +124,57 @@ def test_formats_keep_their_names_for_the_one_table() -> None:
     assert formats.SAFETENSORS_DTYPES["BF16"] == 2 and safetensors_file.TO_TORCH["F8_E4M3"] == "float8_e4m3fn"
     assert io.save_safetensors is safetensors_file.save_safetensors
     assert formats.read_safetensors_header is safetensors_file.read_safetensors_header
+
+
+# ---------------------------------------------------------------- hostile safetensors headers
+
+
+def _safetensors_bytes(header: str | bytes, data: bytes) -> bytes:
+    raw = header.encode() if isinstance(header, str) else header
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+_F32 = '"dtype":"F32","shape":[1]'
+
+
+@pytest.mark.parametrize(("header", "data", "message"), [
+    # the safetensors library keeps the last "w"; a reader keeping the first sees other bytes
+    (f'{{"w":{{{_F32},"data_offsets":[0,4]}},"w":{{{_F32},"data_offsets":[4,8]}}}}', 8, r"repeats 'w'"),
+    (f'{{"w":{{{_F32},"dtype":"I32","data_offsets":[0,4]}}}}', 4, r"repeats 'dtype'"),
+    ('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],'
+     '"data_offsets":[4,12]}}', 12, r"'a' and 'b' overlap at bytes \[4, 8\)"),
+    (f'{{"a":{{{_F32},"data_offsets":[0,4]}},"b":{{{_F32},"data_offsets":[0,4]}}}}', 4, r"'a' and 'b' overlap"),
+    (f'{{"a":{{{_F32},"data_offsets":[0,4]}},"b":{{{_F32},"data_offsets":[8,12]}}}}', 12,
+     r"bytes \[4, 8\) .* before tensor 'b', belong to no tensor"),
+    (f'{{"a":{{{_F32},"data_offsets":[4,8]}}}}', 8, r"bytes \[0, 4\) .* before tensor 'a'"),
+    (f'{{"a":{{{_F32},"data_offsets":[0,4]}}}}', 12, r"8 bytes after the last tensor \('a'\)"),
+    ('{"a":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}}', 4, r"'a' has reversed data offsets \[4, 0\)"),
+    (f'{{"a":{{{_F32},"data_offsets":[0.0,4]}}}}', 4, "malformed header entry"),
+    ('{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', 4, "malformed header entry"),
+    ('{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', 4, "corrupt safetensors header"),
+    (f'{{"__metadata__":{{"n":1}},"a":{{{_F32},"data_offsets":[0,4]}}}}', 4, "must map names to strings"),
+    (f'{{"a":{{{_F32},"data_offsets":[0,4]}}}}'.encode("utf-16-le"), 4, "corrupt safetensors header"),
+], ids=["duplicate-tensor", "duplicate-field", "overlap", "same-range", "gap", "leading-gap", "trailing-bytes",
+        "reversed-offsets", "float-offset", "bool-dim", "nan", "metadata-not-string", "utf16-header"])
+def test_hostile_safetensors_headers_are_refused(tmp_path, cli, header, data, message) -> None:
+    """Files that readers could disagree on (or that the safetensors library refuses) never load: exit 3."""
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(_safetensors_bytes(header, b"\0" * data))
+    with pytest.raises(InputError, match=message):
+        read_safetensors_header(path)
+    with pytest.raises(InputError, match=message):
+        load_tensor_file(path, Format.SAFETENSORS)
+    result = cli("inspect", path)
+    assert result.exit_code == 3 and "Traceback" not in result.stderr
+
+
+def test_well_formed_header_written_by_hand_is_read(tmp_path) -> None:
+    """Header order need not follow data order (mlops' older files sorted their keys), only the tiling counts."""
+    path = tmp_path / "ok.safetensors"
+    header = (f'{{"__metadata__":{{"format":"pt"}},"b":{{{_F32},"data_offsets":[4,8]}},'
+              f'"a":{{{_F32},"data_offsets":[0,4]}},"e":{{"dtype":"F32","shape":[0],"data_offsets":[8,8]}}}}    ')
+    path.write_bytes(_safetensors_bytes(header, struct.pack("<ff", 1.0, 2.0)))
+    tensors, metadata = read_safetensors_header(path)
+    assert list(tensors) == ["b", "a", "e"] and metadata == {"format": "pt"}
+    state = load_tensor_file(path)
+    assert state["a"].item() == 1.0 and state["b"].item() == 2.0

@@ -178,3 +178,70 @@ def test_well_formed_header_written_by_hand_is_read(tmp_path) -> None:
     assert list(tensors) == ["b", "a", "e"] and metadata == {"format": "pt"}
     state = load_tensor_file(path)
     assert state["a"].item() == 1.0 and state["b"].item() == 2.0
+
+
+# ---------------------------------------------------------------- plain pickles
+
+
+class _RunsShell:
+    """Unpickling this would run a shell command (creating `marker`)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _RemovesFile:
+    def __reduce__(self):
+        import os
+
+        return (os.remove, ("/nonexistent",))
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_plain_pickle_with_code_is_unsafe_and_never_run(tmp_path, cli, protocol) -> None:
+    """Not a torch checkpoint (no zip, no legacy magic): named globals, exit 4, like a torch zip with code."""
+    import os
+    import pickle
+
+    from mlops_cli.core.errors import UnsafeInputError
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.bin"
+    path.write_bytes(pickle.dumps({"w": [1.0], "run": _RunsShell(str(marker)), "rm": _RemovesFile()}, protocol))
+    expected = [f"{os.system.__module__}.system", f"{os.remove.__module__}.remove"]
+    with pytest.raises(UnsafeInputError) as info:
+        detect_format(path)
+    assert all(name in info.value.message for name in expected), info.value.message
+    assert "never unpickles" in info.value.hint
+    result = cli("inspect", path)
+    assert result.exit_code == 4 and "system" in result.stderr
+    assert not marker.exists()
+
+
+def test_plain_pickle_without_code_is_input_error(tmp_path) -> None:
+    import pickle
+
+    path = tmp_path / "weights.pkl"
+    path.write_bytes(pickle.dumps({"w": [1.0, 2.0], "name": "net"}, protocol=2))
+    with pytest.raises(InputError, match="plain Python pickle") as info:
+        detect_format(path)
+    assert info.value.exit_code == 3
+
+
+def test_pickle_scan_skips_big_payloads(tmp_path) -> None:
+    """A 4 MiB payload is sought over, not read; a pickle cut before its STOP is not a pickle. (Module names that
+    protocols 4-5 fetch from the memo are followed: `posix` twice in the test above.)"""
+    import pickle
+
+    from mlops_cli.core.formats import pickle_globals
+
+    path = tmp_path / "big.pkl"
+    path.write_bytes(pickle.dumps([b"\0" * (4 << 20), _RemovesFile(), _RemovesFile()], protocol=4))
+    assert pickle_globals(path) == [f"{__import__('os').remove.__module__}.remove"]
+    path.write_bytes(pickle.dumps(b"\0" * (4 << 20), protocol=4)[:-1])  # truncated: no STOP
+    assert pickle_globals(path) is None

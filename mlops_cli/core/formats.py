@@ -45,7 +45,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 
 
 def detect_format(path: str | Path) -> Format:
-    """Identify a model file or folder by its content; InputError (exit 3) for anything unusable."""
+    """Identify a model file or folder by its content; InputError (exit 3) for anything unusable.
+
+    A plain Python pickle (not a torch checkpoint) is never loadable: UnsafeInputError (exit 4) naming what it
+    would import when it imports anything, InputError otherwise.
+    """
     target = Path(path)
     if not target.exists():
         raise InputError(f"no such file or folder: {target}", hint="Check the path, or use builtin:NAME.")
@@ -67,9 +71,114 @@ def detect_format(path: str | Path) -> Format:
         return Format.TORCH_LEGACY
     if len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in _ONNX_SECOND_FIELDS:
         return Format.ONNX
+    _refuse_plain_pickle(target)
     raise InputError(f"{target} is not a format mlops understands",
                      hint="Supported: safetensors, torch.save zip/legacy pickles, TorchScript, torch.export "
                           ".pt2, ONNX, and Hugging Face model folders.")
+
+
+def _refuse_plain_pickle(path: Path) -> None:
+    """Raise for a file that is a complete pickle: it is not a format mlops reads, and it may carry code."""
+    names = pickle_globals(path)
+    if names is None:
+        return
+    if names:
+        raise UnsafeInputError(f"{path} is a Python pickle that would import {', '.join(names)} when loaded",
+                               hint="mlops never unpickles files. Save only the state_dict with torch.save, or "
+                                    "convert the weights to safetensors.")
+    raise InputError(f"{path} is a plain Python pickle, not a torch checkpoint",
+                     hint="Save the tensors with torch.save or as safetensors.")
+
+
+_PICKLE_MAX_OPS = 1_000_000  # longer pickles are not scanned: they are refused as unknown content (exit 3)
+_PICKLE_BIG_READ = 1 << 20
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+class _Skipped(bytes):
+    """Stands for a large payload that the scan seeks over: empty, but as long as the bytes it replaces."""
+
+    length: int
+
+    def __new__(cls, length: int) -> _Skipped:
+        skipped = super().__new__(cls)
+        skipped.length = length
+        return skipped
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _PickleScanFile:
+    """The file as `pickletools.genops` reads it, except that big payloads (tensor bytes) are skipped, not read,
+    and lines are bounded, so scanning a large file costs neither its size in memory nor a full read."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.handle, self.size = handle, size
+
+    def read(self, count: int) -> bytes:
+        if count <= _PICKLE_BIG_READ:
+            return bytes(self.handle.read(count))
+        if self.handle.tell() + count > self.size:
+            return b""  # genops reports the truncation
+        self.handle.seek(count, 1)
+        return _Skipped(count)
+
+    def readline(self) -> bytes:
+        return bytes(self.handle.readline(_PICKLE_BIG_READ))
+
+    def tell(self) -> int:
+        return int(self.handle.tell())
+
+
+class _PickleImports:
+    """Follows the strings a pickle pushes and memoizes, to name what GLOBAL, INST and STACK_GLOBAL import."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.pushed: list[str | None] = []  # what each op left on top of the stack, when it was a string
+        self.memo: dict[int, str | None] = {}
+
+    def see(self, op: str, arg: Any) -> None:
+        if op in ("GLOBAL", "INST"):
+            self.names.add(str(arg).replace(" ", "."))
+        elif op == "STACK_GLOBAL":
+            module, name = [None, None, *self.pushed][-2:]
+            self.names.add(f"{module}.{name}" if module and name else "a computed name")
+        if op in _STRING_OPS:
+            self.pushed.append(str(arg))
+        elif op in _GET_OPS:
+            self.pushed.append(self.memo.get(arg))
+        elif op in _PUT_OPS or op == "MEMOIZE":
+            self.memo[arg if op in _PUT_OPS else len(self.memo)] = self.pushed[-1] if self.pushed else None
+        elif op not in ("PROTO", "FRAME"):
+            self.pushed.append(None)
+
+
+def pickle_globals(path: str | Path) -> list[str] | None:
+    """What a pickle file would import when unpickled, found by reading its opcodes, never by running it.
+
+    None when the file is not one complete pickle (or too long to scan).
+    """
+    import pickletools
+    import struct
+
+    target = Path(path)
+    imports = _PickleImports()
+    with open(target, "rb") as handle:
+        scan: Any = _PickleScanFile(handle, target.stat().st_size)
+        try:
+            for count, (op, arg, _) in enumerate(pickletools.genops(scan)):
+                if op.name == "STOP":
+                    return sorted(imports.names)
+                if count >= _PICKLE_MAX_OPS:
+                    return None
+                imports.see(op.name, arg)
+        except (ValueError, TypeError, OverflowError, EOFError, struct.error):
+            return None
+    return None
 
 
 def _detect_folder(folder: Path) -> Format:

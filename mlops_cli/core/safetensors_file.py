@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,9 @@ class _DuplicateKeys(ValueError):
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json.loads keeps the last of repeated keys (so does the safetensors library); other parsers keep the
     first. A file that means two things is refused instead."""
-    seen: set[str] = set()
-    repeated = [key for key, _ in pairs if key in seen or seen.add(key)]  # type: ignore[func-returns-value]
+    repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
     if repeated:
-        raise _DuplicateKeys(sorted(set(repeated)))
+        raise _DuplicateKeys(repeated)
     return dict(pairs)
 
 

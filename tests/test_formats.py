@@ -233,6 +233,15 @@ def test_plain_pickle_without_code_is_input_error(tmp_path) -> None:
     assert info.value.exit_code == 3
 
 
+def test_other_binary_files_are_not_taken_for_pickles(tmp_path) -> None:
+    """A .npy file opens with STACK_GLOBAL's byte; it is unknown content (exit 3), not an unsafe pickle."""
+    path = tmp_path / "array.npy"
+    np.save(path, np.arange(4096, dtype=np.float32).reshape(64, 64))
+    with pytest.raises(InputError, match="not a format mlops understands") as info:
+        detect_format(path)
+    assert info.value.exit_code == 3
+
+
 def test_pickle_scan_skips_big_payloads(tmp_path) -> None:
     """A 4 MiB payload is sought over, not read; a pickle cut before its STOP is not a pickle. (Module names that
     protocols 4-5 fetch from the memo are followed: `posix` twice in the test above.)"""

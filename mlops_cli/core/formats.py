@@ -71,10 +71,19 @@ def detect_format(path: str | Path) -> Format:
         return Format.TORCH_LEGACY
     if len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in _ONNX_SECOND_FIELDS:
         return Format.ONNX
-    _refuse_plain_pickle(target)
+    if _starts_like_a_pickle(head):
+        _refuse_plain_pickle(target)
     raise InputError(f"{target} is not a format mlops understands",
                      hint="Supported: safetensors, torch.save zip/legacy pickles, TorchScript, torch.export "
                           ".pt2, ONNX, and Hugging Face model folders.")
+
+
+def _starts_like_a_pickle(head: bytes) -> bool:
+    """PROTO 2-5 opens every modern pickle; protocols 0-1 open with a container or an import. Anything else is
+    not scanned, so other binary formats (.npy opens with STACK_GLOBAL's byte) are not mistaken for pickles."""
+    if head[:1] == b"\x80":
+        return len(head) > 1 and 2 <= head[1] <= 5
+    return head[:1] in (b"c", b"(", b"}", b"]", b")")
 
 
 def _refuse_plain_pickle(path: Path) -> None:

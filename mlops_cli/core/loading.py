@@ -207,24 +207,28 @@ def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
                      hint=f"Pass --task, one of: {', '.join(TASK_CLASSES)}.")
 
 
-def _hf_weights(folder: Path) -> tuple[bool | None, list[str]]:
-    """Check the weight files transformers will load: (its `use_safetensors`, names of pickles it will skip).
+def hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the weight files transformers loads from an HF folder, the pytorch_model*.bin weights it then skips).
 
-    Like transformers, safetensors win when both kinds are present: the `.bin` pickles are then never opened
+    Like transformers, safetensors win when both kinds are present; the `.bin` pickles are then never opened
     (not even sniffed), so a hostile or broken one beside good safetensors neither blocks nor costs a read.
     """
     safetensors = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json")))
     pickles = sorted(p for p in folder.iterdir() if p.name.endswith((".bin", ".bin.index.json")))
-    chosen = safetensors or pickles
+    return (safetensors, [p for p in pickles if p.name.startswith("pytorch_model")]) if safetensors else (pickles, [])
+
+
+def _hf_weights(folder: Path) -> tuple[bool | None, list[str]]:
+    """Check the weight files transformers will load: (its `use_safetensors`, names of the pickles it skips)."""
+    chosen, skipped = hf_weight_files(folder)
     if not chosen:
         raise InputError(f"{folder} has config.json but no weights (*.safetensors or *.bin)",
                          hint="Copy the weight files into the folder.")
     for weights in chosen:
         if weights.suffix != ".json":
             detect_format(weights)  # empty / LFS-pointer / corrupt files fail here with a plain message
-    if not safetensors:
-        return None, []
-    return True, [p.name for p in pickles if p.name.startswith("pytorch_model")]
+    uses_safetensors = chosen[0].name.endswith((".safetensors", ".safetensors.index.json"))
+    return (True if uses_safetensors else None), [p.name for p in skipped]
 
 
 def _load_hf_tokenizer(folder: Path, options: LoadOptions, warnings: list[str]) -> Any:

@@ -65,7 +65,8 @@ def stderr() -> Console:
 def to_jsonable(value: Any) -> Any:
     """Dataclasses, paths, enums, tuples and numpy scalars -> plain JSON types (non-finite -> None)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: to_jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        return {field.name: to_jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)
+                if field.metadata.get("json", True)}  # raw timing samples stay out of the JSON
     if isinstance(value, dict):
         return {str(key): to_jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):

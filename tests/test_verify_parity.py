@@ -123,7 +123,7 @@ def test_bert_vs_its_onnx_export_passes_with_stats_and_latency(cli, bert_onnx) -
     assert report["passed"] and report["worst_output"] is None
     inner = report["parity"]
     assert inner["reference_backend"] == "torch" and inner["candidate_backend"] == "onnxruntime"
-    assert [s["label"] for s in inner["shapes"]] == ["batch=1,sequence=8", "batch=3,sequence=8", "batch=2,sequence=48"]
+    assert [s["label"] for s in inner["shapes"]] == ["batch=2,sequence=16", "batch=1,sequence=8", "batch=3,sequence=32"]
     diff = inner["shapes"][0]["outputs"][0]
     assert diff["name"] == "logits"
     for stat in ("max_abs", "max_rel", "mean_abs", "p99_abs", "cosine", "top1_agreement", "min_atol_to_pass"):
@@ -143,11 +143,11 @@ def test_human_output_has_tables_and_verdict(cli, bert_onnx) -> None:
 def test_padding_is_excluded_by_default_and_included_on_request(cli, gpt2_onnx) -> None:
     excluded = parity(cli, "builtin:tiny-gpt2", gpt2_onnx, "--no-timing").json()["parity"]
     assert excluded["masked_positions_excluded"]
-    assert excluded["shapes"][1]["outputs"][0]["masked_out"] > 0  # batch=3 rows are padded
+    assert excluded["shapes"][0]["outputs"][0]["masked_out"] > 0  # batch=2 rows are padded
     included = parity(cli, "builtin:tiny-gpt2", gpt2_onnx, "--no-timing", "--include-padding").json()["parity"]
     assert not included["masked_positions_excluded"]
-    assert included["shapes"][1]["outputs"][0]["masked_out"] == 0
-    assert included["shapes"][1]["reference_latency"] is None
+    assert included["shapes"][0]["outputs"][0]["masked_out"] == 0
+    assert included["shapes"][0]["reference_latency"] is None
 
 
 def test_tolerances_presets_and_per_output_overrides(cli, bert_onnx) -> None:
@@ -165,8 +165,9 @@ def test_samples_seed_and_input_specs(cli, out) -> None:
     onnx_path = legacy_onnx("builtin:convnet", out / "convnet.onnx")
     report = parity(cli, "builtin:convnet", onnx_path, "--samples", "2", "--seed", "7", "--no-timing",
                     "--input", "x:float32[batch=4,1,28,28]").json()
-    assert report["passed"] and report["input_sets"] == 4
-    assert [s["label"] for s in report["parity"]["shapes"]] == ["batch=1 #1", "batch=3 #1", "batch=1 #2", "batch=3 #2"]
+    assert report["passed"] and report["input_sets"] == 6
+    assert [s["label"] for s in report["parity"]["shapes"]] == ["batch=4 #1", "batch=1 #1", "batch=5 #1",
+                                                                "batch=4 #2", "batch=1 #2", "batch=5 #2"]
     assert report["input_source"] == "--input specs, 2 random draw(s), seed 7"
 
 
@@ -195,7 +196,8 @@ def test_trap_candidate_traced_at_one_shape_breaks_at_another(cli, pooled) -> No
     assert result.exit_code == 6
     report = result.json()
     assert report["parity"]["candidate_backend"] == "torchscript"
-    batch1, batch3 = report["parity"]["shapes"]
+    batch2, batch1, batch3 = report["parity"]["shapes"]
+    assert batch2["passed"]  # the traced size
     # The trace replays `reshape(2, -1)`: no crash, silently wrong shapes at every other batch size.
     assert batch1["outputs"][0]["problem"] == "shape mismatch: reference (1, 4) vs candidate (2, 2)"
     assert batch3["outputs"][0]["problem"] == "shape mismatch: reference (3, 4) vs candidate (2, 6)"
@@ -216,8 +218,8 @@ def test_trap_output_shape_mismatch_shows_both_shapes(cli, out) -> None:
     five = handmade_onnx(out / "five.onnx", {"output": (5, None)})
     result = parity(cli, "builtin:convnet", five, "--no-timing")
     assert result.exit_code == 6
-    assert "shape mismatch: reference (1, 10) vs candidate (1, 5)" in result.json()["verdict"]
-    assert "(1, 10)" in result.stderr and "(1, 5)" in result.stderr
+    assert "shape mismatch: reference (2, 10) vs candidate (2, 5)" in result.json()["verdict"]
+    assert "(2, 10)" in result.stderr and "(2, 5)" in result.stderr
 
 
 def test_trap_output_count_mismatch(cli, out) -> None:
@@ -225,7 +227,7 @@ def test_trap_output_count_mismatch(cli, out) -> None:
     result = parity(cli, "builtin:convnet", two, "--no-timing")
     assert result.exit_code == 6
     verdict = result.json()["verdict"]
-    assert "output count mismatch" in verdict and "output (1, 10)" in verdict and "extra (1, 3)" in verdict
+    assert "output count mismatch" in verdict and "output (2, 10)" in verdict and "extra (2, 3)" in verdict
 
 
 def test_trap_output_name_mismatch_between_two_onnx_files(cli, out) -> None:
@@ -235,7 +237,7 @@ def test_trap_output_name_mismatch_between_two_onnx_files(cli, out) -> None:
     assert parity(cli, reference, reordered, "--no-timing", "--input", "x:float32[batch=2,1,28,28]").exit_code == 0
     result = parity(cli, reference, renamed, "--no-timing", "--input", "x:float32[batch=2,1,28,28]")
     assert result.exit_code == 6
-    assert "output names differ: reference has logits (1, 10), candidate has scores (1, 10)" in \
+    assert "output names differ: reference has logits (2, 10), candidate has scores (2, 10)" in \
         result.json()["verdict"]
 
 
@@ -321,3 +323,33 @@ def test_real_texts_are_tokenized_with_the_models_tokenizer(cli):
     clash = cli("verify-parity", "builtin:tiny-bert", "builtin:tiny-bert", "--text", "a", "--input",
                 "input_ids:int64[batch,sequence]")
     assert clash.exit_code == 2 and "cannot be combined" in clash.stderr
+
+
+def test_batch_size_and_seq_len_set_the_first_input_set(cli) -> None:
+    """Issue #13.2: the user's sizes run first, from --batch-size/--seq-len or from the --input dims."""
+    sized = parity(cli, "builtin:tiny-gpt2", "builtin:tiny-gpt2", "--batch-size", "1", "--seq-len", "12",
+                   "--no-timing").json()
+    labels = [s["label"] for s in sized["parity"]["shapes"]]
+    assert labels == ["batch=1,sequence=12", "batch=1,sequence=6", "batch=2,sequence=24"]
+    assert sized["parity"]["shapes"][0]["input_shapes"]["input_ids"] == [1, 12]
+    spec = parity(cli, "builtin:tiny-gpt2", "builtin:tiny-gpt2", "--input", "input_ids:int64[batch=1,sequence=64]",
+                  "--no-timing").json()
+    assert spec["parity"]["shapes"][0]["input_shapes"] == {"input_ids": [1, 64]}
+    assert spec["input_source"].startswith("--input specs")
+    assert cli("verify-parity", "builtin:convnet", "builtin:convnet", "--seq-len", "8").exit_code == 2
+
+
+def test_loader_warnings_of_both_sides_are_in_the_report(tmp_path) -> None:
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.verify_parity import VerifyOptions, run
+
+    sides = []
+    for name in ("ref", "cand"):
+        folder = tmp_path / name
+        load_model("builtin:tiny-gpt2").module.save_pretrained(folder)
+        (folder / "tokenizer.json").write_text("{broken", encoding="utf-8")
+        sides.append(ModelRef.parse(str(folder)))
+    report = run(sides[0], VerifyOptions(candidate=sides[1], repeats=0))
+    assert report.passed
+    assert [w.split(" could not")[0] for w in report.warnings] == [
+        f"the tokenizer in {tmp_path / 'ref'}", f"the tokenizer in {tmp_path / 'cand'}"]

@@ -353,3 +353,98 @@ def test_loader_warnings_of_both_sides_are_in_the_report(tmp_path) -> None:
     assert report.passed
     assert [w.split(" could not")[0] for w in report.warnings] == [
         f"the tokenizer in {tmp_path / 'ref'}", f"the tokenizer in {tmp_path / 'cand'}"]
+
+
+# ---------------------------------------------------------------- issue #13.1: presets from what was produced
+
+SCALED_HEAD = '''
+import torch
+
+
+def make(scale=50.0):
+    """A classification head whose logits are in the tens, like a trained model's."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    return head
+'''
+
+
+@pytest.fixture(scope="module")
+def scaled(out) -> Path:
+    """The scaled head as fp32 weights, as fp16 weights, and tampered (one row zeroed); one architecture file."""
+    from safetensors.torch import save_file
+
+    folder = out / "scaled"
+    folder.mkdir()
+    (folder / "head.py").write_text(SCALED_HEAD, encoding="utf-8")
+    namespace: dict = {}
+    exec(SCALED_HEAD, namespace)  # the test's own architecture
+    state = namespace["make"]().state_dict()
+    save_file(state, str(folder / "fp32.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(folder / "fp16.safetensors"))
+    tampered = {k: v.clone() for k, v in state.items()}
+    tampered["weight"][3] = 0.0
+    save_file(tampered, str(folder / "tampered.safetensors"))
+    return folder
+
+
+def head_parity(cli, scaled, candidate, *extra):
+    return parity(cli, scaled / "fp32.safetensors", scaled / candidate, "--arch", f"{scaled / 'head.py'}:make",
+                  "--input", "x:float32[batch=4,64]", "--no-timing", *extra)
+
+
+def test_auto_preset_recognises_fp16_weights_and_passes(cli, scaled) -> None:
+    result = head_parity(cli, scaled, "fp16.safetensors")
+    assert result.exit_code == 0, result.stdout
+    report = result.json()
+    assert report["preset"] == "fp16" and "has weights rounded to float16" in report["preset_source"]
+    assert report["parity"]["preset"] == "fp16"
+    criteria = {(c["output"], c["criterion"]["name"]): c["criterion"] for c in report["parity"]["criteria"]}
+    assert criteria["output", "cosine"]["threshold"] == 0.9999 and criteria["output", "cosine"]["passed"]
+    assert criteria["output", "top-1"]["value"] == 1.0
+    strict = head_parity(cli, scaled, "fp16.safetensors", "--preset", "fp32")
+    assert strict.exit_code == 6 and strict.json()["preset_source"] == "--preset"
+
+
+def test_a_tampered_weight_fails_under_auto_naming_the_criterion(cli, scaled) -> None:
+    result = head_parity(cli, scaled, "tampered.safetensors")
+    assert result.exit_code == 6
+    report = result.json()
+    assert report["preset"] == "fp32" and report["preset_source"] == "auto: float32 weights"
+    assert "max |diff|" in report["verdict"] and "exceeds atol" in report["verdict"]
+    failed = {c["criterion"]["name"] for c in report["parity"]["criteria"] if not c["criterion"]["passed"]}
+    assert "element-wise" in failed and "cosine" in failed
+    human = cli("verify-parity", scaled / "fp32.safetensors", scaled / "tampered.safetensors", "--arch",
+                f"{scaled / 'head.py'}:make", "--input", "x:float32[batch=4,64]", "--no-timing", "--preset", "int8")
+    assert human.exit_code == 6
+    for words in ("Criteria", "atol needed", "cosine", ">= 0.990000", "FAIL: element-wise", "preset int8"):
+        assert words in human.stdout, words
+
+
+def test_explicit_tolerances_are_used_as_given(cli, scaled) -> None:
+    report = head_parity(cli, scaled, "fp16.safetensors", "--atol", "1", "--rtol", "0").json()
+    assert report["passed"] and report["parity"]["preset"] is None
+    assert report["tolerances"].startswith("|diff| <= atol 1 + rtol 0 x |ref| (as given")
+    assert [c["criterion"]["name"] for c in report["parity"]["criteria"]] == ["element-wise"]
+
+
+def test_precision_of_onnx_graphs(out, bert_onnx) -> None:
+    from mlops_cli.core.parity import onnx_precision
+
+    assert onnx_precision(bert_onnx) == ("fp32", "float32 weights")
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float16), "w")
+    half = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "half",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])], [weight])
+    onnx.save(helper.make_model(half), str(out / "half.onnx"))
+    assert onnx_precision(out / "half.onnx") == ("fp16", "float16 weights in the graph")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    quant = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "scale"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])], "qdq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [scale])
+    onnx.save(helper.make_model(quant), str(out / "qdq.onnx"))
+    assert onnx_precision(out / "qdq.onnx") == ("int8", "quantisation operators (DequantizeLinear, QuantizeLinear)")

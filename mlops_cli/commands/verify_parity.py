@@ -26,7 +26,6 @@ from mlops_cli.commands.common import (
     SeqLenOpt,
     TextOpt,
     model_options,
-    parse_tolerances,
     progress_steps,
 )
 
@@ -74,21 +73,20 @@ def verify_parity_command(
     Example: mlops verify-parity builtin:tiny-bert bert.onnx --atol logits=1e-4 --json
     """
     from mlops_cli import render
-    from mlops_cli.core.compare import PRESETS
     from mlops_cli.core.contract import ModelRef
     from mlops_cli.core.errors import ValidationFailed
     from mlops_cli.core.inputs import InputRequest
+    from mlops_cli.core.parity import ToleranceRequest
     from mlops_cli.render.parity import verify_parity_tables
     from mlops_cli.services.verify_parity import VerifyOptions, run
 
-    chosen = "fp32" if preset.value == "auto" else preset.value
     request = InputRequest(specs=tuple(inputs or ()), texts=tuple(texts or ()),
                            file=str(inputs_file) if inputs_file else None, batch_size=batch_size, seq_len=seq_len,
                            samples=samples, seed=seed)
     with progress_steps(f"comparing {candidate} with {reference}", quiet=quiet) as on_step:
         options = VerifyOptions(
             candidate=ModelRef.parse(candidate), inputs=request,
-            tolerances=parse_tolerances(atol, rtol, PRESETS[chosen]), preset=chosen,
+            tolerances=ToleranceRequest.parse(atol, rtol, preset.value),
             include_padding=include_padding, device=device.value, repeats=repeats if timing else 0, load=load,
             on_step=on_step)
         report = run(ModelRef.parse(reference), options)

@@ -14,7 +14,7 @@ from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.loading import LoadedModel, ModelKind
-from mlops_cli.core.parity import ParityReport, Tolerances
+from mlops_cli.core.parity import ParityReport, ToleranceRequest, Tolerances
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,8 +23,7 @@ class VerifyOptions(ServiceOptions):
 
     candidate: ModelRef
     inputs: InputRequest = field(default_factory=InputRequest)
-    tolerances: Tolerances = field(default_factory=Tolerances)
-    preset: str = "fp32"
+    tolerances: ToleranceRequest = field(default_factory=ToleranceRequest)  # --preset (auto), --atol, --rtol
     include_padding: bool = False
     device: str = "auto"
     repeats: int = 10  # 0 skips timing
@@ -34,7 +33,9 @@ class VerifyOptions(ServiceOptions):
 class VerifyParityReport(Report):
     reference: str
     candidate: str
-    preset: str
+    preset: str  # the precision preset applied (resolved from the models for auto)
+    preset_source: str  # why: "auto: <candidate> has float16 weights", "--preset"
+    tolerances: str  # what the verdict checked, in words
     input_source: str  # where the inputs came from
     input_sets: int
     parity: ParityReport
@@ -56,17 +57,41 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
     ref_model = load_model(ref, options.load)
     cand_model = load_model(options.candidate, options.load)
     plan = plan_for(ref_model, cand_model, options.inputs)
+    preset, preset_source = choose_preset(options.tolerances, ref_model, cand_model)
+    tolerances = options.tolerances.resolve(preset)
     ref_runner = runner_for(ref_model, device_for(ref_model, options.device))
     cand_runner = runner_for(cand_model, device_for(cand_model, options.device))
     options.on_step("comparing")
-    report = check_parity(ref_runner, cand_runner, list(plan.sets), options.tolerances,
+    report = check_parity(ref_runner, cand_runner, list(plan.sets), tolerances,
                           include_masked=options.include_padding, time_runs=options.repeats > 0,
                           repeats=options.repeats)
     return VerifyParityReport(
-        reference=str(ref), candidate=str(options.candidate), preset=options.preset, input_source=plan.source,
+        reference=str(ref), candidate=str(options.candidate), preset=preset, preset_source=preset_source,
+        tolerances=describe_tolerances(tolerances), input_source=plan.source,
         input_sets=len(plan.sets), parity=report, passed=report.passed, verdict=report.verdict,
         worst_output=None if report.passed else worst_output(report), hint=failure_hint(report),
         warnings=(*ref_model.warnings, *cand_model.warnings))
+
+
+def choose_preset(request: ToleranceRequest, ref_model: LoadedModel, cand_model: LoadedModel) -> tuple[str, str]:
+    """The preset asked for, or for auto the one the models' precision calls for (the candidate's first)."""
+    from mlops_cli.core.parity import auto_precision
+
+    if request.preset != "auto":
+        return request.preset, "--preset"
+    return auto_precision(cand_model, ref_model)
+
+
+def describe_tolerances(tolerances: Tolerances) -> str:
+    """`|diff| <= max(atol 1e-4, 5e-5 x max|ref|) + rtol 1e-3 x |ref|; cosine >= 0.99999; ...` in one line."""
+    overrides = f"; per output: {', '.join(tolerances.per_output)}" if tolerances.per_output else ""
+    agreement = tolerances.agreement
+    if agreement is None:
+        return (f"|diff| <= atol {tolerances.atol:g} + rtol {tolerances.rtol:g} x |ref| (as given, no other "
+                f"criteria){overrides}")
+    return (f"|diff| <= max(atol {tolerances.atol:g}, {agreement.scale:g} x max|ref|) + rtol {tolerances.rtol:g} x "
+            f"|ref|; cosine >= {agreement.cosine:g}; top-1 and next-token agreement >= {agreement.top1:.0%} "
+            f"(logits){overrides}")
 
 
 def plan_for(ref_model: LoadedModel, cand_model: LoadedModel, request: InputRequest) -> InputPlan:
@@ -91,8 +116,8 @@ def failure_hint(report: ParityReport) -> str | None:
     if structural:
         return ("The candidate does not behave like the reference (see the failing rows): fix or re-export it; "
                 "no tolerance makes this pass.")
-    return ("If the difference is expected (fp16/bf16/int8 candidates), use --preset or --atol/--rtol; "
-            "the 'min atol' column shows what would pass.")
+    return ("If the difference is expected (an fp16/bf16/int8 candidate the auto preset did not recognise), use "
+            "--preset, or --atol/--rtol (used as given); the criteria table shows each check and its threshold.")
 
 
 def worst_output(report: ParityReport) -> str | None:
@@ -104,8 +129,9 @@ def worst_output(report: ParityReport) -> str | None:
         for diff in shape.outputs:
             if diff.passed:
                 continue
+            allowed = diff.effective_atol if diff.effective_atol is not None else diff.atol
             score = float("inf") if diff.problem or diff.min_atol_to_pass is None else diff.min_atol_to_pass / \
-                max(diff.atol, 1e-30)
+                max(allowed, 1e-30)
             if worst is None or score > worst[0]:
                 worst = (score, f"{diff.name} at {shape.label}")
     if worst is None:

@@ -66,9 +66,11 @@ def verify_parity_command(
 ) -> None:
     """Check that CANDIDATE computes what REFERENCE computes (PyTorch, TorchScript, .pt2, ONNX Runtime; any pair)
     on several shapes: your sizes (--batch-size/--seq-len or the --input dims) first, then batch 1 with a shorter
-    sequence and a larger batch with a longer one. Per output: max/mean/p99 |diff|, cosine, top-1 agreement, the
-    smallest passing atol; latency of both sides. Exit 6 on mismatch, NaN/inf or a non-deterministic side, naming
-    the worst output. Loading options apply to both sides.
+    sequence and a larger batch with a longer one. The preset (auto: from the models' precision: fp16/bf16
+    weights, int8 layers, else fp32) scales atol with each output's magnitude and adds criteria: cosine, top-1
+    and greedy next-token agreement of logits, each shown with its threshold; --atol/--rtol are used as given.
+    Latency of both sides. Exit 6 on mismatch, NaN/inf or a non-deterministic side, naming the worst output and
+    the failing criterion. Loading options apply to both sides.
 
     Example: mlops verify-parity builtin:tiny-bert bert.onnx --atol logits=1e-4 --json
     """

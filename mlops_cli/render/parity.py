@@ -46,7 +46,7 @@ def criteria_rows(report: ParityReport) -> Iterator[tuple[object, ...]]:
         criterion = item.criterion
         status = Text("PASS", style="green") if criterion.passed else Text("FAIL", style="red")
         yield (item.output, _criterion_name(criterion), item.input_set, fmt_criterion(criterion, criterion.value),
-               f"{criterion.rule} {fmt_criterion(criterion, criterion.threshold)}", status)
+               fmt_threshold(criterion), status)
 
 
 def _criterion_name(criterion: Criterion) -> str:
@@ -54,10 +54,16 @@ def _criterion_name(criterion: Criterion) -> str:
 
 
 def fmt_criterion(criterion: Criterion, value: float) -> str:
-    """Cosines with 6 decimals, agreements as percentages, atols in 3 significant digits."""
+    """Short numbers: cosines with 6 decimals, agreements as percentages, atols in 3 significant digits."""
     if criterion.name == ELEMENTWISE:
         return fmt_float(value)
     return fmt_float(value, 6) if criterion.name == COSINE else fmt_pct(value)
+
+
+def fmt_threshold(criterion: Criterion) -> str:
+    """`>= 0.99999`, `>= 99.0%`, `<= 1.50e-03`: the rule and the threshold as the preset states it."""
+    shown = f"{criterion.threshold:g}" if criterion.name == COSINE else fmt_criterion(criterion, criterion.threshold)
+    return f"{criterion.rule} {shown}"
 
 
 def failure_details(report: ParityReport) -> Iterator[Text]:

@@ -340,7 +340,7 @@ def test_tolerance_requests_resolve_presets_and_keep_explicit_values_plain() -> 
 def test_precision_of_torch_modules() -> None:
     import torch
 
-    from mlops_cli.core.parity import module_precision
+    from mlops_cli.core.precision import module_precision
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))

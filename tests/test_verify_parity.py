@@ -432,7 +432,7 @@ def test_explicit_tolerances_are_used_as_given(cli, scaled) -> None:
 
 
 def test_precision_of_onnx_graphs(out, bert_onnx) -> None:
-    from mlops_cli.core.parity import onnx_precision
+    from mlops_cli.core.precision import onnx_precision
 
     assert onnx_precision(bert_onnx) == ("fp32", "float32 weights")
     weight = numpy_helper.from_array(np.ones((4, 4), np.float16), "w")

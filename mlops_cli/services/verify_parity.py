@@ -75,7 +75,7 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
 
 def choose_preset(request: ToleranceRequest, ref_model: LoadedModel, cand_model: LoadedModel) -> tuple[str, str]:
     """The preset asked for, or for auto the one the models' precision calls for (the candidate's first)."""
-    from mlops_cli.core.parity import auto_precision
+    from mlops_cli.core.precision import auto_precision
 
     if request.preset != "auto":
         return request.preset, "--preset"

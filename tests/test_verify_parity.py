@@ -474,3 +474,41 @@ def test_parity_table_numbers_are_short_and_declared_numeric(cli, scaled) -> Non
     tables = [t for t in parity_tables(report.parity) if isinstance(t, Table)]
     numeric = {str(c.header) for t in tables for c in t.columns if c.justify == "right"}
     assert {*PARITY_COLUMNS[2:9], *CRITERIA_COLUMNS[3:5]} <= numeric
+
+
+@pytest.fixture(scope="module")
+def llama(out) -> Path:
+    """A real architecture (Llama, tiny config) whose logits are in the tens: as saved, in fp16, and tampered."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50)
+        return model
+
+    build().save_pretrained(out / "llama")
+    build().half().save_pretrained(out / "llama-fp16")
+    tampered = build()
+    with torch.no_grad():
+        tampered.lm_head.weight[7] = 0.0
+    tampered.save_pretrained(out / "llama-tampered")
+    return out
+
+
+def test_llm_fp16_copy_passes_under_auto_and_a_tampered_head_fails(cli, llama) -> None:
+    half = parity(cli, llama / "llama", llama / "llama-fp16", "--no-timing")
+    assert half.exit_code == 0, half.json()["verdict"]
+    report = half.json()
+    assert report["preset"] == "fp16" and report["preset_source"].endswith("has float16 weights")
+    criteria = {c["criterion"]["name"]: c["criterion"] for c in report["parity"]["criteria"]}
+    assert set(criteria) == {"element-wise", "cosine", "top-1", "next token"}
+    assert criteria["next token"]["value"] == 1.0 and criteria["next token"]["threshold"] == 0.99
+    assert parity(cli, llama / "llama", llama / "llama-fp16", "--no-timing", "--preset", "fp32").exit_code == 6
+    tampered = parity(cli, llama / "llama", llama / "llama-tampered", "--no-timing")
+    assert tampered.exit_code == 6
+    assert tampered.json()["preset_source"] == "auto: float32 weights"
+    assert "logits at batch=" in tampered.json()["verdict"] and "exceeds atol" in tampered.json()["verdict"]

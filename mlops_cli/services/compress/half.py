@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.compare import PRESETS
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, torch_load_weights
@@ -352,7 +351,7 @@ def _measure_drift(original: LoadedModel, plan: InputPlan, options: HalfOptions,
     device = resolve_device(options.device)
     input_sets = list(plan.sets)
     candidate = load_model(str(options.output), output_load_options(original, options.load))
-    tolerances = options.tolerances or Tolerances(*PRESETS[options.preset or options.dtype])
+    tolerances = options.tolerances or Tolerances.for_preset(options.preset or options.dtype)
     if original.module is None:  # ONNX
         report = check_parity(runner_for(original, device), runner_for(candidate, device), input_sets, tolerances,
                               time_runs=False)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.compare import PRESETS
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import HF_CONFIG, WEIGHT_SUFFIXES, Format, detect_format, torch_load_weights
@@ -396,7 +395,7 @@ def _drift(original: LoadedModel, candidate: LoadedModel, plan: InputPlan, optio
     from mlops_cli.core.runtimes import runner_for
 
     options.on_step("measuring drift")
-    tolerances = options.tolerances or Tolerances(*PRESETS[options.preset or "int8"])
+    tolerances = options.tolerances or Tolerances.for_preset(options.preset or "int8")
     before, after = runner_for(original, "cpu"), runner_for(candidate, "cpu")
     report = check_parity(before, after, list(plan.sets), tolerances, time_runs=False)
     if options.repeats == 0:

@@ -50,8 +50,7 @@ def bench_command(
     ] = "fp32",
     device: DeviceOpt = Device.cpu,
     threads: ThreadsOpt = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs per runtime and shape, interleaved "
-                                                                  "with eager (3 or more for an interval).")] = 20,
+    repeats: RepeatsOpt = 20,
     warmup: WarmupOpt = 3,
     against: Annotated[str | None, typer.Option(
         "--against", show_default=False,

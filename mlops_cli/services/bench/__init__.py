@@ -13,7 +13,8 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from mlops_cli.core.contract import LoadOptions, ModelRef, Report, ServiceOptions
@@ -42,7 +43,7 @@ from mlops_cli.services.bench.sweep import (
     BenchRow,
     SweepSettings,
     guarded,
-    sweep,
+    time_sweep,
 )
 
 __all__ = ["DTYPES", "RUNTIMES", "BenchOptions", "BenchReport", "BenchRow", "run"]
@@ -116,7 +117,7 @@ def run(ref: ModelRef, options: BenchOptions) -> BenchReport:
             rows += differing
             options.on_step("timing")
             baseline = BASELINE if any(c.label == BASELINE for c in candidates) else None
-            rows += sweep(candidates, plan, SweepSettings(
+            rows += time_sweep(candidates, plan, SweepSettings(
                 options.batches, sequence_lengths(plan, options), options.repeats, options.warmup, device, baseline))
     timed = [row for row in rows if row.status == TIMED]
     if not timed and any(row.status == OUT_OF_MEMORY for row in rows):
@@ -199,9 +200,12 @@ def prepare(ref: ModelRef, model: LoadedModel, original: LoadedModel | None, opt
                 rows.append(BenchRow(runtime, dtype, None, None, SKIPPED, note=skip))
                 continue
             options.on_step(f"preparing {runtime} {dtype}")
-            built = guarded(lambda r=runtime, d=dtype: build_candidate(ref, model, r, d, options, device, threads,
-                                                                         folder), runtime, dtype)
-            (candidates if isinstance(built, Candidate) else rows).append(built)  # type: ignore[arg-type]
+            built = guarded(partial(build_candidate, ref, model, runtime, dtype, options, device, threads, folder),
+                            runtime, dtype)
+            if isinstance(built, Candidate):
+                candidates.append(built)
+            else:
+                rows.append(built)
     notes += [CPU_HALF_NOTE.format(dtype=d) for d in dtypes if d in HALF and device == "cpu"]
     if COMPILE in runtimes:
         notes.append("compile: compilation happens in the untimed first calls at each size (not in the timings)")

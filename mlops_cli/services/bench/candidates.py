@@ -116,8 +116,6 @@ def artefact_candidate(loaded: LoadedModel, device: str, threads: int) -> Candid
 def eager_variant(loaded: LoadedModel, dtype: str, device: str) -> Any:
     """The eager module at `dtype`: the model itself (fp32), a half copy, or a dynamic-int8 copy of its Linear
     layers (core/int8_state.quantize_torch; CPU only)."""
-    import torch
-
     module = loaded.module.to(device).eval()
     if dtype == "fp32":
         return module

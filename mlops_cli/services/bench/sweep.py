@@ -71,7 +71,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any(word in str(exc).lower() for word in _OOM_WORDS)
 
 
-def sweep(candidates: list[Candidate], plan: InputPlan, settings: SweepSettings) -> list[BenchRow]:
+def time_sweep(candidates: list[Candidate], plan: InputPlan, settings: SweepSettings) -> list[BenchRow]:
     """Rows for every candidate at every shape; at each sequence length the batch sizes go up, and a candidate
     that ran out of memory is not run again at a larger batch."""
     rows: list[BenchRow] = []
@@ -164,7 +164,7 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def guarded(build: Callable[[], Candidate], runtime: str, dtype: str) -> Candidate | BenchRow:
+def guarded(build: Callable[[], Candidate | BenchRow], runtime: str, dtype: str) -> Candidate | BenchRow:
     """Build a candidate, or the row saying why it could not be (an export or compile that failed)."""
     try:
         return build()

@@ -271,13 +271,14 @@ def verify(candidates: list[Candidate], plan: InputPlan) -> tuple[list[Candidate
     baseline = next((c for c in candidates if c.label == BASELINE), None)
     if baseline is None:
         return candidates, []
+    reference = baseline.make_runner()
     kept: list[Candidate] = []
     rows: list[BenchRow] = []
     for candidate in candidates:
         if candidate is baseline or candidate.preset is None:
             kept.append(candidate)
             continue
-        report = check_parity(baseline.runner, candidate.runner, list(plan.sets),
+        report = check_parity(reference, candidate.make_runner(), list(plan.sets),
                               Tolerances.for_preset(candidate.preset), time_runs=False, check_determinism=False)
         if report.passed:
             kept.append(candidate)

@@ -14,15 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from mlops_cli.core.errors import UsageError
+from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.loading import LoadedModel, ModelKind
 from mlops_cli.core.runtimes import (
+    _ORT_TYPES,
     Runner,
     call_module,
     call_options,
     flatten_outputs,
     forward_parameter_names,
     onnx_runner,
+    onnx_session,
 )
 
 EAGER, COMPILE, ORT, TORCHSCRIPT, PT2 = "eager", "compile", "onnxruntime", "torchscript", "pt2"
@@ -38,13 +40,13 @@ BoundCall = Callable[[], Any]
 
 @dataclass
 class Candidate:
-    """One runtime at one precision: `bind(inputs)` -> the call to time; `runner` for the parity check."""
+    """One runtime at one precision: `bind(inputs)` -> the call to time; `make_runner()` for the parity check."""
 
     runtime: str
     dtype: str
     device: str
     bind: Callable[[dict[str, np.ndarray]], BoundCall]
-    runner: Runner
+    make_runner: Callable[[], Runner]
     preset: str | None = "fp32"  # tolerances of its parity check vs eager; None: verified already (by its exporter)
 
     @property
@@ -83,24 +85,33 @@ def torch_candidate(runtime: str, dtype: str, loaded: LoadedModel, module: Any, 
         return flatten_outputs(bind(inputs)())
 
     backend = {TORCHSCRIPT: "torchscript", PT2: "torch.export"}.get(runtime, "torch")
-    return Candidate(runtime, dtype, device, bind, Runner(f"{runtime} {dtype}", backend, device, names, run), dtype)
+    runner = Runner(f"{runtime} {dtype}", backend, device, names, run)
+    return Candidate(runtime, dtype, device, bind, lambda: runner, dtype)
 
 
 def onnx_candidate(loaded: LoadedModel, device: str, threads: int) -> Candidate:
-    """ONNX Runtime with `threads` intra-op threads, not spinning (it is timed interleaved with torch)."""
+    """ONNX Runtime with `threads` intra-op threads, not spinning (it is timed interleaved with torch).
+
+    The timed call is the bare `session.run` on a feed cast once; the parity check gets core's ONNX runner (a
+    session of its own, made only when the check runs and released after it)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    runner = onnx_runner(loaded, device, options)
+    session = onnx_session(loaded.path, device, options)
+    graph_inputs = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
 
     def bind(inputs: dict[str, np.ndarray]) -> BoundCall:
-        feed = dict(inputs)
-        return lambda: runner(feed)
+        missing = [name for name in graph_inputs if name not in inputs]
+        if missing:
+            raise InputError(f"{loaded.reference} needs inputs that were not given: {', '.join(missing)}")
+        feed = {name: np.asarray(inputs[name]).astype(dtype or inputs[name].dtype, copy=False)
+                for name, dtype in graph_inputs.items()}
+        return lambda: session.run(None, feed)
 
-    return Candidate(ORT, "fp32", device, bind, runner)
+    return Candidate(ORT, "fp32", device, bind, lambda: onnx_runner(loaded, device, options))
 
 
 def artefact_candidate(loaded: LoadedModel, device: str, threads: int) -> Candidate:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mlops_cli.core.inputs import InputPlan
 from mlops_cli.core.timing import PeakMemory, SpeedRatio, Timing, measure_interleaved, speed_ratio
-from mlops_cli.services.bench.candidates import BoundCall, Candidate
+from mlops_cli.services.bench.candidates import ORT, BoundCall, Candidate
 
 TIMED, OUT_OF_MEMORY, FAILED, DIFFERS, SKIPPED = "timed", "out of memory", "failed", "outputs differ", "skipped"
 MEMORY_RSS, MEMORY_CUDA, NOT_MEASURED = "peak RSS growth", "peak CUDA memory allocated", "not measured"
@@ -154,7 +154,7 @@ def first_call(call: BoundCall, candidate: Candidate) -> tuple[int | None, str]:
     torch.cuda.reset_peak_memory_stats()
     call()
     torch.cuda.synchronize()
-    if candidate.runner.backend == "onnxruntime":
+    if candidate.runtime == ORT:
         return None, NOT_MEASURED
     return int(torch.cuda.max_memory_allocated()), MEMORY_CUDA
 

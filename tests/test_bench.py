@@ -70,13 +70,15 @@ def test_torchscript_and_pt2_are_exported_verified_and_timed() -> None:
     assert any("baseline" in note for note in report.notes)
 
 
-def test_existing_onnx_alone_and_against_its_original(convnet_onnx: Path) -> None:
+def test_existing_onnx_alone_and_against_its_original(convnet_onnx: Path, cli: Any) -> None:
     alone = bench_run(str(convnet_onnx), batches=(1,))
     assert [row.label for row in alone.rows] == ["onnxruntime fp32"] and alone.baseline is None
     assert alone.rows[0].speedup is None and any("--against" in note for note in alone.notes)
     against = bench_run(str(convnet_onnx), batches=(1,), against=ModelRef.parse("builtin:convnet"))
     assert {row.label: row.status for row in against.rows} == {"eager fp32": TIMED, "onnxruntime fp32": TIMED}
     assert rows_of(against, "onnxruntime fp32")[0].speedup is not None
+    assert cli("bench", convnet_onnx, "--against", convnet_onnx).exit_code == 2  # the original must be eager
+    assert cli("bench", convnet_onnx, "--runtime", "torchscript").exit_code == 2
 
 
 def test_a_runtime_whose_outputs_differ_is_reported_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:

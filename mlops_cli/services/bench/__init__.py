@@ -254,6 +254,9 @@ def prepare_artefact(model: LoadedModel, original: LoadedModel | None, runtime: 
         notes.append("--dtype applies to eager models; the artefact runs at the precision it was exported in")
     from mlops_cli.core.precision import auto_precision
 
+    if original is not None and (original.module is None or original.kind in ARTEFACT_RUNTIME):
+        raise UsageError(f"--against {original.reference}: the original must be a PyTorch model (eager), not an "
+                         "exported artefact", hint="Give the checkpoint, folder or builtin:NAME it was exported from.")
     candidate = artefact_candidate(model, device, threads)
     if original is None:
         notes.append("benched alone: nothing to verify it against or compare it with (use --against ORIGINAL)")

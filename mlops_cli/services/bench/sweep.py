@@ -108,12 +108,10 @@ def _run_shape(candidates: list[Candidate], shape: _Shape, settings: SweepSettin
     try:
         timings = measure_interleaved(calls, warmup=settings.warmup, repeats=settings.repeats,
                                       device=settings.device)
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
+    except Exception as exc:  # which side raised is unknown: none of them is timed at this shape
         by_label = {c.label: c for c in candidates}
         shape.rows += [_not_timed(by_label[label], shape, exc) for label in calls]
-        return [c for c in survivors if c.label not in calls]
+        return [c for c in survivors if c.label not in calls or not is_out_of_memory(exc)]
     baseline = timings.get(settings.baseline or "")
     for candidate in (c for c in candidates if c.label in timings):
         shape.rows.append(_timed_row(candidate, shape, timings[candidate.label], baseline,
@@ -134,6 +132,7 @@ def _timed_row(candidate: Candidate, shape: _Shape, timing: Timing, baseline: Ti
 
 def _not_timed(candidate: Candidate, shape: _Shape, exc: BaseException) -> BenchRow:
     if is_out_of_memory(exc):
+        release_cuda_cache(candidate.device)
         return BenchRow(candidate.runtime, candidate.dtype, shape.batch, shape.seq_len, OUT_OF_MEMORY,
                         note=f"out of memory at batch {shape.batch}, larger batches skipped")
     return BenchRow(candidate.runtime, candidate.dtype, shape.batch, shape.seq_len, FAILED,
@@ -157,6 +156,14 @@ def first_call(call: BoundCall, candidate: Candidate) -> tuple[int | None, str]:
     if candidate.runtime == ORT:
         return None, NOT_MEASURED
     return int(torch.cuda.max_memory_allocated()), MEMORY_CUDA
+
+
+def release_cuda_cache(device: str) -> None:
+    """After running out of GPU memory, hand torch's cached blocks back so the other runtimes can go on."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

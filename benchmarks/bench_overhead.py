@@ -2,7 +2,7 @@
 
 For eager tiny-bert and its ONNX export (ONNX Runtime), at batch 1 and sequence 128 on one thread: a bare loop
 (`model(**tensors)` / `session.run(None, feed)` between two perf_counter calls) and the tool's path (a bench
-candidate's bound call inside core.timing.measure_interleaved) are run in alternating blocks, so machine noise
+candidate's bound call inside the sweep's measure_in_blocks) are run in alternating blocks, so machine noise
 hits both alike. Prints each side's median, the ratio tool/bare and its 95% bootstrap interval.
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 15] [--calls 40] [--seq-len 128]
@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlops_cli.core.contract import LoadOptions, ModelRef
 from mlops_cli.core.inputs import InputRequest, plan_inputs
 from mlops_cli.core.loading import load_model
-from mlops_cli.core.timing import measure_interleaved, speed_ratio, summarize_samples, trust_warnings
+from mlops_cli.core.timing import speed_ratio, summarize_samples, trust_warnings
 from mlops_cli.services.bench.candidates import Candidate, onnx_candidate, torch_candidate
 from mlops_cli.services.bench.exports import export_artefact
+from mlops_cli.services.bench.sweep import measure_in_blocks
 
 GOAL = 1.02
 
@@ -43,7 +44,7 @@ def bare_block(fn: Callable[[], Any], calls: int) -> float:
 
 
 def tool_block(call: Callable[[], Any], calls: int) -> float:
-    return measure_interleaved({"tool": call}, warmup=0, repeats=calls)["tool"].median_ms
+    return measure_in_blocks({"tool": call}, warmup=0, repeats=calls, device="cpu")["tool"].median_ms
 
 
 def compare(name: str, bare: Callable[[], Any], candidate: Candidate, inputs: dict[str, Any], rounds: int,

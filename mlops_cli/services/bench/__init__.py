@@ -101,7 +101,7 @@ def run(ref: ModelRef, options: BenchOptions) -> BenchReport:
     check_options(options)
     if options.plot is not None:
         check_plot_path(options.plot)
-        check_output(options.plot, options.force, ref.sources)
+        check_output(options.plot, options.force, [*ref.sources, *(options.against.sources if options.against else ())])
     device = resolve_device(options.device)
     threads = options.threads or default_threads()
     options.on_step("loading")

@@ -21,6 +21,7 @@ script with the page, the command and its output.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
@@ -239,7 +240,8 @@ def render_page(path: Path) -> str:
     """The page with every generated block regenerated (in a fresh work folder, in order)."""
     text = path.read_text(encoding="utf-8")
     previous = Path.cwd()
-    with tempfile.TemporaryDirectory(prefix="mlops-docs-") as folder:
+    # A short folder name of fixed length: printed paths (removed afterwards) must not change how rich wraps.
+    with tempfile.TemporaryDirectory(prefix="mlops-docs-", dir="/tmp" if Path("/tmp").is_dir() else None) as folder:
         os.chdir(folder)
         try:
             def replace(match: re.Match[str]) -> str:
@@ -271,7 +273,9 @@ def main(argv: list[str]) -> int:
              if not path.exists() or path.read_text(encoding="utf-8") != text]
     if "--check" in argv:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is stale: run `make docs`", file=sys.stderr)
+            old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+            diff = list(difflib.unified_diff(old, pages[path].splitlines(), "on disk", "generated now", lineterm=""))
+            print(f"{path.relative_to(ROOT)} is stale: run `make docs`", *diff[:40], sep="\n", file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)

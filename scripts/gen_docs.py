@@ -28,9 +28,11 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's mlops_cli, whatever the environment has installed
@@ -40,6 +42,7 @@ EXAMPLE_ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 from rich.cells import cell_len  # noqa: E402
+from rich.table import Table  # noqa: E402
 from typer.main import get_command  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -60,6 +63,7 @@ MEMORY_HEADER = re.compile(r"(?i)^peak mem")
 FLOAT_NOISE = re.compile(r"\b\d\.\d\de-(?:0[5-9]|[1-9]\d)\b")
 SUBSTITUTIONS = [(re.compile(r"(?<![\w.<])\d+(?:\.\d+)?\s?(?:ns|µs|us|ms|s)\b(?!/)"), TIMING), (FLOAT_NOISE, "<1e-5")]
 DROP_LINE = re.compile(r"load average [\d.]+ exceeds|latency was noisy")
+ANNOTATIONS: list[str] = []  # the titles and captions of the tables the current example printed
 
 
 class DocsError(RuntimeError):
@@ -76,8 +80,20 @@ class Step:
     text: str  # as written in the marker
 
 
+def record_annotations() -> None:
+    """Remember every table's title and caption (ANNOTATIONS): rich wraps them to the table's width."""
+    original = Table.__init__
+
+    def init(self: Table, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        ANNOTATIONS.extend(str(text) for text in (self.title, self.caption) if text)
+
+    Table.__init__ = init  # type: ignore[method-assign]
+
+
 def invoke(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run `mlops ARGS` in this process; Python warnings behave as in a fresh process (once per example)."""
+    ANNOTATIONS.clear()
     with warnings.catch_warnings():
         result = CliRunner().invoke(app, args, env=env)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -183,23 +199,45 @@ def normalise_table(lines: list[str]) -> list[str]:
     return out
 
 
+def annotation_at(lines: list[str], start: int) -> tuple[str, int] | None:
+    """A table title or caption (as recorded) that starts at lines[start], and how many lines rich wrapped it to."""
+    text = "\n".join(lines[start:start + 12])
+    for note in sorted(ANNOTATIONS, key=len, reverse=True):
+        match = re.match(r"\s+".join(map(re.escape, note.split())) + r"(?=\n|$)", text)
+        if match:
+            return note, match.group().count("\n") + 1
+    return None
+
+
 def normalise(output: str, workdir: Path) -> str:
     """Take out what varies from run to run (see the module docstring)."""
     for folder in {str(workdir), os.path.realpath(workdir)}:
         output = output.replace(folder + os.sep, "").replace(folder, ".")
     lines = [line for line in tidy(output).splitlines() if not DROP_LINE.search(line)]
-    out: list[str] = []
+    segments: list[tuple[str, list[str]]] = []  # ("table" | "note" | "line", lines)
     i = 0
     while i < len(lines):
         if is_table_line(lines[i]):
             j = i
             while j < len(lines) and is_table_line(lines[j]):
                 j += 1
-            out += normalise_table(lines[i:j])
+            segments.append(("table", normalise_table(lines[i:j])))
             i = j
-            continue
-        out.append(substitute(lines[i]))
-        i += 1
+        elif found := annotation_at(lines, i):
+            segments.append(("note", [substitute(found[0])]))
+            i += found[1]
+        else:
+            segments.append(("line", [substitute(lines[i])]))
+            i += 1
+    out: list[str] = []
+    for index, (kind, text) in enumerate(segments):
+        if kind == "note":  # rich wraps a title or caption to the width of its table, which may have changed
+            after = segments[index + 1] if index + 1 < len(segments) else ("", [])
+            before = segments[index - 1] if index else ("", [])
+            table = after[1] if after[0] == "table" else before[1] if before[0] == "table" else None
+            if table:
+                text = textwrap.wrap(text[0], cell_len(table[0]), break_on_hyphens=False)
+        out += text
     return "\n".join(out)
 
 
@@ -264,6 +302,7 @@ def rendered_docs() -> dict[Path, str]:
 
 def main(argv: list[str]) -> int:
     os.environ.update(HELP_ENV, **THREAD_ENV)
+    record_annotations()
     try:
         pages = rendered_docs()
     except DocsError as error:

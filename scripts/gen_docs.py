@@ -59,10 +59,11 @@ TIMING_HEADER = re.compile(r"(?i)(p50|p90|/s$|/call|spread|speed-up|TTFT|^total$
 VOLATILE_ROW = {re.compile(r"(?i)(^latency|\btime\b)"): TIMING,
                 re.compile(r"(?i)^load average$"): "<load>"}
 MEMORY_HEADER = re.compile(r"(?i)^peak mem")
-# Free text: (pattern, replacement); a line matching DROP_LINE is removed (it appears only on a busy machine).
+# Free text: (pattern, replacement); what DROP matches is removed (it appears only on a busy machine).
 FLOAT_NOISE = re.compile(r"\b\d\.\d\de-(?:0[5-9]|[1-9]\d)\b")
 SUBSTITUTIONS = [(re.compile(r"(?<![\w.<])\d+(?:\.\d+)?\s?(?:ns|µs|us|ms|s)\b(?!/)"), TIMING), (FLOAT_NOISE, "<1e-5")]
-DROP_LINE = re.compile(r"load average [\d.]+ exceeds|latency was noisy")
+DROP = [re.compile(r"(?m)^.*load average [\d.]+ exceeds.*\n?"),
+        re.compile(r"(?m)^latency was noisy \(.*?idle\s+machine\n?", re.S)]
 ANNOTATIONS: list[str] = []  # the titles and captions of the tables the current example printed
 
 
@@ -213,7 +214,9 @@ def normalise(output: str, workdir: Path) -> str:
     """Take out what varies from run to run (see the module docstring)."""
     for folder in {str(workdir), os.path.realpath(workdir)}:
         output = output.replace(folder + os.sep, "").replace(folder, ".")
-    lines = [line for line in tidy(output).splitlines() if not DROP_LINE.search(line)]
+    for pattern in DROP:
+        output = pattern.sub("", output)
+    lines = tidy(output).splitlines()
     segments: list[tuple[str, list[str]]] = []  # ("table" | "note" | "line", lines)
     i = 0
     while i < len(lines):

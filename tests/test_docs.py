@@ -89,6 +89,8 @@ def test_normalise_puts_placeholders_in_timing_columns_and_realigns_the_table(ge
     output = "\n".join([
         f"wrote {tmp_path}/model.pt (1.00 KiB) in 12.5 ms",
         "warning: load average 5.43 exceeds the 2 cores: timings are unreliable",
+        "latency was noisy (p90 over 1.5x p50 in some runs): treat small speed-ups or slow-downs as noise, or",
+        "rerun with more --repeats on an idle machine",
         "┏━━━━━━━━┳━━━━━━━━━━━━┳━━━━━━━━━┓",
         "┃ stage  ┃ max |diff| ┃ seconds ┃",
         "┡━━━━━━━━╇━━━━━━━━━━━━╇━━━━━━━━━┩",

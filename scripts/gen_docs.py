@@ -200,10 +200,16 @@ def normalise_table(lines: list[str]) -> list[str]:
     return out
 
 
-def annotation_at(lines: list[str], start: int) -> tuple[str, int] | None:
-    """A table title or caption (as recorded) that starts at lines[start], and how many lines rich wrapped it to."""
+def without_workdir(text: str, workdir: Path) -> str:
+    for folder in {str(workdir), os.path.realpath(workdir)}:
+        text = text.replace(folder + os.sep, "").replace(folder, ".")
+    return text
+
+
+def annotation_at(lines: list[str], start: int, notes: list[str]) -> tuple[str, int] | None:
+    """One of the notes (titles, captions) that starts at lines[start], and how many lines rich wrapped it to."""
     text = "\n".join(lines[start:start + 12])
-    for note in sorted(ANNOTATIONS, key=len, reverse=True):
+    for note in sorted(notes, key=len, reverse=True):
         match = re.match(r"\s+".join(map(re.escape, note.split())) + r"(?=\n|$)", text)
         if match:
             return note, match.group().count("\n") + 1
@@ -212,8 +218,8 @@ def annotation_at(lines: list[str], start: int) -> tuple[str, int] | None:
 
 def normalise(output: str, workdir: Path) -> str:
     """Take out what varies from run to run (see the module docstring)."""
-    for folder in {str(workdir), os.path.realpath(workdir)}:
-        output = output.replace(folder + os.sep, "").replace(folder, ".")
+    output = without_workdir(output, workdir)
+    notes = [without_workdir(note, workdir) for note in ANNOTATIONS]
     for pattern in DROP:
         output = pattern.sub("", output)
     lines = tidy(output).splitlines()
@@ -226,7 +232,7 @@ def normalise(output: str, workdir: Path) -> str:
                 j += 1
             segments.append(("table", normalise_table(lines[i:j])))
             i = j
-        elif found := annotation_at(lines, i):
+        elif found := annotation_at(lines, i, notes):
             segments.append(("note", [substitute(found[0])]))
             i += found[1]
         else:

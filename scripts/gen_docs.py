@@ -62,8 +62,14 @@ MEMORY_HEADER = re.compile(r"(?i)^peak mem")
 # Free text: (pattern, replacement); what DROP matches is removed (it appears only on a busy machine).
 FLOAT_NOISE = re.compile(r"\b\d\.\d\de-(?:0[5-9]|[1-9]\d)\b")
 SUBSTITUTIONS = [(re.compile(r"(?<![\w.<])\d+(?:\.\d+)?\s?(?:ns|µs|us|ms|s)\b(?!/)"), TIMING), (FLOAT_NOISE, "<1e-5")]
-DROP = [re.compile(r"(?m)^.*load average [\d.]+ exceeds.*\n?"),
-        re.compile(r"(?m)^latency was noisy \(.*?idle\s+machine\n?", re.S)]
+DROP = [re.compile(rf"(?m)^(?:warning: )?{start}(?:[^\n]|\n(?!\n)){{0,300}}?{end}\n?") for start, end in (
+    (r"load average [\d.]+ exceeds", "unreliable"),
+    (r"latency was noisy \(", r"idle\s+machine"),
+    (r"the machine is busy:", r"(?:noisy|core\(s\))$"),
+    (r"\d+ thread\(s\) asked for but only", r"\(use\s+--threads\)"),
+    (r"CPU frequency scaling is on", r"during\s+the\s+run"),
+    (r"noisy samples:", r"as\s+noise"),
+)]
 ANNOTATIONS: list[str] = []  # the titles and captions of the tables the current example printed
 
 
@@ -227,9 +233,9 @@ def normalise(output: str, workdir: Path) -> str:
     i = 0
     while i < len(lines):
         if is_table_line(lines[i]):
-            j = i
-            while j < len(lines) and is_table_line(lines[j]):
-                j += 1
+            j = i + 1
+            while j < len(lines) and is_table_line(lines[j]) and lines[j - 1][0] not in "└┗╰":
+                j += 1  # up to the bottom border: a wide table folds into parts printed one after the other
             segments.append(("table", normalise_table(lines[i:j])))
             i = j
         elif found := annotation_at(lines, i, notes):

@@ -91,6 +91,8 @@ def test_normalise_puts_placeholders_in_timing_columns_and_realigns_the_table(ge
         "warning: load average 5.43 exceeds the 2 cores: timings are unreliable",
         "latency was noisy (p90 over 1.5x p50 in some runs): treat small speed-ups or slow-downs as noise, or",
         "rerun with more --repeats on an idle machine",
+        "warning: the machine is busy: 3 other runnable thread(s) on 2 usable core(s); timings are inflated and",
+        "noisy",
         "┏━━━━━━━━┳━━━━━━━━━━━━┳━━━━━━━━━┓",
         "┃ stage  ┃ max |diff| ┃ seconds ┃",
         "┡━━━━━━━━╇━━━━━━━━━━━━╇━━━━━━━━━┩",

@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's mlops_cli, whatever the environment has installed
 HELP_ENV = {"COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb"}
-EXAMPLE_ENV = {"COLUMNS": "120", "NO_COLOR": "1", "TERM": "dumb"}
+EXAMPLE_ENV = {"COLUMNS": "140", "NO_COLOR": "1", "TERM": "dumb"}
 # One thread everywhere: fewer run-to-run differences (set in main(), before any command imports torch).
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -49,10 +49,11 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
     """Load both sides, plan the inputs once, and run the parity engine."""
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.parity import check_parity
-    from mlops_cli.core.runtimes import device_for, runner_for
+    from mlops_cli.core.runtimes import device_for, runner_for, use_threads
 
     if options.repeats < 0:
         raise UsageError("--repeats must be 0 (no timing) or more")
+    use_threads(options.threads)
     options.on_step("loading both models")
     ref_model = load_model(ref, options.load)
     cand_model = load_model(options.candidate, options.load)

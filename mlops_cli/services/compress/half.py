@@ -147,7 +147,10 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     """Convert a model's floating tensors to fp16/bf16 and measure what that did."""
     import torch
 
+    from mlops_cli.core.runtimes import use_threads
+
     source = source_path(ref)
+    use_threads(options.threads)
     if options.dtype not in HALF_DTYPES:
         raise UsageError(f"--dtype {options.dtype!r} is not one of {', '.join(HALF_DTYPES)}")
     target = HALF_DTYPES[options.dtype]

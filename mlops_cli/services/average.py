@@ -1,11 +1,12 @@
 """`mlops average CKPT... -o OUT`: checkpoint averaging (model soups), weighted averages and EMA.
 
-Every method is one weighted sum Σ cᵢ·xᵢ, accumulated in float64 and cast back to each tensor's dtype:
-- uniform: cᵢ = 1/N;
+Every method is computed in float64, as it is defined, and cast back to each tensor's dtype; each is a weighted
+sum Σ cᵢ·xᵢ, whose shares cᵢ the report lists:
+- uniform: Σxᵢ / N;
 - weighted (`weights`): cᵢ = wᵢ / Σw. Weights that do not sum to 1 are normalised, and the report says so
   (a warning): the result is always an average, never a scaled model;
 - EMA over the ordered list (`ema` = d): ema = d·ema + (1−d)·x from the first checkpoint on, which unrolls
-  to c₀ = d^(N−1) and cᵢ = (1−d)·d^(N−1−i); the report lists each checkpoint's share.
+  to c₀ = d^(N−1) and cᵢ = (1−d)·d^(N−1−i).
 
 Integer tensors (num_batches_tracked, step counters, position ids) cannot be averaged: they are copied from the
 last checkpoint. Float buffers (BatchNorm running_mean/running_var) are averaged, or copied from the last with
@@ -121,7 +122,7 @@ def run(ref: ModelRef, options: AverageOptions) -> AverageReport:
         sets = [stack.enter_context(open_weights(item, options.load)) for item in refs]
         check_compatible(sets)
         options.on_step("averaging")
-        averager = _Averager(sets, coefficients, options.buffers)
+        averager = _Averager(sets, method, coefficients, options.ema, options.buffers)
         written, streamed = _write_output(averager, options, sources)
         kept = averager.kept()
     seconds = time.perf_counter() - started
@@ -210,8 +211,10 @@ def _torch_dtype(name: str) -> Any:
 class _Averager:
     """Produces each output tensor range by range: the weighted sum of the inputs, or the last input's values."""
 
-    def __init__(self, sets: list[WeightSet], coefficients: tuple[float, ...], buffers: str) -> None:
-        self.sets, self.coefficients, self.buffers = sets, coefficients, buffers
+    def __init__(self, sets: list[WeightSet], method: str, coefficients: tuple[float, ...], decay: float | None,
+                 buffers: str) -> None:
+        self.sets, self.method, self.coefficients, self.buffers = sets, method, coefficients, buffers
+        self.decay = decay or 0.0
         self.last = sets[-1]
         self._kept: dict[str, KeptTensor] = {}
 
@@ -233,10 +236,25 @@ class _Averager:
             if copied:
                 yield self.last.read(name, start, stop)
                 continue
-            total = torch.zeros(stop - start, dtype=torch.float64)
-            for share, weights in zip(self.coefficients, self.sets, strict=True):
-                total.add_(weights.read(name, start, stop).to(torch.float64), alpha=share)
-            yield total.to(_torch_dtype(meta.dtype))
+            ranges = (weights.read(name, start, stop).to(torch.float64) for weights in self.sets)
+            yield self._combine(ranges).to(_torch_dtype(meta.dtype))
+
+    def _combine(self, ranges: Iterator[Any]) -> Any:
+        """One range of the result, from the same range of every input, computed as the method is defined
+        (a sum divided by N; Σ cᵢ·xᵢ; the EMA recurrence), so it rounds the way a hand computation does."""
+        total = next(ranges).clone()
+        if self.method == "ema":
+            for values in ranges:
+                total.mul_(self.decay).add_(values, alpha=1 - self.decay)
+        elif self.method == "uniform":
+            for values in ranges:
+                total.add_(values)
+            total.div_(len(self.sets))
+        else:
+            total.mul_(self.coefficients[0])
+            for share, values in zip(self.coefficients[1:], ranges, strict=True):
+                total.add_(values, alpha=share)
+        return total
 
     def full(self, name: str) -> Any:
         import torch
@@ -317,7 +335,7 @@ def write_safetensors_stream(path: Path, tensors: dict[str, TensorMeta], metadat
         out.write(header)
         for name in order:
             for chunk in chunks(name):
-                out.write(chunk.contiguous().view(torch.uint8).numpy().tobytes())
+                out.write(chunk.contiguous().view(torch.uint8).numpy())
 
 
 def _save_torch_state(averager: _Averager, names: list[str], path: Path) -> None:

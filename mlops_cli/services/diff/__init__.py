@@ -159,13 +159,16 @@ class _Sums:
 
         x = torch.as_tensor(first).to(torch.float64)
         y = torch.as_tensor(second).to(torch.float64)
-        both_nan = torch.isnan(x) & torch.isnan(y)
-        delta = torch.where(both_nan, 0.0, (y - x).abs()).nan_to_num(nan=math.inf)  # one-sided NaN: inf apart
-        x, y = x.nan_to_num(0.0), y.nan_to_num(0.0)
-        self.a2 += float((x * x).sum())
-        self.b2 += float((y * y).sum())
-        self.ab += float((x * y).sum())
-        self.d2 += float(((y - x) ** 2).sum())
+        delta = y - x
+        if bool(torch.isnan(delta).any()):  # NaN in the same place is no change; NaN on one side is inf apart
+            same = (torch.isnan(x) & torch.isnan(y)) | (x == y)
+            delta = torch.where(same, 0.0, delta).nan_to_num(nan=math.inf)
+            x, y = x.nan_to_num(0.0), y.nan_to_num(0.0)
+        self.a2 += float(torch.dot(x, x))
+        self.b2 += float(torch.dot(y, y))
+        self.ab += float(torch.dot(x, y))
+        self.d2 += float(torch.dot(delta, delta))
+        delta = delta.abs_()
         if delta.numel():
             self.max_abs = max(self.max_abs, float(delta.max()))
         self.changed += int((delta > atol).sum())

@@ -203,3 +203,13 @@ def test_builtin_models_must_be_saved_first(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="exists only in memory") as caught:
         average([Path("builtin:convnet"), Path("builtin:convnet")], tmp_path / "out")
     assert "mlops zoo save convnet" in str(caught.value.hint)
+
+
+def test_hf_folder_with_torch_weights_is_written_with_torch_weights(zoo_dir: Path, tmp_path: Path, cli) -> None:
+    bert = zoo_dir / "tiny-bert"
+    folder = shutil.copytree(bert, tmp_path / "bin", ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(bert / "model.safetensors"), folder / "pytorch_model.bin")
+    report = average([folder, folder], tmp_path / "out")
+    assert not report.streamed and report.output_kind == "hf-folder"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert cli("diff", bert, tmp_path / "out", "--expect-same").exit_code == 0

@@ -23,6 +23,8 @@ from mlops_cli.core.errors import MlopsError, ResourceError
 
 # Order in `mlops --help`; modules not listed come after, alphabetically.
 COMMAND_ORDER = ("inspect", "summarize", "view", "export", "verify_parity", "compress", "prune",
+                 "diff",
+                 "average",
                  "bench_tokenizers", "generate", "zoo")
 
 def exit_code_for(exc: BaseException) -> tuple[int, str, str | None]:

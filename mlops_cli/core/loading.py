@@ -320,6 +320,33 @@ def is_tensor_dict(value: Any) -> bool:
         isinstance(v, torch.Tensor) or PACKED in str(k) for k, v in value.items())
 
 
+def storage_identity(tensor: Any) -> tuple[Any, ...] | None:
+    """Where a tensor's bytes live (two names with one identity are one tensor, tied); None where torch cannot
+    say (quantised tensors)."""
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()), tensor.dtype)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def tied_names(state_dict: dict[str, Any]) -> dict[str, str]:
+    """Names whose storage an earlier name already holds (torch.save keeps GPT-2's lm_head/wte tie), to that name."""
+    import torch
+
+    seen: dict[tuple[Any, ...], str] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        identity = storage_identity(tensor) if isinstance(tensor, torch.Tensor) else None
+        if identity is None:
+            continue
+        if identity in seen:
+            tied[name] = seen[identity]
+        else:
+            seen[identity] = name
+    return tied
+
+
 def split_checkpoint(content: Any, key: str | None, path: Path) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
     """Find the state_dict in a file: the whole file, `--key`, or a well-known training-checkpoint key."""
     if not isinstance(content, dict):

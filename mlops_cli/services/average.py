@@ -28,12 +28,12 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.inputs import InputRequest
-from mlops_cli.services.compress import CHUNK_ELEMENTS
+from mlops_cli.core.safetensors_file import CHUNK_ELEMENTS
 from mlops_cli.services.diff.source import TensorMeta, WeightSet, open_weights
 
 BUFFER_MODES = ("average", "last")
@@ -203,7 +203,7 @@ def _nbytes(meta: TensorMeta) -> int:
 
 
 def _torch_dtype(name: str) -> Any:
-    from mlops_cli.services.compress import torch_dtype
+    from mlops_cli.core.safetensors_file import torch_dtype
 
     return torch_dtype(name)
 
@@ -322,20 +322,16 @@ def write_safetensors_stream(path: Path, tensors: dict[str, TensorMeta], metadat
                              chunks: Callable[[str], Iterator[Any]]) -> None:
     """A safetensors file written tensor by tensor: the header first (computed from names, dtypes and shapes),
     then each tensor's ranges as `chunks(name)` yields them, in the order safetensors' own writer uses."""
-    import struct
-
     import torch
 
-    from mlops_cli.services.compress_stream import TORCH_TO_ST, output_header
+    from mlops_cli.core.safetensors_file import FROM_TORCH, write_tensors
 
-    header, order = output_header({n: (TORCH_TO_ST[m.dtype], list(m.shape)) for n, m in tensors.items()},
-                                  metadata)
+    def write_tensor(name: str, handle: BinaryIO) -> None:
+        for chunk in chunks(name):
+            handle.write(memoryview(chunk.contiguous().view(torch.uint8).numpy()))
+
     with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(header)))
-        out.write(header)
-        for name in order:
-            for chunk in chunks(name):
-                out.write(chunk.contiguous().view(torch.uint8).numpy())
+        write_tensors(out, {n: (FROM_TORCH[m.dtype], m.shape) for n, m in tensors.items()}, metadata, write_tensor)
 
 
 def _save_torch_state(averager: _Averager, names: list[str], path: Path) -> None:

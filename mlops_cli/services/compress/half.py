@@ -30,6 +30,7 @@ from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, load_model, split_checkpoint
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
+from mlops_cli.core.safetensors_file import torch_dtype
 from mlops_cli.services.compress.cast import (
     HALF_DTYPES,
     SafetyTotals,
@@ -39,7 +40,6 @@ from mlops_cli.services.compress.cast import (
     safety_totals,
     sentinel_notes,
     size_summary,
-    torch_dtype,
 )
 from mlops_cli.services.compress.drift import PerLayerReport, compare_layers
 from mlops_cli.services.compress.half_onnx import OVERFLOW_ACTION, UNDERFLOW_ACTION, convert_onnx, save_onnx

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import UsageError
-from mlops_cli.services.compress import CHUNK_ELEMENTS
+from mlops_cli.core.safetensors_file import CHUNK_ELEMENTS
 from mlops_cli.services.diff.source import WeightSet, open_weights
 
 __all__ = ["DiffOptions", "DiffReport", "LayerChange", "Mismatch", "TensorChange", "run"]

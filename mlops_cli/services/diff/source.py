@@ -12,20 +12,17 @@ but the pages read stay mapped (torch owns the mapping); legacy pickles cannot b
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.contract import LoadOptions, ModelRef
 from mlops_cli.core.errors import InputError, UnsafeInputError
-from mlops_cli.core.formats import HF_CONFIG, SAFETENSORS_DTYPES, Format, detect_format, load_tensor_file
-from mlops_cli.core.loading import split_checkpoint
+from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, load_tensor_file
+from mlops_cli.core.loading import split_checkpoint, tied_names
+from mlops_cli.core.safetensors_file import TO_TORCH, MappedTensors
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar
-from mlops_cli.services.compress import torch_dtype
-from mlops_cli.services.compress_stream import ST_TO_TORCH, raw_entries
 
 INDEX_SUFFIX = ".index.json"
 # Weights a Hugging Face folder may hold, in the order they are preferred (safetensors first: no unpickling).
@@ -58,49 +55,21 @@ class TensorMeta:
 
 
 class _SafetensorsShard:
-    """Ranges of a safetensors file's tensors through a private memory map, pages released after each read."""
+    """Ranges of a safetensors file's tensors (core/safetensors_file.MappedTensors: pages released per read)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data_start, self.entries, self.metadata = raw_entries(path)
-        has_data = path.stat().st_size > self.data_start
-        with open(path, "rb") as handle:  # the map keeps its own reference to the file
-            self._mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if has_data else None
+        self._mapped = MappedTensors(path)
+        self.metadata = self._mapped.header.metadata
 
     def describe(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {name: (ST_TO_TORCH[info["dtype"]], tuple(int(d) for d in info["shape"]))
-                for name, info in self.entries.items()}
+        return {name: (TO_TORCH[entry.dtype], entry.shape) for name, entry in self._mapped.header.tensors.items()}
 
     def read(self, name: str, start: int, stop: int) -> Any:
-        import torch
-
-        info = self.entries[name]
-        dtype = torch_dtype(ST_TO_TORCH[info["dtype"]])
-        itemsize = SAFETENSORS_DTYPES[info["dtype"]]
-        begin = self.data_start + info["data_offsets"][0] + start * itemsize
-        end = begin + (stop - start) * itemsize
-        if self._mapped is None or end == begin:
-            return torch.empty(0, dtype=dtype)
-        if begin % itemsize:  # a foreign writer left the tensor unaligned: copy its bytes first
-            values = torch.frombuffer(bytearray(self._mapped[begin:end]), dtype=dtype)
-        else:
-            view = torch.frombuffer(self._mapped, dtype=dtype, count=stop - start, offset=begin)
-            values = view.clone()
-            del view
-        self._release(begin, end)
-        return values
-
-    def _release(self, begin: int, end: int) -> None:
-        if self._mapped is None or not hasattr(self._mapped, "madvise"):
-            return
-        first = (begin // mmap.PAGESIZE) * mmap.PAGESIZE
-        with contextlib.suppress(OSError, ValueError):
-            self._mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+        return self._mapped.read(name, start, stop)
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            if self._mapped is not None:
-                self._mapped.close()
+        self._mapped.close()
 
 
 class _TorchShard:
@@ -124,9 +93,7 @@ class _TorchShard:
 
     def tied(self) -> dict[str, str]:
         """Names whose storage an earlier name already holds (torch.save keeps ties), to that name."""
-        from mlops_cli.services.inspect import _tensor_infos
-
-        return {info.name: info.tied_to for info in _tensor_infos(self.state) if info.tied_to}
+        return tied_names(self.state)
 
     def read(self, name: str, start: int, stop: int) -> Any:
         return self.state[name].reshape(-1)[start:stop].clone()

@@ -6,16 +6,20 @@ including the registry packages with trained weights (silero-vad, facenet-pytorc
 installed. Exit status: 0 when every step gave its expected exit code, 1 otherwise.
 
     python scripts/conformance.py [--json] [--only NAME ...] [--work DIR]
+    python scripts/conformance.py --install   # pyproject's `conformance` packages, --no-deps, idempotent
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +35,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these models")
     parser.add_argument("--work", type=Path, help="folder for the built models and outputs (default: a temp dir)")
+    parser.add_argument("--install", action="store_true",
+                        help="install pyproject's `conformance` packages (--no-deps) where missing, then stop")
     args = parser.parse_args()
+    if args.install:
+        return install()
     with tempfile.TemporaryDirectory(prefix="mlops-conformance-") as scratch:
         work = args.work or Path(scratch)
         subjects = [s for s in all_subjects(work) if not args.only or s.name in args.only]
@@ -42,6 +50,25 @@ def main() -> int:
     else:
         print_table(rows, unavailable)
     return 0 if all(row.as_expected for row in rows) else 1
+
+
+def install() -> int:
+    """pip install --no-deps the pinned `conformance` packages that are not installed at their pinned version.
+
+    --no-deps: their declared requirements would replace the CPU torch (see pyproject.toml)."""
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["conformance"]
+    missing = [spec for spec in pinned if _installed(spec.split("==")[0]) != spec.split("==")[1]]
+    if not missing:
+        print("conformance packages already installed: " + ", ".join(pinned), file=sys.stderr)
+        return 0
+    return subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing])
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def run_matrix(subjects: list[Subject], progress: bool) -> tuple[list[Outcome], dict[str, str]]:

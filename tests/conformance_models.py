@@ -329,10 +329,12 @@ def hf_steps(model: Path, work: Path, expect: dict[str, tuple[int, str]] | None 
 
 def weights_steps(weights: Path, work: Path, arch: str, spec: str,
                   expect: dict[str, tuple[int, str]] | None = None) -> tuple[Step, ...]:
-    """Every command on a state_dict rebuilt by an --arch factory, fed `spec` (an --input spec)."""
+    """Every command on a state_dict rebuilt by an --arch factory, fed `spec` (an --input spec with batch=2);
+    torch.export also gets a batch-1 example (its size-1 dims must stay dynamic)."""
     load = ("--arch", arch)
     given = ("--input", spec)
-    onnx, half = work / "model.onnx", work / "fp16.safetensors"
+    onnx, half, program = work / "model.onnx", work / "fp16.safetensors", work / "batch1.pt2"
+    single = ("--input", spec.replace("batch=2", "batch=1"))
     return _with_expectations((
         Step("inspect", ("inspect", str(weights))),
         Step("summarize", ("summarize", str(weights), *load, *given, "--repeats", "0")),
@@ -340,6 +342,8 @@ def weights_steps(weights: Path, work: Path, arch: str, spec: str,
              heavy=True),
         Step("verify-parity onnx", ("verify-parity", str(weights), str(onnx), *load, *given, "--repeats", "0"),
              heavy=True),
+        Step("export pt2 batch-1", ("export", "pt2", str(weights), *load, *single, "-o", str(program), "--repeats",
+                                    "0"), heavy=True),
         Step("compress half", ("compress", "half", str(weights), *load, *given, "-o", str(half), "--repeats", "1")),
         Step("prune", ("prune", str(weights), *load, *given, "--amount", "0.2", "--repeats", "1")),
     ), expect or {})

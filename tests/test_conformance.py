@@ -5,11 +5,11 @@ The models and their expected verdicts live in tests/conformance_models.py, shar
 
 What runs here, to stay within the suite's time budget on 2 cores:
 - every model of the matrix, every command except the ONNX export and its parity check (~1-2 s a model);
-- the ONNX export and its parity check (~5-20 s a model) only for the families in EXPORTED: an encoder with
-  an MLM head (BERT), a tied-embedding decoder (GPT-2), a rotary/GQA decoder (Llama), an encoder-decoder (T5),
-  a vision transformer (ViT), a CNN with BatchNorm (HF ResNet), facenet's trained PNet, silero-vad's real
-  files and timm's resnet10t. RoBERTa, DistilBERT, Qwen2, Mistral, Phi-3, bare BERT, RNet/ONet and the other
-  timm models are exported only by `make conformance`.
+- the exports and their parity checks (~5-30 s a model) only for the families in EXPORTED: an encoder with
+  an MLM head (BERT), a tied-embedding decoder (GPT-2), a rotary/GQA decoder (Llama), a vision transformer
+  (ViT), a CNN with BatchNorm (HF ResNet), facenet's trained PNet, silero-vad's real files and timm's
+  resnet10t. RoBERTa, DistilBERT, Qwen2, Mistral, Phi-3, T5 (dynamo fails, the legacy fallback runs: ~35 s),
+  bare BERT, RNet/ONet and the other timm models are exported only by `make conformance`.
 Models whose package is missing (timm without a torchvision built for the installed torch; silero-vad and
 facenet-pytorch before `make conformance` installed them) are skipped with that reason, shown by `-ra`.
 """
@@ -22,7 +22,7 @@ import pytest
 
 from tests.conformance_models import LOGIT_STD, Outcome, Subject, all_subjects, run_step
 
-EXPORTED = {"bert", "gpt2", "llama", "t5", "vit", "resnet-hf", "facenet-mtcnn-pnet", "silero-vad",
+EXPORTED = {"bert", "gpt2", "llama", "vit", "resnet-hf", "facenet-mtcnn-pnet", "silero-vad",
             "timm-resnet10t"}
 NAMES = [subject.name for subject in all_subjects(Path("unused"))]
 SLOW = {subject.name for subject in all_subjects(Path("unused")) if subject.slow}

@@ -507,7 +507,7 @@ def run_step(subject: str, step: Step) -> Outcome:
 
     start = time.perf_counter()
     result = CliRunner().invoke(app, [*step.args, "--json"], env={"COLUMNS": "160", "NO_COLOR": "1"})
-    seconds = time.perf_counter() - start
+    seconds = round(time.perf_counter() - start, 3)
     try:
         report = json.loads(result.stdout)
     except ValueError:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +299,7 @@ class Step:
     args: tuple[str, ...]
     expect: int = 0
     reason: str = ""
-    heavy: bool = False  # ONNX export and its parity check: ~5-20 s a model on 2 cores
+    heavy: bool = False  # an export or the parity check of its file: ~5-30 s a model on 2 cores
 
 
 @dataclass(frozen=True)
@@ -313,51 +313,41 @@ class Subject:
     prepare: Callable[[], object] | None = field(default=None, compare=False)
 
 
-def hf_steps(model: Path, work: Path, expect: dict[str, tuple[int, str]] | None = None) -> tuple[Step, ...]:
-    """Every command on a Hugging Face folder; `expect` overrides a step's exit code (with the reason)."""
+def hf_steps(model: Path, work: Path) -> tuple[Step, ...]:
+    """Every command on a Hugging Face folder (all must pass: no family here has a legitimate failure)."""
     onnx, half = work / "model.onnx", work / "fp16"
-    return _with_expectations((
+    return (
         Step("inspect", ("inspect", str(model))),
         Step("summarize", ("summarize", str(model), "--repeats", "0")),
-        Step("export onnx", ("export", "onnx", str(model), "-o", str(onnx), "--repeats", "0"), heavy=True),
+        Step("export onnx", ("export", "onnx", str(model), "-o", str(onnx), "--force", "--repeats", "0"), heavy=True),
         Step("verify-parity onnx", ("verify-parity", str(model), str(onnx), "--repeats", "0"), heavy=True),
-        Step("compress half", ("compress", "half", str(model), "-o", str(half), "--repeats", "1")),
+        Step("compress half", ("compress", "half", str(model), "-o", str(half), "--force", "--repeats", "1")),
         Step("verify-parity fp16", ("verify-parity", str(model), str(half), "--preset", "fp16", "--repeats", "0")),
         Step("prune", ("prune", str(model), "--amount", "0.2", "--repeats", "1")),
-    ), expect or {})
+    )
 
 
-def weights_steps(weights: Path, work: Path, arch: str, spec: str,
-                  expect: dict[str, tuple[int, str]] | None = None) -> tuple[Step, ...]:
+def weights_steps(weights: Path, work: Path, arch: str, spec: str) -> tuple[Step, ...]:
     """Every command on a state_dict rebuilt by an --arch factory, fed `spec` (an --input spec with batch=2);
     torch.export also gets a batch-1 example (its size-1 dims must stay dynamic)."""
     load = ("--arch", arch)
     given = ("--input", spec)
     onnx, half, program = work / "model.onnx", work / "fp16.safetensors", work / "batch1.pt2"
     single = ("--input", spec.replace("batch=2", "batch=1"))
-    return _with_expectations((
+    return (
         Step("inspect", ("inspect", str(weights))),
         Step("summarize", ("summarize", str(weights), *load, *given, "--repeats", "0")),
-        Step("export onnx", ("export", "onnx", str(weights), *load, *given, "-o", str(onnx), "--repeats", "0"),
-             heavy=True),
+        Step("export onnx", ("export", "onnx", str(weights), *load, *given, "-o", str(onnx), "--force",
+                             "--repeats", "0"), heavy=True),
         Step("verify-parity onnx", ("verify-parity", str(weights), str(onnx), *load, *given, "--repeats", "0"),
              heavy=True),
-        Step("export pt2 batch-1", ("export", "pt2", str(weights), *load, *single, "-o", str(program), "--repeats",
-                                    "0"), heavy=True),
-        Step("compress half", ("compress", "half", str(weights), *load, *given, "-o", str(half), "--repeats", "1")),
+        Step("export pt2 batch-1", ("export", "pt2", str(weights), *load, *single, "-o", str(program), "--force",
+                                    "--repeats", "0"), heavy=True),
+        Step("compress half", ("compress", "half", str(weights), *load, *given, "-o", str(half), "--force",
+                               "--repeats", "1")),
         Step("prune", ("prune", str(weights), *load, *given, "--amount", "0.2", "--repeats", "1")),
-    ), expect or {})
+    )
 
-
-def _with_expectations(steps: tuple[Step, ...], expect: dict[str, tuple[int, str]]) -> tuple[Step, ...]:
-    unknown = set(expect) - {step.command for step in steps}
-    assert not unknown, f"expectations for steps that do not exist: {unknown}"
-    return tuple(replace(s, expect=expect[s.command][0], reason=expect[s.command][1]) if s.command in expect else s
-                 for s in steps)
-
-
-# Families whose verdict is legitimately not a pass, with the reason (none yet: a correct mlops passes them all).
-HF_EXPECTATIONS: dict[str, dict[str, tuple[int, str]]] = {}
 
 SLOW_FAMILIES = {"t5", "phi3", "mistral", "qwen2", "roberta", "distilbert", "resnet-hf", "bert-base"}
 
@@ -367,7 +357,7 @@ def hf_subjects(root: Path) -> list[Subject]:
     for family in HF_FAMILIES:
         folder, work = root / family.name, root / f"{family.name}-out"
         subjects.append(Subject(
-            family.name, hf_steps(folder, work, HF_EXPECTATIONS.get(family.name)),
+            family.name, hf_steps(folder, work),
             slow=family.name in SLOW_FAMILIES,
             prepare=lambda family=family, folder=folder, work=work: _prepare_hf(family, folder, work)))
     return subjects
@@ -460,7 +450,7 @@ def silero_subjects(root: Path) -> list[Subject]:
              "silero_vad_half.onnx is not an fp16 copy of silero_vad.onnx: float32 weights, no fp16 cast, and "
              "another network (speech probability 0.149 vs 0.028 on the same window); the mismatch is real"),
         Step("compress half onnx", ("compress", "half", path["silero_vad_16k_op15.onnx"], "-o", str(half),
-                                    "--repeats", "1", *SILERO_ONNX_INPUTS)),
+                                    "--force", "--repeats", "1", *SILERO_ONNX_INPUTS)),
         Step("verify-parity onnx fp16", ("verify-parity", path["silero_vad_16k_op15.onnx"], str(half),
                                          "--preset", "fp16", "--repeats", "0", *real)),
     )

@@ -34,6 +34,11 @@ lint: setup
 	$(BIN)/mypy mlops_cli
 	$(BIN)/lint-imports --no-cache
 
+# Regenerate every captured output in the docs (docs/cli.md, the generated blocks of docs/commands/*.md).
+.PHONY: docs
+docs: setup
+	$(BIN)/python scripts/gen_docs.py
+
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 

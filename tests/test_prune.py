@@ -540,22 +540,24 @@ def test_command_no_size_estimate_says_so(cli) -> None:
 # ---------------------------------------------------------------- speed-ups the spread supports (#14)
 
 
-def timing(median: float, p90: float, low: float, repeats: int = 20) -> Any:
-    from mlops_cli.core.timing import Timing
+def timing(*samples: float) -> Any:
+    from mlops_cli.core.timing import summarize_samples
 
-    return Timing(median_ms=median, p90_ms=p90, min_ms=low, max_ms=p90, stdev_ms=0.1, repeats=repeats, warmup=3)
+    return summarize_samples(list(samples), warmup=3)
 
 
-def test_a_speed_up_is_claimed_only_when_the_spreads_do_not_overlap() -> None:
+def test_a_speed_up_is_claimed_only_when_its_interval_excludes_one() -> None:
     from mlops_cli.render.prune import speed_change
     from mlops_cli.services.prune import LatencyFigures
 
-    overlapping = LatencyFigures("x", before=timing(1.8, 2.0, 1.0), after=timing(1.0, 2.0, 0.9))  # issue #14
-    assert overlapping.speedup == pytest.approx(1.8) and not overlapping.measurable
-    assert speed_change(overlapping) == "no measurable difference"
-    faster = LatencyFigures("x", before=timing(2.0, 2.2, 1.9), after=timing(1.0, 1.1, 0.95))
-    assert faster.measurable and speed_change(faster) == "2.00x speed-up"
-    slower = LatencyFigures("x", before=timing(1.0, 1.1, 0.95), after=timing(2.0, 2.2, 1.9))
-    assert slower.measurable and speed_change(slower) == "2.00x slow-down"
-    few = LatencyFigures("x", before=timing(2.0, 2.0, 2.0, repeats=1), after=timing(1.0, 1.0, 1.0, repeats=1))
-    assert not few.measurable and speed_change(few) == "too few repeats to tell (1)"
+    noisy = (1.0, 2.0, 1.1, 1.9, 1.2, 1.8, 1.0, 2.0)  # issue #14: equal p90s, medians apart by noise
+    overlapping = LatencyFigures("x", before=timing(*noisy), after=timing(*reversed(noisy[1:]), 0.9))
+    assert not overlapping.measurable
+    assert speed_change(overlapping).startswith("no measurable difference")
+    steady_2, steady_1 = (2.0, 2.1, 1.95, 2.05, 2.0, 2.02), (1.0, 1.05, 0.98, 1.02, 1.0, 1.01)
+    faster = LatencyFigures("x", before=timing(*steady_2), after=timing(*steady_1))
+    assert faster.measurable and speed_change(faster).startswith("2.00x faster")
+    slower = LatencyFigures("x", before=timing(*steady_1), after=timing(*steady_2))
+    assert slower.measurable and speed_change(slower).startswith("2.00x slower")
+    few = LatencyFigures("x", before=timing(2.0), after=timing(1.0))
+    assert not few.measurable and speed_change(few).startswith("no measurable difference")

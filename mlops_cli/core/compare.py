@@ -1,11 +1,18 @@
-"""Numeric comparison of two output sets: statistics, tolerances, attention-mask awareness.
+"""Numeric comparison of two output sets: statistics, tolerances, agreement criteria, attention-mask awareness.
 
 Tolerance semantics (stated in every command's help): an element passes when
 |candidate - reference| <= atol + rtol * |reference|.
+
+A precision preset (fp32, fp16, bf16, int8) makes that bound scale-aware and adds task-level criteria:
+the logits of a trained LM are tens in magnitude, so an fp32 export differing by 3e-4 is rounding, not a bug.
+Under a preset, atol grows to `scale x max|reference|` of each output where that is larger, and the output must
+also reach the preset's cosine similarity and, for logits-like outputs, its top-1 (argmax) and greedy next-token
+agreement. Explicit --atol/--rtol keep their plain meaning: the element-wise bound as given, nothing else.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +23,41 @@ PRESETS = {  # (atol, rtol) suitable for each kind of candidate
     "bf16": (5e-2, 2e-2),
     "int8": (1e-1, 5e-2),
 }
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What a preset asks beyond the element-wise bound, and how far its atol grows with an output's magnitude."""
+
+    scale: float  # atol is at least scale * max|reference| of the output
+    cosine: float  # minimum cosine similarity of the whole output
+    top1: float  # minimum argmax agreement of logits-like outputs (per position, and greedy next token)
+
+
+AGREEMENT = {  # rounding of fp32 kernels, then 10-bit, 7-bit and 8-bit-integer weights
+    "fp32": Agreement(scale=5e-5, cosine=0.99999, top1=1.0),
+    "fp16": Agreement(scale=5e-3, cosine=0.9999, top1=0.99),
+    "bf16": Agreement(scale=3e-2, cosine=0.999, top1=0.98),
+    "int8": Agreement(scale=1e-1, cosine=0.99, top1=0.9),
+}
+PRECISION_ORDER = tuple(PRESETS)  # from the most to the least precise
+
+ELEMENTWISE, COSINE, TOP1, NEXT_TOKEN = "element-wise", "cosine", "top-1", "next token"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One check of one output: `value rule threshold` (e.g. cosine 0.999998 >= 0.99999).
+
+    The element-wise check's value is the atol the output needs (max of |diff| - rtol*|ref|), its threshold the
+    atol allowed (the preset's, grown with the output's magnitude, or the user's).
+    """
+
+    name: str
+    value: float
+    threshold: float
+    rule: str  # ">=" or "<="
+    passed: bool
 
 
 @dataclass(frozen=True)
@@ -38,6 +80,14 @@ class OutputDiff:
     elements: int = 0
     masked_out: int = 0
     problem: str | None = None  # shape mismatch, NaN/inf, missing output
+    scale: float | None = None  # max |reference| over the compared elements
+    effective_atol: float | None = None  # the atol applied: max(atol, preset scale * scale) under a preset
+    next_token_agreement: float | None = None  # greedy next token (last real position) of LM logits
+    criteria: tuple[Criterion, ...] = ()
+
+    @property
+    def failed_criterion(self) -> Criterion | None:
+        return next((c for c in self.criteria if not c.passed), None)
 
 
 def mask_for(output: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray | None:
@@ -51,8 +101,12 @@ def mask_for(output: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarra
 
 
 def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float,
-                   attention_mask: np.ndarray | None = None) -> OutputDiff:
-    """Compare one output; positions the attention mask marks as padding are excluded when a mask is given."""
+                   attention_mask: np.ndarray | None = None, agreement: Agreement | None = None) -> OutputDiff:
+    """Compare one output; positions the attention mask marks as padding are excluded when a mask is given.
+
+    Without `agreement` the element-wise bound is the only check (plain --atol/--rtol); with it the bound is
+    scale-aware and the preset's criteria apply too.
+    """
     ref_shape, cand_shape = tuple(reference.shape), tuple(candidate.shape)
     if ref_shape != cand_shape:
         return OutputDiff(name, ref_shape, cand_shape, atol, rtol, False,
@@ -60,8 +114,10 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     selection = mask_for(reference, attention_mask)
+    row_mask = attention_mask if selection is not None else None
     masked_out = 0
-    top1 = _top1_agreement(ref, cand, attention_mask if selection is not None else None)
+    top1 = _top1_agreement(ref, cand, row_mask)
+    next_token = _next_token_agreement(ref, cand, row_mask)
     if selection is not None:
         masked_out = int(selection.size - selection.sum())
         ref, cand = ref[selection], cand[selection]
@@ -74,22 +130,53 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     if ref.size == 0:
         return OutputDiff(name, ref_shape, cand_shape, atol, rtol, True, elements=0, masked_out=masked_out)
     diff = np.abs(cand - ref)
-    allowed = atol + rtol * np.abs(ref)
+    scale = float(np.abs(ref).max())
+    effective_atol = max(atol, agreement.scale * scale) if agreement else atol
     norm = float(np.linalg.norm(ref) * np.linalg.norm(cand))
     cosine = float(np.dot(ref, cand) / norm) if norm > 0 else (1.0 if not diff.any() else 0.0)
+    needed = float(max(0.0, (diff - rtol * np.abs(ref)).max()))
+    logits = _logits_like(name, ref_shape)
+    criteria = [Criterion(ELEMENTWISE, needed, effective_atol, "<=", needed <= effective_atol)]
+    if agreement:
+        criteria += _agreement_criteria(agreement, cosine, scale > atol, top1 if logits else None,
+                                        next_token if logits else None)
     return OutputDiff(
         name, ref_shape, cand_shape, atol, rtol,
-        passed=bool((diff <= allowed).all()),
+        passed=all(c.passed for c in criteria),
         max_abs=float(diff.max()),
         max_rel=float((diff / np.maximum(np.abs(ref), 1e-12)).max()),
         mean_abs=float(diff.mean()),
         p99_abs=float(np.percentile(diff, 99)),
         cosine=cosine,
         top1_agreement=top1,
-        min_atol_to_pass=float(max(0.0, (diff - rtol * np.abs(ref)).max())),
+        min_atol_to_pass=needed,
         elements=int(ref.size),
         masked_out=masked_out,
+        scale=scale,
+        effective_atol=effective_atol,
+        next_token_agreement=next_token,
+        criteria=tuple(criteria),
     )
+
+
+def _agreement_criteria(agreement: Agreement, cosine: float, above_noise: bool, top1: float | None,
+                        next_token: float | None) -> list[Criterion]:
+    """The preset's task-level checks. Cosine only for outputs larger than atol: the direction of values that
+    are all within the noise floor says nothing."""
+    checks = [(COSINE, cosine if above_noise else None, agreement.cosine), (TOP1, top1, agreement.top1),
+              (NEXT_TOKEN, next_token, agreement.top1)]
+    return [Criterion(name, value, threshold, ">=", value >= threshold)
+            for name, value, threshold in checks if value is not None]
+
+
+# Outputs whose argmax is the answer: HF logits (start_logits...), scores, and the single unnamed output of a
+# plain classifier; 2-D (batch, classes) or 3-D (batch, sequence, vocabulary).
+_LOGITS_NAME = re.compile(r"logit|score|^(output|out)_?\d*$", re.IGNORECASE)
+
+
+def _logits_like(name: str, shape: tuple[int, ...]) -> bool:
+    reference_name = name.split(" ~ ")[0]
+    return bool(_LOGITS_NAME.search(reference_name)) and len(shape) in (2, 3) and shape[-1] >= 2
 
 
 def _top1_agreement(ref: np.ndarray, cand: np.ndarray, attention_mask: np.ndarray | None) -> float | None:
@@ -100,3 +187,17 @@ def _top1_agreement(ref: np.ndarray, cand: np.ndarray, attention_mask: np.ndarra
     if attention_mask is not None and agree.shape == attention_mask.shape:
         agree = agree[attention_mask.astype(bool)]
     return float(agree.mean()) if agree.size else None
+
+
+def _next_token_agreement(ref: np.ndarray, cand: np.ndarray, attention_mask: np.ndarray | None) -> float | None:
+    """Greedy decoding's view of LM logits (batch, sequence, vocabulary): does each row's last real position
+    pick the same next token?"""
+    if ref.ndim != 3 or ref.shape[-1] < 2 or not np.isfinite(ref).all() or not np.isfinite(cand).all():
+        return None
+    batch, sequence = ref.shape[:2]
+    last = np.full(batch, sequence - 1)
+    if attention_mask is not None and attention_mask.shape == (batch, sequence):
+        real = attention_mask.astype(bool)
+        last = np.where(real.any(1), sequence - 1 - real[:, ::-1].argmax(1), sequence - 1)
+    rows = np.arange(batch)
+    return float((ref[rows, last].argmax(-1) == cand[rows, last].argmax(-1)).mean())

@@ -144,10 +144,11 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
     model_class = _hf_model_class(config, options.task, folder)
     if (folder / QUANTIZATION_INFO).is_file():
         return _load_hf_int8_folder(folder, config, model_class, options)
-    _check_hf_weights_present(folder)
+    use_safetensors, ignored = _hf_weights(folder)
     try:
         model, info = model_class.from_pretrained(
-            folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code)
+            folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code,
+            use_safetensors=use_safetensors)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -162,6 +163,8 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
             hint="The checkpoint belongs to another architecture or head; pass --task to pick the class.")
     loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=model.eval(), path=folder,
                          config=config)
+    loaded.warnings.extend(f"{folder / name} was not read: the folder's safetensors weights were loaded instead"
+                           for name in ignored)
     loaded.tokenizer = _load_hf_tokenizer(folder, options, loaded.warnings)
     return loaded
 
@@ -204,15 +207,28 @@ def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
                      hint=f"Pass --task, one of: {', '.join(TASK_CLASSES)}.")
 
 
-def _check_hf_weights_present(folder: Path) -> None:
-    weight_files = [p for p in folder.iterdir()
-                    if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
-    if not weight_files:
+def hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the weight files transformers loads from an HF folder, the pytorch_model*.bin weights it then skips).
+
+    Like transformers, safetensors win when both kinds are present; the `.bin` pickles are then never opened
+    (not even sniffed), so a hostile or broken one beside good safetensors neither blocks nor costs a read.
+    """
+    safetensors = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json")))
+    pickles = sorted(p for p in folder.iterdir() if p.name.endswith((".bin", ".bin.index.json")))
+    return (safetensors, [p for p in pickles if p.name.startswith("pytorch_model")]) if safetensors else (pickles, [])
+
+
+def _hf_weights(folder: Path) -> tuple[bool | None, list[str]]:
+    """Check the weight files transformers will load: (its `use_safetensors`, names of the pickles it skips)."""
+    chosen, skipped = hf_weight_files(folder)
+    if not chosen:
         raise InputError(f"{folder} has config.json but no weights (*.safetensors or *.bin)",
                          hint="Copy the weight files into the folder.")
-    for weights in weight_files:
+    for weights in chosen:
         if weights.suffix != ".json":
             detect_format(weights)  # empty / LFS-pointer / corrupt files fail here with a plain message
+    uses_safetensors = chosen[0].name.endswith((".safetensors", ".safetensors.index.json"))
+    return (True if uses_safetensors else None), [p.name for p in skipped]
 
 
 def _load_hf_tokenizer(folder: Path, options: LoadOptions, warnings: list[str]) -> Any:

@@ -10,7 +10,6 @@ from rich.text import Text
 from mlops_cli.render import fmt_bytes, fmt_count, fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
 from mlops_cli.render.parity import parity_tables
 from mlops_cli.services.prune import AmountResult, LatencyFigures, PruneReport, SizeFigures
-from mlops_cli.services.prune.report import MIN_REPEATS_TO_TELL
 
 DRIFT_COLUMNS = ("input set", "output", "max |diff|", "mean |diff|", "cosine", "top-1")
 
@@ -98,16 +97,8 @@ def _before_after(report: PruneReport, result: AmountResult) -> Iterator[tuple[s
 
 
 def speed_change(latency: LatencyFigures) -> str:
-    """'1.80x speed-up' only where the spreads support it; otherwise say that no difference was measured."""
-    if not latency.measurable:
-        if latency.repeats < MIN_REPEATS_TO_TELL:
-            return f"too few repeats to tell ({latency.repeats})"
-        return "no measurable difference"
-    if latency.speedup is None:
-        return "-"
-    if latency.speedup >= 1:
-        return f"{latency.speedup:.2f}x speed-up"
-    return f"{1 / latency.speedup:.2f}x slow-down"
+    """'1.80x faster (1.62-1.95x)' only where the interval supports it; else 'no measurable difference'."""
+    return latency.ratio.describe() if latency.ratio else "-"
 
 
 def _size_rows(before: SizeFigures, after: SizeFigures) -> Iterator[tuple[str, str, str, str]]:
@@ -164,8 +155,8 @@ def _sweep_tables(report: PruneReport) -> Iterator[RenderableType]:
     yield table("Sweep: one row per amount", columns, rows,
                 numeric=[c for c in columns if c not in ("amount", "result")],
                 caption="sparsity: zeros in the pruned layers; drift: worst over all outputs and input sets; "
-                        "speed-up: p50 of the unpruned model / p50 of the pruned one, claimed only where the "
-                        "min-p90 spreads do not overlap")
+                        "speed-up: p50 of the unpruned model / p50 of the pruned one, claimed only where its 95% "
+                        "bootstrap interval excludes 1.0")
     timed = [r for r in report.results if r.latency]
     if timed:
         yield table(f"Latency per amount (A/B interleaved, {timed[0].latency.input_set})",  # type: ignore[union-attr]

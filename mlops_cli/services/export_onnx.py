@@ -525,7 +525,7 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
     """Export, check, verify, optionally optimise, then move the result into place (even when it fails
     verification: the caller reports the verdict and exits 6, and the file is there to inspect)."""
     from mlops_cli.core.inputs import example_inputs
-    from mlops_cli.core.io import check_output
+    from mlops_cli.core.io import check_output, scratch_dir_beside
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.timing import Stopwatch
 
@@ -542,7 +542,7 @@ def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings
         explicit = list(settings.inputs) or None
         specs = specs_for(loaded, explicit)
         example = example_inputs(loaded, explicit, settings.seed)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    workdir = scratch_dir_beside(target)
     try:
         with watch.stage("export"):
             written = write_onnx(loaded, workdir / target.name, example, dynamic=not settings.static,

@@ -119,7 +119,7 @@ def _write_hf_folder(loaded: LoadedModel, module: Any, folder: Path) -> None:
 def _write_weights_folder(ref: ModelRef, loaded: LoadedModel, options: PruneOptions, module: Any,
                           state: dict[str, Any], folder: Path, info: dict[str, Any]) -> None:
     from mlops_cli.core import zoo
-    from mlops_cli.core.io import save_torch
+    from mlops_cli.core.io import save_safetensors, save_torch
     from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 
     source = ref.path if ref.path is not None and ref.path.is_dir() else None
@@ -135,9 +135,7 @@ def _write_weights_folder(ref: ModelRef, loaded: LoadedModel, options: PruneOpti
         sidecar.update(arch=arch, arch_kwargs=loaded.arch_kwargs)
     sidecar.update(weights=weights, inputs=list(options.inputs.specs or loaded.input_specs), pruned=info)
     if weights.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(state, str(folder / weights), metadata={"format": "pt"})  # what was done: in mlops.json
+        save_safetensors(state, folder / weights, metadata={"format": "pt"})  # what was done: in mlops.json
     else:
         save_torch(state, folder / weights)
     write_sidecar(folder, sidecar)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlops_cli.core.contract import OutputOptions
+from mlops_cli.core.contract import ServiceOptions
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.inputs import InputRequest
 from mlops_cli.core.parity import Tolerances
@@ -16,11 +16,15 @@ METHODS = ("l1", "random", "ln-structured", "global")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneOptions(OutputOptions):
-    """What to prune and how, how to check the result, and where to write it."""
+class PruneOptions(ServiceOptions):
+    """What to prune and how, how to check the result, and where to write it.
 
-    # Without an output prune only reports (nothing is written), so unlike other writers OUT is optional.
-    output: Path | None = None  # type: ignore[assignment]
+    Without an output prune only reports (nothing is written): unlike the other writers (`OutputOptions`) its
+    output is optional, so it declares output and force itself.
+    """
+
+    output: Path | None = None
+    force: bool = False
     method: str = "l1"
     amounts: tuple[float, ...] = (0.3,)
     n: float = 2.0  # norm order of ln-structured (and of channel importance when shrinking)

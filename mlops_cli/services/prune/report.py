@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from mlops_cli.core.contract import Report
 from mlops_cli.core.parity import ParityReport
-from mlops_cli.core.timing import Timing
+from mlops_cli.core.timing import SpeedRatio, Timing, speed_ratio
 
 
 @dataclass(frozen=True)
@@ -59,29 +59,27 @@ class Drift:
     error: str | None = None
 
 
-MIN_REPEATS_TO_TELL = 5  # below this, min and p90 are too few samples to bound a timing
-
-
 @dataclass(frozen=True)
 class LatencyFigures:
     """Before/after latency, timed A/B interleaved on the default input shape.
 
-    `speedup` is the ratio of the medians; it is `measurable` only when the two spreads (min to p90) do not
-    overlap, over enough repeats: zeros in dense tensors change nothing, and noise must not read as a speed-up.
+    `speedup` is the ratio of the medians; it is `measurable` only when its bootstrap interval excludes 1.0
+    (core/timing.speed_ratio): zeros in dense tensors change nothing, and noise must not read as a speed-up.
     """
 
     input_set: str
     before: Timing
     after: Timing
 
+    ratio: SpeedRatio | None = dataclasses.field(init=False)
     speedup: float | None = dataclasses.field(init=False)  # before p50 / after p50
     measurable: bool = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        speedup = self.before.median_ms / self.after.median_ms if self.after.median_ms else None
-        object.__setattr__(self, "speedup", speedup)
-        overlap = self.before.min_ms <= self.after.p90_ms and self.after.min_ms <= self.before.p90_ms
-        object.__setattr__(self, "measurable", self.repeats >= MIN_REPEATS_TO_TELL and not overlap)
+        ratio = speed_ratio(self.before, self.after)
+        object.__setattr__(self, "ratio", ratio)
+        object.__setattr__(self, "speedup", ratio.ratio if ratio else None)
+        object.__setattr__(self, "measurable", bool(ratio and ratio.measurable))
 
     @property
     def repeats(self) -> int:

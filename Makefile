@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean conformance
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ docs: setup
 
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+# The conformance matrix (issue #13) as a report: exit code, verdict and wall time per model and command.
+# Installs pyproject's `conformance` packages first (--no-deps, skipped when already there).
+conformance: setup
+	$(BIN)/python scripts/conformance.py --install
+	$(BIN)/python scripts/conformance.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache .mypy_cache

@@ -22,7 +22,7 @@ from mlops_cli import __version__, commands
 from mlops_cli.core.errors import MlopsError, ResourceError
 
 # Order in `mlops --help`; modules not listed come after, alphabetically.
-COMMAND_ORDER = ("inspect", "summarize", "view", "export", "verify_parity", "compress", "prune",
+COMMAND_ORDER = ("inspect", "summarize", "estimate", "view", "export", "verify_parity", "compress", "prune",
                  "bench_tokenizers", "generate", "zoo")
 
 def exit_code_for(exc: BaseException) -> tuple[int, str, str | None]:

@@ -52,7 +52,8 @@ def test_small_llama_with_gqa_matches_hand_counts(tmp_path: Path) -> None:
     params = report.parameters
     assert (params.unique, params.total, params.embedding, params.tied) == (unique, unique, embedding, ())
     assert params.non_embedding == unique - embedding
-    assert report.decoder_lm and report.compute is not None and report.compute.unit == "token"
+    assert report.decoder_lm and report.compute is not None
+    assert (report.compute.unit, report.compute.context) == ("token", 16)
     assert report.compute.linear_macs == 2 * linear_per_layer + head
     assert report.compute.attention_macs == 2 * 2 * (4 * 16) * 16  # 2 products x layers x heads x head_dim x keys
     assert report.kv_cache is not None
@@ -125,7 +126,7 @@ def test_other_models_are_counted_on_meta_tensors(name: str) -> None:
         parse_input_spec("pixel_values:float32[batch=1,3,32,32]")]
     real = count_macs(module, make_inputs(specs, {"batch": 1}).tensors, by_module=False)
     assert report.compute is not None and report.compute.method == "op counter on meta tensors"
-    assert (report.compute.unit, report.compute.macs) == ("example", real.macs)
+    assert (report.compute.unit, report.compute.macs, report.compute.context) == ("example", real.macs, None)
     assert report.kv_cache is None and not report.decoder_lm
     assert report.activations.inference_bytes and report.activations.training_bytes
 

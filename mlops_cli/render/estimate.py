@@ -10,11 +10,17 @@ from mlops_cli.render import fmt_bytes, fmt_count, key_values, note, table
 from mlops_cli.services.estimate import GPU_RESERVE_BYTES, EstimateReport
 
 
+def _shape(report: EstimateReport) -> str:
+    """`context N, batch B`, or `batch B` for a model whose inputs have no sequence (images)."""
+    sequence = report.compute is None or report.compute.context is not None
+    return f"context {report.context}, batch {report.batch}" if sequence else f"batch {report.batch}"
+
+
 def estimate_tables(report: EstimateReport) -> Iterator[RenderableType]:
     yield key_values(f"Model: {report.reference} (built on the meta device, no weight read)", [
         ("class", report.model_class), ("read", report.source),
         ("kind", "decoder LM (per token, KV cache)" if report.decoder_lm else "per example"),
-        ("context x batch", f"{report.context} x {report.batch}")])
+        ("estimated at", _shape(report))])
     yield _parameters(report)
     if report.compute is not None:
         yield _compute(report)
@@ -43,10 +49,11 @@ def _parameters(report: EstimateReport) -> RenderableType:
 def _compute(report: EstimateReport) -> RenderableType:
     compute = report.compute
     assert compute is not None
-    at = f"context {report.context}" if report.decoder_lm or compute.method == "analytic" else "its input shape"
+    at = f"context {compute.context}" if compute.context is not None else "its input shape"
+    weights = "Linear layers" if compute.method == "analytic" else "matrix products, convolutions"
     return key_values(f"Compute per {compute.unit} ({at}; {compute.method})", [
         (f"MACs per {compute.unit}", fmt_count(compute.macs)),
-        ("  weights (Linear layers)", fmt_count(compute.linear_macs)),
+        (f"  weights ({weights})", fmt_count(compute.linear_macs)),
         ("  attention (q·kᵀ, attention·v)", fmt_count(compute.attention_macs)),
         (f"FLOPs per {compute.unit} (2 per MAC)", fmt_count(compute.flops)),
     ])
@@ -63,7 +70,7 @@ def _inference(report: EstimateReport) -> RenderableType:
         caption = (f"KV cache: 2 x {kv.layers} layers x {kv.kv_heads} KV heads x {kv.head_dim} dims x "
                    f"{kv.bytes_per_element} bytes = {fmt_bytes(kv.bytes_per_token)} per token, 16-bit at every weight "
                    "precision. int8/int4: weights only, quantisation scales not counted.")
-    return table(f"Inference memory (context {report.context}, batch {report.batch})",
+    return table(f"Inference memory ({_shape(report)})",
                  ("weights", "weight memory", "KV cache", "activations", "total"), rows,
                  numeric=("weight memory", "KV cache", "activations", "total"), caption=caption)
 

@@ -60,9 +60,10 @@ class ComputeEstimate:
 
     unit: str  # "token" or "example"
     macs: int
-    linear_macs: int  # weights' share (matrix products with parameters)
+    linear_macs: int  # weights' share (Linear layers; with the op counter, every matrix product and convolution)
     attention_macs: int  # q·kᵀ and attention·v
     method: str  # "analytic" or "op counter on meta tensors"
+    context: int | None  # the sequence length it holds for; None when the inputs have no sequence (images)
 
     @property
     def flops(self) -> int:
@@ -178,7 +179,8 @@ def _analytic(meta: MetaModel, dims: AttentionDims, unit: str, context: int) -> 
     linear = linear_macs_per_token(meta.module)
     attention = 2 * dims.layers * dims.heads * dims.head_dim * context
     tokens = 1 if unit == "token" else context
-    return ComputeEstimate(unit, (linear + attention) * tokens, linear * tokens, attention * tokens, "analytic")
+    return ComputeEstimate(unit, (linear + attention) * tokens, linear * tokens, attention * tokens, "analytic",
+                           context)
 
 
 def _compute(meta: MetaModel, dims: AttentionDims | None, decoder: bool, options: EstimateOptions,
@@ -214,8 +216,10 @@ def _counted(meta: MetaModel, options: EstimateOptions) -> tuple[ComputeEstimate
     per_example = options.batch
     shapes = [shape for path, call in profile.modules.items() if path and _is_leaf(meta.module, path)
               for shape in call.output_shapes]
+    has_sequence = any(dim.name == "sequence" for spec in specs for dim in spec.dims)
     return ComputeEstimate("example", macs.macs // per_example, (macs.macs - attention) // per_example,
-                           attention // per_example, "op counter on meta tensors"), shapes
+                           attention // per_example, "op counter on meta tensors",
+                           options.context if has_sequence else None), shapes
 
 
 def _is_leaf(module: Any, path: str) -> bool:

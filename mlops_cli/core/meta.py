@@ -39,12 +39,9 @@ class ParameterCount:
     total: int  # once per name: tied tensors counted twice
     unique: int
     embedding: int
+    non_embedding: int
     buffers: int
     tied: tuple[tuple[str, ...], ...]  # names sharing one tensor
-
-    @property
-    def non_embedding(self) -> int:
-        return self.unique - self.embedding
 
 
 @dataclass(frozen=True)
@@ -157,10 +154,10 @@ def count_parameters(module: Any) -> ParameterCount:
         groups.setdefault(id(tensor), []).append(name)
         sizes[id(tensor)] = tensor.numel()
     embedding_ids = {id(sub.weight) for sub in module.modules() if isinstance(sub, nn.Embedding)}
+    embedding = sum(sizes[key] for key in embedding_ids if key in sizes)
     return ParameterCount(
         total=sum(sizes[key] * len(names) for key, names in groups.items()),
-        unique=sum(sizes.values()),
-        embedding=sum(sizes[key] for key in embedding_ids if key in sizes),
+        unique=sum(sizes.values()), embedding=embedding, non_embedding=sum(sizes.values()) - embedding,
         buffers=sum(buffer.numel() for buffer in module.buffers()),
         tied=tuple(tuple(names) for names in groups.values() if len(names) > 1))
 

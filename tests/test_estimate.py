@@ -106,6 +106,31 @@ def test_analytic_macs_match_the_op_counter_on_a_real_model(tmp_path: Path) -> N
     assert report.compute.attention_macs * context == counted.attention_macs
 
 
+def test_mixture_of_experts_counts_the_experts_a_token_runs(tmp_path: Path) -> None:
+    """Mixtral keeps its experts in stacked [experts, out, in] tensors: all of them weigh, top-k compute."""
+    import torch
+    import transformers
+
+    from mlops_cli.core.flops import count_macs
+
+    config = {**SMALL_LLAMA, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+              "num_local_experts": 4, "num_experts_per_tok": 2}
+    report = estimate(write_config(tmp_path, config), context=8)
+    expert = 3 * 64 * 128  # gate, up and down projections of one expert
+    attention_linear = 4096 + 2048 + 2048 + 4096
+    assert report.compute is not None
+    assert report.compute.linear_macs == 2 * (attention_linear + 2 * expert) + 100 * 64
+    assert report.parameters.unique >= 2 * 4 * expert  # every expert weighs
+    assert any("count the 2 a token runs" in line for line in report.notes)
+    torch.manual_seed(0)
+    # eager experts: core/flops has no formula for the default kernel, aten._grouped_mm, yet
+    model = transformers.MixtralForCausalLM._from_config(transformers.MixtralConfig(**config),
+                                                         experts_implementation="eager").eval()
+    counted = count_macs(model, {"input_ids": torch.randint(0, 100, (1, 8))}, by_module=False)
+    router = 2 * 64 * 4 * 8  # the router's logits (layers x hidden x experts x tokens), not a Linear layer
+    assert report.compute.macs * 8 == counted.macs - router
+
+
 def test_weights_are_never_read(tmp_path: Path) -> None:
     """A folder whose weight file is garbage still estimates: only config.json is opened."""
     folder = write_config(tmp_path / "model", SMALL_LLAMA).parent

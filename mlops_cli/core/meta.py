@@ -58,6 +58,14 @@ class AttentionDims:
     max_positions: int | None
 
 
+@dataclass(frozen=True)
+class Experts:
+    """A mixture of experts: how many each MoE layer holds, and how many a token runs (top-k)."""
+
+    count: int
+    per_token: int
+
+
 # ---------------------------------------------------------------- building
 
 
@@ -162,25 +170,50 @@ def count_parameters(module: Any) -> ParameterCount:
         tied=tuple(tuple(names) for names in groups.values() if len(names) > 1))
 
 
-def linear_macs_per_token(module: Any) -> int:
+def linear_macs_per_token(module: Any, experts: Experts | None = None) -> int:
     """MACs of every Linear-like layer for one token: one multiply-add per weight element (nn.Linear and
-    GPT-2's Conv1D; a tied output head is computed, so it counts here)."""
+    GPT-2's Conv1D; a tied output head is computed, so it counts here). In a mixture of experts a token runs
+    only `experts.per_token` of the `experts.count` experts: their weights (Linear layers, or the stacked
+    [experts, out, in] tensors recent transformers use) count in that proportion."""
     import torch.nn as nn
 
+    def share(path: str, elements: int) -> int:
+        in_experts = experts is not None and ".experts." in f".{path}."
+        return elements * experts.per_token // experts.count if in_experts and experts else elements
+
     total = 0
-    for sub in module.modules():
+    for path, sub in module.named_modules():
         weight = getattr(sub, "weight", None)
         is_linear = isinstance(sub, nn.Linear) or type(sub).__name__ == "Conv1D"
         if is_linear and weight is not None and weight.dim() == 2:
-            total += weight.numel()
+            total += share(path, weight.numel())
+    if experts is not None:
+        total += sum(share(name, tensor.numel()) for name, tensor in module.named_parameters()
+                     if tensor.dim() == 3 and tensor.shape[0] == experts.count and ".experts." in f".{name}")
     return total
+
+
+def experts_of(config: Any) -> Experts | None:
+    """The mixture-of-experts layout a config declares (Mixtral, Qwen-MoE, DeepSeek, OLMoE names), if any."""
+    text = _text_config(config)
+    count = next((value for name in ("num_local_experts", "num_experts", "n_routed_experts")
+                  if isinstance(value := getattr(text, name, None), int) and value > 1), None)
+    if count is None:
+        return None
+    per_token = getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_top_k", None) or 1
+    return Experts(count, int(per_token))
+
+
+def _text_config(config: Any) -> Any:
+    """The language part of a config (multimodal configs nest it)."""
+    return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
 
 
 def attention_dims(config: Any) -> AttentionDims | None:
     """Attention dimensions from a (text) config; None when it does not describe a transformer."""
     if config is None:
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     layers, heads, hidden = (getattr(text, name, None) for name in
                              ("num_hidden_layers", "num_attention_heads", "hidden_size"))
     if not (isinstance(layers, int) and isinstance(heads, int) and isinstance(hidden, int)) or heads <= 0:

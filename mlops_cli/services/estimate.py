@@ -35,6 +35,7 @@ from mlops_cli.core.meta import (
     attention_dims,
     build_meta_model,
     count_parameters,
+    experts_of,
     is_decoder_lm,
     linear_macs_per_token,
 )
@@ -160,13 +161,13 @@ def _caveats(meta: MetaModel, dims: AttentionDims | None, options: EstimateOptio
     notes: list[str] = []
     if dims and dims.max_positions and options.context > dims.max_positions:
         warnings.append(f"--context {options.context} is longer than the model's {dims.max_positions} positions")
-    text = meta.config.get_text_config() if meta.config is not None and hasattr(meta.config, "get_text_config") \
-        else meta.config
-    if any(getattr(text, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")):
-        notes.append("mixture of experts: parameters and Linear MACs count every expert; a token runs only its "
-                     "top-k experts, so its real MACs are lower")
-    if getattr(text, "sliding_window", None):
-        notes.append(f"sliding-window attention ({text.sliding_window} tokens) on some or all layers: the KV cache "
+    experts = experts_of(meta.config)
+    if experts is not None:
+        notes.append(f"mixture of experts: parameters and weight memory count all {experts.count} experts; MACs "
+                     f"count the {experts.per_token} a token runs")
+    window = getattr(meta.config, "sliding_window", None) if dims is not None else None
+    if window:
+        notes.append(f"sliding-window attention ({window} tokens) on some or all layers: the KV cache "
                      "and attention MACs are counted for the full context (an upper bound)")
     return warnings, notes
 
@@ -176,7 +177,7 @@ def _caveats(meta: MetaModel, dims: AttentionDims | None, options: EstimateOptio
 
 def _analytic(meta: MetaModel, dims: AttentionDims, unit: str, context: int) -> ComputeEstimate:
     """Linear weights once per token, attention over `context` keys per token; per example x context."""
-    linear = linear_macs_per_token(meta.module)
+    linear = linear_macs_per_token(meta.module, experts_of(meta.config))
     attention = 2 * dims.layers * dims.heads * dims.head_dim * context
     tokens = 1 if unit == "token" else context
     return ComputeEstimate(unit, (linear + attention) * tokens, linear * tokens, attention * tokens, "analytic",

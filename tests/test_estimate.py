@@ -175,6 +175,17 @@ def test_llama3_70b_sized_config_fits_where_expected(tmp_path: Path) -> None:
     assert not any(fit.training or fit.training_checkpointed for fit in report.gpus)
 
 
+def test_arch_builds_on_meta_without_reading_the_weights(tmp_path: Path) -> None:
+    from mlops_cli.core.contract import LoadOptions
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"never read")
+    report = run(ModelRef.parse(str(weights)),
+                 EstimateOptions(load=LoadOptions(arch="mlops_cli.core.zoo:ConvNet", arch_kwargs={"num_classes": 3})))
+    assert report.parameters.unique == 214_538 - 7 * 65  # the head shrinks from 10 to 3 classes (64 weights + bias)
+    assert report.compute is None and any("MACs not estimated" in line for line in report.notes)
+
+
 def test_long_context_is_a_warning(tmp_path: Path) -> None:
     report = estimate(write_config(tmp_path, SMALL_LLAMA), context=1024)
     assert any("longer than the model's 256 positions" in line for line in report.warnings)

@@ -191,7 +191,8 @@ def _compute(meta: MetaModel, dims: AttentionDims | None, decoder: bool, options
         return _analytic(meta, dims, "token", options.context), []
     try:
         return _counted(meta, options)
-    except (RuntimeError, NotImplementedError, UsageError) as exc:
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError, UsageError) as exc:
+        # meta tensors have no values: data-dependent code (.item(), masks) cannot run on them
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if dims is None:
             notes.append(f"MACs not estimated: a forward pass on meta tensors failed ({reason})")

@@ -90,3 +90,12 @@ def test_compress_half_and_summarize_round_trip(cli: Any, sharded: Path, tmp_pat
         assert data["parameters"]["unique"] == PARAMETERS
         assert set(data["stored"]["files"]) == set(read_shard_indexes(folder)[0].shards)
         assert data["stored"]["tensor_bytes"] == read_shard_indexes(folder)[0].total_size
+
+
+def test_estimate_counts_what_the_shards_hold(cli: Any, sharded: Path) -> None:
+    """estimate reads config.json only, yet its count is the parameters the shards store."""
+    result = cli("estimate", sharded, "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert data["parameters"]["unique"] == PARAMETERS
+    assert data["weight_bytes"]["fp32"] == read_shard_indexes(sharded)[0].total_size

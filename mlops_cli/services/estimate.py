@@ -188,6 +188,8 @@ def _compute(meta: MetaModel, dims: AttentionDims | None, decoder: bool, options
              notes: list[str]) -> tuple[ComputeEstimate | None, list[tuple[int, ...]]]:
     """MACs (and, from the op counter, the modules' output shapes for the activation estimate)."""
     if decoder and dims is not None:
+        notes.append(f"attention MACs per token: one token attending {options.context} keys (a decode step at that "
+                     "context, or a prefill on dense kernels); a causal prefill averages about half")
         return _analytic(meta, dims, "token", options.context), []
     try:
         return _counted(meta, options)
@@ -195,7 +197,7 @@ def _compute(meta: MetaModel, dims: AttentionDims | None, decoder: bool, options
         # meta tensors have no values: data-dependent code (.item(), masks) cannot run on them
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if dims is None:
-            notes.append(f"MACs not estimated: a forward pass on meta tensors failed ({reason})")
+            notes.append(f"MACs not estimated: no forward pass on meta tensors ({reason})")
             return None, []
         notes.append(f"MACs from the config (a forward pass on meta tensors failed: {reason}); heads that read one "
                      "position (a pooler, a classifier) are counted per token, an upper bound")
@@ -213,14 +215,13 @@ def _counted(meta: MetaModel, options: EstimateOptions) -> tuple[ComputeEstimate
         raise UsageError("the model's inputs are unknown")
     inputs = make_inputs(specs, {"batch": options.batch, "sequence": options.context}, pad=False)
     profile = profile_forward(meta.module, inputs.tensors, record_shapes=True)
-    macs = profile.macs
+    macs, batch = profile.macs, options.batch
     attention = macs.attention_macs
-    per_example = options.batch
     shapes = [shape for path, call in profile.modules.items() if path and _is_leaf(meta.module, path)
               for shape in call.output_shapes]
     has_sequence = any(dim.name == "sequence" for spec in specs for dim in spec.dims)
-    return ComputeEstimate("example", macs.macs // per_example, (macs.macs - attention) // per_example,
-                           attention // per_example, "op counter on meta tensors",
+    return ComputeEstimate("example", macs.macs // batch, (macs.macs - attention) // batch, attention // batch,
+                           "op counter on meta tensors",
                            options.context if has_sequence else None), shapes
 
 

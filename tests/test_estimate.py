@@ -218,6 +218,9 @@ def test_cli_json_and_tables(cli: Any, tmp_path: Path) -> None:
     assert tables.exit_code == 0, tables.output
     for text in ("Parameters", "KV cache", "Training with AdamW", "Fits on one GPU"):
         assert text in tables.stdout
+    image = cli("estimate", "builtin:convnet", "--batch", "8")
+    assert image.exit_code == 0, image.output
+    assert "Inference memory (batch 8)" in image.stdout and "Compute per example (its input shape" in image.stdout
 
 
 def test_cli_errors(cli: Any, tmp_path: Path) -> None:

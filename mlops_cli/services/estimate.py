@@ -43,7 +43,7 @@ from mlops_cli.core.meta import (
 GIB = 1024**3
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 ACTIVATION_BYTES = 2  # inference and training activations and the KV cache held in 16-bit
-GPU_SIZES_GIB = (24, 48, 80, 141)
+GPU_SIZES_GIB = (24, 48, 80, 141)  # marketed sizes, read as GiB (an "80 GB" A100 reports 80 GiB)
 GPU_RESERVE_BYTES = 1 * GIB  # CUDA context and allocator slack a card never gives to tensors
 ADAMW_MIXED = {"weights (16-bit)": 2, "gradients (16-bit)": 2, "master weights (fp32)": 4,
                "AdamW moments (2 x fp32)": 8}  # bytes per parameter

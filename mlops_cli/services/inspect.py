@@ -24,6 +24,7 @@ from mlops_cli.core.formats import (
     read_safetensors_header,
 )
 from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict
+from mlops_cli.core.shards import shard_problems
 from mlops_cli.core.sidecar import read_sidecar
 
 LARGEST_SHOWN = 5
@@ -207,6 +208,7 @@ def _inspect_folder(folder: Path, fmt: Format) -> InspectReport:
             pickled, _ = _state_infos(load_tensor_file(member))
             infos += pickled
             notes.append(f"{name}: {len(pickled)} tensors (torch pickle, loaded weights_only)")
+    notes += shard_problems(folder, {info.name for info in infos})
     if not infos and not notes:
         notes.append("no weight files found in the folder")
     tokenizer_files = [n for n in files if n.startswith("tokenizer") or n in ("vocab.txt", "vocab.json", "merges.txt")]

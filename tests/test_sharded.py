@@ -99,3 +99,14 @@ def test_estimate_counts_what_the_shards_hold(cli: Any, sharded: Path) -> None:
     data = result.json()
     assert data["parameters"]["unique"] == PARAMETERS
     assert data["weight_bytes"]["fp32"] == read_shard_indexes(sharded)[0].total_size
+
+
+def test_loading_a_folder_with_a_missing_shard_names_it(cli: Any, sharded: Path, tmp_path: Path) -> None:
+    """Before: summarize blamed the architecture ("weights do not fit ... check --task") for a missing shard."""
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded, broken)
+    shard = read_shard_indexes(broken)[0].shards[1]
+    (broken / shard).unlink()
+    result = cli("summarize", broken, "--repeats", "0", "--json")
+    assert result.exit_code == 3
+    assert shard in result.stderr and "incomplete" in result.stderr

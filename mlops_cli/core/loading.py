@@ -31,6 +31,7 @@ from mlops_cli.core.formats import (
 )
 from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
 from mlops_cli.core.pruned import REBUILD_ARCH
+from mlops_cli.core.shards import read_shard_indexes
 from mlops_cli.core.sidecar import canonical_arch, read_sidecar
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "weights", "ema")
@@ -227,6 +228,13 @@ def _hf_weights(folder: Path) -> tuple[bool | None, list[str]]:
     for weights in chosen:
         if weights.suffix != ".json":
             detect_format(weights)  # empty / LFS-pointer / corrupt files fail here with a plain message
+    loaded_indexes = {p.name for p in chosen}
+    for index in read_shard_indexes(folder):
+        missing = [shard for shard in index.shards if not (folder / shard).is_file()]
+        if missing and index.name in loaded_indexes:
+            raise InputError(f"{folder}: {index.name} lists {len(missing)} shard(s) that are not in the folder: "
+                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}",
+                             hint="The download is incomplete: fetch the missing shard files.")
     uses_safetensors = chosen[0].name.endswith((".safetensors", ".safetensors.index.json"))
     return (True if uses_safetensors else None), [p.name for p in skipped]
 

@@ -221,8 +221,8 @@ def test_a_stop_string_ends_generation_on_both_engines(gpt2: Any) -> None:
 @pytest.mark.parametrize("engine", ["generate", "loop"])
 def test_streamed_text_is_the_generated_text_without_the_prompt(gpt2: Any, engine: str) -> None:
     pieces: list[tuple[str, str | None]] = []
-    report = generate(gpt2, options(stream=True, engine=engine, strategy="sample", warmup=1),
-                      on_text=lambda strategy, piece: pieces.append((strategy, piece)))
+    report = generate(gpt2, options(stream=True, engine=engine, strategy="sample", warmup=1,
+                                    on_text=lambda strategy, piece: pieces.append((strategy, piece))))
     assert pieces[-1] == ("sample", None) and [p for p in pieces if p[1] is None] == [("sample", None)]
     streamed = "".join(piece for _, piece in pieces if piece)
     assert streamed == report.results[0].outputs[0].text  # a streamer's first put() is the prompt: skipped
@@ -289,7 +289,27 @@ def test_a_model_that_cannot_generate_is_refused() -> None:
 def test_half_precision_and_static_cache_on_cpu_say_what_they_mean(gpt2: Any) -> None:
     report = generate(load_model(TINY), options(dtype="bf16", cache="static", compile=True, max_new_tokens=4))
     assert report.cache == "dynamic" and report.compiled is False
-    assert any("bf16 on CPU" in n for n in report.notes) and any("bring nothing" in n for n in report.notes)
+    assert any("bf16 on CPU" in w for w in report.warnings) and any("bring nothing" in w for w in report.warnings)
+
+
+def test_command_shows_the_report_warnings_once(cli: Any) -> None:
+    args = ("generate", TINY, "-p", PROMPT, "--dtype", "bf16", "--max-new-tokens", "2", "--warmup", "0",
+            "--device", "cpu")
+    as_json = cli(*args, "--json")
+    assert as_json.exit_code == 0, as_json.stderr
+    assert any("bf16 on CPU" in w for w in as_json.json()["warnings"]) and "warning" not in as_json.stderr
+    tables = cli(*args)
+    assert tables.exit_code == 0 and tables.stderr.count("warning: --dtype bf16 on CPU") == 1
+
+
+def test_run_loads_the_reference_and_checks_options_first(zoo_dir: Path) -> None:
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.generate import run
+
+    report = run(ModelRef.parse(str(zoo_dir / "tiny-gpt2")), options(max_new_tokens=3, fixed_length=True))
+    assert report.results[0].outputs[0].new_tokens == 3 and report.warnings == ()
+    with pytest.raises(UsageError, match="--top-p"):
+        run(ModelRef.parse("no/such/model"), options(top_p=2.0))  # refused before loading (which would fail)
 
 
 def test_chat_template_wraps_the_prompt(zoo_dir: Path, tmp_path: Path) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError
 from mlops_cli.core.formats import (
     HF_CONFIG,
@@ -23,7 +24,7 @@ from mlops_cli.core.formats import (
     load_tensor_file,
     read_safetensors_header,
 )
-from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict
+from mlops_cli.core.loading import CHECKPOINT_KEYS, is_tensor_dict
 from mlops_cli.core.sidecar import read_sidecar
 
 LARGEST_SHOWN = 5
@@ -52,8 +53,13 @@ class DtypeTotal:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class InspectReport:
+@dataclass(frozen=True, kw_only=True)
+class InspectOptions(ServiceOptions):
+    """Nothing to choose: inspect reads files without loading a model (the loading options do not apply)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectReport(Report):
     path: str
     format: str
     file_bytes: int
@@ -71,12 +77,18 @@ class InspectReport:
     notes: tuple[str, ...] = ()
 
 
-def inspect_path(reference: str) -> InspectReport:
-    """Describe a checkpoint file or folder."""
-    if reference.startswith(BUILTIN_PREFIX):
+def run(ref: ModelRef, options: InspectOptions) -> InspectReport:
+    """Describe the checkpoint file or folder `ref` names."""
+    return inspect_path(ref)
+
+
+def inspect_path(reference: str | ModelRef) -> InspectReport:
+    """Describe a checkpoint file or folder (used by `summarize` and `view` for sizes and graph facts too)."""
+    ref = ModelRef.parse(reference)
+    if ref.path is None:
         raise InputError("inspect reads files; built-in models exist only in memory",
-                         hint=f"Save one first: mlops zoo save {reference[len(BUILTIN_PREFIX):]} DIR")
-    path = Path(reference)
+                         hint=f"Save one first: mlops zoo save {ref.builtin} DIR")
+    path = ref.path
     fmt = detect_format(path)
     if fmt == Format.HF_FOLDER or fmt == Format.WEIGHTS_FOLDER:
         return _inspect_folder(path, fmt)
@@ -272,4 +284,4 @@ def _inspect_archive(path: Path, fmt: Format) -> InspectReport:
     if fmt == Format.TORCHSCRIPT:
         notes.append(f"{len(code)} code file(s): TorchScript runs code when loaded; other commands need --trust-code")
     report = _report(path, fmt, [], files=dict(sorted(members.items(), key=lambda kv: -kv[1])[:20]), notes=tuple(notes))
-    return InspectReport(**{**report.__dict__, "tensor_bytes": sum(data.values())})
+    return replace(report, tensor_bytes=sum(data.values()))

@@ -234,7 +234,7 @@ def test_int8_gpt2_folder_matches_the_float_model(cli: Any, zoo_dir: Path, tmp_p
     """An HF folder quantised by `compress int8` (GPT-2's Conv1D became quantised Linear): same parameters and
     MACs as the float folder, tied embedding still named, stored tensors read from its model.int8.pt."""
     int8 = tmp_path / "gpt2-int8"
-    made = cli("compress", "int8", zoo_dir / "tiny-gpt2", "-o", int8)
+    made = cli("compress", "int8", zoo_dir / "tiny-gpt2", "-o", int8, "--no-check")  # drift: not the point here
     assert made.exit_code == 0, made.stderr
     quantised, float_model = run(str(int8)), run(str(zoo_dir / "tiny-gpt2"))
     assert quantised.parameters.unique == float_model.parameters.unique

@@ -33,7 +33,7 @@ SAFETENSORS_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "B
                         "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 CONFIG_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
                  "n_layer", "num_attention_heads", "n_head", "intermediate_size", "max_position_embeddings",
-                 "n_positions", "num_labels", "image_size", "dtype", "torch_dtype", "transformers_version")
+                 "n_positions", "num_labels", "id2label", "image_size", "dtype", "torch_dtype", "transformers_version")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from mlops_cli.core.compare import (
     Agreement,
     Criterion,
     OutputDiff,
+    agreement_criteria,
     compare_arrays,
 )
 from mlops_cli.core.errors import InputError, MlopsError, UsageError
@@ -212,15 +213,44 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
     threads = _torch_threads() if timings else None
     if timings:
         notes.extend(trust_warnings(threads, timings))
-    passed = all(r.passed for r in results) and bool(results)
+    decisions = pooled_criteria(results, tolerances)
+    failed_decision = next((c for c in decisions if not c.criterion.passed), None)
+    sets_passed = all(r.passed for r in results) and bool(results)
+    passed = sets_passed and failed_decision is None
+    if sets_passed and failed_decision is not None:
+        verdict = f"{failed_decision.output} over {failed_decision.input_set}: {describe_decision(failed_decision)}"
+    else:
+        verdict = _verdict(results, passed, tolerances.preset)
     return ParityReport(
         reference=reference.name, candidate=candidate.name,
         reference_backend=reference.backend, candidate_backend=candidate.backend,
         device=candidate.device, atol=tolerances.atol, rtol=tolerances.rtol,
-        shapes=tuple(results), passed=passed, verdict=_verdict(results, passed, tolerances.preset),
+        shapes=tuple(results), passed=passed, verdict=verdict,
         notes=tuple(notes), masked_positions_excluded=not include_masked, preset=tolerances.preset,
-        criteria=worst_criteria(results), threads=threads,
+        criteria=(*worst_criteria(results), *decisions), threads=threads,
     )
+
+
+def pooled_criteria(results: list[ShapeResult], tolerances: Tolerances) -> tuple[OutputCriterion, ...]:
+    """Top-1 and greedy next-token agreement of each logits-like output, over all input sets' positions."""
+    agreement = tolerances.agreement
+    if agreement is None:
+        return ()
+    by_output: dict[str, list[OutputDiff]] = {}
+    for result in results:
+        for diff in result.outputs:
+            by_output.setdefault(diff.name, []).append(diff)
+    pooled = []
+    for name, diffs in by_output.items():
+        positions = sum(d.top1_counts[1] for d in diffs if d.top1_counts)
+        where = f"all input sets ({positions} positions)"
+        pooled += [OutputCriterion(name, where, criterion) for criterion in agreement_criteria(agreement, diffs)]
+    return tuple(pooled)
+
+
+def describe_decision(failed: OutputCriterion) -> str:
+    what = {TOP1: "top-1 agreement", NEXT_TOKEN: "greedy next-token agreement"}[failed.criterion.name]
+    return f"{what} {failed.criterion.value:.1%} is below {failed.criterion.threshold:.1%}"
 
 
 def _torch_threads() -> int | None:

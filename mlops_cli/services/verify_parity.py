@@ -137,5 +137,8 @@ def worst_output(report: ParityReport) -> str | None:
                 worst = (score, f"{diff.name} at {shape.label}")
     if worst is None:
         failing = next((s for s in report.shapes if not s.passed), None)
-        return f"(all outputs) at {failing.label}" if failing else None
+        if failing:
+            return f"(all outputs) at {failing.label}"
+        decision = next((c for c in report.criteria if not c.criterion.passed), None)  # pooled top-1/next token
+        return f"{decision.output} over {decision.input_set}" if decision else None
     return worst[1]

@@ -106,7 +106,9 @@ def kv_layout(model: Any) -> KvLayout:
     cache = output.get("cache", output.get("past_key_values"))
     pairs = _cache_pairs(cache)
     if not pairs:
-        raise _unsupported(family, f"its cache ({type(cache).__name__}) is not a per-layer key/value cache")
+        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", ())}) or [type(cache).__name__]
+        raise _unsupported(family, f"its cache ({', '.join(kinds)}) is not a plain per-layer key/value cache "
+                                   "(sliding-window, recurrent and linear-attention caches are not exported)")
     key = pairs[0][0]
     return KvLayout(len(pairs), int(key.shape[1]), int(key.shape[3]), "position_ids" in accepted)
 

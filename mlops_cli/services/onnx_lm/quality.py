@@ -269,15 +269,15 @@ LogitsFn = Callable[[np.ndarray], np.ndarray]  # token ids [1, L] -> logits [1, 
 
 
 def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window: every token after the first is scored once, with
-    up to `window - stride` tokens of context carried over from the previous window."""
-    spans, scored_until = [], 1
-    for begin in range(0, max(1, length - 1), stride):
-        end = min(begin + window, length)
-        spans.append((begin, end, scored_until))
-        scored_until = end
-        if end == length:
-            break
+    """(begin, end, first scored position) of each window: every token after the first is scored exactly once,
+    each window moving on by `stride` new tokens and carrying the rest as context (at least one token, which
+    predicts the window's first scored token, so a stride as long as the window moves by `window - 1`)."""
+    step = max(1, min(stride, window - 1))
+    end = min(window, length)
+    spans = [(0, end, 1)]
+    while end < length:
+        first, end = end, min(end + step, length)
+        spans.append((max(0, end - window), end, first))
     return spans
 
 

@@ -164,6 +164,31 @@ def test_a_tampered_export_is_detected_and_the_step_named(folders: dict[str, Pat
         assert "logits differ at the prompt pass" in report.verdict
 
 
+def test_a_cache_only_fault_passes_the_prompt_pass_and_is_named_at_the_first_cached_step(
+        folders: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
+    """The graph's `present.0.value` output is scaled after the attention used it: the prompt pass is still
+    right, every pass that reads the cache back is wrong. Only a check through the cache can see it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(exported["gpt2"].output)
+    for node in model.graph.node:  # the attention inside the graph keeps reading the true values
+        for names in (node.input, node.output):
+            for index, name in enumerate(names):
+                if name == "present.0.value":
+                    names[index] = "present.0.value.raw"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1.5, dtype=np.float32), "tamper.scale"))
+    model.graph.node.append(helper.make_node("Mul", ["present.0.value.raw", "tamper.scale"], ["present.0.value"]))
+    tampered = tmp_path / "cache-fault.onnx"
+    onnx.save(model, tampered)
+    report = parity_run(ModelRef.parse(str(folders["gpt2"])),
+                        GenerationParityOptions(candidate=tampered, prompts=PROMPTS[:1], max_new_tokens=4))
+    result = report.prompts[0]
+    assert not report.passed and result.passes[0].diff.passed
+    assert result.first_failing_pass is not None and result.first_failing_pass.step == 1
+    assert result.divergence is not None or "logits differ at cached step 1" in report.verdict
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_perplexity_is_finite_and_the_same_on_pytorch_and_onnx(folders: dict[str, Path], exported: dict[str, Any],
                                                                family: str) -> None:

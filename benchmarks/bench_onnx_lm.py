@@ -1,0 +1,109 @@
+"""Benchmark decoding on ONNX Runtime (KV-cache export) against PyTorch eager `model.generate`.
+
+A Llama-class model of SmolLM-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
+vocab 49152; random weights, built locally) is exported with `export_with_past`, then both sides decode the
+same prompt greedily, interleaved (ONNX, PyTorch, ONNX, PyTorch... so machine noise hits both alike), one
+thread each, a fixed number of new tokens (EOS ignored). Printed per side: TTFT and decode tokens/s (tokens
+after the first / time from the first token to the last, as `mlops generate` defines it), medians over the
+measured runs, and the ratio ONNX / PyTorch; also whether both produced the same tokens.
+
+    .venv/bin/python benchmarks/bench_onnx_lm.py            # SmolLM-135M shape
+    .venv/bin/python benchmarks/bench_onnx_lm.py --small    # 4 layers, hidden 256: a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlops_cli.services.decoding import DecodingParams
+from mlops_cli.services.generate_measure import ClockCriterion, RunRecord, StepClock, run_metrics
+from mlops_cli.services.onnx_lm.export_with_past import export_with_past
+from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, onnx_decode
+
+SMOLLM_135M = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+               "intermediate_size": 1536, "vocab_size": 49152}
+SMALL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+         "intermediate_size": 688, "vocab_size": 8192}
+
+
+def llama(shape: dict[str, int]) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def onnx_run(decoder: OnnxDecoder, input_ids: torch.Tensor, new_tokens: int) -> RunRecord:
+    clock = StepClock(cuda=False)
+    clock.begin()
+    sequences = onnx_decode(decoder, input_ids, None, DecodingParams(max_new_tokens=new_tokens),
+                            observers=[lambda *_: clock.tick()])
+    return RunRecord(sequences, clock.start, clock.ticks, time.perf_counter(), None)
+
+
+def torch_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> RunRecord:
+    from transformers import StoppingCriteriaList
+
+    clock = StepClock(cuda=False)
+    clock.begin()
+    with torch.inference_mode():
+        sequences = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                   pad_token_id=0, stopping_criteria=StoppingCriteriaList([ClockCriterion(clock)]))
+    return RunRecord(sequences, clock.start, clock.ticks, time.perf_counter(), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a 4-layer model instead of SmolLM-135M's shape")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    shape = SMALL if args.small else SMOLLM_135M
+    model = llama(shape)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"model: Llama {shape}, {parameters / 1e6:.1f}M parameters, fp32, 1 thread")
+    prompt = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, shape["vocab_size"], (1, args.prompt_tokens), generator=prompt)
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        written = export_with_past(model, Path(scratch) / "decoder.onnx")
+        size = written.path.stat().st_size
+        print(f"export: {time.perf_counter() - start:.1f} s, {size / 1e6:.0f} MB")
+        decoder = OnnxDecoder(written.path, threads=1)
+        sides = {"onnxruntime": lambda: onnx_run(decoder, input_ids, args.new_tokens),
+                 "torch generate": lambda: torch_run(model, input_ids, args.new_tokens)}
+        records: dict[str, list[RunRecord]] = {name: [] for name in sides}
+        for index in range(args.warmup + args.repeat):
+            for name, run_side in sides.items():
+                record = run_side()
+                if index >= args.warmup:
+                    records[name].append(record)
+    rates: dict[str, float] = {}
+    for name, runs in records.items():
+        metrics = [run_metrics(r, args.new_tokens, 1) for r in runs]
+        tps = [m.decode_tokens_per_s for m in metrics if m.decode_tokens_per_s]
+        ttft = [m.ttft_ms for m in metrics if m.ttft_ms is not None]
+        rates[name] = statistics.median(tps)
+        print(f"{name:15s} decode {rates[name]:7.1f} tokens/s (min {min(tps):.1f}, max {max(tps):.1f}), "
+              f"TTFT {statistics.median(ttft):7.1f} ms ({args.prompt_tokens}-token prompt)")
+    same = torch.equal(records["onnxruntime"][0].sequences, records["torch generate"][0].sequences)
+    print(f"ratio onnxruntime / torch decode tokens/s: {rates['onnxruntime'] / rates['torch generate']:.2f}; "
+          f"same tokens: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,10 +20,12 @@ from mlops_cli.services.decoding import DecodingParams, decode
 from mlops_cli.services.onnx_lm import (
     ExportWithPastOptions,
     GenerationParityOptions,
+    Int4Options,
     OnnxGenerateOptions,
     PerplexityOptions,
     export_run,
     generate_run,
+    int4_run,
     parity_run,
     perplexity_run,
 )
@@ -241,3 +243,30 @@ def test_an_unsupported_family_is_refused_by_name_and_nothing_is_written(tmp_pat
         export_with_past(model.eval(), target)
     assert caught.value.exit_code == 3
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_matmulnbits_shrinks_the_decoder_which_still_generates(folders: dict[str, Path],
+                                                                     exported: dict[str, Any], tmp_path: Path) -> None:
+    import onnx
+
+    target = tmp_path / "llama.int4.onnx"
+    report = int4_run(ModelRef.parse(exported["llama"].output),
+                      Int4Options(output=target, block_size=32, tokenizer=folders["llama"], max_tokens=200, window=64))
+    assert report.quantized_matmuls == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(target).graph.node) == report.quantized_matmuls
+    assert report.size_after < 0.6 * report.size_before
+    assert report.perplexity_before is not None and report.perplexity_after is not None
+    assert math.isfinite(report.perplexity_after) and report.relative_change is not None
+    assert report.greedy_agreement is not None and 0 <= report.greedy_agreement <= 1
+    generated = generate_run(ModelRef.parse(str(target)),
+                             OnnxGenerateOptions(prompts=PROMPTS[:1], tokenizer=folders["llama"], max_new_tokens=4,
+                                                 fixed_length=True, warmup=0))
+    assert generated.outputs[0].new_tokens == 4
+
+
+def test_int4_refuses_a_block_size_matmulnbits_cannot_take(exported: dict[str, Any], tmp_path: Path) -> None:
+    from mlops_cli.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="power of two"):
+        int4_run(ModelRef.parse(exported["llama"].output), Int4Options(output=tmp_path / "x.onnx", block_size=48))
+    assert not (tmp_path / "x.onnx").exists()

@@ -209,7 +209,7 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
             raise _unsupported(family, f"the ONNX exporter failed: {str(exc).strip().splitlines()[0]}") from exc
         _save(written, external)
         _check_empty_past(written, layout, family)
-        _move_into_place(written, target, external)
+        move_into_place(written, target, external)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportWithPast(target, family, layout, tuple(layout.input_names()), tuple(layout.output_names()),
@@ -250,7 +250,7 @@ def _check_empty_past(path: Path, layout: KvLayout, family: str) -> None:
                                        f"{batch}, sequence {sequence})")
 
 
-def _move_into_place(written: Path, target: Path, external: bool) -> None:
+def move_into_place(written: Path, target: Path, external: bool) -> None:
     """Data file first, graph last: a graph never points at a missing or stale `.data`."""
     data = target.with_name(f"{target.name}.data")
     if external:

@@ -270,3 +270,17 @@ def test_int4_refuses_a_block_size_matmulnbits_cannot_take(exported: dict[str, A
     with pytest.raises(UsageError, match="power of two"):
         int4_run(ModelRef.parse(exported["llama"].output), Int4Options(output=tmp_path / "x.onnx", block_size=48))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_half_precision_checkpoint_is_exported_in_float32_with_a_warning(tmp_path: Path) -> None:
+    from mlops_cli.core import zoo
+
+    model, tokenizer = zoo.build("tiny-gpt2")
+    with pytest.raises(InputError, match="not in float32"):
+        export_with_past(model.half().eval(), tmp_path / "direct.onnx")
+    model.save_pretrained(tmp_path / "fp16")
+    tokenizer.save_pretrained(tmp_path / "fp16")
+    report = export_run(ModelRef.parse(str(tmp_path / "fp16")), ExportWithPastOptions(output=tmp_path / "m.onnx"))
+    # transformers 5 loads a checkpoint in its own dtype: the service casts it and says so
+    assert any("float16 weights were exported as float32" in w for w in report.warnings)
+    assert report.empty_past_checked and not (tmp_path / "direct.onnx").exists()

@@ -193,8 +193,10 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
     layout = kv_layout(model)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     external = weights > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
-    dtype = next(model.parameters()).detach().numpy().dtype if weights else np.float32
-    feed = example_feed(layout, int(model.config.get_text_config().vocab_size), dtype)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise InputError(f"the {family!r} model is not in float32: the KV-cache export traces float32 models",
+                         hint="Load the model in float32 (`run` does), export, then convert the ONNX file.")
+    feed = example_feed(layout, int(model.config.get_text_config().vocab_size), np.float32)
     args = tuple(torch.from_numpy(feed[name]) for name in layout.input_names())
     scratch = scratch_dir_beside(target)
     try:
@@ -235,11 +237,13 @@ def _check_empty_past(path: Path, layout: KvLayout, family: str) -> None:
     """The prompt pass (past length 0, batch 1, sequence 1 and 4) must run: dims must not be specialised."""
     from mlops_cli.core.runtimes import onnx_session
 
-    session = onnx_session(path)
+    try:
+        session = onnx_session(path)
+    except InputError as exc:
+        raise _unsupported(family, f"ONNX Runtime cannot load the exported graph: {exc.message}") from exc
     vocab_size = int(session.get_outputs()[0].shape[2]) if isinstance(session.get_outputs()[0].shape[2], int) else 2
-    dtype = np.float16 if session.get_inputs()[-1].type == "tensor(float16)" else np.float32
     for batch, sequence in ((1, 4), (3, 1)):
-        feed = example_feed(layout, vocab_size, dtype, batch=batch, sequence=sequence, past=0)
+        feed = example_feed(layout, vocab_size, np.float32, batch=batch, sequence=sequence, past=0)
         try:
             logits, *present = session.run(None, feed)
         except Exception as exc:
@@ -289,6 +293,8 @@ class ExportWithPastReport(Report):
 
 def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
     """Load MODEL as a causal LM and export it with its KV cache."""
+    import torch
+
     from mlops_cli.core.loading import ModelKind, load_model
 
     load = options.load if options.load.task else replace(options.load, task="causal-lm")
@@ -296,6 +302,12 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
     if loaded.kind != ModelKind.HF or loaded.module is None:
         raise InputError(f"{ref} is not a transformers model ({loaded.kind.value}); exporting with a KV cache "
                          "needs one", hint="Pass a Hugging Face folder holding a causal LM.")
+    warnings = list(loaded.warnings)
+    dtype = next(loaded.module.parameters()).dtype
+    if dtype != torch.float32:
+        loaded.module.float()
+        warnings.append(f"the model's {str(dtype).removeprefix('torch.')} weights were exported as float32 (the "
+                        "traced half-precision graph mixes types ONNX Runtime refuses)")
     options.on_step("exporting")
     written = export_with_past(loaded.module, options.output, force=options.force, opset=options.opset,
                                external_data=options.external_data, sources=ref.sources)
@@ -306,4 +318,4 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
         model=str(ref), output=str(written.path), family=written.family, layers=layout.layers,
         kv_heads=layout.kv_heads, head_dim=layout.head_dim, input_names=written.input_names,
         output_names=written.output_names, opset=written.opset, external_data=written.external_data, files=files,
-        empty_past_checked=written.empty_past_checked, warnings=tuple(loaded.warnings))
+        empty_past_checked=written.empty_past_checked, warnings=tuple(warnings))

@@ -7,8 +7,14 @@ thread each, a fixed number of new tokens (EOS ignored). Printed per side: TTFT 
 after the first / time from the first token to the last, as `mlops generate` defines it), medians over the
 measured runs, and the ratio ONNX / PyTorch; also whether both produced the same tokens.
 
+`--int4` adds the decoder quantised by `services/onnx_lm/int4.py` (MatMulNBits, `--block-size`) as a third
+side, with the file sizes and the perplexity of both graphs on the bundled corpus (tokenised with the zoo's
+GPT-2 tokenizer, whose ids are valid in this vocabulary; with random weights the perplexity itself means
+nothing, its change says how much the quantisation moved the logits).
+
     .venv/bin/python benchmarks/bench_onnx_lm.py            # SmolLM-135M shape
     .venv/bin/python benchmarks/bench_onnx_lm.py --small    # 4 layers, hidden 256: a quick run
+    .venv/bin/python benchmarks/bench_onnx_lm.py --int4 --block-size 32
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--int4", action="store_true", help="also the int4 (MatMulNBits) decoder")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits compute type (4: int8)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -86,6 +95,9 @@ def main() -> None:
         decoder = OnnxDecoder(written.path, threads=1)
         sides = {"onnxruntime": lambda: onnx_run(decoder, input_ids, args.new_tokens),
                  "torch generate": lambda: torch_run(model, input_ids, args.new_tokens)}
+        if args.int4:
+            int4 = OnnxDecoder(quantize(written.path, args.block_size, args.accuracy_level), threads=1)
+            sides["onnxruntime int4"] = lambda: onnx_run(int4, input_ids, args.new_tokens)
         records: dict[str, list[RunRecord]] = {name: [] for name in sides}
         for index in range(args.warmup + args.repeat):
             for name, run_side in sides.items():
@@ -98,11 +110,34 @@ def main() -> None:
         tps = [m.decode_tokens_per_s for m in metrics if m.decode_tokens_per_s]
         ttft = [m.ttft_ms for m in metrics if m.ttft_ms is not None]
         rates[name] = statistics.median(tps)
-        print(f"{name:15s} decode {rates[name]:7.1f} tokens/s (min {min(tps):.1f}, max {max(tps):.1f}), "
+        print(f"{name:16s} decode {rates[name]:7.1f} tokens/s (min {min(tps):.1f}, max {max(tps):.1f}), "
               f"TTFT {statistics.median(ttft):7.1f} ms ({args.prompt_tokens}-token prompt)")
     same = torch.equal(records["onnxruntime"][0].sequences, records["torch generate"][0].sequences)
-    print(f"ratio onnxruntime / torch decode tokens/s: {rates['onnxruntime'] / rates['torch generate']:.2f}; "
-          f"same tokens: {same}")
+    for name in rates:
+        if name != "torch generate":
+            print(f"ratio {name} / torch decode tokens/s: {rates[name] / rates['torch generate']:.2f}")
+    print(f"onnxruntime and torch generated the same tokens: {same}")
+
+
+def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:
+    """The int4 decoder beside `path`; prints sizes and perplexities (see the module docstring)."""
+    from mlops_cli.core import zoo
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.onnx_lm.int4 import Int4Options
+    from mlops_cli.services.onnx_lm.int4 import run as int4_run
+
+    zoo.gpt2_tokenizer().save_pretrained(path.parent / "tokenizer")
+    start = time.perf_counter()
+    report = int4_run(ModelRef.parse(str(path)), Int4Options(
+        output=path.with_name("decoder.int4.onnx"), block_size=block_size, accuracy_level=accuracy_level,
+        tokenizer=path.parent / "tokenizer", max_tokens=512, window=128, stride=64))
+    print(f"int4: {time.perf_counter() - start:.1f} s (quantisation + 2 perplexity runs), "
+          f"{report.quantized_matmuls} MatMulNBits, block {block_size}, "
+          f"{report.size_before / 1e6:.0f} MB -> {report.size_after / 1e6:.0f} MB "
+          f"({report.size_after / report.size_before:.2f}x); perplexity {report.perplexity_before:.1f} -> "
+          f"{report.perplexity_after:.1f} ({100 * (report.relative_change or 0):+.2f}%), greedy agreement "
+          f"{100 * (report.greedy_agreement or 0):.1f}%")
+    return Path(report.output)
 
 
 if __name__ == "__main__":

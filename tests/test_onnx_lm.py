@@ -97,7 +97,7 @@ def test_export_names_follow_optimum_and_every_cache_dim_is_dynamic(exported: di
     assert inputs["input_ids"] == ["batch_size", "sequence_length"]
     assert inputs["past_key_values.0.key"] == ["batch_size", report.kv_heads, "past_sequence_length", report.head_dim]
     assert outputs["present.1.value"][2] == "past_sequence_length + sequence_length"
-    assert report.empty_past_checked and not report.external_data and set(report.files) == {f"{family}.onnx"}
+    assert (1, 4, 0) in report.checked_passes and not report.external_data and set(report.files) == {f"{family}.onnx"}
     if family == "llama":
         assert report.kv_heads == 2  # grouped-query attention: 2 KV heads for 4 attention heads
 
@@ -286,4 +286,26 @@ def test_a_half_precision_checkpoint_is_exported_in_float32_with_a_warning(tmp_p
     report = export_run(ModelRef.parse(str(tmp_path / "fp16")), ExportWithPastOptions(output=tmp_path / "m.onnx"))
     # transformers 5 loads a checkpoint in its own dtype: the service casts it and says so
     assert any("float16 weights were exported as float32" in w for w in report.warnings)
-    assert report.empty_past_checked and not (tmp_path / "direct.onnx").exists()
+    assert report.checked_passes and not (tmp_path / "direct.onnx").exists()
+
+
+def test_an_export_that_computes_other_logits_is_refused_and_never_written(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """Whatever goes wrong in the trace, the written graph is run against the model before it is moved in."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mlops_cli.core import zoo
+    from mlops_cli.services.onnx_lm import export_with_past as module
+
+    def save_broken(written: Path, external: bool) -> None:
+        model = onnx.load(str(written))
+        weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+        onnx.save(model, str(written))
+
+    monkeypatch.setattr(module, "_save", save_broken)
+    gpt2, _ = zoo.build("tiny-gpt2")
+    with pytest.raises(InputError, match=r"'gpt2' model family.*logits differs from the model's"):
+        export_with_past(gpt2.eval(), tmp_path / "broken.onnx")
+    assert list(tmp_path.iterdir()) == []

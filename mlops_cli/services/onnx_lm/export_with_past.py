@@ -11,8 +11,8 @@ so ONNX Runtime GenAI-style loops and Optimum's ORTModelForCausalLM recognise th
 
 The model is wrapped in a module taking flat past tensors: it rebuilds a transformers `DynamicCache` from them,
 runs the model with `use_cache=True` and returns the logits and the flat cache. The legacy (TorchScript-based)
-exporter traces it with batch 2, sequence 3 and past 2, so no dim is specialised to 0 or 1; the empty-past pass
-is checked on the written file before it is moved into place.
+exporter traces it with batch 2, sequence 3 and past 2, so no dim is specialised to 0 or 1; before the file is
+moved into place it is run on an empty past and on a cached pass at other sizes and compared with the model.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ExportWithPast:
     output_names: tuple[str, ...]
     opset: int
     external_data: bool
-    empty_past_checked: bool
+    checked_passes: tuple[tuple[int, int, int], ...]  # (batch, sequence, past) compared with the model
 
 
 def family_of(model: Any) -> str:
@@ -179,7 +179,7 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
                      external_data: bool | None = None, sources: list[Path] | None = None) -> ExportWithPast:
     """Export `model` (a transformers causal LM, eval mode, CPU) to `output` with its KV cache.
 
-    The file appears only once exported and checked (prompt pass with an empty past runs in ONNX Runtime);
+    The file appears only once exported and checked (empty-past and cached passes agree with the model);
     a family that cannot be exported raises InputError naming it and leaves nothing behind.
     `external_data`: weights in `<output>.data` (None: only when they exceed protobuf's 2 GiB).
     """
@@ -210,12 +210,12 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
         except Exception as exc:
             raise _unsupported(family, f"the ONNX exporter failed: {str(exc).strip().splitlines()[0]}") from exc
         _save(written, external)
-        _check_empty_past(written, layout, family)
+        _check_against_model(written, model, layout, family)
         move_into_place(written, target, external)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportWithPast(target, family, layout, tuple(layout.input_names()), tuple(layout.output_names()),
-                          opset, external, True)
+                          opset, external, _CHECKED_PASSES)
 
 
 def _save(written: Path, external: bool) -> None:
@@ -233,25 +233,41 @@ def _save(written: Path, external: bool) -> None:
                     location=f"{written.name}.data", size_threshold=1024)
 
 
-def _check_empty_past(path: Path, layout: KvLayout, family: str) -> None:
-    """The prompt pass (past length 0, batch 1, sequence 1 and 4) must run: dims must not be specialised."""
+# (batch, sequence, past) of the passes checked on the written graph against the model itself: prompt passes with
+# an empty past (several tokens; one token on a batch), then a cached single-token pass.
+_CHECKED_PASSES = ((1, 4, 0), (3, 1, 0), (2, 1, 3))
+
+
+def _check_against_model(path: Path, model: Any, layout: KvLayout, family: str) -> None:
+    """Run the written graph on an empty past and on a cached pass, at sizes other than the traced ones, and
+    compare every output with the wrapped model in eager mode: a dim the trace specialised, or a Python branch
+    it froze (causal-mask shortcuts, cache initialisation), shows up here rather than in the user's generation."""
+    import torch
+
+    from mlops_cli.core.compare import compare_arrays
     from mlops_cli.core.runtimes import onnx_session
 
     try:
         session = onnx_session(path)
     except InputError as exc:
         raise _unsupported(family, f"ONNX Runtime cannot load the exported graph: {exc.message}") from exc
-    vocab_size = int(session.get_outputs()[0].shape[2]) if isinstance(session.get_outputs()[0].shape[2], int) else 2
-    for batch, sequence in ((1, 4), (3, 1)):
-        feed = example_feed(layout, vocab_size, np.float32, batch=batch, sequence=sequence, past=0)
+    wrapper = past_wrapper(model, layout)
+    vocab_size = int(model.config.get_text_config().vocab_size)
+    for batch, sequence, past in _CHECKED_PASSES:
+        feed = example_feed(layout, vocab_size, np.float32, batch=batch, sequence=sequence, past=past, seed=1)
         try:
-            logits, *present = session.run(None, feed)
+            outputs = session.run(layout.output_names(), feed)
         except Exception as exc:
-            raise _unsupported(family, f"the exported graph fails on an empty past: {str(exc).splitlines()[0]}") \
-                from exc
-        if logits.shape[:2] != (batch, sequence) or present[0].shape[2] != sequence:
-            raise _unsupported(family, f"the exported graph has fixed dims (logits {logits.shape} for batch "
-                                       f"{batch}, sequence {sequence})")
+            raise _unsupported(family, f"the exported graph fails with batch {batch}, sequence {sequence}, past "
+                                       f"{past}: {str(exc).splitlines()[0]}") from exc
+        with torch.inference_mode():
+            expected = wrapper(*(torch.from_numpy(feed[name]) for name in layout.input_names()))
+        for name, got, want in zip(layout.output_names(), outputs, expected, strict=True):
+            diff = compare_arrays(name, want.numpy(), got, atol=1e-3, rtol=1e-3)
+            if not diff.passed:
+                problem = diff.problem or f"max |diff| {diff.max_abs:.3g}"
+                raise _unsupported(family, f"the exported graph's {name} differs from the model's with batch "
+                                           f"{batch}, sequence {sequence}, past {past}: {problem}")
 
 
 def move_into_place(written: Path, target: Path, external: bool) -> None:
@@ -288,7 +304,7 @@ class ExportWithPastReport(Report):
     opset: int
     external_data: bool
     files: dict[str, int]  # file name -> bytes (the .onnx, and its .data when external)
-    empty_past_checked: bool
+    checked_passes: tuple[tuple[int, int, int], ...]  # (batch, sequence, past) run and compared with the model
 
 
 def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
@@ -318,4 +334,4 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
         model=str(ref), output=str(written.path), family=written.family, layers=layout.layers,
         kv_heads=layout.kv_heads, head_dim=layout.head_dim, input_names=written.input_names,
         output_names=written.output_names, opset=written.opset, external_data=written.external_data, files=files,
-        empty_past_checked=written.empty_past_checked, warnings=tuple(warnings))
+        checked_passes=written.checked_passes, warnings=tuple(warnings))

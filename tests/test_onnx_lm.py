@@ -309,3 +309,20 @@ def test_an_export_that_computes_other_logits_is_refused_and_never_written(monke
     with pytest.raises(InputError, match=r"'gpt2' model family.*logits differs from the model's"):
         export_with_past(gpt2.eval(), tmp_path / "broken.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_finds_the_tokenizer_beside_the_onnx_file_or_says_where_it_looked(
+        exported: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from mlops_cli.core import zoo
+
+    onnx_file = tmp_path / "gpt2.onnx"
+    shutil.copy(exported["gpt2"].output, onnx_file)
+    options = OnnxGenerateOptions(prompts=("The model",), max_new_tokens=3, warmup=0)
+    with pytest.raises(InputError, match=f"no tokenizer in {tmp_path}") as caught:
+        generate_run(ModelRef.parse(str(onnx_file)), options)
+    assert "--tokenizer" in (caught.value.hint or "")
+    zoo.gpt2_tokenizer().save_pretrained(tmp_path)
+    report = generate_run(ModelRef.parse(str(onnx_file)), options)
+    assert report.tokenizer == str(tmp_path) and report.outputs[0].new_tokens >= 1

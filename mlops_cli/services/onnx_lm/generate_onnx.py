@@ -200,11 +200,10 @@ class TextSide:
     pad_token_id: int
 
 
-def load_text_side(onnx_path: Path, folder: Path | None) -> TextSide:
-    """The tokenizer (and EOS ids) from `folder`, or from the HF files beside the ONNX file."""
+def load_text_side(where: Path) -> TextSide:
+    """The tokenizer (and EOS ids) from an HF folder: the one given, or the one holding the ONNX file."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    where = folder or onnx_path.parent
     if not any((where / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise InputError(f"no tokenizer in {where}",
                          hint="Save the model's tokenizer files beside the .onnx file, or name the HF folder "
@@ -272,7 +271,7 @@ def run(ref: ModelRef, options: OnnxGenerateOptions) -> OnnxGenerateReport:
     if loaded.kind != ModelKind.ONNX or loaded.path is None:
         raise InputError(f"{ref} is not an ONNX file", hint="Use `mlops generate` for PyTorch models.")
     decoder = OnnxDecoder(loaded.path, options.device, options.threads)
-    text = load_text_side(loaded.path, options.tokenizer)
+    text = load_text_side(options.tokenizer or loaded.path.parent)
     input_ids, attention_mask = encode_prompts(text.tokenizer, options.prompts)
     params = decoding_params(options, text)
     records: list[RunRecord] = []

@@ -124,7 +124,7 @@ def _perplexities(source: Path, target: Path,
                   options: Int4Options) -> tuple[float | None, float | None, float | None, list[str]]:
     """Perplexity of the float and the int4 graph on the text (None, with a warning, without a tokenizer)."""
     try:
-        tokenizer = load_text_side(source, options.tokenizer).tokenizer
+        tokenizer = load_text_side(options.tokenizer or source.parent).tokenizer
     except InputError as exc:
         return None, None, None, [f"perplexity not measured: {exc.message}; pass the HF folder as the tokenizer"]
     text = options.text_file.read_text(encoding="utf-8")

@@ -228,8 +228,7 @@ def _reference(ref: ModelRef, load: Any, tokenizer_folder: Path | None) -> tuple
         raise InputError(f"{ref} is not a transformers causal LM", hint="The reference is the model's HF folder.")
     tokenizer = loaded.tokenizer
     if tokenizer_folder is not None or tokenizer is None:
-        where = tokenizer_folder or (loaded.path or Path("."))
-        tokenizer = load_text_side(where / "model.onnx", where).tokenizer
+        tokenizer = load_text_side(tokenizer_folder or loaded.path or Path(".")).tokenizer
     return loaded.module.eval(), tokenizer, list(loaded.warnings)
 
 

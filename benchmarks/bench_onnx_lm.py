@@ -5,7 +5,9 @@ vocab 49152; random weights, built locally) is exported with `export_with_past`,
 same prompt greedily, interleaved (ONNX, PyTorch, ONNX, PyTorch... so machine noise hits both alike), one
 thread each, a fixed number of new tokens (EOS ignored). Printed per side: TTFT and decode tokens/s (tokens
 after the first / time from the first token to the last, as `mlops generate` defines it), medians over the
-measured runs, and the ratio ONNX / PyTorch; also whether both produced the same tokens.
+measured runs, and the ratio ONNX / PyTorch; also whether both produced the same tokens. On a shared machine
+the wall-clock figures swing with the load: the process CPU time per call (one thread each side, ONNX Runtime
+without spinning threads) is printed too and is the steadier comparison.
 
 `--int4` adds the decoder quantised by `services/onnx_lm/int4.py` (MatMulNBits, `--block-size`) as a third
 side, with the file sizes and the perplexity of both graphs on the bundled corpus (tokenised with the zoo's
@@ -99,23 +101,31 @@ def main() -> None:
             int4 = OnnxDecoder(quantize(written.path, args.block_size, args.accuracy_level), threads=1)
             sides["onnxruntime int4"] = lambda: onnx_run(int4, input_ids, args.new_tokens)
         records: dict[str, list[RunRecord]] = {name: [] for name in sides}
+        cpu_seconds: dict[str, list[float]] = {name: [] for name in sides}
         for index in range(args.warmup + args.repeat):
             for name, run_side in sides.items():
+                cpu = time.process_time()
                 record = run_side()
                 if index >= args.warmup:
                     records[name].append(record)
+                    cpu_seconds[name].append(time.process_time() - cpu)
     rates: dict[str, float] = {}
+    cpu_per_token: dict[str, float] = {}
     for name, runs in records.items():
         metrics = [run_metrics(r, args.new_tokens, 1) for r in runs]
         tps = [m.decode_tokens_per_s for m in metrics if m.decode_tokens_per_s]
         ttft = [m.ttft_ms for m in metrics if m.ttft_ms is not None]
         rates[name] = statistics.median(tps)
+        cpu_ms = 1000 * statistics.median(cpu_seconds[name]) / args.new_tokens
         print(f"{name:16s} decode {rates[name]:7.1f} tokens/s (min {min(tps):.1f}, max {max(tps):.1f}), "
-              f"TTFT {statistics.median(ttft):7.1f} ms ({args.prompt_tokens}-token prompt)")
+              f"TTFT {statistics.median(ttft):7.1f} ms ({args.prompt_tokens}-token prompt), "
+              f"CPU {cpu_ms:6.1f} ms per token (whole call)")
+        cpu_per_token[name] = cpu_ms
     same = torch.equal(records["onnxruntime"][0].sequences, records["torch generate"][0].sequences)
     for name in rates:
         if name != "torch generate":
-            print(f"ratio {name} / torch decode tokens/s: {rates[name] / rates['torch generate']:.2f}")
+            print(f"ratio {name} / torch: decode tokens/s {rates[name] / rates['torch generate']:.2f}, "
+                  f"CPU time per token {cpu_per_token['torch generate'] / cpu_per_token[name]:.2f}x less")
     print(f"onnxruntime and torch generated the same tokens: {same}")
 
 

@@ -6,6 +6,7 @@ both with the zoo's byte-level BPE tokenizer; exported once per module.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import InputError
+from mlops_cli.render import to_jsonable
 from mlops_cli.services.decoding import DecodingParams, decode
 from mlops_cli.services.onnx_lm import (
     ExportWithPastOptions,
@@ -156,6 +158,8 @@ def test_a_tampered_export_is_detected_and_the_step_named(folders: dict[str, Pat
     report = parity_run(ModelRef.parse(str(folders["llama"])),
                         GenerationParityOptions(candidate=tampered, prompts=PROMPTS[:2], max_new_tokens=6))
     assert not report.passed
+    shown = json.loads(json.dumps(to_jsonable(report), allow_nan=False))  # what --json would print
+    assert shown["passed"] is False and shown["prompts"][0]["passes"][0]["diff"]["passed"] is False
     failing = report.prompts[0].first_failing_pass
     assert failing is not None and failing.step == 0  # the weights are wrong from the prompt pass on
     divergence = next((p.divergence for p in report.prompts if p.divergence), None)

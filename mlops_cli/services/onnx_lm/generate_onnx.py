@@ -116,7 +116,8 @@ def onnx_decode(decoder: OnnxDecoder, input_ids: torch.Tensor, attention_mask: t
     sequences[:, :prompt_length] = input_ids
     mask = (np.ones((batch, prompt_length), dtype=np.int64) if attention_mask is None
             else attention_mask.numpy().astype(np.int64))
-    positions = initial_positions(attention_mask, prompt_length, input_ids.device).expand(batch, -1).numpy()
+    positions = np.ascontiguousarray(initial_positions(attention_mask, prompt_length, input_ids.device)
+                                     .expand(batch, -1).numpy())
     step_ids, past = input_ids.numpy().astype(np.int64), decoder.empty_past(batch)
     next_position = positions[:, -1:] + 1
     length = prompt_length

@@ -22,7 +22,7 @@ import torch
 
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.services.decoding import DecodingParams, _StopState, initial_positions, logits_processors
+from mlops_cli.services.decoding import DecodingParams, StopState, initial_positions, logits_processors
 from mlops_cli.services.generate_measure import Metrics, RunRecord, StepClock, run_metrics, summarize_runs
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -111,7 +111,7 @@ def onnx_decode(decoder: OnnxDecoder, input_ids: torch.Tensor, attention_mask: t
         attention_mask = None
     padding = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1)
     processors = logits_processors(params, prompt_ignore_length=padding)
-    stop = _StopState(params, batch, input_ids.device, tokenizer)
+    stop = StopState(params, batch, input_ids.device, tokenizer)
     sequences = torch.full((batch, prompt_length + params.max_new_tokens), params.pad_token_id, dtype=torch.long)
     sequences[:, :prompt_length] = input_ids
     mask = (np.ones((batch, prompt_length), dtype=np.int64) if attention_mask is None

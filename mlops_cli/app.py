@@ -22,8 +22,9 @@ from mlops_cli import __version__, commands
 from mlops_cli.core.errors import MlopsError, ResourceError
 
 # Order in `mlops --help`; modules not listed come after, alphabetically.
-COMMAND_ORDER = ("inspect", "summarize", "view", "export", "verify_parity", "compress", "prune",
-                 "bench", "bench_tokenizers", "generate", "zoo")
+COMMAND_ORDER = ("inspect", "summarize", "estimate", "view", "export", "verify_parity", "compress", "prune",
+                 "diff", "average", "bench", "bench_tokenizers", "generate", "zoo")
+
 
 def exit_code_for(exc: BaseException) -> tuple[int, str, str | None]:
     """The one error -> (exit code, message, hint) table. Typed errors carry their own code and hint."""

@@ -517,8 +517,9 @@ def test_int8_torch_gpt2_folder_round_trips(cli, zoo_dir: Path, tmp_path: Path) 
     rebuilt = load_int8_state(copy.deepcopy(original.module), torch_load_weights(tmp_path / "q" / "model.int8.pt"))
     ids = torch.randint(5, 200, (1, 8))
     with torch.inference_mode():
-        drift = (rebuilt(input_ids=ids).logits - original.module(input_ids=ids).logits).abs().max()
-    assert 0 < float(drift) < 0.1
+        expected = original.module(input_ids=ids).logits
+        drift = (rebuilt(input_ids=ids).logits - expected).abs().max()
+    assert 0 < float(drift) < 0.1 * float(expected.abs().max())  # int8: within 10% of the logits' magnitude
 
 
 def test_int8_torch_checkpoint_keeps_entries(cli, zoo_dir: Path, tmp_path: Path) -> None:

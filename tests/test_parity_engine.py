@@ -241,7 +241,9 @@ def test_fp32_drift_of_large_logits_passes_by_default(scale) -> None:
     diff = report.shapes[0].outputs[0]
     assert diff.scale == pytest.approx(np.abs(head_runner("r", *head(scale))(head_sets()[0].tensors)["logits"]).max())
     assert diff.effective_atol == pytest.approx(max(1e-4, 5e-5 * diff.scale))
-    assert {c.name for c in diff.criteria} == {"element-wise", "cosine", "top-1"}
+    assert {c.name for c in diff.criteria} == {"element-wise", "cosine"}  # judged per input set
+    pooled = {c.criterion.name: c for c in report.criteria if c.input_set.startswith("all input sets")}
+    assert set(pooled) == {"top-1"} and pooled["top-1"].criterion.passed  # judged over every position
 
 
 def test_the_same_drift_fails_plain_tolerances_as_given() -> None:
@@ -287,8 +289,8 @@ def test_agreement_criteria_fail_where_the_bound_is_loose() -> None:
     report = check(ref, swapped, sets(8), tolerances=Tolerances.for_preset("int8"))
     assert not report.passed
     diff = report.shapes[0].outputs[0]
-    assert diff.criteria[0].passed and diff.failed_criterion.name == "top-1"
-    assert "top-1 agreement 0.0% is below 90.0%" in report.verdict
+    assert diff.passed and diff.top1_agreement == 0.0  # within int8's element-wise bound on every set...
+    assert "top-1 agreement 0.0% is below 90.0%" in report.verdict  # ...but every decision is swapped
     summary = {(c.output, c.criterion.name): c.criterion for c in report.criteria}
     assert summary["logits", "top-1"].threshold == 0.9 and not summary["logits", "top-1"].passed
 
@@ -354,3 +356,32 @@ def test_precision_of_torch_modules() -> None:
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
         quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     assert module_precision(quantized)[0] == "int8"
+
+
+def test_top1_is_judged_over_all_positions_not_one_small_input_set() -> None:
+    """One flipped position in a batch-1 set of 8 (87.5%) failed int8 parity of a trained GPT-2; over every
+    position of every input set the same flip is 1 in 96 (99%), above int8's 90%. Many flips still fail."""
+    rng = np.random.default_rng(7)
+    sets_ = [InputSet(f"batch={b},sequence=8", {"x": np.zeros((b, 8), np.float32)}, {"batch": b}) for b in (1, 4, 7)]
+    logits = {b: rng.standard_normal((b, 8, 5)).astype(np.float32) * 10 for b in (1, 4, 7)}
+    logits[1][0, :, :2] = [30.0, 29.95]  # batch 1: every position a near tie between classes 0 and 1
+
+    def flipped(count: int):
+        def call(inputs):
+            out = logits[inputs["x"].shape[0]].copy()
+            if out.shape[0] == 1:
+                out[0, :count, :2] = out[0, :count, 1::-1]  # swap the tie: the argmax moves by 0.05
+            return {"logits": out}
+        return call
+
+    reference = Runner("ref", "fake", "cpu", None, lambda inputs: {"logits": logits[inputs["x"].shape[0]]})
+    one = check_parity(reference, Runner("one", "fake", "cpu", None, flipped(1)), sets_,
+                       Tolerances.for_preset("int8"), time_runs=False, check_determinism=False)
+    assert one.shapes[0].outputs[0].top1_agreement == pytest.approx(7 / 8)
+    pooled = next(c for c in one.criteria if c.criterion.name == "top-1")
+    assert pooled.input_set == "all input sets (96 positions)" and pooled.criterion.value == pytest.approx(95 / 96)
+    many = check_parity(reference, Runner("many", "fake", "cpu", None, flipped(8)), sets_,
+                        Tolerances.for_preset("fp32"), time_runs=False, check_determinism=False)
+    assert one.passed, one.verdict
+    many_top1 = next(c for c in many.criteria if c.criterion.name == "top-1")
+    assert not many.passed and not many_top1.criterion.passed  # 8 of 96 flipped: below fp32's 100%

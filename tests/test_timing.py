@@ -69,3 +69,22 @@ def test_peak_memory_sees_a_short_lived_allocation() -> None:
         time.sleep(0.05)
         del block
     assert peak.growth_bytes is not None and peak.growth_bytes >= 48 * 1024 * 1024
+
+
+def test_threads_are_set_for_torch_and_onnxruntime_and_reported(cli) -> None:
+    import torch
+
+    from mlops_cli.core import runtimes
+
+    before = torch.get_num_threads()
+    try:
+        assert runtimes.use_threads(1) == 1 and torch.get_num_threads() == 1 and runtimes._ort_threads == 1
+        assert 1 <= runtimes.use_threads() <= max(before, 1)  # the default never exceeds torch's own count
+        report = cli("verify-parity", "builtin:lenet", "builtin:lenet", "--threads", "1", "--repeats", "3", "--json")
+        assert report.exit_code == 0, report.output
+        parity = report.json()["parity"]
+        assert parity["threads"] == 1
+        assert all(shape["speed"]["low"] <= shape["speed"]["ratio"] <= shape["speed"]["high"]
+                   for shape in parity["shapes"])
+    finally:
+        torch.set_num_threads(before)

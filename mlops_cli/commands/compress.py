@@ -23,6 +23,7 @@ from mlops_cli.commands.common import (
     RepeatsOpt,
     RtolOpt,
     SeedOpt,
+    ThreadsOpt,
     model_options,
     parse_tolerances,
     progress_steps,
@@ -83,6 +84,7 @@ def half_command(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     repeats: RepeatsOpt = 10,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -108,7 +110,7 @@ def half_command(
 
     chosen = _chosen(preset)
     with progress_steps(f"compress half {model}", quiet=quiet or as_json) as on_step:
-        report = half.run(ModelRef.parse(model), half.HalfOptions(
+        report = half.run(ModelRef.parse(model), half.HalfOptions(threads=threads,
             load=load, output=output, force=force, on_step=on_step, dtype=dtype.value,
             keep_fp32=tuple(keep_fp32 or ()), default_keep=default_keep, allow_overflow=allow_overflow,
             keep_io_types=keep_io_types, check=check, per_layer=per_layer, device=device.value,
@@ -143,6 +145,7 @@ def int8_command(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     repeats: RepeatsOpt = 20,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -166,7 +169,7 @@ def int8_command(
 
     chosen = _chosen(preset)
     with progress_steps(f"compress int8 {model}", quiet=quiet or as_json) as on_step:
-        report = int8.run(ModelRef.parse(model), int8.Int8Options(
+        report = int8.run(ModelRef.parse(model), int8.Int8Options(threads=threads,
             load=load, output=output, force=force, on_step=on_step, quantize_embeddings=quantize_embeddings,
             per_channel=per_channel, exclude=tuple(exclude or ()),
             op_types=tuple(op.strip() for op in op_types.split(",") if op.strip()),

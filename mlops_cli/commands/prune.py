@@ -26,6 +26,7 @@ from mlops_cli.commands.common import (
     RtolOpt,
     SeedOpt,
     SeqLenOpt,
+    ThreadsOpt,
     WarmupOpt,
     model_options,
     progress_steps,
@@ -85,6 +86,7 @@ def prune_command(
     batch_size: BatchSizeOpt = None,
     seq_len: SeqLenOpt = None,
     repeats: RepeatsOpt = 20,
+    threads: ThreadsOpt = None,
     warmup: WarmupOpt = 3,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -120,7 +122,7 @@ def prune_command(
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value]) \
         if checked else None
     with progress_steps(f"pruning {model}", quiet=quiet or as_json) as on_step:
-        options = PruneOptions(
+        options = PruneOptions(threads=threads,
             load=load, output=output, force=force, on_step=on_step, method=method.value, amounts=amounts, n=n,
             dim=dim, include=tuple(include or ()), exclude=tuple(exclude or ()), structured_shrink=structured_shrink,
             seed=seed, device=device.value, tolerances=tolerances, max_drift=max_drift, min_top1=min_top1,

@@ -25,6 +25,7 @@ from mlops_cli.commands.common import (
     SeedOpt,
     SeqLenOpt,
     TextOpt,
+    ThreadsOpt,
     model_options,
     progress_steps,
 )
@@ -57,6 +58,7 @@ def verify_parity_command(
     include_padding: IncludePaddingOpt = False,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
+    threads: ThreadsOpt = None,
     timing: Annotated[bool, typer.Option(
         "--timing/--no-timing", help="Time both sides on every input set (--no-timing is --repeats 0).")] = True,
     as_json: JsonOpt = False,
@@ -86,7 +88,7 @@ def verify_parity_command(
                            file=str(inputs_file) if inputs_file else None, batch_size=batch_size, seq_len=seq_len,
                            samples=samples, seed=seed)
     with progress_steps(f"comparing {candidate} with {reference}", quiet=quiet) as on_step:
-        options = VerifyOptions(
+        options = VerifyOptions(threads=threads,
             candidate=ModelRef.parse(candidate), inputs=request,
             tolerances=ToleranceRequest.parse(atol, rtol, preset.value),
             include_padding=include_padding, device=device.value, repeats=repeats if timing else 0, load=load,

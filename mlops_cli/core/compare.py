@@ -31,7 +31,8 @@ class Agreement:
 
     scale: float  # atol is at least scale * max|reference| of the output
     cosine: float  # minimum cosine similarity of the whole output
-    top1: float  # minimum argmax agreement of logits-like outputs (per position, and greedy next token)
+    top1: float  # minimum argmax agreement of logits-like outputs (per position, and greedy next token),
+    # judged over the positions of all input sets together: one flip in a batch-1 set of 8 positions is no evidence
 
 
 AGREEMENT = {  # rounding of fp32 kernels, then 10-bit, 7-bit and 8-bit-integer weights
@@ -83,7 +84,9 @@ class OutputDiff:
     scale: float | None = None  # max |reference| over the compared elements
     effective_atol: float | None = None  # the atol applied: max(atol, preset scale * scale) under a preset
     next_token_agreement: float | None = None  # greedy next token (last real position) of LM logits
-    criteria: tuple[Criterion, ...] = ()
+    criteria: tuple[Criterion, ...] = ()  # judged on this input set (element-wise, cosine)
+    top1_counts: tuple[int, int] | None = None  # (agreeing, compared) positions of a logits-like output
+    next_token_counts: tuple[int, int] | None = None  # (agreeing, compared) rows
 
     @property
     def failed_criterion(self) -> Criterion | None:
@@ -116,8 +119,8 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     selection = mask_for(reference, attention_mask)
     row_mask = attention_mask if selection is not None else None
     masked_out = 0
-    top1 = _top1_agreement(ref, cand, row_mask)
-    next_token = _next_token_agreement(ref, cand, row_mask)
+    top1_counts = _top1_counts(ref, cand, row_mask)
+    next_token_counts = _next_token_counts(ref, cand, row_mask)
     if selection is not None:
         masked_out = int(selection.size - selection.sum())
         ref, cand = ref[selection], cand[selection]
@@ -137,9 +140,8 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     needed = float(max(0.0, (diff - rtol * np.abs(ref)).max()))
     logits = _logits_like(name, ref_shape)
     criteria = [Criterion(ELEMENTWISE, needed, effective_atol, "<=", needed <= effective_atol)]
-    if agreement:
-        criteria += _agreement_criteria(agreement, cosine, scale > atol, top1 if logits else None,
-                                        next_token if logits else None)
+    if agreement and scale > atol:  # the direction of values all within the noise floor says nothing
+        criteria.append(Criterion(COSINE, cosine, agreement.cosine, ">=", cosine >= agreement.cosine))
     return OutputDiff(
         name, ref_shape, cand_shape, atol, rtol,
         passed=all(c.passed for c in criteria),
@@ -148,25 +150,33 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
         mean_abs=float(diff.mean()),
         p99_abs=float(np.percentile(diff, 99)),
         cosine=cosine,
-        top1_agreement=top1,
+        top1_agreement=_share(top1_counts),
         min_atol_to_pass=needed,
         elements=int(ref.size),
         masked_out=masked_out,
         scale=scale,
         effective_atol=effective_atol,
-        next_token_agreement=next_token,
+        next_token_agreement=_share(next_token_counts),
         criteria=tuple(criteria),
+        top1_counts=top1_counts if logits else None,
+        next_token_counts=next_token_counts if logits else None,
     )
 
 
-def _agreement_criteria(agreement: Agreement, cosine: float, above_noise: bool, top1: float | None,
-                        next_token: float | None) -> list[Criterion]:
-    """The preset's task-level checks. Cosine only for outputs larger than atol: the direction of values that
-    are all within the noise floor says nothing."""
-    checks = [(COSINE, cosine if above_noise else None, agreement.cosine), (TOP1, top1, agreement.top1),
-              (NEXT_TOKEN, next_token, agreement.top1)]
-    return [Criterion(name, value, threshold, ">=", value >= threshold)
-            for name, value, threshold in checks if value is not None]
+def agreement_criteria(agreement: Agreement, diffs: list[OutputDiff]) -> list[Criterion]:
+    """The preset's decision checks for one output, over the positions of all its input sets together."""
+    criteria = []
+    for name, counts in ((TOP1, [d.top1_counts for d in diffs]), (NEXT_TOKEN, [d.next_token_counts for d in diffs])):
+        pooled = [c for c in counts if c is not None]
+        compared = sum(total for _, total in pooled)
+        if compared:
+            value = sum(agree for agree, _ in pooled) / compared
+            criteria.append(Criterion(name, value, agreement.top1, ">=", value >= agreement.top1))
+    return criteria
+
+
+def _share(counts: tuple[int, int] | None) -> float | None:
+    return counts[0] / counts[1] if counts and counts[1] else None
 
 
 # Outputs whose argmax is the answer: HF logits (start_logits...), scores, and the single unnamed output of a
@@ -179,17 +189,18 @@ def _logits_like(name: str, shape: tuple[int, ...]) -> bool:
     return bool(_LOGITS_NAME.search(reference_name)) and len(shape) in (2, 3) and shape[-1] >= 2
 
 
-def _top1_agreement(ref: np.ndarray, cand: np.ndarray, attention_mask: np.ndarray | None) -> float | None:
-    """Fraction of rows whose argmax over the last axis agrees (for logits-like outputs)."""
+def _top1_counts(ref: np.ndarray, cand: np.ndarray, attention_mask: np.ndarray | None) -> tuple[int, int] | None:
+    """(agreeing, compared) positions whose argmax over the last axis agrees (for logits-like outputs)."""
     if ref.ndim < 2 or ref.shape[-1] < 2 or not np.isfinite(ref).all() or not np.isfinite(cand).all():
         return None
     agree = ref.argmax(-1) == cand.argmax(-1)
     if attention_mask is not None and agree.shape == attention_mask.shape:
         agree = agree[attention_mask.astype(bool)]
-    return float(agree.mean()) if agree.size else None
+    return (int(agree.sum()), int(agree.size)) if agree.size else None
 
 
-def _next_token_agreement(ref: np.ndarray, cand: np.ndarray, attention_mask: np.ndarray | None) -> float | None:
+def _next_token_counts(ref: np.ndarray, cand: np.ndarray, attention_mask: np.ndarray | None
+                       ) -> tuple[int, int] | None:
     """Greedy decoding's view of LM logits (batch, sequence, vocabulary): does each row's last real position
     pick the same next token?"""
     if ref.ndim != 3 or ref.shape[-1] < 2 or not np.isfinite(ref).all() or not np.isfinite(cand).all():
@@ -200,4 +211,4 @@ def _next_token_agreement(ref: np.ndarray, cand: np.ndarray, attention_mask: np.
         real = attention_mask.astype(bool)
         last = np.where(real.any(1), sequence - 1 - real[:, ::-1].argmax(1), sequence - 1)
     rows = np.arange(batch)
-    return float((ref[rows, last].argmax(-1) == cand[rows, last].argmax(-1)).mean())
+    return int((ref[rows, last].argmax(-1) == cand[rows, last].argmax(-1)).sum()), batch

@@ -31,6 +31,7 @@ from mlops_cli.core.formats import (
 )
 from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
 from mlops_cli.core.pruned import REBUILD_ARCH
+from mlops_cli.core.shards import read_shard_indexes
 from mlops_cli.core.sidecar import canonical_arch, read_sidecar
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "weights", "ema")
@@ -227,6 +228,13 @@ def _hf_weights(folder: Path) -> tuple[bool | None, list[str]]:
     for weights in chosen:
         if weights.suffix != ".json":
             detect_format(weights)  # empty / LFS-pointer / corrupt files fail here with a plain message
+    loaded_indexes = {p.name for p in chosen}
+    for index in read_shard_indexes(folder):
+        missing = [shard for shard in index.shards if not (folder / shard).is_file()]
+        if missing and index.name in loaded_indexes:
+            raise InputError(f"{folder}: {index.name} lists {len(missing)} shard(s) that are not in the folder: "
+                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}",
+                             hint="The download is incomplete: fetch the missing shard files.")
     uses_safetensors = chosen[0].name.endswith((".safetensors", ".safetensors.index.json"))
     return (True if uses_safetensors else None), [p.name for p in skipped]
 
@@ -318,6 +326,33 @@ def is_tensor_dict(value: Any) -> bool:
 
     return isinstance(value, dict) and bool(value) and all(
         isinstance(v, torch.Tensor) or PACKED in str(k) for k, v in value.items())
+
+
+def storage_identity(tensor: Any) -> tuple[Any, ...] | None:
+    """Where a tensor's bytes live (two names with one identity are one tensor, tied); None where torch cannot
+    say (quantised tensors)."""
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()), tensor.dtype)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def tied_names(state_dict: dict[str, Any]) -> dict[str, str]:
+    """Names whose storage an earlier name already holds (torch.save keeps GPT-2's lm_head/wte tie), to that name."""
+    import torch
+
+    seen: dict[tuple[Any, ...], str] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        identity = storage_identity(tensor) if isinstance(tensor, torch.Tensor) else None
+        if identity is None:
+            continue
+        if identity in seen:
+            tied[name] = seen[identity]
+        else:
+            seen[identity] = name
+    return tied
 
 
 def split_checkpoint(content: Any, key: str | None, path: Path) -> tuple[dict[str, Any], str | None, dict[str, Any]]:

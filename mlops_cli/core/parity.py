@@ -24,12 +24,13 @@ from mlops_cli.core.compare import (
     Agreement,
     Criterion,
     OutputDiff,
+    agreement_criteria,
     compare_arrays,
 )
 from mlops_cli.core.errors import InputError, MlopsError, UsageError
 from mlops_cli.core.inputs import InputSet
 from mlops_cli.core.runtimes import Runner
-from mlops_cli.core.timing import Timing, measure_interleaved
+from mlops_cli.core.timing import SpeedRatio, Timing, measure_interleaved, speed_ratio, speedup, trust_warnings
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,11 @@ class ShapeResult:
     reference_latency: Timing | None = None
     candidate_latency: Timing | None = None
     speed_ratio: float | None = None  # reference median / candidate median (> 1: the candidate is faster)
+    speed: SpeedRatio | None = None  # the same ratio with its bootstrap interval
 
     @property
     def speedup(self) -> float | None:
-        if self.reference_latency and self.candidate_latency and self.candidate_latency.median_ms:
-            return self.reference_latency.median_ms / self.candidate_latency.median_ms
-        return None
+        return speedup(self.reference_latency, self.candidate_latency)
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ class ParityReport:
     masked_positions_excluded: bool = True
     preset: str | None = None  # whose scale-aware bound and criteria applied; None: plain atol/rtol
     criteria: tuple[OutputCriterion, ...] = ()  # every check of every output, at its worst input set
+    threads: int | None = None  # torch's CPU threads while timing (None: nothing was timed)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
             if problem:
                 notes.append(problem)
                 result = ShapeResult(result.label, result.input_shapes, result.outputs, False, problem,
-                                     result.reference_latency, result.candidate_latency, result.speed_ratio)
+                                     result.reference_latency, result.candidate_latency, result.speed_ratio,
+                                     result.speed)
         results.append(result)
     dropped = sorted(set(candidate.dropped_inputs) | set(reference.dropped_inputs))
     if dropped:
@@ -207,15 +209,56 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
     paired = sorted({d.name for r in results for d in r.outputs if " ~ " in d.name})
     if paired:
         notes.append(f"outputs named differently, paired by position: {', '.join(paired)}")
-    passed = all(r.passed for r in results) and bool(results)
+    timings = [t for r in results for t in (r.reference_latency, r.candidate_latency) if t is not None]
+    threads = _torch_threads() if timings else None
+    if timings:
+        notes.extend(trust_warnings(threads, timings))
+    decisions = pooled_criteria(results, tolerances)
+    failed_decision = next((c for c in decisions if not c.criterion.passed), None)
+    sets_passed = all(r.passed for r in results) and bool(results)
+    passed = sets_passed and failed_decision is None
+    if sets_passed and failed_decision is not None:
+        verdict = f"{failed_decision.output} over {failed_decision.input_set}: {describe_decision(failed_decision)}"
+    else:
+        verdict = _verdict(results, passed, tolerances.preset)
     return ParityReport(
         reference=reference.name, candidate=candidate.name,
         reference_backend=reference.backend, candidate_backend=candidate.backend,
         device=candidate.device, atol=tolerances.atol, rtol=tolerances.rtol,
-        shapes=tuple(results), passed=passed, verdict=_verdict(results, passed, tolerances.preset),
+        shapes=tuple(results), passed=passed, verdict=verdict,
         notes=tuple(notes), masked_positions_excluded=not include_masked, preset=tolerances.preset,
-        criteria=worst_criteria(results),
+        criteria=(*worst_criteria(results), *decisions), threads=threads,
     )
+
+
+def pooled_criteria(results: list[ShapeResult], tolerances: Tolerances) -> tuple[OutputCriterion, ...]:
+    """Top-1 and greedy next-token agreement of each logits-like output, over all input sets' positions."""
+    agreement = tolerances.agreement
+    if agreement is None:
+        return ()
+    by_output: dict[str, list[OutputDiff]] = {}
+    for result in results:
+        for diff in result.outputs:
+            by_output.setdefault(diff.name, []).append(diff)
+    pooled = []
+    for name, diffs in by_output.items():
+        positions = sum(d.top1_counts[1] for d in diffs if d.top1_counts)
+        where = f"all input sets ({positions} positions)"
+        pooled += [OutputCriterion(name, where, criterion) for criterion in agreement_criteria(agreement, diffs)]
+    return tuple(pooled)
+
+
+def describe_decision(failed: OutputCriterion) -> str:
+    what = {TOP1: "top-1 agreement", NEXT_TOKEN: "greedy next-token agreement"}[failed.criterion.name]
+    return f"{what} {failed.criterion.value:.1%} is below {failed.criterion.threshold:.1%}"
+
+
+def _torch_threads() -> int | None:
+    """The CPU threads torch computes with (what a timing depends on), if torch is loaded."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
 
 
 def worst_criteria(results: list[ShapeResult]) -> tuple[OutputCriterion, ...]:
@@ -267,9 +310,9 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
         sides = {"reference": lambda: reference(ref_feed), "candidate": lambda: candidate(cand_feed)}
         timings = measure_interleaved(sides, warmup=2, repeats=repeats, device=device)
         ref_time, cand_time = timings["reference"], timings["candidate"]
-    ratio = ref_time.median_ms / cand_time.median_ms if ref_time and cand_time and cand_time.median_ms else None
     return ShapeResult(input_set.label, shapes, tuple(diffs), all(d.passed for d in diffs) and bool(diffs),
-                       None if diffs else "no outputs to compare", ref_time, cand_time, ratio)
+                       None if diffs else "no outputs to compare", ref_time, cand_time, speedup(ref_time, cand_time),
+                       speed_ratio(ref_time, cand_time))
 
 
 # Errors that say a graph or trace was built for other sizes (ONNX Runtime, torch, TorchScript wordings).

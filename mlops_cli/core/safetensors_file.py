@@ -10,10 +10,12 @@ with spaces to 8 bytes) with sorted metadata, atomically, so identical tensors g
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,6 +47,14 @@ ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # "F32" -> 
 TO_TORCH = {name: dtype.torch for name, dtype in DTYPES.items()}  # "F32" -> "float32"
 FROM_TORCH = {dtype.torch: name for name, dtype in DTYPES.items()}  # "float32" -> "F32"
 WRITE_ORDER = tuple(DTYPES)
+CHUNK_ELEMENTS = 1024 * 1024  # tensors are streamed in ranges of this many elements (4 MiB of fp32)
+
+
+def torch_dtype(name: str) -> Any:
+    """torch's dtype object for a torch dtype name ("float16" -> torch.float16)."""
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -281,3 +291,74 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Map
         write_tensors(handle, tensor_layout(tensors), metadata, write_tensor)
     return Path(path)
 
+
+
+# ---------------------------------------------------------------- streaming reads
+
+
+class MappedTensors:
+    """A safetensors file's tensors read in element ranges through a private memory map; the pages of each
+    range are given back after the read, so memory follows the range, not the file (shards of any size).
+
+    ACCESS_COPY gives a writable (copy-on-write, never written) view, which torch.frombuffer takes without warning.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        with open(self.path, "rb") as handle:  # the map keeps its own reference to the file
+            has_data = self.path.stat().st_size > self.header.data_start
+            self._mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if has_data else None
+
+    def __enter__(self) -> MappedTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> Any:
+        """Elements [start, stop) of tensor `name`, flattened, as a torch tensor that owns its memory."""
+        with self._view(name, start, stop) as view:
+            return view.clone()
+
+    def ranges(self, name: str, elements: int = CHUNK_ELEMENTS) -> Iterator[Any]:
+        """Tensor `name` as consecutive flat ranges of at most `elements` elements. Each is a view into the map,
+        valid until the next one is asked for (its pages are given back then): use it or copy it."""
+        total = self.header.tensors[name].nbytes // ITEMSIZE[self.header.tensors[name].dtype]
+        for start in range(0, total, max(1, elements)):
+            with self._view(name, start, min(start + elements, total)) as view:
+                yield view
+
+    @contextlib.contextmanager
+    def _view(self, name: str, start: int, stop: int | None) -> Iterator[Any]:
+        import torch
+
+        entry = self.header.tensors[name]
+        dtype, itemsize = torch_dtype(TO_TORCH[entry.dtype]), ITEMSIZE[entry.dtype]
+        stop = entry.nbytes // itemsize if stop is None else stop
+        begin = self.header.data_start + entry.begin + start * itemsize
+        end = begin + (stop - start) * itemsize
+        if self._mapped is None or end == begin:
+            yield torch.empty(0, dtype=dtype)
+            return
+        if begin % itemsize:  # a foreign writer left the tensor unaligned: copy its bytes first
+            yield torch.frombuffer(bytearray(self._mapped[begin:end]), dtype=dtype)
+            return
+        view = torch.frombuffer(self._mapped, dtype=dtype, count=stop - start, offset=begin)
+        try:
+            yield view
+        finally:
+            del view
+            self._release(begin, end)
+
+    def _release(self, begin: int, end: int) -> None:
+        if self._mapped is None or not hasattr(self._mapped, "madvise"):
+            return
+        first = (begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):  # unsupported here: the kernel reclaims the pages itself
+            self._mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            if self._mapped is not None:
+                self._mapped.close()

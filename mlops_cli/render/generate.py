@@ -147,6 +147,8 @@ def generate_tables(report: Any) -> Iterable[RenderableType]:
             yield note(f"{result.strategy}: the measured runs did not all produce the same tokens")
         if result.fixed_length_ok is False:
             yield note(f"{result.strategy}: --fixed-length asked for {report.max_new_tokens} new tokens per prompt")
+    for line in report.notes:
+        yield note(line)
 
 
 class TextPrinter:

@@ -102,10 +102,13 @@ def parity_tables(report: ParityReport, title: str | None = None, *,
                     caption="atol needed: max of |diff| - rtol*|ref|; the threshold is the atol allowed")
     timed = [s for s in report.shapes if s.reference_latency and s.candidate_latency]
     if timed:
-        yield table("Latency (warm, median of repeats)", LATENCY_COLUMNS, (
+        threads = f", {report.threads} thread(s)" if report.threads else ""
+        yield table(f"Latency (warm, median of repeats{threads})", LATENCY_COLUMNS, (
             (s.label, fmt_ms(s.reference_latency.median_ms), fmt_ms(s.reference_latency.p90_ms),  # type: ignore[union-attr]
              fmt_ms(s.candidate_latency.median_ms), fmt_ms(s.candidate_latency.p90_ms),  # type: ignore[union-attr]
-             f"{s.speedup:.2f}x" if s.speedup else "-") for s in timed), numeric=LATENCY_COLUMNS[1:])
+             s.speed.describe() if s.speed else "-") for s in timed), numeric=LATENCY_COLUMNS[1:5],
+            caption="speed-up: reference p50 / candidate p50 with its 95% bootstrap interval; claimed only when "
+                    "the interval excludes 1.0")
     for line in report.notes:
         yield note(line)
     if with_verdict:

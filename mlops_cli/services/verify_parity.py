@@ -49,10 +49,11 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
     """Load both sides, plan the inputs once, and run the parity engine."""
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.parity import check_parity
-    from mlops_cli.core.runtimes import device_for, runner_for
+    from mlops_cli.core.runtimes import device_for, runner_for, use_threads
 
     if options.repeats < 0:
         raise UsageError("--repeats must be 0 (no timing) or more")
+    use_threads(options.threads)
     options.on_step("loading both models")
     ref_model = load_model(ref, options.load)
     cand_model = load_model(options.candidate, options.load)
@@ -136,5 +137,8 @@ def worst_output(report: ParityReport) -> str | None:
                 worst = (score, f"{diff.name} at {shape.label}")
     if worst is None:
         failing = next((s for s in report.shapes if not s.passed), None)
-        return f"(all outputs) at {failing.label}" if failing else None
+        if failing:
+            return f"(all outputs) at {failing.label}"
+        decision = next((c for c in report.criteria if not c.criterion.passed), None)  # pooled top-1/next token
+        return f"{decision.output} over {decision.input_set}" if decision else None
     return worst[1]

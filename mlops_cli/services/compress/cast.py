@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlops_cli.core.safetensors_file import CHUNK_ELEMENTS, torch_dtype
 from mlops_cli.services.compress.keep import BY_MODULE_TYPE, BY_NAME, KeepRules
 from mlops_cli.services.compress.shared import disk_size
 
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")  # fp8 tensors are left alone
-CHUNK_ELEMENTS = 1024 * 1024  # tensors are cast in chunks of this many elements (4 MiB of fp32)
 
 
 # ---------------------------------------------------------------- which tensors change
@@ -35,12 +35,6 @@ class TensorPlan:
     convert: bool
     reason: str
     kept_by: str | None = None  # keep.BY_MODULE_TYPE or keep.BY_NAME
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
 
 
 def dtype_name(dtype: Any) -> str:

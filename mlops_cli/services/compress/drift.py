@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlops_cli.services.compress.cast import torch_dtype
+from mlops_cli.core.safetensors_file import torch_dtype
 
 JUMP_FACTOR = 10.0  # an error "jumps" when it is this many times the largest error before it...
 JUMP_FLOOR = 1e-2  # ...and at least this large (relative L2 error), so rounding noise never counts

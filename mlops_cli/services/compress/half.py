@@ -30,6 +30,7 @@ from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, load_model, split_checkpoint
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
+from mlops_cli.core.safetensors_file import torch_dtype
 from mlops_cli.services.compress.cast import (
     HALF_DTYPES,
     SafetyTotals,
@@ -39,7 +40,6 @@ from mlops_cli.services.compress.cast import (
     safety_totals,
     sentinel_notes,
     size_summary,
-    torch_dtype,
 )
 from mlops_cli.services.compress.drift import PerLayerReport, compare_layers
 from mlops_cli.services.compress.half_onnx import OVERFLOW_ACTION, UNDERFLOW_ACTION, convert_onnx, save_onnx
@@ -147,7 +147,10 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     """Convert a model's floating tensors to fp16/bf16 and measure what that did."""
     import torch
 
+    from mlops_cli.core.runtimes import use_threads
+
     source = source_path(ref)
+    use_threads(options.threads)
     if options.dtype not in HALF_DTYPES:
         raise UsageError(f"--dtype {options.dtype!r} is not one of {', '.join(HALF_DTYPES)}")
     target = HALF_DTYPES[options.dtype]

@@ -126,7 +126,10 @@ class Int8Report(Report):
 
 def run(ref: ModelRef, options: Int8Options) -> Int8Report:
     """Quantise a model to dynamic int8 and measure size, latency and drift against the original."""
+    from mlops_cli.core.runtimes import use_threads
+
     source = source_path(ref)
+    use_threads(options.threads)
     fmt = detect_format(source)
     for pattern in options.exclude:
         _compile(pattern)
@@ -438,10 +441,10 @@ def _report(source: Path, input_format: str, output_format: str, engine: str, we
 
 
 def _timing_setup(input_format: str) -> str:
-    import os
-
-    if input_format == Format.ONNX.value:
-        return f"ONNX Runtime CPU, default intra-op threads ({os.cpu_count()} cores)"
+    """What ran the timed calls: the thread count is the one `use_threads` set for torch and ONNX Runtime alike."""
     import torch
 
-    return f"torch eager CPU, {torch.get_num_threads()} thread(s), quantized engine {torch.backends.quantized.engine}"
+    threads = torch.get_num_threads()
+    if input_format == Format.ONNX.value:
+        return f"ONNX Runtime CPU, {threads} intra-op thread(s)"
+    return f"torch eager CPU, {threads} thread(s), quantized engine {torch.backends.quantized.engine}"

@@ -33,13 +33,14 @@ def run(ref: ModelRef, options: PruneOptions) -> PruneReport:
     from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.io import check_output
     from mlops_cli.core.loading import load_model
-    from mlops_cli.core.runtimes import resolve_device
+    from mlops_cli.core.runtimes import resolve_device, use_threads
     from mlops_cli.services.prune.artefact import output_paths
     from mlops_cli.services.prune.options import validate_options
     from mlops_cli.services.prune.pipeline import Pruner
     from mlops_cli.services.prune.targets import check_prunable
 
     validate_options(options)
+    use_threads(options.threads)
     device = resolve_device(options.device)
     outputs = output_paths(ref, options)
     for path in outputs.values():  # fail fast, before loading anything

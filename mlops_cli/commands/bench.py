@@ -67,7 +67,7 @@ def bench_command(
     *,
     load: "LoadOptions",
 ) -> None:
-    """Benchmark one model across runtimes, precisions and batch sizes, with timing you can trust: the same inputs
+    """Benchmark one model across runtimes, precisions and batch sizes, with timing you can trust. The same inputs
     everywhere, each runtime verified against eager before it is timed (one whose outputs differ is reported, not
     timed), eager and every runtime timed interleaved at each shape, latency p50/p90, throughput (tokens/s for
     text), peak memory, and each speed-up with its 95% interval ("no measurable difference" when it spans 1.0).

@@ -11,8 +11,12 @@ from mlops_cli.render import fmt_bytes, fmt_ms, key_values, note, table
 from mlops_cli.services.bench import BenchReport, BenchRow
 from mlops_cli.services.bench.sweep import NOT_MEASURED, TIMED
 
-COLUMNS = ("runtime", "dtype", "batch", "seq", "p50", "p90", "throughput", "peak memory", "vs eager")
-NUMERIC = ("batch", "seq", "p50", "p90", "throughput", "peak memory")
+SPEEDUP = "speed-up vs eager"
+
+
+def columns(unit: str) -> tuple[str, ...]:
+    """The table's columns; throughput is headed by its unit (tokens/s for text, items/s otherwise)."""
+    return ("runtime", "dtype", "batch", "seq", "p50", "p90", unit, "peak memory", SPEEDUP)
 
 
 def bench_tables(report: BenchReport) -> Iterator[RenderableType]:
@@ -27,8 +31,9 @@ def bench_tables(report: BenchReport) -> Iterator[RenderableType]:
     shaped = [row for row in report.rows if row.batch is not None]
     if shaped:
         memory = sorted({row.memory for row in shaped if row.status == TIMED and row.memory != NOT_MEASURED})
-        yield table("Latency, throughput, memory", COLUMNS, (_row(row) for row in shaped), numeric=NUMERIC,
-                    caption=f"peak memory: {', '.join(memory) or NOT_MEASURED}; vs eager: speed-up with its "
+        heads = columns(shaped[0].throughput_unit)
+        yield table("Latency, throughput, memory", heads, (_row(row) for row in shaped), numeric=heads[2:8],
+                    caption=f"peak memory: {', '.join(memory) or NOT_MEASURED}; speed-up: eager p50 / p50, with its "
                             "95% bootstrap interval (no measurable difference when it spans 1.0)")
     unshaped = [row for row in report.rows if row.batch is None]
     if unshaped:
@@ -44,7 +49,7 @@ def _row(row: BenchRow) -> tuple[str | Text, ...]:
     sizes = (row.runtime, row.dtype, str(row.batch), "-" if row.seq_len is None else str(row.seq_len))
     if row.status != TIMED or row.latency is None:
         return (*sizes, "-", "-", "-", "-", Text(row.note or row.status, style="bold red"))
-    throughput = f"{row.throughput:,.1f} {row.throughput_unit}" if row.throughput is not None else "-"
+    throughput = f"{row.throughput:,.1f}" if row.throughput is not None else "-"
     memory = "not measured" if row.peak_memory_bytes is None else fmt_bytes(row.peak_memory_bytes)
     return (*sizes, fmt_ms(row.latency.median_ms), fmt_ms(row.latency.p90_ms), throughput, memory,
             _speedup(row))

@@ -64,6 +64,10 @@ class _Shape:
     inputs: dict[str, np.ndarray]
     rows: list[BenchRow] = field(default_factory=list)
 
+    @property
+    def unit(self) -> str:
+        return "items/s" if self.seq_len is None else "tokens/s"
+
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """MemoryError, torch.cuda.OutOfMemoryError, or an allocation failure reported by ONNX Runtime."""
@@ -147,7 +151,7 @@ def _timed_row(candidate: Candidate, shape: _Shape, timing: Timing, baseline: Ti
     text = "baseline" if is_baseline else (ratio.describe() if ratio else None)
     return BenchRow(candidate.runtime, candidate.dtype, shape.batch, shape.seq_len, TIMED, latency=timing,
                     throughput=1000.0 * items / timing.median_ms if timing.median_ms else None,
-                    throughput_unit="items/s" if shape.seq_len is None else "tokens/s",
+                    throughput_unit=shape.unit,
                     peak_memory_bytes=memory[0], memory=memory[1], speedup=ratio, speedup_text=text)
 
 
@@ -155,8 +159,9 @@ def _not_timed(candidate: Candidate, shape: _Shape, exc: BaseException) -> Bench
     if is_out_of_memory(exc):
         release_cuda_cache(candidate.device)
         return BenchRow(candidate.runtime, candidate.dtype, shape.batch, shape.seq_len, OUT_OF_MEMORY,
+                        throughput_unit=shape.unit,
                         note=f"out of memory at batch {shape.batch}, larger batches skipped")
-    return BenchRow(candidate.runtime, candidate.dtype, shape.batch, shape.seq_len, FAILED,
+    return BenchRow(candidate.runtime, candidate.dtype, shape.batch, shape.seq_len, FAILED, throughput_unit=shape.unit,
                     note=f"failed at batch {shape.batch}: {first_line(exc)}")
 
 

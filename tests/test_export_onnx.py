@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from mlops_cli.core.inputs import example_inputs
+from mlops_cli.core import onnx_export
+from mlops_cli.core.contract import ModelRef
+from mlops_cli.core.inputs import plan_inputs
 from mlops_cli.core.loading import load_model
 from mlops_cli.core.parity import Tolerances
 from mlops_cli.services import export_onnx as service
@@ -93,7 +95,7 @@ def test_bert_export_has_model_names_and_shared_dynamic_dims(bert) -> None:
 def test_bert_export_is_verified_at_shapes_other_than_the_example(bert) -> None:
     verification = bert["verification"]
     labels = [shape["input_shapes"]["input_ids"] for shape in verification["shapes"]]
-    assert labels == [[1, 8], [3, 8], [2, 48]]  # the example was [2, 16]
+    assert labels == [[2, 16], [1, 8], [3, 32]]  # the example first, then other batch and sequence sizes
     assert all(shape["passed"] and shape["outputs"][0]["name"] == "logits" for shape in verification["shapes"])
     assert verification["candidate_backend"] == "onnxruntime" and verification["reference_backend"] == "torch"
     assert all(shape["speed_ratio"] > 0 for shape in verification["shapes"])
@@ -117,7 +119,7 @@ def test_vision_model_and_cnn_from_weights_and_arch(cli, out, zoo_dir) -> None:
                      "-o", out / "convnet.onnx").json()
     assert convnet["passed"] and dims(convnet) == {"x": ["batch", 1, 28, 28]}
     assert dims(convnet, "outputs") == {"output": ["batch", 10]}
-    assert [s["input_shapes"]["x"][0] for s in convnet["verification"]["shapes"]] == [1, 3]
+    assert [s["input_shapes"]["x"][0] for s in convnet["verification"]["shapes"]] == [2, 1, 3]
 
 
 def test_legacy_exporter_on_a_weights_folder_with_opset_18(cli, out, zoo_dir) -> None:
@@ -160,7 +162,7 @@ def test_auto_falls_back_to_legacy_and_failed_verification_keeps_the_file(cli, o
     assert "dynamo fixed x[0] (batch) = 2" in report["fallback_reason"]
     assert not report["passed"] and "output at batch=" in report["verdict"]
     assert target.is_file() and "kept for inspection" in result.stderr
-    assert "used legacy" in result.stderr
+    assert any("used the legacy exporter" in warning for warning in report["warnings"])
 
 
 def test_explicit_dynamo_reports_dims_it_had_to_fix(cli, out, branchy) -> None:
@@ -169,7 +171,7 @@ def test_explicit_dynamo_reports_dims_it_had_to_fix(cli, out, branchy) -> None:
     assert result.exit_code == 6
     report = result.json()
     assert report["exporter_used"] == "dynamo" and dims(report) == {"x": [2, 8]}
-    assert any("fixed dims asked to be dynamic: x[0] (batch) = 2" in note for note in report["notes"])
+    assert any("fixed dims asked to be dynamic: x[0] (batch) = 2" in w for w in report["warnings"])
 
 
 def test_external_data_and_no_stale_data_on_re_export(cli, out) -> None:
@@ -185,20 +187,22 @@ def test_external_data_and_no_stale_data_on_re_export(cli, out) -> None:
 
 
 def test_weights_over_the_threshold_go_to_external_data(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(service, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
     loaded = load_model("builtin:lenet")
-    result = service.write_onnx(loaded, tmp_path / "big.onnx", example_inputs(loaded), exporter="legacy")
+    plan = plan_inputs(loaded)
+    result = onnx_export.write_onnx(loaded, tmp_path / "big.onnx", plan.example, exporter="legacy", specs=plan.specs)
     assert result.external_data and Path(result.data_file).name == "big.onnx.data"
-    assert service.graph_info(tmp_path / "big.onnx").inputs[0].dims == ("batch", 1, 32, 32)
+    assert onnx_export.graph_info(tmp_path / "big.onnx").inputs[0].dims == ("batch", 1, 32, 32)
 
 
-def test_write_onnx_grows_size_one_dynamic_dims(tmp_path) -> None:
+def test_legacy_export_names_the_dynamic_output_dims(tmp_path) -> None:
     loaded = load_model("builtin:convnet")
-    example = example_inputs(loaded, ["x:float32[batch=1,1,28,28]"])
-    result = service.write_onnx(loaded, tmp_path / "one.onnx", example, exporter="legacy")
+    plan = plan_inputs(loaded)
+    result = onnx_export.write_onnx(loaded, tmp_path / "c.onnx", plan.example, exporter="legacy", specs=plan.specs)
     assert result.input_names == ("x",) and result.output_names == ("output",)
     assert result.dynamic_axes == {"x": {0: "batch"}} and result.exporter_used == "legacy"
-    assert service.graph_info(tmp_path / "one.onnx").inputs[0].dims[0] == "batch"
+    info = onnx_export.graph_info(tmp_path / "c.onnx")
+    assert info.inputs[0].dims == ("batch", 1, 28, 28) and info.outputs[0].dims == ("batch", 10)
 
 
 def test_optimize_reports_node_counts_and_keeps_verified_passes(cli, out) -> None:
@@ -222,8 +226,9 @@ def test_a_pass_that_changes_the_outputs_is_rejected(tmp_path, monkeypatch) -> N
         onnx.save(model, str(destination))
 
     monkeypatch.setattr(service, "_slim", corrupting_pass)
-    settings = service.ExportOnnxSettings(exporter="legacy", optimize="slim", repeats=1, tolerances=Tolerances())
-    report = service.export_onnx("builtin:lenet", tmp_path / "lenet.onnx", settings)
+    options = service.ExportOnnxOptions(output=tmp_path / "lenet.onnx", exporter="legacy", optimize="slim", repeats=1,
+                                        tolerances=Tolerances())
+    report = service.run(ModelRef.parse("builtin:lenet"), options)
     assert report.passed  # the broken pass was dropped, the plain export kept
     (slim,) = report.optimize_passes
     assert not slim.accepted and slim.reason.startswith("rejected, changes the outputs")
@@ -292,7 +297,7 @@ def test_ci_job_file_drives_export_and_verify_parity(cli, out) -> None:
     checked = cli("--config", config, "verify-parity", "builtin:convnet", out / "ci.onnx", "--json")
     assert checked.exit_code == 0, checked.stderr
     parity = checked.json()
-    assert parity["input_sets"] == 4  # samples: 2 from the job file, 2 shape sets each
+    assert parity["input_sets"] == 6  # samples: 2 from the job file, 3 shape sets each
     assert parity["parity"]["shapes"][0]["reference_latency"]["repeats"] == 5
 
 
@@ -337,8 +342,8 @@ def test_torch_export_program_exports_with_dynamo(cli, out, convnet_archives) ->
 
 def test_a_graph_the_checker_rejects_fails_without_verification(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(service, "run_checker", lambda path: "failed: Field 'type' of 'value_info' is required")
-    settings = service.ExportOnnxSettings(exporter="legacy", repeats=1)
-    report = service.export_onnx("builtin:lenet", tmp_path / "lenet.onnx", settings)
+    options = service.ExportOnnxOptions(output=tmp_path / "lenet.onnx", exporter="legacy", repeats=1)
+    report = service.run(ModelRef.parse("builtin:lenet"), options)
     assert not report.passed and report.verification is None
     assert report.verdict == "onnx.checker rejected lenet.onnx: Field 'type' of 'value_info' is required"
     assert (tmp_path / "lenet.onnx").is_file()  # kept for inspection
@@ -361,7 +366,7 @@ def _metadata(path: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_dynamo_export_carries_no_stack_traces_or_local_paths(bert, out) -> None:
     data = (out / "bert.onnx").read_bytes()
-    repo = str(Path(service.__file__).resolve().parents[2]).encode()
+    repo = str(Path(onnx_export.__file__).resolve().parents[2]).encode()
     assert repo not in data and b"stack_trace" not in data and b"pkg.torch" not in data
     assert _metadata(out / "bert.onnx") == {"node": 0, "graph": 0, "value": 0, "doc": 0}
     assert bert["passed"] and bert["files"]["bert.onnx"] < 300_000  # 528 KB with the exporter's metadata
@@ -373,9 +378,9 @@ def test_dynamo_export_carries_no_stack_traces_or_local_paths(bert, out) -> None
 @pytest.mark.slow
 def test_dynamo_export_is_byte_identical_and_keep_metadata_keeps_it(tmp_path) -> None:
     loaded = load_model("builtin:lenet")
-    example = example_inputs(loaded)
-    first, second, kept = (service.write_onnx(loaded, tmp_path / name, example, exporter="dynamo",
-                                              keep_metadata=name == "kept.onnx")
+    example = plan_inputs(loaded).example
+    first, second, kept = (onnx_export.write_onnx(loaded, tmp_path / name, example, exporter="dynamo",
+                                                  keep_metadata=name == "kept.onnx")
                            for name in ("first.onnx", "second.onnx", "kept.onnx"))
     assert first.exporter_used == second.exporter_used == kept.exporter_used == "dynamo"
     assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "second.onnx").read_bytes()
@@ -383,7 +388,7 @@ def test_dynamo_export_is_byte_identical_and_keep_metadata_keeps_it(tmp_path) ->
     assert stripped == {"node": 0, "graph": 0, "value": 0, "doc": 0}
     assert full["node"] > 0 and full["graph"] > 0
     assert b"stack_trace" in (tmp_path / "kept.onnx").read_bytes()
-    assert service.graph_info(tmp_path / "first.onnx") == service.graph_info(tmp_path / "kept.onnx")
+    assert onnx_export.graph_info(tmp_path / "first.onnx") == onnx_export.graph_info(tmp_path / "kept.onnx")
 
 
 def test_unknown_per_output_tolerance_is_a_usage_error(cli, out) -> None:

@@ -21,6 +21,7 @@ def export_onnx_tables(report: ExportOnnxReport) -> Iterator[RenderableType]:
         ("exporter", exporter),
         ("opset", report.opset),
         ("dynamic dims", ", ".join(report.dynamic_dims) or "none (static shapes)"),
+        ("exported at", ", ".join(f"{name}={size}" for name, size in report.export_sizes.items()) or "-"),
         ("external data", "yes" if report.external_data else "no (one file)"),
         ("nodes", report.nodes),
         ("onnx.checker", report.checker),

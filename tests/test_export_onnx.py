@@ -421,3 +421,10 @@ def test_repeats_0_skips_timing(cli, out) -> None:
                           for s in shapes)
     negative = cli("export", "onnx", "builtin:convnet", "-o", out / "neg.onnx", "--repeats", "-1")
     assert negative.exit_code == 2
+
+
+def test_dynamo_export_with_a_batch_1_example_keeps_the_batch_dynamic(cli, out) -> None:
+    report = export(cli, "builtin:convnet", "-o", out / "b1.onnx", "--exporter", "dynamo", "--batch-size", "1").json()
+    assert report["passed"] and report["exporter_used"] == "dynamo" and not report["warnings"]
+    assert dims(report)["x"][0] == "batch" and report["export_sizes"] == {"batch": 2}
+    assert [s["input_shapes"]["x"][0] for s in report["verification"]["shapes"]] == [1, 2]

@@ -378,3 +378,20 @@ def test_cpp_example_runs_the_archive(bert_jit, cli, tmp_path):
     expected = torch.jit.load(str(convnet))(torch.randn(3, 1, 28, 28)).double().sum().item()
     line = next(line for line in ran.stdout.splitlines() if line.startswith("output: shape=[3, 10]"))
     assert float(line.split("sum=")[1].split()[0]) == pytest.approx(expected, abs=1e-4)
+
+
+# ---------------------------------------------------------------- size-1 examples (issue #13.5)
+
+
+@pytest.mark.parametrize("inputs", [("--batch-size", "1"), ("--input", "x:float32[batch=1,1,28,28]")],
+                         ids=["batch-size", "input-spec"])
+def test_pt2_with_a_batch_1_example_keeps_the_batch_dynamic(cli, tmp_path, inputs):
+    """torch.export fixes size-1 dims: the example is raised to 2, and the program verified at 1 and above."""
+    result = cli("export", "pt2", "builtin:convnet", "-o", tmp_path / "c.pt2", *inputs, "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    (batch,) = report["dynamic_dims"]
+    assert batch["dynamic"] and batch["export_size"] == 2 and report["export_sizes"] == {"batch": 2}
+    sizes = [s["input_shapes"]["x"][0] for s in report["artefacts"][0]["parity"]["shapes"]]
+    assert 1 in sizes and max(sizes) > 1 and all(s["passed"] for s in report["artefacts"][0]["parity"]["shapes"])
+    assert any("exported at batch=2, not batch=1" in note for note in report["notes"])

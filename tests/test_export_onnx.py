@@ -59,6 +59,17 @@ def bert(cli, out):
 
 
 @pytest.fixture(scope="module")
+def bert_dynamo(cli, out):
+    """tiny BERT when the legacy exporter fails: `auto` falls back to dynamo (one dynamo export for the module)."""
+    with pytest.MonkeyPatch.context() as patch:
+        def broken(*args, **kwargs):
+            raise RuntimeError("legacy exporter broken for this test")
+
+        patch.setattr(onnx_export, "_export_legacy", broken)
+        return export(cli, "builtin:tiny-bert", "-o", out / "bert-dynamo.onnx").json()
+
+
+@pytest.fixture(scope="module")
 def gpt2(cli, out, zoo_dir):
     return export(cli, zoo_dir / "tiny-gpt2", "-o", out / "gpt2.onnx").json()
 
@@ -82,13 +93,27 @@ def dims(report, kind="inputs"):
 
 @pytest.mark.slow
 def test_bert_export_has_model_names_and_shared_dynamic_dims(bert) -> None:
-    assert bert["passed"] and bert["exporter_used"] == "dynamo" and bert["fallback_reason"] is None
+    # auto on a Hugging Face model: the legacy exporter first (fast, the graph ONNX Runtime fuses), kept as it verifies
+    assert bert["passed"] and bert["exporter_used"] == "legacy" and bert["fallback_reason"] is None
     assert dims(bert) == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
                           "token_type_ids": ["batch", "sequence"]}
     assert dims(bert, "outputs") == {"logits": ["batch", 2]}
     assert bert["opset"] == 20 and bert["checker"].startswith("passed")
     assert bert["external_data"] is False and list(bert["files"]) == ["bert.onnx"]
-    assert set(bert["stages"]) == {"load", "export", "check", "verify", "write"}
+    assert set(bert["stages"]) == {"load", "export", "check", "verify", "optimize", "write"}
+    # --optimize auto: ONNX Runtime's transformer fusions, timed against the plain graph; kept only if faster
+    (fusion,) = bert["optimize_passes"]
+    assert fusion["name"] == "transformer-fusion" and fusion["latency_before_ms"] > 0
+    assert fusion["accepted"] == (fusion["latency_before_ms"] >= 1.02 * fusion["latency_after_ms"])
+    assert bert["nodes"] == (fusion["nodes_after"] if fusion["accepted"] else fusion["nodes_before"])
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_dynamo_when_the_legacy_graph_fails(bert_dynamo) -> None:
+    assert bert_dynamo["passed"] and bert_dynamo["exporter_used"] == "dynamo"
+    assert "legacy exporter failed" in bert_dynamo["fallback_reason"]
+    assert any("used the dynamo exporter" in warning for warning in bert_dynamo["warnings"])
+    assert dims(bert_dynamo, "outputs") == {"logits": ["batch", 2]}
 
 
 @pytest.mark.slow
@@ -205,15 +230,26 @@ def test_legacy_export_names_the_dynamic_output_dims(tmp_path) -> None:
     assert info.inputs[0].dims == ("batch", 1, 28, 28) and info.outputs[0].dims == ("batch", 10)
 
 
-def test_optimize_reports_node_counts_and_keeps_verified_passes(cli, out) -> None:
+def test_optimize_reports_node_counts_and_keeps_verified_faster_passes(cli, out, monkeypatch) -> None:
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (2.0, 1.0))  # every pass 2x faster
     report = export(cli, "builtin:convnet", "-o", out / "opt.onnx", "--exporter", "legacy", "--optimize", "all").json()
     assert report["passed"]
     passes = {p["name"]: p for p in report["optimize_passes"]}
-    assert set(passes) == {"onnxslim", "onnxruntime"}
-    assert all(p["accepted"] for p in passes.values())
+    assert set(passes) == {"onnxslim", "onnxruntime"}  # no transformer fusion for a plain CNN
+    assert all(p["accepted"] and p["reason"].startswith("kept: faster, 2.00x") for p in passes.values())
     assert passes["onnxruntime"]["nodes_after"] < passes["onnxruntime"]["nodes_before"]
     assert report["nodes"] == passes["onnxruntime"]["nodes_after"]
     assert "optimize" in report["stages"]
+
+
+def test_a_pass_that_is_not_faster_is_reported_and_not_applied(cli, out, monkeypatch) -> None:
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (1.0, 1.01))
+    report = export(cli, "builtin:convnet", "-o", out / "slow.onnx", "--exporter", "legacy", "--optimize", "ort").json()
+    assert report["passed"]
+    (ort,) = report["optimize_passes"]
+    assert not ort["accepted"] and ort["reason"].startswith("not kept: no faster, 0.99x at batch=2")
+    assert ort["nodes_after"] < ort["nodes_before"] == report["nodes"]  # smaller, yet the plain graph was kept
+    assert (ort["latency_before_ms"], ort["latency_after_ms"]) == (1.0, 1.01)
 
 
 def test_a_pass_that_changes_the_outputs_is_rejected(tmp_path, monkeypatch) -> None:
@@ -226,6 +262,7 @@ def test_a_pass_that_changes_the_outputs_is_rejected(tmp_path, monkeypatch) -> N
         onnx.save(model, str(destination))
 
     monkeypatch.setattr(service, "_slim", corrupting_pass)
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (2.0, 1.0))
     options = service.ExportOnnxOptions(output=tmp_path / "lenet.onnx", exporter="legacy", optimize="slim", repeats=1,
                                         tolerances=Tolerances())
     report = service.run(ModelRef.parse("builtin:lenet"), options)
@@ -254,6 +291,9 @@ def test_usage_errors_exit_2(cli, out) -> None:
     assert legacy21.exit_code == 2 and "opset <= 20" in legacy21.stderr
     no_verify = cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--no-verify", "--optimize", "slim")
     assert no_verify.exit_code == 2 and "--optimize needs verification" in no_verify.stderr
+    fusion = cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--optimize", "fusion")
+    assert fusion.exit_code == 2 and "transformer fusions do not know builtin:convnet" in fusion.stderr
+    assert not (out / "x.onnx").exists()
 
 
 def test_onnx_input_is_refused(cli, out) -> None:
@@ -364,15 +404,16 @@ def _metadata(path: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_dynamo_export_carries_no_stack_traces_or_local_paths(bert, out) -> None:
-    data = (out / "bert.onnx").read_bytes()
+def test_dynamo_export_carries_no_stack_traces_or_local_paths(bert_dynamo, out) -> None:
+    bert = bert_dynamo
+    data = (out / "bert-dynamo.onnx").read_bytes()
     repo = str(Path(onnx_export.__file__).resolve().parents[2]).encode()
     assert repo not in data and b"stack_trace" not in data and b"pkg.torch" not in data
-    assert _metadata(out / "bert.onnx") == {"node": 0, "graph": 0, "value": 0, "doc": 0}
-    assert bert["passed"] and bert["files"]["bert.onnx"] < 300_000  # 528 KB with the exporter's metadata
+    assert _metadata(out / "bert-dynamo.onnx") == {"node": 0, "graph": 0, "value": 0, "doc": 0}
+    assert bert["passed"] and bert["files"]["bert-dynamo.onnx"] < 300_000  # 528 KB with the exporter's metadata
     assert dims(bert) == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
                           "token_type_ids": ["batch", "sequence"]}
-    assert onnx.load(str(out / "bert.onnx")).opset_import[0].version == 20
+    assert onnx.load(str(out / "bert-dynamo.onnx")).opset_import[0].version == 20
 
 
 @pytest.mark.slow
@@ -412,9 +453,8 @@ def test_leftover_data_file_beside_a_new_output_needs_force(cli, out) -> None:
     assert target.is_file() and not data.exists()  # one-file export: the stale .data is gone
 
 
-def test_repeats_0_skips_timing(cli, out) -> None:
-    result = cli("export", "onnx", "builtin:convnet", "-o", out / "untimed.onnx", "--exporter", "legacy",
-                 "--repeats", "0", "--json")
+def test_timing_is_off_by_default(cli, out) -> None:
+    result = cli("export", "onnx", "builtin:convnet", "-o", out / "untimed.onnx", "--exporter", "legacy", "--json")
     assert result.exit_code == 0, result.stderr
     shapes = result.json()["verification"]["shapes"]
     assert shapes and all(s["passed"] and s["reference_latency"] is None and s["speed_ratio"] is None

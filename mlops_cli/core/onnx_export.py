@@ -38,7 +38,7 @@ LEGACY_MAX_OPSET = 20  # torch's TorchScript-based exporter stops at opset 20
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 DYNAMIC_DIM_NAMES = {"batch": "batch", "sequence": "sequence", "seq": "sequence", "sequence_length": "sequence"}
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-                  "torch._export", "onnxscript")
+                  "torch._export", "onnxscript", "onnxruntime.transformers")  # the last logs every fusion
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 Axes = dict[str, dict[int, str]]  # input or output name -> {axis: dim name}
@@ -107,6 +107,19 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
         output_names=tuple(output_names), dynamic_axes=axes, opset=opset, external_data=data.exists(),
         seconds=time.perf_counter() - started, data_file=str(data) if data.exists() else None,
         fixed_dims=tuple(fixed))
+
+
+def exporter_order(loaded: LoadedModel, exporter: str, opset: int) -> tuple[str, ...]:
+    """The exporters to try, in order, for `--exporter`; a caller keeps the first whose graph verifies.
+
+    `auto` on a Hugging Face model: legacy first, dynamo when the legacy graph fails. Measured on a 22 M BERT
+    (benchmarks/bench_export_onnx.py): the legacy exporter takes a fraction of dynamo's time, and its graph is
+    the one ONNX Runtime's transformer fusions recognise (attention, layer norm, GELU). On other models `auto`
+    stays `write_onnx`'s dynamo-then-legacy: dynamo reads Python control flow a trace would freeze.
+    """
+    if exporter == "auto" and loaded.kind == ModelKind.HF and opset <= LEGACY_MAX_OPSET:
+        return ("legacy", "dynamo")
+    return (exporter,)
 
 
 def check_exportable(loaded: LoadedModel, exporter: str, opset: int) -> None:

@@ -58,7 +58,7 @@ class TorchExportOptions(OutputOptions):
     inputs: InputRequest = field(default_factory=InputRequest)  # --input specs, --batch-size, --seq-len, --seed
     tolerances: Tolerances = field(default_factory=Tolerances)
     device: str = "cpu"
-    repeats: int = 10  # timed runs per shape in the verification; 0 = no timing
+    repeats: int = 0  # timed runs per shape in the verification; 0 (default) = no timing
     keep_failed: bool = True  # keep an artefact that fails verification (exit 6 either way), as export onnx does
 
 

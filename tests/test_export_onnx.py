@@ -272,6 +272,26 @@ def test_a_pass_that_changes_the_outputs_is_rejected(tmp_path, monkeypatch) -> N
     assert report.verification.passed
 
 
+def test_the_models_outputs_are_computed_once_for_all_verifications(tmp_path, monkeypatch) -> None:
+    from mlops_cli.core import runtimes
+
+    calls: list[int] = []
+    real_runner_for = runtimes.runner_for
+
+    def counting_runner_for(loaded, device="cpu"):
+        runner = real_runner_for(loaded, device)
+        forward = runner.call
+        runner.call = lambda inputs: calls.append(1) or forward(inputs)
+        return runner
+
+    monkeypatch.setattr(runtimes, "runner_for", counting_runner_for)
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (2.0, 1.0))
+    options = service.ExportOnnxOptions(output=tmp_path / "lenet.onnx", exporter="legacy", optimize="all")
+    report = service.run(ModelRef.parse("builtin:lenet"), options)
+    assert report.passed and [p.accepted for p in report.optimize_passes] == [True, True]  # 3 verifications
+    assert len(calls) == len(report.verification.shapes) + 2  # each set once, plus the determinism check's two runs
+
+
 def test_output_rules_exit_5(cli, out, zoo_dir) -> None:
     existing = out / "exists.onnx"
     existing.write_bytes(b"keep me")

@@ -37,8 +37,6 @@ LEGACY_MAX_OPSET = 20  # torch's TorchScript-based exporter stops at opset 20
 # graph needs room too. The same threshold torch's dynamo exporter uses.
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 DYNAMIC_DIM_NAMES = {"batch": "batch", "sequence": "sequence", "seq": "sequence", "sequence_length": "sequence"}
-_QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-                  "torch._export", "onnxscript", "onnxruntime.transformers")  # the last logs every fusion
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 Axes = dict[str, dict[int, str]]  # input or output name -> {axis: dim name}
@@ -322,19 +320,17 @@ def _output_axes(wrapper: Any, args: tuple[Any, ...], input_names: list[str], ou
 
 @contextlib.contextmanager
 def quiet_exporters() -> Iterator[io.StringIO]:
-    """Exporters print progress to stdout and warn a lot; keep stdout clean for --json."""
+    """Exporters and graph tools print progress to stdout and warn a lot (torch.onnx, onnxscript, and ONNX Runtime's
+    transformer fusions, whose loggers are top-level modules): keep stdout clean for --json, stderr for errors."""
     captured = io.StringIO()
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
-    levels = [logger.level for logger in loggers]
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
         with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
             warnings.simplefilter("ignore")
             yield captured
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        logging.disable(previous)
 
 
 def _dim_bounds(loaded: LoadedModel, axes: Axes) -> dict[str, dict[int, tuple[str, int | None]]]:

@@ -48,6 +48,14 @@ def export(cli, *args):
     return result
 
 
+@pytest.fixture(scope="module", autouse=True)
+def pass_cache(tmp_path_factory):
+    """Optimisation-pass measurements are remembered across exports: this module's go to its own folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLOPS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("onnx")
@@ -290,6 +298,27 @@ def test_the_models_outputs_are_computed_once_for_all_verifications(tmp_path, mo
     report = service.run(ModelRef.parse("builtin:lenet"), options)
     assert report.passed and [p.accepted for p in report.optimize_passes] == [True, True]  # 3 verifications
     assert len(calls) == len(report.verification.shapes) + 2  # each set once, plus the determinism check's two runs
+
+
+def test_a_pass_measured_no_faster_is_not_rerun_for_the_same_architecture(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MLOPS_CACHE_DIR", str(tmp_path / "cache"))
+    timed: list[str] = []
+
+    def slower(before, after, example):
+        timed.append(after.name)
+        return (1.0, 1.5)
+
+    monkeypatch.setattr(service, "_latencies", slower)
+    model = ModelRef.parse("builtin:tiny-bert")
+    first = service.run(model, service.ExportOnnxOptions(output=tmp_path / "first.onnx"))
+    again = service.run(model, service.ExportOnnxOptions(output=tmp_path / "again.onnx"))
+    (measured,), (recalled,) = first.optimize_passes, again.optimize_passes
+    assert first.passed and again.passed and len(timed) == 1  # the second export did not run the pass
+    assert not measured.accepted and measured.reason.startswith("not kept: no faster, 0.67x")
+    assert not recalled.accepted and "measured on an earlier export of this architecture" in recalled.reason
+    assert (recalled.latency_before_ms, recalled.latency_after_ms) == (1.0, 1.5)
+    explicit = service.run(model, service.ExportOnnxOptions(output=tmp_path / "explicit.onnx", optimize="fusion"))
+    assert len(timed) == 2 and not explicit.optimize_passes[0].accepted  # asked for by name: measured again
 
 
 def test_output_rules_exit_5(cli, out, zoo_dir) -> None:

@@ -3,8 +3,9 @@
 The service orchestrates; the writing engine (exporters, dynamic dims, metadata, external data, checker,
 graph facts) is `core/onnx_export.py`. `run` resolves the input plan once, writes into a temporary folder
 beside the output, runs `onnx.checker`, verifies the file with the parity engine on the plan's input sets
-(the user's sizes first, then others), optionally optimises the graph (each pass re-verified, rejected when
-it changes the outputs), and then moves the file(s) into place, so a re-export never leaves a stale `.data`
+(the user's sizes first, then others; with `--exporter auto` the next exporter of `exporter_order` takes over
+when a graph fails), runs the optimisation passes (each timed against the graph before it and kept only if
+faster AND still verified), and then moves the file(s) into place, so a re-export never leaves a stale `.data`
 file behind. A file that fails verification is still moved into place: the report says so (exit 6).
 """
 
@@ -16,10 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
-from mlops_cli.core.errors import InputError, OutputError, UsageError
+from mlops_cli.core.errors import InputError, MlopsError, OutputError, UsageError
 from mlops_cli.core.inputs import InputPlan, InputRequest, InputSet
 from mlops_cli.core.loading import LoadedModel, ModelKind
 from mlops_cli.core.onnx_export import (
@@ -40,6 +41,9 @@ from mlops_cli.core.onnx_export import (
     write_onnx,
 )
 from mlops_cli.core.parity import ParityReport, Tolerances
+
+if TYPE_CHECKING:
+    from mlops_cli.core.timing import Stopwatch
 
 OPTIMIZERS = ("auto", "none", "fusion", "slim", "ort", "all")
 # Hugging Face model type -> the model type ONNX Runtime's transformer optimizer fuses it as.
@@ -137,8 +141,9 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
         passes: list[_Pass] = []
         if verify is not None and verification is not None and steps:
             options.on_step("optimising")
+            memory = _PassMemory.for_export(loaded, attempt, example) if options.optimize == "auto" else None
             with watch.stage("optimize"):
-                current, passes = _optimize(current, steps, verify, verification, example)
+                current, passes = _optimize(current, steps, verify, verification, example, memory)
             verification = next((p.report for p in reversed(passes) if p.accepted), verification)
         with watch.stage("write"):
             files = move_into_place(current, target)
@@ -169,7 +174,7 @@ class _Attempt:
 
 
 def _first_good_export(loaded: LoadedModel, plan: InputPlan, example: InputSet, options: ExportOnnxOptions,
-                       path: Path, verify: Verify | None, watch: Any) -> _Attempt:
+                       path: Path, verify: Verify | None, watch: Stopwatch) -> _Attempt:
     """Try the exporters of `exporter_order` in turn; keep the first whose graph passes the checker and the
     verification, or else the last one tried (its failure is then the verdict)."""
     order = exporter_order(loaded, options.exporter, options.opset)
@@ -192,7 +197,7 @@ def _first_good_export(loaded: LoadedModel, plan: InputPlan, example: InputSet, 
 
 
 def _export_once(loaded: LoadedModel, plan: InputPlan, example: InputSet, options: ExportOnnxOptions, path: Path,
-                 exporter: str, verify: Verify | None, watch: Any) -> _Attempt:
+                 exporter: str, verify: Verify | None, watch: Stopwatch) -> _Attempt:
     options.on_step("exporting")
     with watch.stage("export"):
         written = write_onnx(loaded, path, example, dynamic=not options.static, opset=options.opset,
@@ -330,22 +335,31 @@ def _pass_steps(loaded: LoadedModel, optimize: str) -> list[tuple[str, PassFunct
 
 
 def _optimize(current: Path, steps: list[tuple[str, PassFunction]], verify: Verify, baseline: ParityReport,
-              example: InputSet) -> tuple[Path, list[_Pass]]:
+              example: InputSet, memory: _PassMemory | None) -> tuple[Path, list[_Pass]]:
     """Run the passes in order; keep each one only if its graph runs faster than the graph before it on the export
     example AND still passes verification (a pass that does not speed the model up is reported, not applied; it
-    is timed first, so a pass that is not faster costs no verification)."""
+    is timed first, so a pass that is not faster costs no verification). With a `memory` (--optimize auto), a
+    pass measured no faster on an earlier export of the same architecture is not run again."""
     passes: list[_Pass] = []
     for name, function in steps:
         started = time.perf_counter()
+        before = graph_info(current).nodes
+        recalled = memory.recall(name) if memory is not None else None
+        if recalled is not None:
+            passes.append(_Pass(name, before, None, False, f"{_judge(None, baseline, recalled, example)[1]}, "
+                                f"measured on an earlier export of this architecture (--optimize {_option(name)} "
+                                "measures again)", time.perf_counter() - started, None, recalled))
+            continue
         candidate = current.parent / f"pass-{name}" / current.name
         candidate.parent.mkdir()
-        before = graph_info(current).nodes
         report = None
         try:
             function(current, candidate)
             latency = _latencies(current, candidate, example)
             if latency[0] >= latency[1] * MIN_PASS_SPEEDUP:
                 report = verify(candidate)
+            elif memory is not None:
+                memory.store(name, latency)
         except Exception as exc:
             passes.append(_Pass(name, before, None, False, f"pass failed: {exporter_failure(exc)}",
                                 time.perf_counter() - started, None))
@@ -356,6 +370,67 @@ def _optimize(current: Path, steps: list[tuple[str, PassFunction]], verify: Veri
         if accepted:
             current = candidate
     return current, passes
+
+
+def _option(pass_name: str) -> str:
+    """The --optimize value that runs one pass."""
+    return {"transformer-fusion": "fusion", "onnxslim": "slim", "onnxruntime": "ort"}.get(pass_name, pass_name)
+
+
+@dataclass(frozen=True)
+class _PassMemory:
+    """Passes measured no faster for one architecture, exporter, opset and example size with this ONNX Runtime on
+    this machine, kept in `<cache>/onnx-passes.json` (MLOPS_CACHE_DIR, else $XDG_CACHE_HOME/mlops or ~/.cache/mlops):
+    re-exporting the same architecture (the usual CI job) does not pay for a pass known not to help. Only a pass
+    that was not faster is remembered: one that is kept is always re-run and re-verified. Unreadable or unwritable
+    caches are ignored."""
+
+    path: Path
+    key: str
+
+    @classmethod
+    def for_export(cls, loaded: LoadedModel, attempt: _Attempt, example: InputSet) -> _PassMemory | None:
+        import hashlib
+        import json
+        import os
+        import platform
+
+        import onnxruntime
+
+        to_json = getattr(loaded.config, "to_json_string", None)
+        if to_json is None:  # no architecture to recognise the model by
+            return None
+        identity = [to_json(use_diff=False), attempt.written.exporter_used, attempt.written.opset, example.sizes,
+                    onnxruntime.__version__, platform.machine(), platform.processor(), os.cpu_count()]
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        root = os.environ.get("MLOPS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                         "mlops")
+        return cls(Path(root) / "onnx-passes.json", key)
+
+    def recall(self, name: str) -> tuple[float, float] | None:
+        entry = self._entries().get(f"{self.key}:{name}")
+        return (float(entry[0]), float(entry[1])) if isinstance(entry, list) and len(entry) == 2 else None
+
+    def store(self, name: str, latency: tuple[float, float]) -> None:
+        import json
+
+        from mlops_cli.core.io import write_bytes
+
+        entries = {**self._entries(), f"{self.key}:{name}": list(latency)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(self.path, json.dumps(entries, indent=1).encode(), force=True)
+        except (OSError, MlopsError):
+            pass  # a cache that cannot be written only costs the next export the measurement
+
+    def _entries(self) -> dict[str, Any]:
+        import json
+
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
 
 
 def _judge(report: ParityReport | None, baseline: ParityReport, latency: tuple[float, float],

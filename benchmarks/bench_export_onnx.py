@@ -3,7 +3,9 @@
 The model: a BertModel from a local BertConfig (hidden 384, 6 layers, 12 heads, intermediate 1536, vocab 30522:
 about 22 M parameters, randomly initialised; no hub), saved as a Hugging Face folder.
 
-1. Wall time, each side a fresh process (imports included), rounds interleaved, median of --rounds:
+1. Wall and CPU time, each side a fresh process (imports included), rounds interleaved: the first round is a
+   first export of the architecture (every optimisation pass measured), the others re-exports (a pass measured no
+   faster is remembered and not run again), median of those:
    - ours: `mlops export onnx FOLDER -o ours.onnx` with default settings (exporter, multi-shape verification,
      optimisation pass: whatever the defaults choose);
    - reference: what Optimum's exporter does (Optimum itself cannot be installed beside our transformers):
@@ -103,11 +105,14 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 
 def wall_times(folder: Path, scratch: Path, rounds: int,
                env: dict[str, str]) -> tuple[dict[str, list[float]], dict[str, list[float]], dict]:
-    """Each side `rounds` times, alternating which goes first; wall and CPU seconds per side, our last report."""
+    """Each side once untimed, then `rounds` times, alternating which goes first; wall and CPU seconds per side,
+    and our last report."""
     commands = {
         "ours": [sys.executable, "-m", "mlops_cli", "export", "onnx", str(folder), "-o", str(scratch / "ours.onnx"),
                  "--force", "--json", "-q"],
         "reference": [sys.executable, "-c", REFERENCE_PIPELINE, str(folder), str(scratch / "reference.onnx")]}
+    for command in commands.values():  # untimed: compiles bytecode and warms the disk cache for both sides
+        timed(command, {**env, "MLOPS_CACHE_DIR": str(scratch / "warm-up-cache")})
     wall: dict[str, list[float]] = {"ours": [], "reference": []}
     cpu: dict[str, list[float]] = {"ours": [], "reference": []}
     report: dict = {}
@@ -155,7 +160,8 @@ def latencies(ours: Path, reference: Path, seq_len: int, repeats: int) -> list[t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="wall-time rounds (each side once per round)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="wall-time rounds (each side once per round); the first one is a first export")
     parser.add_argument("--repeats", type=int, default=20, help="timed ONNX Runtime runs per side and batch")
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args()
@@ -165,15 +171,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         scratch = Path(temporary)
         build_model(scratch / "minilm")
+        env["MLOPS_CACHE_DIR"] = str(scratch / "cache")  # a first export, then re-exports of the architecture
         wall, cpu, report = wall_times(scratch / "minilm", scratch, args.rounds, env)
         print(f"\nmlops export onnx (defaults): exporter {report['exporter_used']}, verified on "
               f"{len(report['verification']['shapes'])} shape sets ({'PASS' if report['passed'] else 'FAIL'}), "
               f"passes: {[(p['name'], p['accepted'], p['reason']) for p in report['optimize_passes']]}")
         print(f"  our stages (last round): {report['stages']}")
         for kind, seconds in (("wall", wall), ("CPU (user+system)", cpu)):
-            ours, reference = statistics.median(seconds["ours"]), statistics.median(seconds["reference"])
-            print(f"{kind}, median of {args.rounds}: ours {ours:.2f} s, reference {reference:.2f} s -> "
-                  f"reference/ours = {reference / ours:.2f}x (>= 1.0: ours no slower)")
+            first = seconds["reference"][0] / seconds["ours"][0]
+            print(f"{kind}, first export (every pass measured): ours {seconds['ours'][0]:.2f} s, reference "
+                  f"{seconds['reference'][0]:.2f} s -> reference/ours = {first:.2f}x")
+            if args.rounds > 1:
+                ours, reference = statistics.median(seconds["ours"][1:]), statistics.median(seconds["reference"][1:])
+                print(f"{kind}, re-exports (passes measured no faster remembered), median of {args.rounds - 1}: "
+                      f"ours {ours:.2f} s, reference {reference:.2f} s -> reference/ours = {reference / ours:.2f}x")
         for batch, our_ms, reference_ms in latencies(scratch / "ours.onnx", scratch / "reference.onnx",
                                                      args.seq_len, args.repeats):
             print(f"ONNX Runtime, 1 thread, batch {batch} seq {args.seq_len}, median of {args.repeats}: ours "

@@ -188,11 +188,11 @@ def _first_good_export(loaded: LoadedModel, plan: InputPlan, example: InputSet, 
         except InputError as exc:
             if last:
                 raise
-            passed_over.append(f"{exporter} exporter failed: {exc.message}")
+            passed_over.append(exc.message)
             continue
         if attempt.good or last:
             return replace(attempt, passed_over="; ".join(passed_over) or None)
-        passed_over.append(f"the {exporter} exporter's graph was not kept: {attempt.failure()}")
+        passed_over.append(f"its graph was not kept: {attempt.failure()}")
     raise AssertionError("exporter_order returned no exporter")  # pragma: no cover
 
 

@@ -254,8 +254,8 @@ def _raised_note(asked: InputSet, example: InputSet) -> str:
     changed = [name for name, size in example.sizes.items() if asked.sizes.get(name) != size]
     raised = ", ".join(f"{name}={example.sizes[name]}" for name in changed)
     kept = ", ".join(f"{name}={asked.sizes[name]}" for name in changed)
-    return (f"exported at {raised}, not {kept}: size-1 dims would be fixed by the exporter (torch.export "
-            f"specialises them), so the example was regenerated at size 2; verified at {kept} too")
+    return (f"exported at {raised}, not {kept}: exporters fix size-1 dims (torch.export specialises them, a trace "
+            f"may bake them in), so the example was regenerated at size 2; verified at {kept} too")
 
 
 def _in_forward_order(specs: list[InputSpec], parameters: list[str]) -> list[InputSpec]:

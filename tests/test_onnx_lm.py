@@ -20,14 +20,14 @@ from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import InputError
 from mlops_cli.render import to_jsonable
 from mlops_cli.services.decoding import DecodingParams, decode
+from mlops_cli.services.generate import GenerateOptions
+from mlops_cli.services.generate import run as generate_run
 from mlops_cli.services.onnx_lm import (
     ExportWithPastOptions,
     GenerationParityOptions,
     Int4Options,
-    OnnxGenerateOptions,
     PerplexityOptions,
     export_run,
-    generate_run,
     int4_run,
     parity_run,
     perplexity_run,
@@ -120,7 +120,7 @@ def test_onnx_greedy_equals_pytorch_greedy_for_16_tokens_on_3_prompts(folders: d
 def test_generate_on_onnx_matches_the_pytorch_loop_on_a_padded_batch(folders: dict[str, Path],
                                                                      exported: dict[str, Any], family: str,
                                                                      strategy: str) -> None:
-    options = OnnxGenerateOptions(prompts=PROMPTS, tokenizer=folders[family], strategy=strategy, max_new_tokens=8,
+    options = GenerateOptions(prompts=PROMPTS, tokenizer=folders[family], strategy=strategy, max_new_tokens=8,
                                   fixed_length=True, seed=3, repeat=2, warmup=0, threads=1)
     report = generate_run(ModelRef.parse(exported[family].output), options)
     model, tokenizer = _model(folders[family])
@@ -130,9 +130,10 @@ def test_generate_on_onnx_matches_the_pytorch_loop_on_a_padded_batch(folders: di
                                                              top_k=50 if strategy == "sample" else None,
                                                              pad_token_id=report_pad(tokenizer)))
     new = expected[:, input_ids.shape[1]:].tolist()
-    assert [list(o.new_token_ids) for o in report.outputs] == new
-    assert report.reproducible and report.batch_size == 3
-    metrics = report.metrics
+    result = report.results[0]
+    assert [list(o.new_token_ids) for o in result.outputs] == new
+    assert result.reproducible and report.batch_size == 3 and result.engine == "onnxruntime"
+    metrics = result.metrics
     assert metrics.runs == 2 and metrics.new_tokens == 24
     assert metrics.ttft is not None and metrics.ttft.median_ms > 0
     assert metrics.decode_tokens_per_s is not None and metrics.decode_tokens_per_s > 0
@@ -237,7 +238,7 @@ def test_an_onnx_file_without_kv_inputs_is_refused_with_how_to_export(folders: d
         torch.onnx.export(LogitsOnly().eval(), (torch.zeros((1, 4), dtype=torch.long),), str(plain), dynamo=False,
                           input_names=["input_ids"], output_names=["logits"], opset_version=17)
     with pytest.raises(InputError, match="re-run the whole sequence") as caught:
-        generate_run(ModelRef.parse(str(plain)), OnnxGenerateOptions(prompts=("hi",), tokenizer=folders["gpt2"]))
+        generate_run(ModelRef.parse(str(plain)), GenerateOptions(prompts=("hi",), tokenizer=folders["gpt2"]))
     assert caught.value.exit_code == 3 and "--task causal-lm" in (caught.value.hint or "")
 
 
@@ -266,9 +267,9 @@ def test_int4_matmulnbits_shrinks_the_decoder_which_still_generates(folders: dic
     assert math.isfinite(report.perplexity_after) and report.relative_change is not None
     assert report.greedy_agreement is not None and 0 <= report.greedy_agreement <= 1
     generated = generate_run(ModelRef.parse(str(target)),
-                             OnnxGenerateOptions(prompts=PROMPTS[:1], tokenizer=folders["llama"], max_new_tokens=4,
+                             GenerateOptions(prompts=PROMPTS[:1], tokenizer=folders["llama"], max_new_tokens=4,
                                                  fixed_length=True, warmup=0))
-    assert generated.outputs[0].new_tokens == 4
+    assert generated.results[0].outputs[0].new_tokens == 4
 
 
 def test_int4_refuses_a_block_size_matmulnbits_cannot_take(exported: dict[str, Any], tmp_path: Path) -> None:
@@ -323,10 +324,10 @@ def test_generate_finds_the_tokenizer_beside_the_onnx_file_or_says_where_it_look
 
     onnx_file = tmp_path / "gpt2.onnx"
     shutil.copy(exported["gpt2"].output, onnx_file)
-    options = OnnxGenerateOptions(prompts=("The model",), max_new_tokens=3, warmup=0)
+    options = GenerateOptions(prompts=("The model",), max_new_tokens=3, warmup=0)
     with pytest.raises(InputError, match=f"no tokenizer in {tmp_path}") as caught:
         generate_run(ModelRef.parse(str(onnx_file)), options)
     assert "--tokenizer" in (caught.value.hint or "")
     zoo.gpt2_tokenizer().save_pretrained(tmp_path)
     report = generate_run(ModelRef.parse(str(onnx_file)), options)
-    assert report.tokenizer == str(tmp_path) and report.outputs[0].new_tokens >= 1
+    assert f"tokenizer: {tmp_path}" in report.notes and report.results[0].outputs[0].new_tokens >= 1

@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean conformance
 
 setup: $(STAMP)
 
@@ -34,8 +34,19 @@ lint: setup
 	$(BIN)/mypy mlops_cli
 	$(BIN)/lint-imports --no-cache
 
+# Regenerate every captured output in the docs (docs/cli.md, the generated blocks of docs/commands/*.md).
+.PHONY: docs
+docs: setup
+	$(BIN)/python scripts/gen_docs.py
+
 bench: setup
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+# The conformance matrix (issue #13) as a report: exit code, verdict and wall time per model and command.
+# Installs pyproject's `conformance` packages first (--no-deps, skipped when already there).
+conformance: setup
+	$(BIN)/python scripts/conformance.py --install
+	$(BIN)/python scripts/conformance.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache .mypy_cache

@@ -1,7 +1,7 @@
 """Benchmark the streaming fp32 -> fp16 safetensors conversion of `mlops compress half` against the naive
 load-convert-save, side by side on one model of a few hundred MB.
 
-- streaming: `services.compress_stream.stream_convert` (memory-mapped input, chunked casts with the safety
+- streaming: `services.compress.stream.stream_convert` (memory-mapped input, chunked casts with the safety
   counts, header computed up front, pages released as it goes);
 - naive: `safetensors.torch.load_file` -> `.half()` on every floating tensor -> `save_file` (no safety counts);
 - safe_open: the same naive conversion but reading tensor by tensor with `safetensors.safe_open` and
@@ -32,8 +32,8 @@ torch.set_num_threads(int(sys.argv[4]))
 method, source, output = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from mlops_cli.services.compress import KeepRules
-from mlops_cli.services.compress_stream import stream_convert
+from mlops_cli.services.compress.keep import KeepRules
+from mlops_cli.services.compress.stream import stream_convert
 
 def rss(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))

@@ -22,8 +22,9 @@ from mlops_cli import __version__, commands
 from mlops_cli.core.errors import MlopsError, ResourceError
 
 # Order in `mlops --help`; modules not listed come after, alphabetically.
-COMMAND_ORDER = ("inspect", "summarize", "view", "export", "verify_parity", "compress", "prune",
-                 "bench_tokenizers", "generate", "zoo")
+COMMAND_ORDER = ("inspect", "summarize", "estimate", "view", "export", "verify_parity", "compress", "prune",
+                 "diff", "average", "bench_tokenizers", "generate", "zoo")
+
 
 def exit_code_for(exc: BaseException) -> tuple[int, str, str | None]:
     """The one error -> (exit code, message, hint) table. Typed errors carry their own code and hint."""
@@ -41,10 +42,22 @@ def exit_code_for(exc: BaseException) -> tuple[int, str, str | None]:
         "This is a bug in mlops; rerun with MLOPS_DEBUG=1 and report the traceback."
 
 
+def _widen_piped_help() -> None:
+    """--help is formatted by Typer's own Rich console, 80 columns when piped, which truncated option names:
+    give it the width our tables get (render.default_width). TERMINAL_WIDTH, Typer's own setting, still wins."""
+    from typer import rich_utils
+
+    from mlops_cli.render import default_width
+
+    if not os.environ.get("TERMINAL_WIDTH"):
+        rich_utils.MAX_WIDTH = default_width()
+
+
 class MlopsGroup(TyperGroup):
     """The root command: every exception a command raises becomes a message, a hint and its exit code here."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        _widen_piped_help()
         try:
             return super().main(*args, **kwargs)
         except (SystemExit, KeyboardInterrupt):

@@ -8,21 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from mlops_cli.core.tokenizers import Encoded, load_suite, truncation_lengths
+from mlops_cli.core.contract import ModelRef
+from mlops_cli.services import bench_tokenizers
 from mlops_cli.services.bench_tokenizers import (
-    BenchSettings,
+    BenchTokenizersOptions,
     TokenizerBenchReport,
-    bench_tokenizers,
     compare_encoded,
     load_corpus,
 )
+from mlops_cli.services.bench_tokenizers.implementations import Encoded, load_suite, truncation_lengths
 
 FAST = {"iterations": 2, "warmup": 0}
 FIGURES = ("us_per_call", "texts_per_s", "tokens_per_s", "bytes_per_s", "median_ms", "speedup")
 
 
 def run(tokenizer: str | Path, **settings: object) -> TokenizerBenchReport:
-    return bench_tokenizers(BenchSettings(str(tokenizer), **{**FAST, **settings}))  # type: ignore[arg-type]
+    options = BenchTokenizersOptions(**{**FAST, **settings})  # type: ignore[arg-type]
+    return bench_tokenizers.run(ModelRef.parse(str(tokenizer)), options)
 
 
 def agreement(report: TokenizerBenchReport, implementation: str, workload: str):
@@ -112,7 +114,7 @@ def test_python_bert_omits_token_type_ids_unless_asked(tmp_path: Path) -> None:
 
     from mlops_cli.core import zoo
 
-    suite = load_suite("builtin:tiny-bert", tmp_path)
+    suite = load_suite(ModelRef.parse("builtin:tiny-bert"), tmp_path)
     python, rust = suite.get("transformers-python"), suite.get("transformers")
     assert isinstance(python.tokenizer, BertTokenizerLegacy)
     first, second = zoo.corpus_lines()[:2]
@@ -157,7 +159,7 @@ def test_use_fast_false_returns_the_rust_class_and_the_python_one_is_built(bert_
     assert python.class_name == "BertTokenizerLegacy" and python.backend == "Python"
     assert any("use_fast=False" in line for line in python.notes)
     assert any("extracted from tokenizer.json" in line for line in python.notes)
-    suite = load_suite(str(bert_folder), tmp_path)
+    suite = load_suite(ModelRef.parse(str(bert_folder)), tmp_path)
     assert isinstance(suite.get("transformers-python").tokenizer, PreTrainedTokenizer)
     assert report.agree
 

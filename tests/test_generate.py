@@ -1,7 +1,8 @@
 """`mlops generate`: strategies, the explain table, our decoding loop against model.generate, metrics, options.
 
-All on the built-in tiny GPT-2 (2 layers, hidden 32, random weights: its greedy output repeats itself a lot,
-which makes the no-repeat-ngram and stop-string checks meaningful).
+All on the built-in tiny GPT-2 (2 layers, hidden 32, trained on the bundled corpus). PROMPT starts no corpus
+line: the model says a few words and then EOS, and past EOS (--fixed-length) it repeats itself a lot, which
+makes the no-repeat-ngram check meaningful.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def ngrams(tokens: list[int], size: int) -> list[tuple[int, ...]]:
 
 
 def test_greedy_is_deterministic_and_equals_a_hand_written_argmax_loop(gpt2: Any) -> None:
-    report = generate(gpt2, options(repeat=2))
+    report = generate(gpt2, options(repeat=2, fixed_length=True))
     greedy = report.results[0]
     assert greedy.reproducible and greedy.metrics.runs == 2
 
@@ -70,7 +71,7 @@ def test_greedy_is_deterministic_and_equals_a_hand_written_argmax_loop(gpt2: Any
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
     prompt_length = len(tokenizer(PROMPT).input_ids)
     assert list(greedy.outputs[0].new_token_ids) == ids[0, prompt_length:].tolist()
-    assert generate(gpt2, options()).results[0].outputs == greedy.outputs
+    assert generate(gpt2, options(fixed_length=True)).results[0].outputs == greedy.outputs
 
 
 def test_sampling_with_a_seed_repeats_and_another_seed_differs(gpt2: Any) -> None:
@@ -173,7 +174,7 @@ def test_loop_engine_refuses_a_generation_config_it_cannot_reproduce() -> None:
     for loop_based in ({"engine": "loop"}, {"explain": True}):
         with pytest.raises(UsageError, match=r"would not match model\.generate"):
             generate(loaded, options(**loop_based))
-    assert generate(loaded, options()).results[0].outputs[0].new_tokens == 16  # model.generate handles it
+    assert generate(loaded, options(fixed_length=True)).results[0].outputs[0].new_tokens == 16  # generate handles it
 
 
 def test_decode_stops_every_row_at_eos_and_pads_after_it(gpt2: Any) -> None:
@@ -197,7 +198,7 @@ def test_decode_stops_every_row_at_eos_and_pads_after_it(gpt2: Any) -> None:
 
 def test_fixed_length_ignores_eos_and_gives_exactly_max_new_tokens() -> None:
     loaded = load_model(TINY)
-    free = generate(loaded, options(max_new_tokens=12)).results[0].outputs[0]
+    free = generate(loaded, options(max_new_tokens=12, fixed_length=True)).results[0].outputs[0]
     step = next(i for i, t in enumerate(free.new_token_ids) if i > 0 and t not in free.new_token_ids[:i])
     loaded.module.generation_config.eos_token_id = free.new_token_ids[step]  # greedy now meets EOS there
     stopped = generate(loaded, options(max_new_tokens=12)).results[0]
@@ -210,19 +211,20 @@ def test_fixed_length_ignores_eos_and_gives_exactly_max_new_tokens() -> None:
 
 def test_a_stop_string_ends_generation_on_both_engines(gpt2: Any) -> None:
     free = generate(gpt2, options(max_new_tokens=20)).results[0].outputs[0]
-    stop = gpt2.tokenizer.decode(free.new_token_ids[6:8])  # a string the greedy text reaches at token 8
+    assert free.stop_reason == "eos" and free.new_tokens > 5
+    stop = gpt2.tokenizer.decode(free.new_token_ids[3:5])  # a string the greedy text reaches at token 5, before EOS
     for engine in ("generate", "loop"):
         stopped = generate(gpt2, options(max_new_tokens=20, stop=(stop,), engine=engine)).results[0].outputs[0]
         assert stopped.stop_reason == "stop string" and stop in PROMPT + stopped.text
-        assert stopped.new_tokens <= 8 and free.new_token_ids[:stopped.new_tokens] == stopped.new_token_ids
+        assert stopped.new_tokens <= 5 and free.new_token_ids[:stopped.new_tokens] == stopped.new_token_ids
         assert stop not in PROMPT + gpt2.tokenizer.decode(stopped.new_token_ids[:-1])  # it stopped at once
 
 
 @pytest.mark.parametrize("engine", ["generate", "loop"])
 def test_streamed_text_is_the_generated_text_without_the_prompt(gpt2: Any, engine: str) -> None:
     pieces: list[tuple[str, str | None]] = []
-    report = generate(gpt2, options(stream=True, engine=engine, strategy="sample", warmup=1),
-                      on_text=lambda strategy, piece: pieces.append((strategy, piece)))
+    report = generate(gpt2, options(stream=True, engine=engine, strategy="sample", warmup=1,
+                                    on_text=lambda strategy, piece: pieces.append((strategy, piece))))
     assert pieces[-1] == ("sample", None) and [p for p in pieces if p[1] is None] == [("sample", None)]
     streamed = "".join(piece for _, piece in pieces if piece)
     assert streamed == report.results[0].outputs[0].text  # a streamer's first put() is the prompt: skipped
@@ -289,7 +291,27 @@ def test_a_model_that_cannot_generate_is_refused() -> None:
 def test_half_precision_and_static_cache_on_cpu_say_what_they_mean(gpt2: Any) -> None:
     report = generate(load_model(TINY), options(dtype="bf16", cache="static", compile=True, max_new_tokens=4))
     assert report.cache == "dynamic" and report.compiled is False
-    assert any("bf16 on CPU" in n for n in report.notes) and any("bring nothing" in n for n in report.notes)
+    assert any("bf16 on CPU" in w for w in report.warnings) and any("bring nothing" in w for w in report.warnings)
+
+
+def test_command_shows_the_report_warnings_once(cli: Any) -> None:
+    args = ("generate", TINY, "-p", PROMPT, "--dtype", "bf16", "--max-new-tokens", "2", "--warmup", "0",
+            "--device", "cpu")
+    as_json = cli(*args, "--json")
+    assert as_json.exit_code == 0, as_json.stderr
+    assert any("bf16 on CPU" in w for w in as_json.json()["warnings"]) and "warning" not in as_json.stderr
+    tables = cli(*args)
+    assert tables.exit_code == 0 and tables.stderr.count("warning: --dtype bf16 on CPU") == 1
+
+
+def test_run_loads_the_reference_and_checks_options_first(zoo_dir: Path) -> None:
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.generate import run
+
+    report = run(ModelRef.parse(str(zoo_dir / "tiny-gpt2")), options(max_new_tokens=3, fixed_length=True))
+    assert report.results[0].outputs[0].new_tokens == 3 and report.warnings == ()
+    with pytest.raises(UsageError, match="--top-p"):
+        run(ModelRef.parse("no/such/model"), options(top_p=2.0))  # refused before loading (which would fail)
 
 
 def test_chat_template_wraps_the_prompt(zoo_dir: Path, tmp_path: Path) -> None:
@@ -430,3 +452,23 @@ def test_help_states_what_no_repeat_ngram_size_and_ttft_mean(cli: Any) -> None:
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     assert "occurs twice" in text and "first *generated* token" in text
+
+
+def test_peak_memory_without_a_resettable_counter_is_sampled_never_a_zero(monkeypatch) -> None:
+    """Issue #14: the ru_maxrss fallback printed 'peak mem 0 B' for a run that stayed under an earlier peak."""
+    import numpy as np
+
+    from mlops_cli.services import generate_measure
+
+    monkeypatch.setattr(generate_measure, "_reset_peak_rss", lambda: False)
+    probe = generate_measure.MemoryProbe(cuda=False)
+    assert "sampled" in probe.kind
+    probe.begin()
+    block = np.ones(32 * 1024 * 1024, dtype=np.uint8)
+    block[::4096] = 3
+    import time
+
+    time.sleep(0.02)
+    peak = probe.peak()
+    del block
+    assert peak is not None and peak >= 24 * 1024 * 1024

@@ -83,3 +83,19 @@ def test_sizes_for_a_dim_the_inputs_lack_and_combined_sources_are_usage_errors()
         plan_inputs(loaded, InputRequest(seq_len=10))
     with pytest.raises(UsageError, match="cannot be combined"):
         InputRequest(specs=("x:float32[2,1,28,28]",), texts=("hello",))
+
+
+def test_encoder_decoder_models_get_decoder_inputs() -> None:
+    """The conformance matrix found T5 unusable without --input: its forward needs decoder_input_ids."""
+    import transformers
+
+    from mlops_cli.core.inputs import hf_input_specs
+
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    specs = {spec.name: spec for spec in hf_input_specs(config, model)}
+    assert set(specs) == {"input_ids", "attention_mask", "decoder_input_ids"}
+    assert specs["decoder_input_ids"].shape() == (2, 8)
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32)
+    assert "decoder_input_ids" not in {spec.name for spec in hf_input_specs(bert)}

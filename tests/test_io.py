@@ -84,9 +84,63 @@ def test_atomic_dir_replaces_with_force(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the old copy is gone
 
 
-def test_missing_output_folder_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(OutputError, match="does not exist"):
-        io.write_bytes(tmp_path / "nope" / "out.bin", b"x")
+def test_missing_output_folders_are_created(tmp_path) -> None:
+    """`-o new/folder/model.onnx` used to stop with exit 5 ("create the folder first")."""
+    io.write_bytes(tmp_path / "new" / "folder" / "out.bin", b"x")
+    assert (tmp_path / "new" / "folder" / "out.bin").read_bytes() == b"x"
+    with io.atomic_dir(tmp_path / "other" / "model") as temp:
+        (temp / "a.txt").write_text("a")
+    assert (tmp_path / "other" / "model" / "a.txt").read_text() == "a"
+    assert [p.name for p in (tmp_path / "new" / "folder").iterdir()] == ["out.bin"]
+
+
+def test_a_failed_write_removes_the_folders_it_created(tmp_path) -> None:
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), io.atomic_file(tmp_path / "kept" / "a" / "b" / "out.bin") as temp:
+        temp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_parent_that_is_a_file_is_exit_5(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match=r"cannot create the folder .*: .*notes\.txt is a file") as info:
+        io.write_bytes(tmp_path / "notes.txt" / "sub" / "out.bin", b"x")
+    assert info.value.exit_code == 5 and (tmp_path / "notes.txt").read_text() == "keep me"
+    with pytest.raises(OutputError, match=r"cannot write out\.bin in .*notes\.txt: .* is a file, not a folder"):
+        io.write_bytes(tmp_path / "notes.txt" / "out.bin", b"x")
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    return int(process.stdout)
+
+
+def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path) -> None:
+    """Only the output's own temporaries, only when their process is gone and they predate this process."""
+    dead, alive = _dead_pid(), os.getpid()
+    past = io._STARTED - 60
+    stale_file = tmp_path / f".out.bin.mlops-{dead}-abc_1234.tmp"
+    stale_dir = tmp_path / f".out.bin.mlops-{dead}-zzzzzzzz.tmp"
+    kept = [tmp_path / f".out.bin.mlops-{alive}-abcdefgh.tmp",  # a live run's work in progress
+            tmp_path / f".other.bin.mlops-{dead}-abcdefgh.tmp",  # another output's
+            tmp_path / f".out.bin.mlops-{dead}-abcdefgh.tmp.keep",  # not a temporary name
+            tmp_path / f".out.bin.mlops-{dead}-newer000.tmp"]  # newer than this process: not provably stale
+    stale_dir.mkdir()
+    (stale_dir / "weights.bin").write_bytes(b"half")
+    for path in (stale_file, *kept):
+        path.write_bytes(b"half")
+    for path in (stale_file, stale_dir, *kept[:-1]):
+        os.utime(path, (past, past))
+    io.write_bytes(tmp_path / "out.bin", b"new")
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert all(path.exists() for path in kept)
+    with io.atomic_dir(tmp_path / "other.bin", force=False):
+        pass
+    assert not kept[1].exists()
 
 
 def test_save_torch_is_byte_identical_and_loads(tmp_path) -> None:
@@ -113,12 +167,14 @@ def test_save_safetensors_is_byte_identical(tmp_path) -> None:
 
 
 def test_save_safetensors_with_several_metadata_keys_is_byte_identical(tmp_path) -> None:
-    """safetensors writes metadata in hash order; the header is canonicalised so saves are reproducible."""
+    """safetensors writes metadata in hash order; the header is canonicalised so saves are reproducible (also with
+    non-ASCII names, whose escaped canonical header used to be too long to replace the original)."""
     import subprocess
     import sys
 
     code = ("import torch, sys; from mlops_cli.core import io; "
-            "io.save_safetensors({'w': torch.ones(3), 'b': torch.zeros(2)}, sys.argv[1], "
+            "io.save_safetensors({'w': torch.ones(3), 'b': torch.zeros(2), 'poids_\u00e9t\u00e9': torch.ones(1)}, "
+            "sys.argv[1], "
             "metadata={f'key{i}': str(i) for i in range(8)})")
     for name in ("a.safetensors", "b.safetensors"):  # separate processes: separate hash seeds
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True,
@@ -149,3 +205,11 @@ def test_current_folder_and_its_parents_are_never_replaced(tmp_path, monkeypatch
         with pytest.raises(OutputError, match="current folder"), io.atomic_dir(target, force=True):
             pass
     assert (work / "data.txt").read_text() == "keep me"
+
+
+def test_export_onnx_into_a_new_folder(tmp_path, cli) -> None:
+    """Issue #13.9: the ONNX exporter stopped with exit 5 where the other exporters created the folder."""
+    out = tmp_path / "new" / "folder" / "model.onnx"
+    result = cli("export", "onnx", "builtin:lenet", "-o", out, "--exporter", "legacy", "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["model.onnx"]

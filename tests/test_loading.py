@@ -221,11 +221,11 @@ def test_unknown_builtin_is_a_usage_error() -> None:
 @pytest.mark.slow
 def test_int8_artefacts_load_back(zoo_dir, tmp_path) -> None:
     """`compress int8` outputs (HF folder with quantization.json, weights folder) are MODEL references too."""
-    from mlops_cli.services.compress_int8 import Int8Options, compress_int8
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.compress import int8
 
-    options = Int8Options(check=False, repeats=1)
     for name in ("tiny-bert", "convnet"):
-        compress_int8(str(zoo_dir / name), tmp_path / name, LoadOptions(), options)
+        int8.run(ModelRef.parse(str(zoo_dir / name)), int8.Int8Options(output=tmp_path / name, check=False))
         quantized = load_model(str(tmp_path / name))
         assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.module.modules())
         reference = load_model(str(zoo_dir / name))
@@ -339,3 +339,39 @@ def test_a_malformed_sidecar_is_an_input_error_naming_the_file(zoo_dir, tmp_path
     assert "mlops.json" in info.value.message and "Re-save" in info.value.hint
     result = cli("inspect", folder)
     assert result.exit_code in (0, 3) and "internal error" not in result.stderr
+
+
+def test_hf_folder_with_safetensors_never_opens_its_bin(zoo_dir, tmp_path, monkeypatch) -> None:
+    """transformers loads the safetensors when both exist; a hostile `.bin` beside them must neither block the
+    folder nor be read (it used to be sniffed, and a code-carrying one stopped the load with exit 4)."""
+    import builtins
+    import pickle
+
+    from mlops_cli.core.formats import detect_format
+
+    folder = tmp_path / "both"
+    shutil.copytree(zoo_dir / "tiny-bert", folder)
+    bin_file = folder / "pytorch_model.bin"
+    bin_file.write_bytes(pickle.dumps(Evil(str(tmp_path / "pwned")), protocol=2))
+    with pytest.raises(UnsafeInputError):
+        detect_format(bin_file)  # on its own, the .bin is refused
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
+    loaded = load_model(str(folder))
+    assert str(bin_file) not in opened
+    assert any("pytorch_model.bin" in w and "safetensors" in w for w in loaded.warnings)
+    assert not (tmp_path / "pwned").exists()
+    for key, value in _outputs(load_model("builtin:tiny-bert")).items():
+        np.testing.assert_allclose(_outputs(loaded)[key], value, atol=1e-6)
+
+
+def test_hf_folder_with_only_bin_weights_still_checks_them(zoo_dir, tmp_path) -> None:
+    import pickle
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(zoo_dir / "tiny-bert", folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Evil(str(tmp_path / "pwned")), protocol=2))
+    with pytest.raises(UnsafeInputError, match=r"io\.open"):
+        load_model(str(folder))

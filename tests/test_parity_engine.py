@@ -3,6 +3,8 @@ messages, NaN/inf, non-determinism, shape failures, padding masks, tolerances an
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -191,3 +193,195 @@ def test_unknown_per_output_override_is_a_usage_error() -> None:
     paired = check(lambda x: {"logits": x}, lambda x: {"linear_3": x + 0.5},
                    tolerances=Tolerances(per_output={"linear_3": (1.0, None)}))
     assert paired.passed and paired.shapes[0].outputs[0].atol == 1.0
+
+
+# ---------------------------------------------------------------- issue #13.1: scale- and precision-aware verdicts
+
+
+def head_runner(name, weight, bias):
+    """A Linear classification head on numpy: logits = x @ W.T + b, computed in float32."""
+    return Runner(name, "fake", "cpu", ["x"],
+                  lambda inputs: {"logits": inputs["x"].astype(np.float32) @ weight.T.astype(np.float32) + bias})
+
+
+def head(scale, seed=0):
+    """A 64 -> 32 head like torch's default init; `scale` 50 gives logits in the tens, like a trained LM's."""
+    rng = np.random.default_rng(seed)
+    bound = 1 / np.sqrt(64)
+    weight = (rng.uniform(-bound, bound, (32, 64)) * scale).astype(np.float32)
+    bias = (rng.uniform(-bound, bound, 32) * scale).astype(np.float32)
+    return weight, bias
+
+
+def head_sets():
+    rng = np.random.default_rng(1)
+    return [InputSet(f"batch={b}", {"x": rng.standard_normal((b, 64)).astype(np.float32)}, {"batch": b})
+            for b in (4, 1, 5)]
+
+
+def compare_heads(candidate_weight, candidate_bias, scale, tolerances=None):
+    weight, bias = head(scale)
+    return check_parity(head_runner("ref", weight, bias), head_runner("cand", candidate_weight, candidate_bias),
+                        head_sets(), tolerances, time_runs=False)
+
+
+def drifted(scale, relative=1e-5):
+    """The head with every weight moved by ~1e-5 relative: the drift of fp32 kernels accumulated over a deep
+    network (an ONNX export of a 135M LM: max |diff| 3e-4 on logits in the tens, cosine 1.000000)."""
+    weight, bias = head(scale)
+    noise = np.random.default_rng(2).standard_normal(weight.shape)
+    return (weight * (1 + relative * noise)).astype(np.float32), bias
+
+
+@pytest.mark.parametrize("scale", [1, 50])
+def test_fp32_drift_of_large_logits_passes_by_default(scale) -> None:
+    report = compare_heads(*drifted(scale), scale)
+    assert report.passed, report.verdict
+    assert report.preset == "fp32" and "fp32 criteria" in report.verdict
+    diff = report.shapes[0].outputs[0]
+    assert diff.scale == pytest.approx(np.abs(head_runner("r", *head(scale))(head_sets()[0].tensors)["logits"]).max())
+    assert diff.effective_atol == pytest.approx(max(1e-4, 5e-5 * diff.scale))
+    assert {c.name for c in diff.criteria} == {"element-wise", "cosine"}  # judged per input set
+    pooled = {c.criterion.name: c for c in report.criteria if c.input_set.startswith("all input sets")}
+    assert set(pooled) == {"top-1"} and pooled["top-1"].criterion.passed  # judged over every position
+
+
+def test_the_same_drift_fails_plain_tolerances_as_given() -> None:
+    """What the old default did (and --atol/--rtol still do): the bound ignores the logits' magnitude."""
+    plain = compare_heads(*drifted(50), 50, Tolerances(*PRESETS["fp32"]))
+    assert not plain.passed and plain.preset is None
+    assert "exceeds atol 0.0001 + rtol 0.001*|ref|" in plain.verdict
+    assert [c.name for c in plain.shapes[0].outputs[0].criteria] == ["element-wise"]
+
+
+@pytest.mark.parametrize("scale", [1, 50])
+def test_fp16_weights_pass_under_the_fp16_preset(scale) -> None:
+    weight, bias = head(scale)
+    halved = (weight.astype(np.float16).astype(np.float32), bias.astype(np.float16).astype(np.float32))
+    assert compare_heads(*halved, scale, Tolerances.for_preset("fp16")).passed
+    if scale == 50:
+        strict = compare_heads(*halved, scale, Tolerances.for_preset("fp32"))
+        assert not strict.passed and "exceeds atol" in strict.verdict
+
+
+@pytest.mark.parametrize("scale", [1, 50])
+@pytest.mark.parametrize("preset", ["fp32", "fp16"])
+@pytest.mark.parametrize("tamper", ["zeroed row", "noisy row"])
+def test_a_tampered_weight_still_fails_naming_the_criterion(scale, preset, tamper) -> None:
+    weight, bias = head(scale)
+    tampered = weight.copy()
+    if tamper == "zeroed row":
+        tampered[3] = 0.0
+    else:
+        tampered[3] += 0.5 * scale * np.random.default_rng(3).standard_normal(64).astype(np.float32) / 8
+    report = compare_heads(tampered, bias, scale, Tolerances.for_preset(preset))
+    assert not report.passed
+    failed = report.shapes[0].outputs[0].failed_criterion
+    assert failed is not None and failed.name == "element-wise"
+    assert report.verdict.startswith("logits at batch=") and "max |diff|" in report.verdict
+    assert any(not item.criterion.passed for item in report.criteria)
+
+
+def test_agreement_criteria_fail_where_the_bound_is_loose() -> None:
+    """Small logits fit int8's atol whatever their order; the top-1 criterion still sees the classes swapped."""
+    ref = lambda x: {"logits": x * 0.01}  # noqa: E731
+    swapped = lambda x: {"logits": -x * 0.01}  # noqa: E731
+    report = check(ref, swapped, sets(8), tolerances=Tolerances.for_preset("int8"))
+    assert not report.passed
+    diff = report.shapes[0].outputs[0]
+    assert diff.passed and diff.top1_agreement == 0.0  # within int8's element-wise bound on every set...
+    assert "top-1 agreement 0.0% is below 90.0%" in report.verdict  # ...but every decision is swapped
+    summary = {(c.output, c.criterion.name): c.criterion for c in report.criteria}
+    assert summary["logits", "top-1"].threshold == 0.9 and not summary["logits", "top-1"].passed
+
+
+def test_greedy_next_token_agreement_uses_the_last_real_position() -> None:
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((2, 4, 6)).astype(np.float32) * 10
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=np.int64)
+    changed = logits.copy()
+    changed[1, 1] = -changed[1, 1]  # row 1's last real token picks another next token
+    changed[0, 3] = changed[0, 3] + 1e-6
+    input_set = InputSet("batch=2,sequence=4", {"input_ids": np.ones((2, 4), np.int64), "attention_mask": mask},
+                         {"batch": 2, "sequence": 4})
+    report = check_parity(Runner("ref", "fake", "cpu", None, lambda _: {"logits": logits}),
+                          Runner("cand", "fake", "cpu", None, lambda _: {"logits": changed}), [input_set],
+                          Tolerances.for_preset("int8"), time_runs=False)
+    diff = report.shapes[0].outputs[0]
+    assert diff.next_token_agreement == 0.5 and diff.top1_agreement == pytest.approx(5 / 6)
+    summary = {c.criterion.name: c.criterion for c in report.criteria}
+    assert not report.passed and summary["next token"].value == 0.5 and not summary["next token"].passed
+
+
+def test_cosine_is_not_judged_on_outputs_inside_the_noise_floor() -> None:
+    report = check(lambda x: {"hidden": x * 1e-6}, lambda x: {"hidden": -x * 1e-6})
+    assert report.passed
+    assert [c.name for c in report.shapes[0].outputs[0].criteria] == ["element-wise"]
+
+
+def test_tolerance_requests_resolve_presets_and_keep_explicit_values_plain() -> None:
+    from mlops_cli.commands.common import parse_tolerances
+    from mlops_cli.core.parity import ToleranceRequest
+
+    default = ToleranceRequest.parse(None, None).resolve("fp16")
+    assert (default.atol, default.rtol, default.preset) == (1e-2, 1e-2, "fp16")
+    chosen = ToleranceRequest.parse(None, None, "int8").resolve("fp16")
+    assert chosen.preset == "int8"
+    explicit = ToleranceRequest.parse(["0.5"], None, "auto").resolve("int8")
+    assert (explicit.atol, explicit.rtol, explicit.preset) == (0.5, 5e-2, None)
+    overridden = ToleranceRequest.parse(["logits=1e-3"], None).resolve("fp32")
+    assert overridden.preset == "fp32" and overridden.agreement_for("logits") is None
+    assert overridden.agreement_for("probs") is not None
+    assert parse_tolerances(None, None, PRESETS["int8"]).preset == "int8"  # what other commands pass
+    assert parse_tolerances(["1e-3"], None, PRESETS["fp32"]) == Tolerances(1e-3, 1e-3)
+    assert parse_tolerances(None, None, (0.2, 0.0)) == Tolerances(0.2, 0.0)
+    with pytest.raises(UsageError):
+        ToleranceRequest.parse(["x=abc"], None)
+
+
+def test_precision_of_torch_modules() -> None:
+    import torch
+
+    from mlops_cli.core.precision import module_precision
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    assert module_precision(model)[0] == "fp32"
+    rounded = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    for parameter in rounded.parameters():
+        parameter.data = parameter.data.half().float()
+    assert module_precision(rounded) == ("fp16", "weights rounded to float16")
+    assert module_precision(torch.nn.Linear(16, 4).bfloat16()) == ("bf16", "bfloat16 weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert module_precision(quantized)[0] == "int8"
+
+
+def test_top1_is_judged_over_all_positions_not_one_small_input_set() -> None:
+    """One flipped position in a batch-1 set of 8 (87.5%) failed int8 parity of a trained GPT-2; over every
+    position of every input set the same flip is 1 in 96 (99%), above int8's 90%. Many flips still fail."""
+    rng = np.random.default_rng(7)
+    sets_ = [InputSet(f"batch={b},sequence=8", {"x": np.zeros((b, 8), np.float32)}, {"batch": b}) for b in (1, 4, 7)]
+    logits = {b: rng.standard_normal((b, 8, 5)).astype(np.float32) * 10 for b in (1, 4, 7)}
+    logits[1][0, :, :2] = [30.0, 29.95]  # batch 1: every position a near tie between classes 0 and 1
+
+    def flipped(count: int):
+        def call(inputs):
+            out = logits[inputs["x"].shape[0]].copy()
+            if out.shape[0] == 1:
+                out[0, :count, :2] = out[0, :count, 1::-1]  # swap the tie: the argmax moves by 0.05
+            return {"logits": out}
+        return call
+
+    reference = Runner("ref", "fake", "cpu", None, lambda inputs: {"logits": logits[inputs["x"].shape[0]]})
+    one = check_parity(reference, Runner("one", "fake", "cpu", None, flipped(1)), sets_,
+                       Tolerances.for_preset("int8"), time_runs=False, check_determinism=False)
+    assert one.shapes[0].outputs[0].top1_agreement == pytest.approx(7 / 8)
+    pooled = next(c for c in one.criteria if c.criterion.name == "top-1")
+    assert pooled.input_set == "all input sets (96 positions)" and pooled.criterion.value == pytest.approx(95 / 96)
+    many = check_parity(reference, Runner("many", "fake", "cpu", None, flipped(8)), sets_,
+                        Tolerances.for_preset("fp32"), time_runs=False, check_determinism=False)
+    assert one.passed, one.verdict
+    many_top1 = next(c for c in many.criteria if c.criterion.name == "top-1")
+    assert not many.passed and not many_top1.criterion.passed  # 8 of 96 flipped: below fp32's 100%

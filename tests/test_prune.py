@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import read_safetensors_header
+from mlops_cli.core.inputs import InputRequest
 from mlops_cli.core.loading import LoadOptions, build_architecture, load_model
 from mlops_cli.core.pruned import rebuild
-from mlops_cli.services.prune import PruneOptions, prune_model
+from mlops_cli.services import prune
+from mlops_cli.services.prune import PruneOptions, PruneReport
 
 FAST = {"repeats": 1, "warmup": 0}
 CONVNET_TARGETS = ["conv1.0", "conv2.0", "fc.0", "fc.2"]  # `out` is the classifier head: left alone
 
 
 def run(reference: str, output: Path | None = None, load: LoadOptions | None = None, force: bool = False,
-        **options: object):
-    return prune_model(reference, load or LoadOptions(), PruneOptions(**{**FAST, **options}), output, force)
+        inputs: tuple[str, ...] = (), **options: Any) -> PruneReport:
+    request = InputRequest(specs=inputs, seed=options.get("seed", 0))
+    return prune.run(ModelRef.parse(reference), PruneOptions(
+        **{**FAST, **options}, load=load or LoadOptions(), output=output, force=force, inputs=request))
 
 
 def weights_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,10 +152,14 @@ def test_weights_folder_keeps_its_weights_format_and_other_files(zoo_dir: Path, 
     sidecar = {**json.loads((zoo_dir / "lenet" / "mlops.json").read_text()), "weights": "weights.pt"}
     (source / "mlops.json").write_text(json.dumps(sidecar))
     (source / "README.md").write_text("notes")
+    (source / "eval").mkdir()
+    (source / "eval" / "scores.json").write_text("{}")
     out = tmp_path / "pruned"
     report = run(str(source), out, amounts=(0.5,))
     assert report.model_kind == "weights-folder"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mlops.json", "weights.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "eval", "mlops.json", "weights.pt"]
+    assert (out / "eval" / "scores.json").read_text() == "{}"
+    assert report.results[0].output_files["eval/"] == 2
     assert_no_reparametrisation(torch.load(out / "weights.pt", weights_only=True))
     assert json.loads((out / "mlops.json").read_text())["pruned"]["amount"] == 0.5
     assert report.results[0].reloaded == "loads back through mlops; outputs identical to the pruned model"
@@ -273,6 +283,8 @@ def test_command_json_and_threshold_exit_codes(cli, tmp_path: Path) -> None:
     assert strict.json()["passed"] is False and "exceeds --max-drift" in strict.stderr
     atol = cli("prune", "builtin:lenet", "--amount", "0.3", "--atol", "1e-6", "--rtol", "0", "--repeats", "1")
     assert atol.exit_code == 6 and "max |diff|" in atol.stdout
+    preset = cli("prune", "builtin:lenet", "--amount", "0.3", "--preset", "fp32", "--repeats", "0", "--json")
+    assert preset.exit_code == 6 and preset.json()["thresholds"] == {"atol": 1e-4, "rtol": 1e-3}
     loose = cli("prune", "builtin:lenet", "--amount", "0.1", "--max-drift", "100", "--min-top1", "0", "--repeats", "1")
     assert loose.exit_code == 0 and "PASS" in loose.stdout
 
@@ -280,7 +292,7 @@ def test_command_json_and_threshold_exit_codes(cli, tmp_path: Path) -> None:
 def test_command_tables_state_what_zeros_do_not_buy(cli, tmp_path: Path) -> None:
     result = cli("prune", "builtin:convnet", "-o", tmp_path / "p", "--repeats", "1", "--warmup", "0")
     assert result.exit_code == 0, result.stderr
-    for words in ("Sparsity per layer", "weights, gzip -6", "Drift vs the unpruned model", "latency p50",
+    for words in ("Sparsity per layer", "weights, gzip -1", "Drift vs the unpruned model", "latency p50",
                   "do not get faster", "reload check"):
         assert words in result.stdout
     sweep = cli("prune", "builtin:convnet", "--amount", "0.2,0.6", "--structured-shrink", "--repeats", "1")
@@ -378,15 +390,15 @@ def test_shrink_that_breaks_a_hard_coded_forward_is_an_input_error(user_arch: tu
 
 
 def test_sweep_output_names_keep_a_file_suffix(zoo_dir: Path, tmp_path: Path) -> None:
-    from mlops_cli.services.prune import output_paths
+    from mlops_cli.services.prune.artefact import output_paths
 
-    sweep = PruneOptions(amounts=(0.1, 0.5))
-    weights = str(zoo_dir / "convnet" / "model.safetensors")
-    assert output_paths(weights, tmp_path / "p.safetensors", sweep) == {
-        0.1: tmp_path / "p-0.1.safetensors", 0.5: tmp_path / "p-0.5.safetensors"}
-    shrink = PruneOptions(amounts=(0.1, 0.5), structured_shrink=True)  # a shrunk module is written as a folder
-    assert output_paths(weights, tmp_path / "p", shrink) == {0.1: tmp_path / "p-0.1", 0.5: tmp_path / "p-0.5"}
-    assert output_paths("builtin:convnet", None, sweep) == {}
+    weights = ModelRef.parse(str(zoo_dir / "convnet" / "model.safetensors"))
+    sweep = PruneOptions(amounts=(0.1, 0.5), output=tmp_path / "p.safetensors")
+    assert output_paths(weights, sweep) == {0.1: tmp_path / "p-0.1.safetensors", 0.5: tmp_path / "p-0.5.safetensors"}
+    # a shrunk module is written as a folder
+    shrink = PruneOptions(amounts=(0.1, 0.5), structured_shrink=True, output=tmp_path / "p")
+    assert output_paths(weights, shrink) == {0.1: tmp_path / "p-0.1", 0.5: tmp_path / "p-0.5"}
+    assert output_paths(ModelRef.parse("builtin:convnet"), PruneOptions(amounts=(0.1, 0.5))) == {}
 
 
 def test_an_int8_model_is_refused_with_the_way_round(cli, zoo_dir: Path, tmp_path: Path) -> None:
@@ -402,3 +414,150 @@ def test_an_int8_model_is_refused_with_the_way_round(cli, zoo_dir: Path, tmp_pat
     assert "quantised to int8 (fc.0, fc.2, out)" in message
     assert "Prune the float checkpoint first, then quantise" in message
     assert not (tmp_path / "pruned").exists()
+
+
+# ---------------------------------------------------------------- Hugging Face base models (#13.3)
+
+SENTENCE_TRANSFORMERS_EXTRAS = {
+    "1_Pooling/config.json": '{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}',
+    "modules.json": '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}, '
+                    '{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]',
+    "config_sentence_transformers.json": '{"__version__": {"sentence_transformers": "3.0.0"}}',
+    "sentence_bert_config.json": '{"max_seq_length": 64, "do_lower_case": false}',
+}
+
+
+def tiny_bert_config(**extra: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, **extra)
+
+
+@pytest.fixture()
+def sentence_folder(tmp_path: Path) -> Path:
+    """A sentence-transformers-like folder around a bare BertModel (no head, no `bert.` prefix)."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "minilm"
+    BertModel(tiny_bert_config()).eval().save_pretrained(folder)
+    for name, text in SENTENCE_TRANSFORMERS_EXTRAS.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_global_pruning_of_a_bare_base_model_prunes_linear_weights_only(cli, sentence_folder: Path,
+                                                                        tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    result = cli("prune", sentence_folder, "-o", out, "--method", "global", "--amount", "0.3", "--repeats", "0",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    data = result.json()
+    assert data["results"][0]["target_sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert {layer["module_type"] for layer in data["results"][0]["layers"]} == {"Linear"}
+    assert "encoder.layer.0.attention.self.query" in data["targets"] and "pooler.dense" in data["targets"]
+    skipped = dict(map(tuple, data["skipped"]))
+    assert "embeddings.word_embeddings" in skipped and "encoder.layer.0.output.LayerNorm" in skipped
+    original, pruned = load_file(str(sentence_folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name, tensor in pruned.items():
+        if "LayerNorm" in name or "embeddings" in name or name.endswith(".bias"):
+            assert torch.equal(tensor, original[name]), name  # norms, embeddings and biases untouched
+    assert int((pruned["encoder.layer.1.intermediate.dense.weight"] == 0).sum()) > 0
+    for name, text in SENTENCE_TRANSFORMERS_EXTRAS.items():
+        assert (out / name).read_text() == text, name  # every extra file and folder beside the weights
+    assert load_model(str(out)).module is not None
+
+
+def test_include_selects_layers_by_type_never_norms_named_only_through_their_parent(sentence_folder: Path) -> None:
+    report = run(str(sentence_folder), include=("encoder",), amounts=(0.3,))
+    assert report.targets and not [name for name in report.targets if "LayerNorm" in name]
+    assert all(layer.module_type == "Linear" for layer in report.results[0].layers)
+    assert dict(report.skipped)["encoder.layer.0.output.LayerNorm"].startswith("embeddings and norms")
+    named = run(str(sentence_folder), include=("LayerNorm",), amounts=(0.3,))  # named by the user: pruned
+    assert named.targets and all("LayerNorm" in name for name in named.targets)
+
+
+def test_task_head_model_keeps_its_head_and_prunes_its_base(tmp_path: Path) -> None:
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / "classifier"
+    BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval().save_pretrained(folder)
+    report = run(str(folder), tmp_path / "out", method="global", amounts=(0.3,))
+    assert dict(report.skipped)["classifier"].startswith("the classifier/LM head")
+    assert "bert.pooler.dense" in report.targets
+    assert report.results[0].target_sparsity == pytest.approx(0.3, abs=1e-3)
+    assert report.results[0].reloaded == "loads back through mlops; outputs identical to the pruned model"
+    base = run(str(folder), include=("^bert\\.",), amounts=(0.3,))  # the base model's layers, by type
+    assert "bert.pooler.dense" in base.targets and "classifier" not in base.targets
+    assert not [name for name in base.targets if "LayerNorm" in name or "embeddings" in name]
+
+
+# ---------------------------------------------------------------- slow steps (#13.8)
+
+
+def test_compressed_size_of_a_large_state_is_estimated_from_a_fixed_sample() -> None:
+    from mlops_cli.services.prune.sizes import weight_sizes
+
+    generator = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(256, 1024, generator=generator) * 0.02 for i in range(4)}  # 4 MiB
+    for i, tensor in enumerate(state.values()):  # sparsity that differs per tensor: the sample must span them all
+        tensor[torch.rand(tensor.shape, generator=generator) < 0.2 * i] = 0
+    exact = weight_sizes(state, sample_bytes=None)
+    sampled = weight_sizes(state, sample_bytes=512 * 1024)
+    assert exact.sampled_share == 1.0 and exact.method == "every byte compressed" and exact.codec == "gzip -1"
+    assert sampled.raw_bytes == exact.raw_bytes == 4 * 1024 * 1024
+    assert sampled.sampled_share == pytest.approx(1 / 8)
+    assert "1 block of 64 KiB in 8 compressed (12.5% of the bytes)" in sampled.method
+    assert sampled.gzip_bytes == pytest.approx(exact.gzip_bytes, rel=0.03)
+    assert weight_sizes(state, sample_bytes=512 * 1024) == sampled  # the same blocks every run
+    skipped = weight_sizes(state, estimate=False)
+    assert skipped.gzip_bytes is None and skipped.gzip_ratio is None and "--no-size-estimate" in skipped.method
+
+
+def test_every_long_step_names_itself_and_the_size_estimate_can_be_skipped(tmp_path: Path) -> None:
+    steps: list[str] = []
+    report = run("builtin:lenet", tmp_path / "out", on_step=steps.append, repeats=1, amounts=(0.3,))
+    assert steps == ["loading", "estimating the compressed size of the input", "pruning 0.3", "measuring drift 0.3",
+                     "writing out", "reload check out", "timing 0.3", "estimating the compressed size at 0.3"]
+    assert report.results[0].size.gzip_bytes and report.size_before.method == "every byte compressed"
+    steps.clear()
+    quick = run("builtin:lenet", on_step=steps.append, repeats=0, size_estimate=False, amounts=(0.3,))
+    assert not [step for step in steps if "compressed size" in step or "timing" in step]
+    assert quick.results[0].size.gzip_bytes is None and quick.results[0].latency is None
+
+
+def test_command_no_size_estimate_says_so(cli) -> None:
+    result = cli("prune", "builtin:lenet", "--no-size-estimate", "--repeats", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "compressed size: not estimated (--no-size-estimate)" in " ".join(result.stdout.split())
+    data = cli("prune", "builtin:lenet", "--no-size-estimate", "--repeats", "0", "--json").json()
+    assert data["size_before"]["gzip_bytes"] is None and data["results"][0]["latency"] is None
+
+
+# ---------------------------------------------------------------- speed-ups the spread supports (#14)
+
+
+def timing(*samples: float) -> Any:
+    from mlops_cli.core.timing import summarize_samples
+
+    return summarize_samples(list(samples), warmup=3)
+
+
+def test_a_speed_up_is_claimed_only_when_its_interval_excludes_one() -> None:
+    from mlops_cli.render.prune import speed_change
+    from mlops_cli.services.prune import LatencyFigures
+
+    noisy = (1.0, 2.0, 1.1, 1.9, 1.2, 1.8, 1.0, 2.0)  # issue #14: equal p90s, medians apart by noise
+    overlapping = LatencyFigures("x", before=timing(*noisy), after=timing(*reversed(noisy[1:]), 0.9))
+    assert not overlapping.measurable
+    assert speed_change(overlapping).startswith("no measurable difference")
+    steady_2, steady_1 = (2.0, 2.1, 1.95, 2.05, 2.0, 2.02), (1.0, 1.05, 0.98, 1.02, 1.0, 1.01)
+    faster = LatencyFigures("x", before=timing(*steady_2), after=timing(*steady_1))
+    assert faster.measurable and speed_change(faster).startswith("2.00x faster")
+    slower = LatencyFigures("x", before=timing(*steady_1), after=timing(*steady_2))
+    assert slower.measurable and speed_change(slower).startswith("2.00x slower")
+    few = LatencyFigures("x", before=timing(2.0), after=timing(1.0))
+    assert not few.measurable and speed_change(few).startswith("no measurable difference")

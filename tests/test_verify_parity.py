@@ -123,7 +123,7 @@ def test_bert_vs_its_onnx_export_passes_with_stats_and_latency(cli, bert_onnx) -
     assert report["passed"] and report["worst_output"] is None
     inner = report["parity"]
     assert inner["reference_backend"] == "torch" and inner["candidate_backend"] == "onnxruntime"
-    assert [s["label"] for s in inner["shapes"]] == ["batch=1,sequence=8", "batch=3,sequence=8", "batch=2,sequence=48"]
+    assert [s["label"] for s in inner["shapes"]] == ["batch=2,sequence=16", "batch=1,sequence=8", "batch=3,sequence=32"]
     diff = inner["shapes"][0]["outputs"][0]
     assert diff["name"] == "logits"
     for stat in ("max_abs", "max_rel", "mean_abs", "p99_abs", "cosine", "top1_agreement", "min_atol_to_pass"):
@@ -143,11 +143,11 @@ def test_human_output_has_tables_and_verdict(cli, bert_onnx) -> None:
 def test_padding_is_excluded_by_default_and_included_on_request(cli, gpt2_onnx) -> None:
     excluded = parity(cli, "builtin:tiny-gpt2", gpt2_onnx, "--no-timing").json()["parity"]
     assert excluded["masked_positions_excluded"]
-    assert excluded["shapes"][1]["outputs"][0]["masked_out"] > 0  # batch=3 rows are padded
+    assert excluded["shapes"][0]["outputs"][0]["masked_out"] > 0  # batch=2 rows are padded
     included = parity(cli, "builtin:tiny-gpt2", gpt2_onnx, "--no-timing", "--include-padding").json()["parity"]
     assert not included["masked_positions_excluded"]
-    assert included["shapes"][1]["outputs"][0]["masked_out"] == 0
-    assert included["shapes"][1]["reference_latency"] is None
+    assert included["shapes"][0]["outputs"][0]["masked_out"] == 0
+    assert included["shapes"][0]["reference_latency"] is None
 
 
 def test_tolerances_presets_and_per_output_overrides(cli, bert_onnx) -> None:
@@ -165,8 +165,9 @@ def test_samples_seed_and_input_specs(cli, out) -> None:
     onnx_path = legacy_onnx("builtin:convnet", out / "convnet.onnx")
     report = parity(cli, "builtin:convnet", onnx_path, "--samples", "2", "--seed", "7", "--no-timing",
                     "--input", "x:float32[batch=4,1,28,28]").json()
-    assert report["passed"] and report["input_sets"] == 4
-    assert [s["label"] for s in report["parity"]["shapes"]] == ["batch=1 #1", "batch=3 #1", "batch=1 #2", "batch=3 #2"]
+    assert report["passed"] and report["input_sets"] == 6
+    assert [s["label"] for s in report["parity"]["shapes"]] == ["batch=4 #1", "batch=1 #1", "batch=5 #1",
+                                                                "batch=4 #2", "batch=1 #2", "batch=5 #2"]
     assert report["input_source"] == "--input specs, 2 random draw(s), seed 7"
 
 
@@ -195,7 +196,8 @@ def test_trap_candidate_traced_at_one_shape_breaks_at_another(cli, pooled) -> No
     assert result.exit_code == 6
     report = result.json()
     assert report["parity"]["candidate_backend"] == "torchscript"
-    batch1, batch3 = report["parity"]["shapes"]
+    batch2, batch1, batch3 = report["parity"]["shapes"]
+    assert batch2["passed"]  # the traced size
     # The trace replays `reshape(2, -1)`: no crash, silently wrong shapes at every other batch size.
     assert batch1["outputs"][0]["problem"] == "shape mismatch: reference (1, 4) vs candidate (2, 2)"
     assert batch3["outputs"][0]["problem"] == "shape mismatch: reference (3, 4) vs candidate (2, 6)"
@@ -216,8 +218,8 @@ def test_trap_output_shape_mismatch_shows_both_shapes(cli, out) -> None:
     five = handmade_onnx(out / "five.onnx", {"output": (5, None)})
     result = parity(cli, "builtin:convnet", five, "--no-timing")
     assert result.exit_code == 6
-    assert "shape mismatch: reference (1, 10) vs candidate (1, 5)" in result.json()["verdict"]
-    assert "(1, 10)" in result.stderr and "(1, 5)" in result.stderr
+    assert "shape mismatch: reference (2, 10) vs candidate (2, 5)" in result.json()["verdict"]
+    assert "(2, 10)" in result.stderr and "(2, 5)" in result.stderr
 
 
 def test_trap_output_count_mismatch(cli, out) -> None:
@@ -225,7 +227,7 @@ def test_trap_output_count_mismatch(cli, out) -> None:
     result = parity(cli, "builtin:convnet", two, "--no-timing")
     assert result.exit_code == 6
     verdict = result.json()["verdict"]
-    assert "output count mismatch" in verdict and "output (1, 10)" in verdict and "extra (1, 3)" in verdict
+    assert "output count mismatch" in verdict and "output (2, 10)" in verdict and "extra (2, 3)" in verdict
 
 
 def test_trap_output_name_mismatch_between_two_onnx_files(cli, out) -> None:
@@ -235,7 +237,7 @@ def test_trap_output_name_mismatch_between_two_onnx_files(cli, out) -> None:
     assert parity(cli, reference, reordered, "--no-timing", "--input", "x:float32[batch=2,1,28,28]").exit_code == 0
     result = parity(cli, reference, renamed, "--no-timing", "--input", "x:float32[batch=2,1,28,28]")
     assert result.exit_code == 6
-    assert "output names differ: reference has logits (1, 10), candidate has scores (1, 10)" in \
+    assert "output names differ: reference has logits (2, 10), candidate has scores (2, 10)" in \
         result.json()["verdict"]
 
 
@@ -321,3 +323,192 @@ def test_real_texts_are_tokenized_with_the_models_tokenizer(cli):
     clash = cli("verify-parity", "builtin:tiny-bert", "builtin:tiny-bert", "--text", "a", "--input",
                 "input_ids:int64[batch,sequence]")
     assert clash.exit_code == 2 and "cannot be combined" in clash.stderr
+
+
+def test_batch_size_and_seq_len_set_the_first_input_set(cli) -> None:
+    """Issue #13.2: the user's sizes run first, from --batch-size/--seq-len or from the --input dims."""
+    sized = parity(cli, "builtin:tiny-gpt2", "builtin:tiny-gpt2", "--batch-size", "1", "--seq-len", "12",
+                   "--no-timing").json()
+    labels = [s["label"] for s in sized["parity"]["shapes"]]
+    assert labels == ["batch=1,sequence=12", "batch=1,sequence=6", "batch=2,sequence=24"]
+    assert sized["parity"]["shapes"][0]["input_shapes"]["input_ids"] == [1, 12]
+    spec = parity(cli, "builtin:tiny-gpt2", "builtin:tiny-gpt2", "--input", "input_ids:int64[batch=1,sequence=64]",
+                  "--no-timing").json()
+    assert spec["parity"]["shapes"][0]["input_shapes"] == {"input_ids": [1, 64]}
+    assert spec["input_source"].startswith("--input specs")
+    assert cli("verify-parity", "builtin:convnet", "builtin:convnet", "--seq-len", "8").exit_code == 2
+
+
+def test_loader_warnings_of_both_sides_are_in_the_report(tmp_path) -> None:
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.verify_parity import VerifyOptions, run
+
+    sides = []
+    for name in ("ref", "cand"):
+        folder = tmp_path / name
+        load_model("builtin:tiny-gpt2").module.save_pretrained(folder)
+        (folder / "tokenizer.json").write_text("{broken", encoding="utf-8")
+        sides.append(ModelRef.parse(str(folder)))
+    report = run(sides[0], VerifyOptions(candidate=sides[1], repeats=0))
+    assert report.passed
+    assert [w.split(" could not")[0] for w in report.warnings] == [
+        f"the tokenizer in {tmp_path / 'ref'}", f"the tokenizer in {tmp_path / 'cand'}"]
+
+
+# ---------------------------------------------------------------- issue #13.1: presets from what was produced
+
+SCALED_HEAD = '''
+import torch
+
+
+def make(scale=50.0):
+    """A classification head whose logits are in the tens, like a trained model's."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    return head
+'''
+
+
+@pytest.fixture(scope="module")
+def scaled(out) -> Path:
+    """The scaled head as fp32 weights, as fp16 weights, and tampered (one row zeroed); one architecture file."""
+    from safetensors.torch import save_file
+
+    folder = out / "scaled"
+    folder.mkdir()
+    (folder / "head.py").write_text(SCALED_HEAD, encoding="utf-8")
+    namespace: dict = {}
+    exec(SCALED_HEAD, namespace)  # the test's own architecture
+    state = namespace["make"]().state_dict()
+    save_file(state, str(folder / "fp32.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(folder / "fp16.safetensors"))
+    tampered = {k: v.clone() for k, v in state.items()}
+    tampered["weight"][3] = 0.0
+    save_file(tampered, str(folder / "tampered.safetensors"))
+    return folder
+
+
+def head_parity(cli, scaled, candidate, *extra):
+    return parity(cli, scaled / "fp32.safetensors", scaled / candidate, "--arch", f"{scaled / 'head.py'}:make",
+                  "--input", "x:float32[batch=4,64]", "--no-timing", *extra)
+
+
+def test_auto_preset_recognises_fp16_weights_and_passes(cli, scaled) -> None:
+    result = head_parity(cli, scaled, "fp16.safetensors")
+    assert result.exit_code == 0, result.stdout
+    report = result.json()
+    assert report["preset"] == "fp16" and "has weights rounded to float16" in report["preset_source"]
+    assert report["parity"]["preset"] == "fp16"
+    criteria = {(c["output"], c["criterion"]["name"]): c["criterion"] for c in report["parity"]["criteria"]}
+    assert criteria["output", "cosine"]["threshold"] == 0.9999 and criteria["output", "cosine"]["passed"]
+    assert criteria["output", "top-1"]["value"] == 1.0
+    strict = head_parity(cli, scaled, "fp16.safetensors", "--preset", "fp32")
+    assert strict.exit_code == 6 and strict.json()["preset_source"] == "--preset"
+
+
+def test_a_tampered_weight_fails_under_auto_naming_the_criterion(cli, scaled) -> None:
+    result = head_parity(cli, scaled, "tampered.safetensors")
+    assert result.exit_code == 6
+    report = result.json()
+    assert report["preset"] == "fp32" and report["preset_source"] == "auto: float32 weights"
+    assert "max |diff|" in report["verdict"] and "exceeds atol" in report["verdict"]
+    failed = {c["criterion"]["name"] for c in report["parity"]["criteria"] if not c["criterion"]["passed"]}
+    assert "element-wise" in failed and "cosine" in failed
+    human = cli("verify-parity", scaled / "fp32.safetensors", scaled / "tampered.safetensors", "--arch",
+                f"{scaled / 'head.py'}:make", "--input", "x:float32[batch=4,64]", "--no-timing", "--preset", "int8")
+    assert human.exit_code == 6
+    for words in ("Criteria", "atol needed", "cosine", ">= 0.99", "FAIL: element-wise", "preset int8"):
+        assert words in human.stdout, words
+
+
+def test_explicit_tolerances_are_used_as_given(cli, scaled) -> None:
+    report = head_parity(cli, scaled, "fp16.safetensors", "--atol", "1", "--rtol", "0").json()
+    assert report["passed"] and report["parity"]["preset"] is None
+    assert report["tolerances"].startswith("|diff| <= atol 1 + rtol 0 x |ref| (as given")
+    assert [c["criterion"]["name"] for c in report["parity"]["criteria"]] == ["element-wise"]
+
+
+def test_precision_of_onnx_graphs(out, bert_onnx) -> None:
+    from mlops_cli.core.precision import onnx_precision
+
+    assert onnx_precision(bert_onnx) == ("fp32", "float32 weights")
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float16), "w")
+    half = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "half",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])], [weight])
+    onnx.save(helper.make_model(half), str(out / "half.onnx"))
+    assert onnx_precision(out / "half.onnx") == ("fp16", "float16 weights in the graph")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    quant = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "scale"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])], "qdq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [scale])
+    onnx.save(helper.make_model(quant), str(out / "qdq.onnx"))
+    assert onnx_precision(out / "qdq.onnx") == ("int8", "quantisation operators (DequantizeLinear, QuantizeLinear)")
+
+
+def test_parity_table_numbers_are_short_and_declared_numeric(cli, scaled) -> None:
+    """Issue #13.7: numeric cells are short, in columns declared numeric (which the render layer never wraps)."""
+    from rich.table import Table
+
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.inputs import InputRequest
+    from mlops_cli.core.loading import LoadOptions
+    from mlops_cli.core.parity import ToleranceRequest
+    from mlops_cli.render.parity import CRITERIA_COLUMNS, PARITY_COLUMNS, criteria_rows, parity_rows, parity_tables
+    from mlops_cli.services.verify_parity import VerifyOptions, run
+
+    load = LoadOptions(arch=f"{scaled / 'head.py'}:make")
+    report = run(ModelRef.parse(str(scaled / "fp32.safetensors")), VerifyOptions(
+        candidate=ModelRef.parse(str(scaled / "tampered.safetensors")), load=load, repeats=0,
+        inputs=InputRequest(specs=("x:float32[batch=4,64]",)), tolerances=ToleranceRequest(preset="fp16")))
+    assert not report.passed
+    numeric_parity = [str(row[i]) for row in parity_rows(report.parity) for i in range(2, 9)]
+    numeric_criteria = [str(row[i]) for row in criteria_rows(report.parity) for i in (3, 4)]
+    assert numeric_parity and numeric_criteria
+    assert all(len(cell) <= 11 for cell in numeric_parity + numeric_criteria), numeric_parity + numeric_criteria
+    assert {">= 0.9999", ">= 99.0%"} <= set(numeric_criteria)
+    tables = [t for t in parity_tables(report.parity) if isinstance(t, Table)]
+    numeric = {str(c.header) for t in tables for c in t.columns if c.justify == "right"}
+    assert {*PARITY_COLUMNS[2:9], *CRITERIA_COLUMNS[3:5]} <= numeric
+
+
+@pytest.fixture(scope="module")
+def llama(out) -> Path:
+    """A real architecture (Llama, tiny config) whose logits are in the tens: as saved, in fp16, and tampered."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50)
+        return model
+
+    build().save_pretrained(out / "llama")
+    build().half().save_pretrained(out / "llama-fp16")
+    tampered = build()
+    with torch.no_grad():
+        tampered.lm_head.weight[7] = 0.0
+    tampered.save_pretrained(out / "llama-tampered")
+    return out
+
+
+def test_llm_fp16_copy_passes_under_auto_and_a_tampered_head_fails(cli, llama) -> None:
+    half = parity(cli, llama / "llama", llama / "llama-fp16", "--no-timing")
+    assert half.exit_code == 0, half.json()["verdict"]
+    report = half.json()
+    assert report["preset"] == "fp16" and report["preset_source"].endswith("has float16 weights")
+    criteria = {c["criterion"]["name"]: c["criterion"] for c in report["parity"]["criteria"]}
+    assert set(criteria) == {"element-wise", "cosine", "top-1", "next token"}
+    assert criteria["next token"]["value"] == 1.0 and criteria["next token"]["threshold"] == 0.99
+    assert parity(cli, llama / "llama", llama / "llama-fp16", "--no-timing", "--preset", "fp32").exit_code == 6
+    tampered = parity(cli, llama / "llama", llama / "llama-tampered", "--no-timing")
+    assert tampered.exit_code == 6
+    assert tampered.json()["preset_source"] == "auto: float32 weights"
+    assert "logits at batch=" in tampered.json()["verdict"] and "exceeds atol" in tampered.json()["verdict"]

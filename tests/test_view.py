@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mlops_cli.core.loading import LoadOptions
-from mlops_cli.services.view import HOST, ViewOptions, open_view
+from mlops_cli.core.contract import LoadOptions, ModelRef
+from mlops_cli.services.view import HOST, ViewOptions, open_view, run
 
 ANY_PORT = ViewOptions(port=0)
 
@@ -84,7 +84,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_onnx_with_external_data_is_served_alone_on_loopback(model_folder: Path) -> None:
-    with open_view(str(model_folder / "mlp.onnx"), options=ANY_PORT) as session:
+    with open_view(str(model_folder / "mlp.onnx"), ANY_PORT) as session:
         assert session.host == HOST and session.url == f"http://127.0.0.1:{session.port}/"
         assert session.served_files == ("mlp.onnx", "mlp.weights") and session.source == "onnx"
         assert listening_on_loopback_only(session.port)
@@ -107,7 +107,8 @@ def test_torchscript_is_served_as_is_without_running_it(model_folder: Path, monk
 
     opened: list[str] = []
     monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url))
-    with open_view(str(model_folder / "convnet.ts"), LoadOptions(), ANY_PORT) as session:  # no --trust-code
+    no_trust = ViewOptions(load=LoadOptions(), port=0)  # no --trust-code
+    with open_view(str(model_folder / "convnet.ts"), no_trust) as session:
         assert session.source == "torchscript" and session.model_file == "convnet.pt"  # a name Netron knows
         assert fetch(session.url + "data/convnet.pt") == (200, (model_folder / "convnet.ts").read_bytes())
         folder = Path(session.folder)
@@ -118,7 +119,7 @@ def test_torchscript_is_served_as_is_without_running_it(model_folder: Path, monk
 
 
 def test_exported_program_is_served_as_is(model_folder: Path) -> None:
-    with open_view(str(model_folder / "convnet.pt2"), options=ANY_PORT) as session:
+    with open_view(str(model_folder / "convnet.pt2"), ANY_PORT) as session:
         assert session.source == "torch.export program" and session.served_files == ("convnet.pt2",)
         assert fetch(session.url + "data/convnet.pt2") == (200, (model_folder / "convnet.pt2").read_bytes())
 
@@ -127,13 +128,29 @@ def test_exported_program_is_served_as_is(model_folder: Path) -> None:
 def test_other_references_are_exported_to_a_temporary_onnx() -> None:
     import onnx
 
-    with open_view("builtin:convnet", options=ANY_PORT) as session:
+    with open_view("builtin:convnet", ANY_PORT) as session:
         assert session.model_file == "convnet.onnx" and session.source.startswith("exported to ONNX")
         status, body = fetch(session.url + "data/convnet.onnx")
         assert status == 200
         graph = onnx.load_from_string(body).graph
         assert [i.name for i in graph.input] == ["x"]
         assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic=True
+
+
+def test_run_serves_until_time_is_up_and_cleans_up(model_folder: Path) -> None:
+    """`run` hands the session over while it serves, and returns once the server stopped and the folder is gone."""
+    seen: list[tuple[int, bytes]] = []
+
+    def ready(session: Any) -> None:
+        seen.append(fetch(session.url + "data/mlp.onnx"))
+
+    report = run(ModelRef.parse(str(model_folder / "mlp.onnx")), ViewOptions(port=0, serve_seconds=0.2,
+                                                                             on_ready=ready))
+    assert seen == [(200, (model_folder / "mlp.onnx").read_bytes())]
+    assert report.served_files == ("mlp.onnx", "mlp.weights") and report.warnings == ()
+    assert not Path(report.folder).exists()
+    with pytest.raises(OSError):
+        socket.create_connection((HOST, report.port), timeout=2).close()
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlops_cli.commands.common import JsonOpt, QuietOpt
+from mlops_cli.commands.common import JsonOpt, QuietOpt, WarmupOpt, progress_steps
 from mlops_cli.core.errors import UsageError
 
 IMPLEMENTATIONS = "transformers-python, transformers, tokenizers, tiktoken, sentencepiece"
@@ -25,7 +25,7 @@ def bench_tokenizers_command(
              "Default: the built-in mixed Chinese/English corpus.")] = None,
     iterations: Annotated[int, typer.Option("--iterations", "-n", help="Timed passes over the corpus per "
                                                                         "workload and implementation.")] = 10,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed passes first.")] = 2,
+    warmup: WarmupOpt = 2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per call in the batch workload.")] = 32,
     max_length: Annotated[int, typer.Option("--max-length", help="Pad and truncate batches to this many "
                                                                  "tokens (longest first).")] = 64,
@@ -55,23 +55,20 @@ def bench_tokenizers_command(
     Example: mlops bench-tokenizers builtin:tiny-bert --max-length 32 --threads 1,2
     """
     from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.core.errors import ValidationFailed
     from mlops_cli.render.bench_tokenizers import bench_tokenizers_tables
     from mlops_cli.services.bench_tokenizers import WORKLOADS as ALL_WORKLOADS
-    from mlops_cli.services.bench_tokenizers import BenchSettings, bench_tokenizers
+    from mlops_cli.services.bench_tokenizers import BenchTokenizersOptions, run
 
-    settings = BenchSettings(
-        tokenizer=tokenizer, texts_file=str(texts) if texts else None, iterations=iterations, warmup=warmup,
-        batch_size=batch_size, max_length=max_length, threads=parse_threads(threads), reference=reference,
-        implementations=tuple(implementations or ()), workloads=tuple(workloads or ALL_WORKLOADS),
-        examples=examples)
-    steps = len(settings.threads) + 1 if len(settings.threads) > 1 else len(settings.workloads) + 2
-    with render.progress("benchmarking tokenizers", total=steps, quiet=quiet or as_json) as advance:
-        report = bench_tokenizers(settings, progress=lambda description: advance(1, description))
-    if not quiet:
-        for warning in report.warnings:
-            render.hint(f"warning: {warning}")
-    render.emit(report, as_json, bench_tokenizers_tables)
+    with progress_steps("Benchmarking tokenizers", quiet or as_json) as on_step:
+        options = BenchTokenizersOptions(
+            on_step=on_step, texts_file=str(texts) if texts else None, iterations=iterations, warmup=warmup,
+            batch_size=batch_size, max_length=max_length, thread_sweep=parse_threads(threads), reference=reference,
+            implementations=tuple(implementations or ()), workloads=tuple(workloads or ALL_WORKLOADS),
+            examples=examples)
+        report = run(ModelRef.parse(tokenizer), options)
+    render.emit(report, as_json, bench_tokenizers_tables, quiet)
     if not report.agree:
         message = f"{', '.join(report.disagreeing)} disagree(s) with {report.reference}"
         if strict:

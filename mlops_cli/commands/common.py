@@ -157,26 +157,14 @@ def model_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_tolerances(atol: list[str] | None, rtol: list[str] | None, default: tuple[float, float]) -> Any:
-    """`--atol 1e-4 --atol logits=1e-3` -> Tolerances (global value plus per-output overrides)."""
-    from mlops_cli.core.parity import Tolerances
+def parse_tolerances(atol: list[str] | None, rtol: list[str] | None, default: tuple[float, float] | str) -> Any:
+    """`--atol 1e-4 --atol logits=1e-3` -> Tolerances (global value plus per-output overrides).
 
-    base = {"atol": default[0], "rtol": default[1]}
-    per_output: dict[str, list[float | None]] = {}
-    for kind, values in (("atol", atol or []), ("rtol", rtol or [])):
-        for value in values:
-            name, sep, number = value.rpartition("=")
-            try:
-                parsed = float(number)
-            except ValueError as exc:
-                raise UsageError(f"--{kind} {value!r} is not a number or NAME=NUMBER") from exc
-            if parsed < 0:
-                raise UsageError(f"--{kind} must not be negative")
-            if sep:
-                per_output.setdefault(name, [None, None])[0 if kind == "atol" else 1] = parsed
-            else:
-                base[kind] = parsed
-    return Tolerances(base["atol"], base["rtol"], {k: (v[0], v[1]) for k, v in per_output.items()})
+    `default` is a preset name or its PRESETS pair: without a global --atol/--rtol that preset's scale-aware
+    bound and criteria apply; given values are used as given (core/parity.py ToleranceRequest)."""
+    from mlops_cli.core.parity import ToleranceRequest
+
+    return ToleranceRequest.parse(atol, rtol).resolve(default)
 
 
 def show_warnings(loaded: Any, quiet: bool = False) -> None:

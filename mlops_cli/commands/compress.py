@@ -4,7 +4,6 @@ No `from __future__ import annotations`: `@model_options` rebuilds the signature
 Annotated option types as types, not strings.
 """
 
-from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -13,33 +12,46 @@ from mlops_cli.commands.common import (
     AtolOpt,
     DeviceOpt,
     ForceOpt,
+    HalfPrecision,
     InputOpt,
     JsonOpt,
     ModelArg,
     OutputOpt,
+    Preset,
+    PresetOpt,
     QuietOpt,
+    RepeatsOpt,
     RtolOpt,
     SeedOpt,
+    ThreadsOpt,
     model_options,
     parse_tolerances,
+    progress_steps,
 )
 from mlops_cli.commands.common import Device as DeviceChoice
 
 if TYPE_CHECKING:
-    from mlops_cli.core.loading import LoadOptions
+    from mlops_cli.core.contract import LoadOptions
+    from mlops_cli.core.parity import Tolerances
 
 compress_app = typer.Typer(help="Make checkpoints smaller (fp16/bf16, dynamic int8), with their drift measured.",
                            no_args_is_help=True)
 
 
-class HalfDtype(str, Enum):
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
 CheckOpt = Annotated[bool, typer.Option(
     "--check/--no-check", help="Measure the drift of the result against the original (loads both models).")]
-RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats per input set.")]
+
+
+def _tolerances(atol: list[str] | None, rtol: list[str] | None, preset: str) -> "Tolerances | None":
+    """--atol/--rtol over the preset's values; None (the service's preset alone) when neither is given."""
+    from mlops_cli.core.compare import PRESETS
+
+    return parse_tolerances(atol, rtol, PRESETS[preset]) if atol or rtol else None
+
+
+def _chosen(preset: Preset) -> str | None:
+    """The preset the user named, or None for auto (the service picks it from what it produced)."""
+    return None if preset == Preset("auto") else preset.value
 
 
 @compress_app.command("half")
@@ -47,15 +59,16 @@ RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats
 def half_command(
     model: ModelArg,
     output: OutputOpt,
-    dtype: Annotated[HalfDtype, typer.Option("--dtype", help="Target dtype: fp16 or bf16 (ONNX: fp16).")]
-    = HalfDtype.fp16,
+    dtype: Annotated[HalfPrecision, typer.Option("--dtype", help="Target dtype: fp16 or bf16 (ONNX: fp16).")]
+    = HalfPrecision("fp16"),
     keep_fp32: Annotated[list[str] | None, typer.Option(
         "--keep-fp32", metavar="REGEX", show_default=False,
         help="Leave tensors whose name matches this regular expression as they are (repeatable). ONNX: nodes "
              "whose name or weight matches stay float32.")] = None,
     default_keep: Annotated[bool, typer.Option(
         "--default-keep/--no-default-keep",
-        help="Also keep normalisation layers (LayerNorm, ln_*, *norm*, bn*) as they are.")] = True,
+        help="Also keep normalisation layers as they are: by module type (BatchNorm, LayerNorm, GroupNorm, "
+             "RMSNorm, *Norm classes) when the model can be built, else by name (*norm*, ln_*, bn*).")] = True,
     allow_overflow: Annotated[bool, typer.Option(
         "--allow-overflow", help="Write the output even when values overflow the target dtype.")] = False,
     keep_io_types: Annotated[bool, typer.Option(
@@ -67,9 +80,11 @@ def half_command(
     device: DeviceOpt = DeviceChoice.auto,
     inputs: InputOpt = None,
     seed: SeedOpt = 0,
+    preset: PresetOpt = Preset("auto"),
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     repeats: RepeatsOpt = 10,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -81,24 +96,27 @@ def half_command(
     Writes the same kind of artefact it reads: HF folder, safetensors (streamed tensor by tensor), torch
     state_dict or training checkpoint (other entries kept), ONNX. Integer tensors never change. Reports
     per tensor the values that overflow, flush to zero or become subnormal (overflow fails, exit 6, unless
-    --allow-overflow), the size before/after, and the drift against the original.
+    --allow-overflow), the size before/after, and the drift against the original (tolerances of the fp16/bf16
+    preset unless --preset/--atol/--rtol say otherwise).
 
     Example: mlops compress half tiny-bert/ -o tiny-bert-fp16/ --per-layer
     """
     from mlops_cli import render
-    from mlops_cli.core.compare import PRESETS
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.core.errors import ValidationFailed
+    from mlops_cli.core.inputs import InputRequest
     from mlops_cli.render.compress import half_failure_hint, half_tables
-    from mlops_cli.services.compress_half import HalfOptions, compress_half
+    from mlops_cli.services.compress import half
 
-    options = HalfOptions(
-        dtype=dtype.value, keep_fp32=tuple(keep_fp32 or ()), default_keep=default_keep,
-        allow_overflow=allow_overflow, keep_io_types=keep_io_types, check=check, per_layer=per_layer,
-        device=device.value, inputs=tuple(inputs or ()), seed=seed, repeats=repeats, force=force,
-        tolerances=parse_tolerances(atol, rtol, PRESETS[dtype.value]))
-    with render.progress(f"compressing {model} to {dtype.value}", quiet=quiet or as_json):
-        report = compress_half(model, output, load, options)
-    render.emit(report, as_json, half_tables)
+    chosen = _chosen(preset)
+    with progress_steps(f"compress half {model}", quiet=quiet or as_json) as on_step:
+        report = half.run(ModelRef.parse(model), half.HalfOptions(threads=threads,
+            load=load, output=output, force=force, on_step=on_step, dtype=dtype.value,
+            keep_fp32=tuple(keep_fp32 or ()), default_keep=default_keep, allow_overflow=allow_overflow,
+            keep_io_types=keep_io_types, check=check, per_layer=per_layer, device=device.value,
+            inputs=InputRequest(specs=tuple(inputs or ()), seed=seed), preset=chosen,
+            tolerances=_tolerances(atol, rtol, chosen or dtype.value), repeats=repeats))
+    render.emit(report, as_json, half_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=half_failure_hint(report))
 
@@ -123,9 +141,11 @@ def int8_command(
     check: CheckOpt = True,
     inputs: InputOpt = None,
     seed: SeedOpt = 0,
+    preset: PresetOpt = Preset("auto"),
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     repeats: RepeatsOpt = 20,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -135,23 +155,27 @@ def int8_command(
     """Dynamic int8 quantisation, with size, CPU latency before/after and drift reported.
 
     int8 weights, activations quantised per call: ONNX files through ONNX Runtime, torch models through
-    torch.ao (written as a torch file of the quantised state_dict). Drift beyond tolerance fails (exit 6).
+    torch.ao (written as a torch file of the quantised state_dict). Drift beyond the int8 preset's tolerances
+    (or --preset/--atol/--rtol) fails (exit 6); the output is kept to inspect.
 
     Example: mlops compress int8 model.onnx -o model-int8.onnx --quantize-embeddings
     """
     from mlops_cli import render
-    from mlops_cli.core.compare import PRESETS
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.core.errors import ValidationFailed
+    from mlops_cli.core.inputs import InputRequest
     from mlops_cli.render.compress import int8_failure_hint, int8_tables
-    from mlops_cli.services.compress_int8 import Int8Options, compress_int8
+    from mlops_cli.services.compress import int8
 
-    options = Int8Options(
-        quantize_embeddings=quantize_embeddings, per_channel=per_channel, exclude=tuple(exclude or ()),
-        op_types=tuple(op.strip() for op in op_types.split(",") if op.strip()), inputs=tuple(inputs or ()),
-        seed=seed, repeats=repeats, check=check, force=force, tolerances=parse_tolerances(atol, rtol, PRESETS["int8"]))
-    with render.progress(f"quantising {model} to int8", quiet=quiet or as_json):
-        report = compress_int8(model, output, load, options)
-    render.emit(report, as_json, int8_tables)
+    chosen = _chosen(preset)
+    with progress_steps(f"compress int8 {model}", quiet=quiet or as_json) as on_step:
+        report = int8.run(ModelRef.parse(model), int8.Int8Options(threads=threads,
+            load=load, output=output, force=force, on_step=on_step, quantize_embeddings=quantize_embeddings,
+            per_channel=per_channel, exclude=tuple(exclude or ()),
+            op_types=tuple(op.strip() for op in op_types.split(",") if op.strip()),
+            inputs=InputRequest(specs=tuple(inputs or ()), seed=seed), preset=chosen,
+            tolerances=_tolerances(atol, rtol, chosen or "int8"), repeats=repeats, check=check))
+    render.emit(report, as_json, int8_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=int8_failure_hint(report))
 

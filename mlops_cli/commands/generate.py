@@ -17,8 +17,9 @@ from mlops_cli.commands.common import (
     ModelArg,
     QuietOpt,
     SeedOpt,
+    WarmupOpt,
     model_options,
-    show_warnings,
+    progress_steps,
 )
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def generate_command(
     repeat: Annotated[int, _opt(
         "--repeat", "--repeats", panel=MEASURING, min=1,
         help="Measured runs per strategy: median and spread (--repeats, as in the other commands, works too).")] = 1,
-    warmup: Annotated[int, _opt("--warmup", panel=MEASURING, min=0, help="Untimed runs before measuring.")] = 1,
+    warmup: WarmupOpt = 1,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -134,32 +135,27 @@ def generate_command(
     Example: mlops generate builtin:tiny-gpt2 --prompt "The model" --strategy all --max-new-tokens 20
     """
     from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.core.errors import UsageError, ValidationFailed
-    from mlops_cli.core.loading import load_model
     from mlops_cli.render.generate import TextPrinter, generate_tables
-    from mlops_cli.services.generate import GenerateOptions, check_options, generate, read_prompts
+    from mlops_cli.services.generate import GenerateOptions, read_prompts, run
 
     if (prompt is None) == (prompts_file is None):
         raise UsageError("give either --prompt or --prompts FILE", hint='Example: --prompt "Once upon a time"')
     if stream and as_json:
         raise UsageError("--stream prints text for humans; it cannot be combined with --json")
-    options = GenerateOptions(
-        prompts=(prompt,) if prompt is not None else read_prompts(prompts_file),  # type: ignore[arg-type]
-        strategy=strategy.value, max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature,
-        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        seed=seed, stop=tuple(stop or ()), chat=chat, fixed_length=fixed_length, repeat=repeat, warmup=warmup,
-        engine=engine.value, cache=cache.value, compile=compile_, device=device.value, dtype=dtype.value,
-        device_map=device_map, explain=explain, candidates=candidates, stream=stream)
-    check_options(options)
-    loaded = load_model(model, load)
-    show_warnings(loaded, quiet)
-    printer = TextPrinter() if stream else None
-    with render.progress("Generating", quiet=quiet or stream):
-        report = generate(loaded, options, on_text=printer)
-    if not quiet:
-        for note in report.notes:
-            render.hint(f"warning: {note}")
-    render.emit(report, as_json, generate_tables)
+    prompts = (prompt,) if prompt is not None else read_prompts(prompts_file)  # type: ignore[arg-type]
+    with progress_steps("Generating", quiet or stream) as on_step:
+        options = GenerateOptions(
+            load=load, on_step=on_step, prompts=prompts, strategy=strategy.value, max_new_tokens=max_new_tokens,
+            num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+            stop=tuple(stop or ()), chat=chat, fixed_length=fixed_length, repeat=repeat, warmup=warmup,
+            engine=engine.value, cache=cache.value, compile=compile_, device=device.value, dtype=dtype.value,
+            device_map=device_map, explain=explain, candidates=candidates, stream=stream,
+            on_text=TextPrinter() if stream else None)
+        report = run(ModelRef.parse(model), options)
+    render.emit(report, as_json, generate_tables, quiet)
     short = [r.strategy for r in report.results if r.fixed_length_ok is False]
     if short:
         raise ValidationFailed(f"--fixed-length: {', '.join(short)} produced fewer than {max_new_tokens} new tokens")

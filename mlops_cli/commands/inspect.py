@@ -20,10 +20,11 @@ def inspect_command(
     Example: mlops inspect model.safetensors --json
     """
     from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.render.inspect import inspect_tables
-    from mlops_cli.services.inspect import inspect_path
+    from mlops_cli.services.inspect import InspectOptions, run
 
-    render.emit(inspect_path(path), as_json, inspect_tables)
+    render.emit(run(ModelRef.parse(path), InspectOptions()), as_json, inspect_tables)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,14 +12,24 @@ import typer
 
 from mlops_cli.commands.common import (
     AtolOpt,
+    BatchSizeOpt,
+    Device,
     DeviceOpt,
     ForceOpt,
     InputOpt,
     JsonOpt,
+    ModelArg,
+    Preset,
+    PresetOpt,
     QuietOpt,
+    RepeatsOpt,
     RtolOpt,
     SeedOpt,
+    SeqLenOpt,
+    ThreadsOpt,
+    WarmupOpt,
     model_options,
+    progress_steps,
 )
 
 if TYPE_CHECKING:
@@ -35,9 +45,7 @@ class Method(str, Enum):
 
 @model_options
 def prune_command(
-    model: Annotated[str, typer.Argument(metavar="MODEL", show_default=False, help=(
-        "Model reference: a Hugging Face folder, a weights file (+ --arch), a weights folder with mlops.json, "
-        "or builtin:NAME."))],
+    model: ModelArg,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", show_default=False,
         help="Where to write the pruned model (same kind as the input). A sweep writes one per amount, named "
@@ -67,13 +75,21 @@ def prune_command(
     min_top1: Annotated[float | None, typer.Option(
         "--min-top1", show_default=False, help="Fail (exit 6) when top-1 agreement with the unpruned model is lower "
                                                "(0-1).")] = None,
+    size_estimate: Annotated[bool, typer.Option(
+        "--size-estimate/--no-size-estimate",
+        help="Estimate the compressed size, where zeros pay off (gzip -1; beyond 16 MiB of weights from a fixed "
+             "sample of the bytes, as the report says). Off saves its time on large models.")] = True,
+    preset: PresetOpt = Preset.auto,  # type: ignore[attr-defined]
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     inputs: InputOpt = None,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model for the latency figures.")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    repeats: RepeatsOpt = 20,
+    threads: ThreadsOpt = None,
+    warmup: WarmupOpt = 3,
     seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",  # type: ignore[assignment]
+    device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -81,36 +97,39 @@ def prune_command(
     load: "LoadOptions",
 ) -> None:
     """Prune a model's Linear/Conv weights (magnitude, random, Ln-structured or global) and report what it buys:
-    sparsity per layer, raw vs gzip size, drift against the unpruned model and latency before/after. Zeros alone
-    do not shrink a dense file or speed up dense kernels; --structured-shrink removes channels for real.
-    Drift is reported, not checked, unless --max-drift, --min-top1 or --atol/--rtol is given (then exit 6).
+    sparsity per layer, raw vs compressed size, drift against the unpruned model and latency before/after. Zeros
+    alone do not shrink a dense file or speed up dense kernels; --structured-shrink removes channels for real.
+    Drift is reported, not checked, unless --max-drift, --min-top1, --preset or --atol/--rtol is given (then
+    exit 6).
 
     Example: mlops prune builtin:convnet -o pruned --method l1 --amount 0.1,0.3,0.5
     """
     from mlops_cli import render
     from mlops_cli.commands.common import parse_tolerances
     from mlops_cli.core.compare import PRESETS
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.core.errors import UsageError, ValidationFailed
+    from mlops_cli.core.inputs import InputRequest
     from mlops_cli.render.prune import prune_tables
-    from mlops_cli.services.prune import PruneOptions, prune_model
+    from mlops_cli.services.prune import PruneOptions, run
 
     try:
         amounts = tuple(float(part) for part in amount.split(",") if part.strip())
     except ValueError as exc:
         raise UsageError(f"--amount {amount!r} is not a number or a comma list of numbers",
                          hint="Example: --amount 0.3 or --amount 0.1,0.3,0.5") from exc
-    tolerances = parse_tolerances(atol, rtol, PRESETS["fp32"]) if atol or rtol else None
-    options = PruneOptions(
-        method=method.value, amounts=amounts, n=n, dim=dim, include=tuple(include or ()),
-        exclude=tuple(exclude or ()), structured_shrink=structured_shrink, seed=seed, device=device.value,
-        inputs=tuple(inputs or ()), tolerances=tolerances, max_drift=max_drift, min_top1=min_top1,
-        repeats=repeats, warmup=warmup)
-    with render.progress("pruning", quiet=quiet):
-        report = prune_model(model, load, options, output, force)
-    if not quiet:
-        for message in report.warnings:
-            render.hint(f"warning: {message}")
-    render.emit(report, as_json, prune_tables)
+    checked = atol or rtol or preset.value != "auto"  # pruning keeps the dtype: auto means fp32 tolerances
+    tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value]) \
+        if checked else None
+    with progress_steps(f"pruning {model}", quiet=quiet or as_json) as on_step:
+        options = PruneOptions(threads=threads,
+            load=load, output=output, force=force, on_step=on_step, method=method.value, amounts=amounts, n=n,
+            dim=dim, include=tuple(include or ()), exclude=tuple(exclude or ()), structured_shrink=structured_shrink,
+            seed=seed, device=device.value, tolerances=tolerances, max_drift=max_drift, min_top1=min_top1,
+            inputs=InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed),
+            repeats=repeats, warmup=warmup, size_estimate=size_estimate)
+        report = run(ModelRef.parse(model), options)
+    render.emit(report, as_json, prune_tables, quiet)
     if report.enforced and not report.passed:
         raise ValidationFailed(report.verdict)
 

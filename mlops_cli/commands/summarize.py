@@ -9,15 +9,19 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mlops_cli.commands.common import (
+    BatchSizeOpt,
     Device,
     DeviceOpt,
     InputOpt,
     JsonOpt,
     ModelArg,
     QuietOpt,
+    RepeatsOpt,
     SeedOpt,
+    SeqLenOpt,
+    WarmupOpt,
     model_options,
-    show_warnings,
+    progress_steps,
 )
 
 if TYPE_CHECKING:
@@ -28,16 +32,12 @@ if TYPE_CHECKING:
 def summarize_command(
     model: ModelArg,
     inputs: InputOpt = None,
-    batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", min=1, show_default=False,
-        help="Size of the inputs' 'batch' dimension (default: the inputs' own, 2 for built-in specs).")] = None,
-    seq_len: Annotated[int | None, typer.Option(
-        "--seq-len", min=1, show_default=False, help="Size of the inputs' 'sequence' dimension (text models).")] = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
     depth: Annotated[int, typer.Option("--depth", min=0, help="Deepest module level shown in the layer table.")] = 3,
     device: DeviceOpt = Device.auto,
-    repeats: Annotated[int, typer.Option(
-        "--repeats", min=0, help="Timed forward passes (median reported); 0 skips timing.")] = 10,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed forward passes before timing.")] = 2,
+    repeats: RepeatsOpt = 10,
+    warmup: WarmupOpt = 2,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -52,15 +52,16 @@ def summarize_command(
     Example: mlops summarize builtin:tiny-bert --seq-len 128 --batch-size 1
     """
     from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.render.summarize import summary_tables
-    from mlops_cli.services.summarize import SummarizeOptions, summarize
+    from mlops_cli.services.summarize import SummarizeOptions, run
 
-    options = SummarizeOptions(inputs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, depth=depth,
-                               device=device.value, warmup=warmup, repeats=repeats, seed=seed)
-    with render.progress("Summarizing", quiet=quiet):
-        report, loaded = summarize(model, load, options)
-    show_warnings(loaded, quiet)
-    render.emit(report, as_json, summary_tables)
+    with progress_steps("Summarizing", quiet) as on_step:
+        options = SummarizeOptions(load=load, on_step=on_step, inputs=tuple(inputs or ()), batch_size=batch_size,
+                                   seq_len=seq_len, depth=depth, device=device.value, warmup=warmup,
+                                   repeats=repeats, seed=seed)
+        report = run(ModelRef.parse(model), options)
+    render.emit(report, as_json, summary_tables, quiet)
 
 
 def register(app: typer.Typer) -> None:

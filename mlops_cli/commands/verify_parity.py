@@ -4,7 +4,6 @@ No `from __future__ import annotations`: `@model_options` rebuilds the signature
 Annotated option types as objects, not strings.
 """
 
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,37 +11,30 @@ import typer
 
 from mlops_cli.commands.common import (
     AtolOpt,
+    BatchSizeOpt,
     Device,
     DeviceOpt,
+    IncludePaddingOpt,
     InputOpt,
     JsonOpt,
+    Preset,
+    PresetOpt,
     QuietOpt,
+    RepeatsOpt,
     RtolOpt,
     SeedOpt,
+    SeqLenOpt,
     TextOpt,
+    ThreadsOpt,
     model_options,
-    parse_tolerances,
+    progress_steps,
 )
 
 if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
 
+__all__ = ["IncludePaddingOpt", "Preset", "PresetOpt", "RepeatsOpt", "register"]  # still imported from here
 
-class Preset(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    int8 = "int8"
-
-
-PresetOpt = Annotated[Preset, typer.Option(
-    "--preset", help="Default tolerances for the kind of candidate: fp32 (atol 1e-4, rtol 1e-3), fp16 (1e-2, 1e-2), "
-                     "bf16 (5e-2, 2e-2), int8 (1e-1, 5e-2); --atol/--rtol override them.")]
-IncludePaddingOpt = Annotated[bool, typer.Option(
-    "--include-padding", help="Also compare positions the attention mask marks as padding (excluded by default: "
-                              "they legitimately differ).")]
-RepeatsOpt = Annotated[int, typer.Option(
-    "--repeats", min=0, help="Timed runs per side and input set (after warm-up); 0 skips timing.")]
 ModelRefArg = "Model reference: HF folder, weights file (+ --arch), TorchScript/.pt2, .onnx, or builtin:NAME."
 
 
@@ -56,14 +48,17 @@ def verify_parity_command(
     inputs_file: Annotated[Path | None, typer.Option(
         "--inputs", show_default=False, help="Real inputs from an .npz or .safetensors file (name -> array).")] = None,
     texts: TextOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Random draws of every shape set.")] = 1,
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
-    preset: PresetOpt = Preset.fp32,
+    preset: PresetOpt = Preset.auto,  # type: ignore[attr-defined]
     include_padding: IncludePaddingOpt = False,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
+    threads: ThreadsOpt = None,
     timing: Annotated[bool, typer.Option(
         "--timing/--no-timing", help="Time both sides on every input set (--no-timing is --repeats 0).")] = True,
     as_json: JsonOpt = False,
@@ -72,27 +67,34 @@ def verify_parity_command(
     load: "LoadOptions",
 ) -> None:
     """Check that CANDIDATE computes what REFERENCE computes (PyTorch, TorchScript, .pt2, ONNX Runtime; any pair)
-    on several shapes: batch 1 and >1, short and long padded sequences. Per output: max/mean/p99 |diff|, cosine,
-    top-1 agreement, the smallest passing atol; latency of both sides. Exit 6 on mismatch, NaN/inf or a
-    non-deterministic side, naming the worst output. Loading options apply to both sides.
+    on several shapes: your sizes (--batch-size/--seq-len or the --input dims) first, then batch 1 with a shorter
+    sequence and a larger batch with a longer one. The preset (auto: from the models' precision: fp16/bf16
+    weights, int8 layers, else fp32) scales atol with each output's magnitude and adds criteria: cosine, top-1
+    and greedy next-token agreement of logits, each shown with its threshold; --atol/--rtol are used as given.
+    Latency of both sides. Exit 6 on mismatch, NaN/inf or a non-deterministic side, naming the worst output and
+    the failing criterion. Loading options apply to both sides.
 
     Example: mlops verify-parity builtin:tiny-bert bert.onnx --atol logits=1e-4 --json
     """
     from mlops_cli import render
-    from mlops_cli.core.compare import PRESETS
+    from mlops_cli.core.contract import ModelRef
     from mlops_cli.core.errors import ValidationFailed
+    from mlops_cli.core.inputs import InputRequest
+    from mlops_cli.core.parity import ToleranceRequest
     from mlops_cli.render.parity import verify_parity_tables
-    from mlops_cli.services.verify_parity import VerifySettings, verify_parity
+    from mlops_cli.services.verify_parity import VerifyOptions, run
 
-    settings = VerifySettings(
-        inputs=tuple(inputs or ()), inputs_file=str(inputs_file) if inputs_file else None, texts=tuple(texts or ()),
-        samples=samples, seed=seed,
-        tolerances=parse_tolerances(atol, rtol, PRESETS[preset.value]), preset=preset.value,
-        include_padding=include_padding, device=device.value, repeats=repeats, timing=timing and repeats > 0,
-        load=load)
-    with render.progress(f"comparing {candidate} with {reference}", quiet=quiet):
-        report = verify_parity(reference, candidate, settings)
-    render.emit(report, as_json, verify_parity_tables)
+    request = InputRequest(specs=tuple(inputs or ()), texts=tuple(texts or ()),
+                           file=str(inputs_file) if inputs_file else None, batch_size=batch_size, seq_len=seq_len,
+                           samples=samples, seed=seed)
+    with progress_steps(f"comparing {candidate} with {reference}", quiet=quiet) as on_step:
+        options = VerifyOptions(threads=threads,
+            candidate=ModelRef.parse(candidate), inputs=request,
+            tolerances=ToleranceRequest.parse(atol, rtol, preset.value),
+            include_padding=include_padding, device=device.value, repeats=repeats if timing else 0, load=load,
+            on_step=on_step)
+        report = run(ModelRef.parse(reference), options)
+    render.emit(report, as_json, verify_parity_tables, quiet)
     if not report.passed:
         worst = f" (worst: {report.worst_output})" if report.worst_output else ""
         raise ValidationFailed(f"parity check failed{worst}: {report.verdict}", hint=report.hint)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mlops_cli.commands.common import InputOpt, JsonOpt, ModelArg, QuietOpt, SeedOpt, model_options
+from mlops_cli.commands.common import InputOpt, JsonOpt, ModelArg, QuietOpt, SeedOpt, model_options, progress_steps
 
 if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
@@ -38,20 +38,24 @@ def view_command(
 
     Example: mlops view model.onnx --port 8081
     """
-    from contextlib import ExitStack, suppress
+    from contextlib import ExitStack
 
     from mlops_cli import render
-    from mlops_cli.services.view import ViewOptions, open_view, wait
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.services.view import ViewOptions, ViewSession, run
 
-    options = ViewOptions(port=port, browse=browse, inputs=tuple(inputs or ()), seed=seed)
-    with ExitStack() as stack:
-        with render.progress("Preparing the model for Netron", quiet=quiet):
-            session = stack.enter_context(open_view(model, load, options))
-        render.emit(session, as_json, _session_table)
-        if not quiet:
-            render.hint("Serving until Ctrl-C." if serve_seconds is None else f"Serving for {serve_seconds:g} s.")
-        with suppress(KeyboardInterrupt):  # Ctrl-C is how a server is meant to stop: clean up and exit 0
-            wait(session, serve_seconds)
+    with ExitStack() as preparing:
+        on_step = preparing.enter_context(progress_steps("Preparing the model for Netron", quiet))
+
+        def ready(session: ViewSession) -> None:
+            preparing.close()  # the progress line goes before the URL is shown
+            render.emit(session, as_json, _session_table, quiet)
+            if not quiet:
+                render.hint("Serving until Ctrl-C." if serve_seconds is None else f"Serving for {serve_seconds:g} s.")
+
+        options = ViewOptions(load=load, on_step=on_step, port=port, browse=browse, inputs=tuple(inputs or ()),
+                              seed=seed, serve_seconds=serve_seconds, on_ready=ready)
+        run(ModelRef.parse(model), options)
     if not quiet:
         render.hint("Stopped; the temporary files are deleted.")
 

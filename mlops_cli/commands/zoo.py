@@ -9,8 +9,8 @@ import typer
 
 from mlops_cli.commands.common import ForceOpt, JsonOpt
 
-zoo_app = typer.Typer(help="Built-in tiny models (random weights, fixed seeds) for demos and tests.",
-                      no_args_is_help=True)
+zoo_app = typer.Typer(help="Built-in tiny models, built locally and deterministically (tiny-gpt2 and tiny-bert "
+                           "trained in seconds on the bundled corpus) for demos and tests.", no_args_is_help=True)
 
 
 @zoo_app.command("list")
@@ -38,10 +38,14 @@ def save_command(
     Example: mlops zoo save tiny-bert ./tiny-bert
     """
     from mlops_cli import render
+    from mlops_cli.core.contract import BUILTIN_PREFIX, ModelRef
     from mlops_cli.render.zoo import save_tables
-    from mlops_cli.services.zoo import save_model
+    from mlops_cli.services.zoo import ZooSaveOptions, run
 
-    render.emit(save_model(name.removeprefix("builtin:"), directory, force), as_json, save_tables)
+    ref = ModelRef.parse(name)  # `zoo save tiny-bert` and `zoo save builtin:tiny-bert` alike
+    if ref.builtin is None:
+        ref = ModelRef.parse(f"{BUILTIN_PREFIX}{name}")
+    render.emit(run(ref, ZooSaveOptions(output=directory, force=force)), as_json, save_tables)
 
 
 def register(app: typer.Typer) -> None:

@@ -89,6 +89,7 @@ class ServiceOptions:
     """
 
     load: LoadOptions = field(default_factory=LoadOptions)
+    threads: int | None = None  # CPU threads for torch and ONNX Runtime (None: core/runtimes.use_threads decides)
     on_step: StepCallback = field(default=ignore_step, compare=False, repr=False)
 
 

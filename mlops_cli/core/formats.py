@@ -1,6 +1,6 @@
 """What is this file? Formats are detected from content (magic bytes, archive layout), never extensions.
 
-Also the safe readers for each weights format: safetensors (headers validated against the file size
+Also the safe readers for each weights format: safetensors (the header validated by core/safetensors_file.py
 before anything is allocated) and torch pickles (always `weights_only=True`, memory-mapped, on CPU).
 """
 
@@ -9,22 +9,19 @@ from __future__ import annotations
 import enum
 import json
 import re
-import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import InputError, UnsafeInputError
+from mlops_cli.core.safetensors_file import ITEMSIZE, looks_like_safetensors, read_header
+from mlops_cli.core.safetensors_file import read_safetensors_header as read_safetensors_header  # re-exported
 from mlops_cli.core.sidecar import SIDECAR
 
 HF_CONFIG = "config.json"
 _TORCH_LEGACY_MAGIC = bytes.fromhex("8a0a6cfc9c46f9206aa850")  # pickled magic number of torch's legacy format
 _ONNX_SECOND_FIELDS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}  # ModelProto field tags after ir_version
-SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-}
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+SAFETENSORS_DTYPES = ITEMSIZE  # element size by safetensors dtype; the table lives in core/safetensors_file.py
 
 
 class Format(str, enum.Enum):
@@ -48,7 +45,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 
 
 def detect_format(path: str | Path) -> Format:
-    """Identify a model file or folder by its content; InputError (exit 3) for anything unusable."""
+    """Identify a model file or folder by its content; InputError (exit 3) for anything unusable.
+
+    A plain Python pickle (not a torch checkpoint) is never loadable: UnsafeInputError (exit 4) naming what it
+    would import when it imports anything, InputError otherwise.
+    """
     target = Path(path)
     if not target.exists():
         raise InputError(f"no such file or folder: {target}", hint="Check the path, or use builtin:NAME.")
@@ -64,22 +65,129 @@ def detect_format(path: str | Path) -> Format:
                          hint="Run `git lfs pull` (or download the file itself) and try again.")
     if head.startswith(b"PK\x03\x04"):
         return _detect_zip(target)
-    if _looks_like_safetensors(head, size):
+    if looks_like_safetensors(head, size):
         return Format.SAFETENSORS
     if head[:1] == b"\x80" and _TORCH_LEGACY_MAGIC in head[:16]:
         return Format.TORCH_LEGACY
     if len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in _ONNX_SECOND_FIELDS:
         return Format.ONNX
+    if _starts_like_a_pickle(head):
+        _refuse_plain_pickle(target)
     raise InputError(f"{target} is not a format mlops understands",
                      hint="Supported: safetensors, torch.save zip/legacy pickles, TorchScript, torch.export "
                           ".pt2, ONNX, and Hugging Face model folders.")
 
 
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 10:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 8 + header_len <= size
+def _starts_like_a_pickle(head: bytes) -> bool:
+    """PROTO 2-5 opens every modern pickle; protocols 0-1 open with a container or an import. Anything else is
+    not scanned, so other binary formats (.npy opens with STACK_GLOBAL's byte) are not mistaken for pickles."""
+    if head[:1] == b"\x80":
+        return len(head) > 1 and 2 <= head[1] <= 5
+    return head[:1] in (b"c", b"(", b"}", b"]", b")")
+
+
+def _refuse_plain_pickle(path: Path) -> None:
+    """Raise for a file that is a complete pickle: it is not a format mlops reads, and it may carry code."""
+    names = pickle_globals(path)
+    if names is None:
+        return
+    if names:
+        raise UnsafeInputError(f"{path} is a Python pickle that would import {', '.join(names)} when loaded",
+                               hint="mlops never unpickles files. Save only the state_dict with torch.save, or "
+                                    "convert the weights to safetensors.")
+    raise InputError(f"{path} is a plain Python pickle, not a torch checkpoint",
+                     hint="Save the tensors with torch.save or as safetensors.")
+
+
+_PICKLE_MAX_OPS = 1_000_000  # longer pickles are not scanned: they are refused as unknown content (exit 3)
+_PICKLE_BIG_READ = 1 << 20
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+class _Skipped(bytes):
+    """Stands for a large payload that the scan seeks over: empty, but as long as the bytes it replaces."""
+
+    length: int
+
+    def __new__(cls, length: int) -> _Skipped:
+        skipped = super().__new__(cls)
+        skipped.length = length
+        return skipped
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _PickleScanFile:
+    """The file as `pickletools.genops` reads it, except that big payloads (tensor bytes) are skipped, not read,
+    and lines are bounded, so scanning a large file costs neither its size in memory nor a full read."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.handle, self.size = handle, size
+
+    def read(self, count: int) -> bytes:
+        if count <= _PICKLE_BIG_READ:
+            return bytes(self.handle.read(count))
+        if self.handle.tell() + count > self.size:
+            return b""  # genops reports the truncation
+        self.handle.seek(count, 1)
+        return _Skipped(count)
+
+    def readline(self) -> bytes:
+        return bytes(self.handle.readline(_PICKLE_BIG_READ))
+
+    def tell(self) -> int:
+        return int(self.handle.tell())
+
+
+class _PickleImports:
+    """Follows the strings a pickle pushes and memoizes, to name what GLOBAL, INST and STACK_GLOBAL import."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.pushed: list[str | None] = []  # what each op left on top of the stack, when it was a string
+        self.memo: dict[int, str | None] = {}
+
+    def see(self, op: str, arg: Any) -> None:
+        if op in ("GLOBAL", "INST"):
+            self.names.add(str(arg).replace(" ", "."))
+        elif op == "STACK_GLOBAL":
+            module, name = [None, None, *self.pushed][-2:]
+            self.names.add(f"{module}.{name}" if module and name else "a computed name")
+        if op in _STRING_OPS:
+            self.pushed.append(str(arg))
+        elif op in _GET_OPS:
+            self.pushed.append(self.memo.get(arg))
+        elif op in _PUT_OPS or op == "MEMOIZE":
+            self.memo[arg if op in _PUT_OPS else len(self.memo)] = self.pushed[-1] if self.pushed else None
+        elif op not in ("PROTO", "FRAME"):
+            self.pushed.append(None)
+
+
+def pickle_globals(path: str | Path) -> list[str] | None:
+    """What a pickle file would import when unpickled, found by reading its opcodes, never by running it.
+
+    None when the file is not one complete pickle (or too long to scan).
+    """
+    import pickletools
+    import struct
+
+    target = Path(path)
+    imports = _PickleImports()
+    with open(target, "rb") as handle:
+        scan: Any = _PickleScanFile(handle, target.stat().st_size)
+        try:
+            for count, (op, arg, _) in enumerate(pickletools.genops(scan)):
+                if op.name == "STOP":
+                    return sorted(imports.names)
+                if count >= _PICKLE_MAX_OPS:
+                    return None
+                imports.see(op.name, arg)
+        except (ValueError, TypeError, OverflowError, EOFError, struct.error):
+            return None
+    return None
 
 
 def _detect_folder(folder: Path) -> Format:
@@ -111,53 +219,6 @@ def _detect_zip(path: Path) -> Format:
     if names and all(n.endswith(".npy") for n in names):
         return Format.NPZ
     raise InputError(f"{path} is a zip archive but not one mlops understands (no data.pkl, code/ or .pt2 layout)")
-
-
-# ---------------------------------------------------------------- safetensors
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Parse and validate a safetensors header without reading any tensor data.
-
-    Returns (tensors, metadata), where tensors maps name -> {dtype, shape, nbytes}. Every declared size
-    and offset is checked against the real file size, so a tiny file cannot make us allocate gigabytes.
-    """
-    target = Path(path)
-    size = target.stat().st_size
-    with open(target, "rb") as handle:
-        raw_len = handle.read(8)
-        if len(raw_len) < 8:
-            raise InputError(f"{target} is truncated: no safetensors header")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise InputError(f"{target} declares a {header_len}-byte header but the file has {size} bytes",
-                             hint="The file is truncated or not safetensors.")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{target} has a corrupt safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise InputError(f"{target} has a corrupt safetensors header (not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - header_len
-    tensors: dict[str, dict[str, Any]] = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{target}: tensor {name!r} has a malformed header entry") from exc
-        if dtype not in SAFETENSORS_DTYPES:
-            raise InputError(f"{target}: tensor {name!r} has unsupported dtype {dtype}")
-        count = 1
-        for dim in shape:
-            count *= int(dim)
-        nbytes = count * SAFETENSORS_DTYPES[dtype]
-        if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
-            raise InputError(f"{target}: tensor {name!r} declares {nbytes} bytes at [{begin}, {end}) "
-                             f"but the data section has {data_size} bytes",
-                             hint="The file is truncated or corrupt; re-download it.")
-        tensors[name] = {"dtype": dtype, "shape": shape, "nbytes": nbytes}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 # ---------------------------------------------------------------- torch pickles
@@ -207,7 +268,7 @@ def load_tensor_file(path: str | Path, fmt: Format | None = None) -> Any:
     """Load a weights file (safetensors or torch pickle) as Python objects holding CPU tensors."""
     fmt = fmt or detect_format(path)
     if fmt == Format.SAFETENSORS:
-        read_safetensors_header(path)
+        read_header(path)  # validated before the library allocates anything
         from safetensors.torch import load_file
 
         try:

@@ -119,6 +119,9 @@ def hf_input_specs(config: Any, module: Any = None) -> list[InputSpec]:
     specs = [InputSpec("input_ids", "int64", text_dims), InputSpec("attention_mask", "int64", text_dims)]
     if getattr(config, "type_vocab_size", 0) and (not accepted or "token_type_ids" in accepted):
         specs.append(InputSpec("token_type_ids", "int64", text_dims))
+    if getattr(config, "is_encoder_decoder", False) and (not accepted or "decoder_input_ids" in accepted):
+        # encoder-decoder models (T5, BART, Marian) also need what the decoder has produced so far
+        specs.append(InputSpec("decoder_input_ids", "int64", (Dim(2, "batch"), Dim(8, "decoder_sequence"))))
     return specs
 
 

@@ -1,20 +1,28 @@
 """Safe output writing: atomic, no silent overwrite, never through a symlink, never over an input.
 
 Files are written to a temporary sibling, fsynced and renamed into place, so a crash or Ctrl-C never
-leaves a half-written output. Folders are built aside and renamed the same way.
+leaves a half-written output. Folders are built aside and renamed the same way. Missing parent folders are
+created (and removed again if the write fails). A run killed outright (SIGKILL, power loss) cannot clean up its
+temporary sibling: the next run writing the same output removes it, once the process that made it is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.errors import OutputError
+from mlops_cli.core.safetensors_file import save_safetensors as save_safetensors  # the one writer, re-exported
+
+_STARTED = time.time()  # imported before any output is written: temporaries older than this are not ours
+_TEMP_TAG = "mlops"  # temporaries are named .NAME.mlops-PID-XXXXXXXX.tmp
 
 
 def default_mode(directory: bool = False) -> int:
@@ -42,12 +50,94 @@ def check_output(path: str | Path, force: bool, inputs: Iterable[str | Path] = (
     if target.is_dir() and resolved in protected:
         raise OutputError(f"refusing to replace {target}: it is the current folder, one of its parents or home",
                           hint="Give a new folder (or file) as the output.")
-    if not target.parent.exists():
-        raise OutputError(f"output folder does not exist: {target.parent}",
-                          hint="Create the folder first or choose another output path.")
-    if not os.access(target.parent, os.W_OK):
-        raise OutputError(f"cannot write in {target.parent}: permission denied")
+    existing = _nearest_existing(target.parent)
+    if not existing.is_dir():
+        where = f"cannot write {target.name} in {existing}" if existing == target.parent else \
+            f"cannot create the folder {target.parent}"
+        raise OutputError(f"{where}: {existing} is a file, not a folder",
+                          hint="Choose another output path, or move that file away.")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"cannot write in {existing}: permission denied")
     return target
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """`folder` or its closest ancestor that exists (a dangling symbolic link counts as existing)."""
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing ancestors; returns those created, outermost first."""
+    missing = []
+    while not (folder.exists() or folder.is_symlink()):
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not path.is_dir():
+                raise OutputError(f"cannot create the folder {path}: something else appeared there") from None
+            continue
+        created.append(path)
+    return created
+
+
+@contextlib.contextmanager
+def _output_parent(target: Path) -> Iterator[None]:
+    """The output's folder, created if missing (and removed again if the write fails), without stale temporaries."""
+    created = _make_parents(target.parent)
+    try:
+        remove_stale_temporaries(target)
+        yield
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for folder in created:
+        _fsync_dir(folder.parent)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_TEMP_TAG}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (EPERM), or cannot tell: keep its files
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporaries that killed runs left beside `target` (its own `.NAME.mlops-PID-*.tmp` only).
+
+    A temporary is stale when the process named in it is gone and it is older than this process, so another
+    live run's work in progress (same output, another PID) is never touched. Returns what was removed.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{_TEMP_TAG}-(\d+)-[a-z0-9_]{{8}}\.tmp")
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if not match or int(match[1]) <= 0 or _process_alive(int(match[1])):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime >= _STARTED:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -69,19 +159,20 @@ def atomic_file(path: str | Path, force: bool = False, inputs: Iterable[str | Pa
     if target.is_dir():
         raise OutputError(f"{target} is a folder; this output is a single file",
                           hint="Give a file path, e.g. inside that folder.")
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    temp = Path(temp_name)
-    try:
-        yield temp
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temp, default_mode())
-        os.replace(temp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with _output_parent(target):
+        fd, temp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        temp = Path(temp_name)
+        try:
+            yield temp
+            with open(temp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(temp, default_mode())
+            os.replace(temp, target)
+            _fsync_dir(target.parent)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
 
 
 def write_bytes(path: str | Path, data: bytes, force: bool = False,
@@ -96,29 +187,45 @@ def write_bytes(path: str | Path, data: bytes, force: bool = False,
 def atomic_dir(path: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success move it into place as `path`."""
     target = check_output(path, force, inputs)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield temp
-        for file in temp.rglob("*"):
-            os.chmod(file, default_mode(directory=file.is_dir()))
-            if file.is_file():
-                with open(file, "rb+") as handle:
-                    os.fsync(handle.fileno())
-        os.chmod(temp, default_mode(directory=True))
-        if target.exists() or target.is_symlink():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(temp, target)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+    with _output_parent(target):
+        temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+        try:
+            yield temp
+            _commit_dir(temp, target)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+
+
+def scratch_dir_beside(path: str | Path) -> Path:
+    """A new private folder beside the output `path` (same file system: its files can be renamed into place),
+    for a service that builds its output in several steps. Missing parent folders are created; the caller
+    removes the folder. It is named like atomic_dir's temporaries, so a killed run's one is cleaned up later."""
+    target = Path(os.path.abspath(path))
+    _make_parents(target.parent)
+    remove_stale_temporaries(target)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+
+
+def _commit_dir(temp: Path, target: Path) -> None:
+    """fsync a finished temporary folder and rename it into place, replacing what was there."""
+    for file in temp.rglob("*"):
+        os.chmod(file, default_mode(directory=file.is_dir()))
+        if file.is_file():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+    os.chmod(temp, default_mode(directory=True))
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(temp, target)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(temp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(temp, target)
+    _fsync_dir(target.parent)
 
 
 # ---------------------------------------------------------------- checkpoint writers
@@ -192,29 +299,3 @@ def _patch_central_directory_crc(handle: object, filename: str, crc: int) -> Non
             fh.write(struct.pack("<I", crc))
             return
         position += 46 + name_len + extra_len + comment_len
-
-
-def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None,
-                     force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
-    """Write tensors as safetensors atomically and reproducibly (the header is rewritten with sorted keys:
-    safetensors writes metadata in hash order, so two saves of the same tensors could differ)."""
-    from safetensors.torch import save_file
-
-    with atomic_file(path, force, inputs) as temp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata=metadata)
-        sort_safetensors_header(temp)
-    return Path(path)
-
-
-def sort_safetensors_header(path: Path) -> None:
-    """Rewrite a safetensors header in place with sorted keys, padded with spaces to its original length."""
-    import json
-    import struct
-
-    with open(path, "r+b") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        if len(canonical) <= length:
-            handle.seek(8)
-            handle.write(canonical + b" " * (length - len(canonical)))

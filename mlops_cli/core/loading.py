@@ -31,6 +31,7 @@ from mlops_cli.core.formats import (
 )
 from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
 from mlops_cli.core.pruned import REBUILD_ARCH
+from mlops_cli.core.shards import read_shard_indexes
 from mlops_cli.core.sidecar import canonical_arch, read_sidecar
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "weights", "ema")
@@ -144,10 +145,11 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
     model_class = _hf_model_class(config, options.task, folder)
     if (folder / QUANTIZATION_INFO).is_file():
         return _load_hf_int8_folder(folder, config, model_class, options)
-    _check_hf_weights_present(folder)
+    use_safetensors, ignored = _hf_weights(folder)
     try:
         model, info = model_class.from_pretrained(
-            folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code)
+            folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code,
+            use_safetensors=use_safetensors)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -162,6 +164,8 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
             hint="The checkpoint belongs to another architecture or head; pass --task to pick the class.")
     loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=model.eval(), path=folder,
                          config=config)
+    loaded.warnings.extend(f"{folder / name} was not read: the folder's safetensors weights were loaded instead"
+                           for name in ignored)
     loaded.tokenizer = _load_hf_tokenizer(folder, options, loaded.warnings)
     return loaded
 
@@ -204,15 +208,35 @@ def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
                      hint=f"Pass --task, one of: {', '.join(TASK_CLASSES)}.")
 
 
-def _check_hf_weights_present(folder: Path) -> None:
-    weight_files = [p for p in folder.iterdir()
-                    if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
-    if not weight_files:
+def hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the weight files transformers loads from an HF folder, the pytorch_model*.bin weights it then skips).
+
+    Like transformers, safetensors win when both kinds are present; the `.bin` pickles are then never opened
+    (not even sniffed), so a hostile or broken one beside good safetensors neither blocks nor costs a read.
+    """
+    safetensors = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json")))
+    pickles = sorted(p for p in folder.iterdir() if p.name.endswith((".bin", ".bin.index.json")))
+    return (safetensors, [p for p in pickles if p.name.startswith("pytorch_model")]) if safetensors else (pickles, [])
+
+
+def _hf_weights(folder: Path) -> tuple[bool | None, list[str]]:
+    """Check the weight files transformers will load: (its `use_safetensors`, names of the pickles it skips)."""
+    chosen, skipped = hf_weight_files(folder)
+    if not chosen:
         raise InputError(f"{folder} has config.json but no weights (*.safetensors or *.bin)",
                          hint="Copy the weight files into the folder.")
-    for weights in weight_files:
+    for weights in chosen:
         if weights.suffix != ".json":
             detect_format(weights)  # empty / LFS-pointer / corrupt files fail here with a plain message
+    loaded_indexes = {p.name for p in chosen}
+    for index in read_shard_indexes(folder):
+        missing = [shard for shard in index.shards if not (folder / shard).is_file()]
+        if missing and index.name in loaded_indexes:
+            raise InputError(f"{folder}: {index.name} lists {len(missing)} shard(s) that are not in the folder: "
+                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}",
+                             hint="The download is incomplete: fetch the missing shard files.")
+    uses_safetensors = chosen[0].name.endswith((".safetensors", ".safetensors.index.json"))
+    return (True if uses_safetensors else None), [p.name for p in skipped]
 
 
 def _load_hf_tokenizer(folder: Path, options: LoadOptions, warnings: list[str]) -> Any:
@@ -302,6 +326,33 @@ def is_tensor_dict(value: Any) -> bool:
 
     return isinstance(value, dict) and bool(value) and all(
         isinstance(v, torch.Tensor) or PACKED in str(k) for k, v in value.items())
+
+
+def storage_identity(tensor: Any) -> tuple[Any, ...] | None:
+    """Where a tensor's bytes live (two names with one identity are one tensor, tied); None where torch cannot
+    say (quantised tensors)."""
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()), tensor.dtype)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def tied_names(state_dict: dict[str, Any]) -> dict[str, str]:
+    """Names whose storage an earlier name already holds (torch.save keeps GPT-2's lm_head/wte tie), to that name."""
+    import torch
+
+    seen: dict[tuple[Any, ...], str] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        identity = storage_identity(tensor) if isinstance(tensor, torch.Tensor) else None
+        if identity is None:
+            continue
+        if identity in seen:
+            tied[name] = seen[identity]
+        else:
+            seen[identity] = name
+    return tied
 
 
 def split_checkpoint(content: Any, key: str | None, path: Path) -> tuple[dict[str, Any], str | None, dict[str, Any]]:

@@ -9,29 +9,62 @@ traces, dropout left on, output mismatches, NaN/inf.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlops_cli.core.compare import OutputDiff, compare_arrays
+from mlops_cli.core.compare import (
+    AGREEMENT,
+    COSINE,
+    ELEMENTWISE,
+    NEXT_TOKEN,
+    PRESETS,
+    TOP1,
+    Agreement,
+    Criterion,
+    OutputDiff,
+    agreement_criteria,
+    compare_arrays,
+)
 from mlops_cli.core.errors import InputError, MlopsError, UsageError
 from mlops_cli.core.inputs import InputSet
 from mlops_cli.core.runtimes import Runner
-from mlops_cli.core.timing import Timing, measure_interleaved
+from mlops_cli.core.timing import SpeedRatio, Timing, measure_interleaved, speed_ratio, speedup, trust_warnings
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Default atol/rtol plus per-output overrides (`--atol logits=1e-4`)."""
+    """Default atol/rtol plus per-output overrides (`--atol logits=1e-4`).
+
+    With a `preset` (fp32, fp16, bf16, int8) the bound is scale-aware and the preset's agreement criteria apply
+    (core/compare.py); without one, and for outputs with their own override, atol/rtol are used as given.
+    """
 
     atol: float = 1e-4
     rtol: float = 1e-3
     per_output: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    preset: str | None = None
+
+    @classmethod
+    def for_preset(cls, name: str, per_output: dict[str, tuple[float | None, float | None]] | None = None
+                   ) -> Tolerances:
+        """A preset's tolerances: its atol/rtol, scale-aware, with its criteria."""
+        return cls(*PRESETS[name], per_output=dict(per_output or {}), preset=name)
+
+    @property
+    def agreement(self) -> Agreement | None:
+        return AGREEMENT[self.preset] if self.preset else None
 
     def for_output(self, name: str, other_name: str | None = None) -> tuple[float, float]:
         """The tolerances of output `name` (`other_name`: its name on the other side, when they differ)."""
         atol, rtol = self.per_output.get(name, self.per_output.get(other_name or name, (None, None)))
         return (self.atol if atol is None else atol, self.rtol if rtol is None else rtol)
+
+    def agreement_for(self, name: str, other_name: str | None = None) -> Agreement | None:
+        """The preset's criteria, except for an output the user gave its own tolerances (used as given)."""
+        overridden = name in self.per_output or (other_name or name) in self.per_output
+        return None if overridden else self.agreement
 
     def check_names(self, *outputs: dict[str, np.ndarray]) -> None:
         """A per-output override whose name matches no output would silently do nothing: a usage error."""
@@ -46,6 +79,63 @@ class Tolerances:
 
 
 @dataclass(frozen=True)
+class ToleranceRequest:
+    """`--preset`, `--atol`, `--rtol` as the user gave them; `resolve` turns them into Tolerances once the
+    precision is known (`auto` needs the candidate). Given --atol/--rtol are used as given, without scaling
+    or criteria: the user is in control."""
+
+    preset: str = "auto"
+    atol: float | None = None
+    rtol: float | None = None
+    per_output: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, atol: Sequence[str] | None, rtol: Sequence[str] | None, preset: str = "auto"
+              ) -> ToleranceRequest:
+        """`--atol 1e-4 --atol logits=1e-3` -> a global value plus per-output overrides."""
+        if preset != "auto" and preset not in PRESETS:
+            raise UsageError(f"unknown --preset {preset!r}", hint=f"Use auto or one of: {', '.join(PRESETS)}.")
+        base: dict[str, float | None] = {"atol": None, "rtol": None}
+        per_output: dict[str, list[float | None]] = {}
+        for kind, values in (("atol", atol or []), ("rtol", rtol or [])):
+            for value in values:
+                name, sep, number = value.rpartition("=")
+                try:
+                    parsed = float(number)
+                except ValueError as exc:
+                    raise UsageError(f"--{kind} {value!r} is not a number or NAME=NUMBER") from exc
+                if parsed < 0:
+                    raise UsageError(f"--{kind} must not be negative")
+                if sep:
+                    per_output.setdefault(name, [None, None])[0 if kind == "atol" else 1] = parsed
+                else:
+                    base[kind] = parsed
+        return cls(preset, base["atol"], base["rtol"], {k: (v[0], v[1]) for k, v in per_output.items()})
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the user set a global --atol or --rtol."""
+        return self.atol is not None or self.rtol is not None
+
+    def resolve(self, precision: str | tuple[float, float]) -> Tolerances:
+        """Tolerances for a candidate of `precision` (a preset name; used when the request says auto).
+
+        A pair of numbers is a caller's default (atol, rtol): a preset's own pair means that preset."""
+        name = preset_named(precision) if isinstance(precision, tuple) else precision
+        name = name if self.preset == "auto" else self.preset
+        default: tuple[float, float] = PRESETS[name] if name else (float(precision[0]), float(precision[1]))
+        if name and not self.explicit:
+            return Tolerances.for_preset(name, self.per_output)
+        return Tolerances(default[0] if self.atol is None else self.atol,
+                          default[1] if self.rtol is None else self.rtol, dict(self.per_output))
+
+
+def preset_named(values: tuple[float, float] | Sequence[float]) -> str | None:
+    """The preset whose (atol, rtol) these are, if any."""
+    return next((name for name, pair in PRESETS.items() if tuple(values) == pair), None)
+
+
+@dataclass(frozen=True)
 class ShapeResult:
     """Comparison of all outputs on one input set."""
 
@@ -57,12 +147,11 @@ class ShapeResult:
     reference_latency: Timing | None = None
     candidate_latency: Timing | None = None
     speed_ratio: float | None = None  # reference median / candidate median (> 1: the candidate is faster)
+    speed: SpeedRatio | None = None  # the same ratio with its bootstrap interval
 
     @property
     def speedup(self) -> float | None:
-        if self.reference_latency and self.candidate_latency and self.candidate_latency.median_ms:
-            return self.reference_latency.median_ms / self.candidate_latency.median_ms
-        return None
+        return speedup(self.reference_latency, self.candidate_latency)
 
 
 @dataclass(frozen=True)
@@ -79,13 +168,25 @@ class ParityReport:
     verdict: str
     notes: tuple[str, ...] = ()
     masked_positions_excluded: bool = True
+    preset: str | None = None  # whose scale-aware bound and criteria applied; None: plain atol/rtol
+    criteria: tuple[OutputCriterion, ...] = ()  # every check of every output, at its worst input set
+    threads: int | None = None  # torch's CPU threads while timing (None: nothing was timed)
+
+
+@dataclass(frozen=True)
+class OutputCriterion:
+    """One criterion of one output at the input set where it came closest to failing (or failed worst)."""
+
+    output: str
+    input_set: str
+    criterion: Criterion
 
 
 def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet],
                  tolerances: Tolerances | None = None, *, include_masked: bool = False,
                  time_runs: bool = True, repeats: int = 10, check_determinism: bool = True) -> ParityReport:
     """Run both sides on every input set and compare every output."""
-    tolerances = tolerances or Tolerances()
+    tolerances = tolerances or Tolerances.for_preset("fp32")
     notes: list[str] = []
     results: list[ShapeResult] = []
     for index, input_set in enumerate(input_sets):
@@ -96,7 +197,8 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
             if problem:
                 notes.append(problem)
                 result = ShapeResult(result.label, result.input_shapes, result.outputs, False, problem,
-                                     result.reference_latency, result.candidate_latency, result.speed_ratio)
+                                     result.reference_latency, result.candidate_latency, result.speed_ratio,
+                                     result.speed)
         results.append(result)
     dropped = sorted(set(candidate.dropped_inputs) | set(reference.dropped_inputs))
     if dropped:
@@ -107,14 +209,77 @@ def check_parity(reference: Runner, candidate: Runner, input_sets: list[InputSet
     paired = sorted({d.name for r in results for d in r.outputs if " ~ " in d.name})
     if paired:
         notes.append(f"outputs named differently, paired by position: {', '.join(paired)}")
-    passed = all(r.passed for r in results) and bool(results)
+    timings = [t for r in results for t in (r.reference_latency, r.candidate_latency) if t is not None]
+    threads = _torch_threads() if timings else None
+    if timings:
+        notes.extend(trust_warnings(threads, timings))
+    decisions = pooled_criteria(results, tolerances)
+    failed_decision = next((c for c in decisions if not c.criterion.passed), None)
+    sets_passed = all(r.passed for r in results) and bool(results)
+    passed = sets_passed and failed_decision is None
+    if sets_passed and failed_decision is not None:
+        verdict = f"{failed_decision.output} over {failed_decision.input_set}: {describe_decision(failed_decision)}"
+    else:
+        verdict = _verdict(results, passed, tolerances.preset)
     return ParityReport(
         reference=reference.name, candidate=candidate.name,
         reference_backend=reference.backend, candidate_backend=candidate.backend,
         device=candidate.device, atol=tolerances.atol, rtol=tolerances.rtol,
-        shapes=tuple(results), passed=passed, verdict=_verdict(results, passed),
-        notes=tuple(notes), masked_positions_excluded=not include_masked,
+        shapes=tuple(results), passed=passed, verdict=verdict,
+        notes=tuple(notes), masked_positions_excluded=not include_masked, preset=tolerances.preset,
+        criteria=(*worst_criteria(results), *decisions), threads=threads,
     )
+
+
+def pooled_criteria(results: list[ShapeResult], tolerances: Tolerances) -> tuple[OutputCriterion, ...]:
+    """Top-1 and greedy next-token agreement of each logits-like output, over all input sets' positions."""
+    agreement = tolerances.agreement
+    if agreement is None:
+        return ()
+    by_output: dict[str, list[OutputDiff]] = {}
+    for result in results:
+        for diff in result.outputs:
+            by_output.setdefault(diff.name, []).append(diff)
+    pooled = []
+    for name, diffs in by_output.items():
+        positions = sum(d.top1_counts[1] for d in diffs if d.top1_counts)
+        where = f"all input sets ({positions} positions)"
+        pooled += [OutputCriterion(name, where, criterion) for criterion in agreement_criteria(agreement, diffs)]
+    return tuple(pooled)
+
+
+def describe_decision(failed: OutputCriterion) -> str:
+    what = {TOP1: "top-1 agreement", NEXT_TOKEN: "greedy next-token agreement"}[failed.criterion.name]
+    return f"{what} {failed.criterion.value:.1%} is below {failed.criterion.threshold:.1%}"
+
+
+def _torch_threads() -> int | None:
+    """The CPU threads torch computes with (what a timing depends on), if torch is loaded."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
+
+
+def worst_criteria(results: list[ShapeResult]) -> tuple[OutputCriterion, ...]:
+    """Per output and criterion, the input set where it did worst: what the criteria table shows."""
+    worst: dict[tuple[str, str], OutputCriterion] = {}
+    for result in results:
+        for diff in result.outputs:
+            for criterion in diff.criteria:
+                key = (diff.name, criterion.name)
+                if key not in worst or _shortfall(criterion) > _shortfall(worst[key].criterion):
+                    worst[key] = OutputCriterion(diff.name, result.label, criterion)
+    return tuple(worst.values())
+
+
+def _shortfall(criterion: Criterion) -> float:
+    """How far a criterion is from failing (> 0: failed); comparable across input sets of one output."""
+    if criterion.rule == ">=":
+        return criterion.threshold - criterion.value
+    if criterion.threshold > 0:
+        return criterion.value / criterion.threshold - 1.0
+    return float("inf") if criterion.value > 0 else -1.0
 
 
 def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, tolerances: Tolerances,
@@ -145,9 +310,9 @@ def _compare_on(reference: Runner, candidate: Runner, input_set: InputSet, toler
         sides = {"reference": lambda: reference(ref_feed), "candidate": lambda: candidate(cand_feed)}
         timings = measure_interleaved(sides, warmup=2, repeats=repeats, device=device)
         ref_time, cand_time = timings["reference"], timings["candidate"]
-    ratio = ref_time.median_ms / cand_time.median_ms if ref_time and cand_time and cand_time.median_ms else None
     return ShapeResult(input_set.label, shapes, tuple(diffs), all(d.passed for d in diffs) and bool(diffs),
-                       None if diffs else "no outputs to compare", ref_time, cand_time, ratio)
+                       None if diffs else "no outputs to compare", ref_time, cand_time, speedup(ref_time, cand_time),
+                       speed_ratio(ref_time, cand_time))
 
 
 # Errors that say a graph or trace was built for other sizes (ONNX Runtime, torch, TorchScript wordings).
@@ -217,7 +382,8 @@ def _match_outputs(ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarra
     for ref_name, cand_name in pairs:
         atol, rtol = tolerances.for_output(ref_name, cand_name)
         label = ref_name if ref_name == cand_name else f"{ref_name} ~ {cand_name}"
-        diffs.append(compare_arrays(label, ref_out[ref_name], cand_out[cand_name], atol, rtol, mask))
+        diffs.append(compare_arrays(label, ref_out[ref_name], cand_out[cand_name], atol, rtol, mask,
+                                    tolerances.agreement_for(ref_name, cand_name)))
     return diffs
 
 
@@ -243,10 +409,11 @@ def _same(first: np.ndarray, second: np.ndarray) -> bool:
     return bool(np.array_equal(first, second, equal_nan=np.issubdtype(first.dtype, np.inexact)))
 
 
-def _verdict(results: list[ShapeResult], passed: bool) -> str:
+def _verdict(results: list[ShapeResult], passed: bool, preset: str | None) -> str:
     if passed:
         worst = max((d.max_abs or 0.0 for r in results for d in r.outputs), default=0.0)
-        return f"all outputs within tolerance on {len(results)} input set(s); worst max |diff| {worst:.3g}"
+        checks = f" and the {preset} criteria" if preset else ""
+        return f"all outputs within tolerance{checks} on {len(results)} input set(s); worst max |diff| {worst:.3g}"
     for result in results:
         if result.error:
             return result.error
@@ -254,9 +421,23 @@ def _verdict(results: list[ShapeResult], passed: bool) -> str:
             if diff.problem:
                 return f"{diff.name} at {result.label}: {diff.problem}"
     failing = [(d, r) for r in results for d in r.outputs if not d.passed]
-    diff, result = max(failing, key=lambda pair: pair[0].max_abs or 0.0)
-    return (f"{diff.name} at {result.label}: max |diff| {diff.max_abs:.3g} exceeds atol {diff.atol:g} + "
-            f"rtol {diff.rtol:g}*|ref| (would pass with atol >= {diff.min_atol_to_pass:.3g})")
+    diff, result = max(failing, key=lambda pair: _shortfall(pair[0].failed_criterion) if pair[0].failed_criterion
+                       else 0.0)
+    return f"{diff.name} at {result.label}: {describe_failure(diff)}"
+
+
+def describe_failure(diff: OutputDiff) -> str:
+    """The failing criterion of an output, with its value and threshold."""
+    failed = diff.failed_criterion
+    if failed is None or failed.name == ELEMENTWISE:
+        grown = (f" ({diff.effective_atol / diff.scale:.3g} x max|ref| {diff.scale:.3g})"
+                 if diff.effective_atol and diff.scale and diff.effective_atol > diff.atol else "")
+        return (f"max |diff| {diff.max_abs:.3g} exceeds atol {diff.effective_atol or diff.atol:.3g}{grown} + "
+                f"rtol {diff.rtol:g}*|ref| (would pass with atol >= {diff.min_atol_to_pass:.3g})")
+    shown = f"{failed.value:.6f}" if failed.name == COSINE else f"{failed.value:.1%}"
+    wanted = f"{failed.threshold:g}" if failed.name == COSINE else f"{failed.threshold:.1%}"
+    what = {TOP1: "top-1 agreement", NEXT_TOKEN: "greedy next-token agreement"}.get(failed.name, failed.name)
+    return f"{what} {shown} is below {wanted} (max |diff| {diff.max_abs:.3g})"
 
 
 _ORT_BOILERPLATE = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "

@@ -41,6 +41,30 @@ def device_for(loaded: LoadedModel, device: str) -> str:
     return resolve_device(device)
 
 
+_ort_threads: int | None = None  # what use_threads() set: ONNX Runtime sessions made afterwards use it
+_torch_default: int | None = None  # torch's thread count before mlops set one (physical cores or OMP_NUM_THREADS)
+
+
+def use_threads(threads: int | None = None) -> int:
+    """Set the CPU threads torch and ONNX Runtime compute with, and return the count (reports show it).
+
+    `threads` when given; else torch's own default (physical cores, or what OMP_NUM_THREADS says) capped at the
+    cores not busy with other work (`core.timing.default_threads`): oversubscription made a 2-thread BERT forward
+    40x slower than 1 thread on this kind of machine.
+    """
+    import torch
+
+    from mlops_cli.core.timing import default_threads
+
+    global _ort_threads, _torch_default
+    if _torch_default is None:
+        _torch_default = torch.get_num_threads()
+    count = threads or max(1, min(_torch_default, default_threads()))
+    torch.set_num_threads(count)
+    _ort_threads = count
+    return count
+
+
 @dataclass
 class Runner:
     """Runs a model on numpy inputs; `call` is the backend-specific function."""
@@ -202,6 +226,8 @@ def onnx_session(path: Any, device: str = "cpu", options: Any = None) -> Any:
     if options is None:
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _ort_threads:
+            options.intra_op_num_threads = _ort_threads
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -1,20 +1,30 @@
-"""Built-in tiny models for demos and tests, created locally with fixed seeds (no model hub needed).
+"""Built-in tiny models for demos and tests, created locally and deterministically (no model hub needed).
 
-Each entry builds a real model with random weights: Hugging Face BERT/GPT-2/ViT with tokenizers trained
-on the bundled corpus, and the tips' ConvNet and LeNet as plain nn.Modules. `mlops zoo save` writes any
-of them as an ordinary checkpoint folder so every command can be tried on files too.
+Hugging Face BERT/GPT-2/ViT with tokenizers trained on the bundled corpus, and the tips' ConvNet and LeNet
+as plain nn.Modules. So that a newcomer sees output that means something, two are trained here for a few
+seconds on the bundled corpus (fixed seed, one thread, fixed steps: the same weights on every build):
+- tiny-gpt2 learns the corpus lines, so greedy generation from the start of a line continues it;
+- tiny-bert learns to tell English lines from Chinese ones (config.id2label: english, chinese).
+Only the first build pays for the training: the weights are cached in memory and on disk
+(`$MLOPS_CACHE_DIR`, else `$XDG_CACHE_HOME/mlops`, else `~/.cache/mlops`; under `zoo/`), keyed by a hash of
+this module, the corpus, the tokenizer files and the torch/transformers versions. The others keep seeded
+random weights. `mlops zoo save` writes any of them as an ordinary checkpoint folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlops_cli.core.errors import UsageError
+from mlops_cli.core.errors import OutputError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +33,8 @@ SEED = 0
 DATA = resources.files("mlops_cli") / "data"
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BPE_SPECIAL = "<|endoftext|>"
+LANGUAGES = ("english", "chinese")  # tiny-bert's labels: config.id2label
+_CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 @dataclass(frozen=True)
@@ -36,8 +48,27 @@ class ZooEntry:
 
 
 def corpus_lines() -> list[str]:
-    """The bundled mixed Chinese/English corpus (tokenizer training, bench-tokenizers default)."""
+    """The bundled mixed Chinese/English corpus (tokenizer and model training, bench-tokenizers default)."""
     return [line for line in (DATA / "corpus.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def language_of(text: str) -> int:
+    """Index into LANGUAGES: a text with Chinese characters is Chinese (even with a few Latin words in it)."""
+    return LANGUAGES.index("chinese") if _CJK.search(text) else LANGUAGES.index("english")
+
+
+def classifier_split() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(training, held-out) corpus lines with their language: every fifth line of each language is held out, so
+    the classifier's accuracy on lines it never saw can be measured."""
+    by_language: dict[int, list[str]] = {}
+    for line in corpus_lines():
+        by_language.setdefault(language_of(line), []).append(line)
+    training: list[tuple[str, int]] = []
+    held_out: list[tuple[str, int]] = []
+    for label, lines in sorted(by_language.items()):
+        for index, line in enumerate(lines):
+            (held_out if index % 5 == 2 else training).append((line, label))
+    return training, held_out
 
 
 # ---------------------------------------------------------------- plain modules (the tips' CNNs)
@@ -164,7 +195,8 @@ def _tiny_bert() -> tuple[Any, Any]:
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-        num_labels=2,  # type: ignore[call-arg]
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # it learns a tiny corpus: no dropout
+        id2label=dict(enumerate(LANGUAGES)), label2id={name: i for i, name in enumerate(LANGUAGES)},
         architectures=["BertForSequenceClassification"],
     )
     return BertForSequenceClassification(config), tokenizer
@@ -177,6 +209,7 @@ def _tiny_gpt2() -> tuple[Any, Any]:
     eos = tokenizer.convert_tokens_to_ids(BPE_SPECIAL)
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # it memorises a tiny corpus: no dropout
         bos_token_id=eos, eos_token_id=eos, architectures=["GPT2LMHeadModel"],
     )
     return GPT2LMHeadModel(config), tokenizer
@@ -202,8 +235,10 @@ ARCH_PATHS = {"convnet": "mlops_cli.core.zoo:ConvNet", "lenet": "mlops_cli.core.
 ENTRIES: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
-        ZooEntry("tiny-bert", "hf", "BERT sequence classifier (2 layers, hidden 32) + WordPiece tokenizer", ()),
-        ZooEntry("tiny-gpt2", "hf", "GPT-2 causal LM (2 layers, hidden 32) + byte-level BPE tokenizer", ()),
+        ZooEntry("tiny-bert", "hf", "BERT classifier telling English from Chinese (2 layers, hidden 32, trained on "
+                 "the bundled corpus) + WordPiece tokenizer", ()),
+        ZooEntry("tiny-gpt2", "hf", "GPT-2 causal LM (2 layers, hidden 32) that learned the bundled corpus + "
+                 "byte-level BPE tokenizer", ()),
         ZooEntry("tiny-vit", "hf", "ViT image classifier (32x32 images, patch 8, 2 layers)", ()),
         ZooEntry("convnet", "module", "The tips' MNIST ConvNet (1x28x28 -> 10 classes)",
                  ("x:float32[batch=2,1,28,28]",)),
@@ -220,7 +255,8 @@ def entry(name: str) -> ZooEntry:
 
 
 def build(name: str) -> tuple[Any, Any]:
-    """Build a built-in model with seeded weights, in eval mode: (module, tokenizer or None)."""
+    """Build a built-in model with seeded (and, for the trained ones, trained) weights, in eval mode:
+    (module, tokenizer or None). The caller's random stream and thread count are left as they were."""
     import torch
 
     zoo_entry = entry(name)
@@ -230,4 +266,173 @@ def build(name: str) -> tuple[Any, Any]:
             model, tokenizer = _HF_BUILDERS[name]()
         else:
             model, tokenizer = _MODULE_BUILDERS[name](), None
+        if name in RECIPES:
+            _load_parameters(model, trained_parameters(name, model, tokenizer))
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- training (tiny-gpt2, tiny-bert)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Full-batch AdamW for a fixed number of steps: no sampling, so the seed and the data decide the weights.
+
+    Label smoothing keeps the classifier's two logits close (|logit| < 2): its fp16 and int8 copies then drift
+    within the default tolerances. The LM is not smoothed: it must recite its corpus (its int8 copy drifts by
+    about 0.9 on the logits, more than the int8 preset allows: a real finding about a trained 32-wide model).
+    """
+
+    steps: int
+    learning_rate: float
+    label_smoothing: float = 0.0
+
+
+RECIPES = {"tiny-gpt2": Recipe(steps=60, learning_rate=1.5e-2),
+           "tiny-bert": Recipe(steps=40, learning_rate=1e-2, label_smoothing=0.2)}
+SYNTHETIC_SENTENCES = 30  # per language, for the classifier (see classifier_batch)
+_MEMORY: dict[str, dict[str, Any]] = {}  # cache key -> trained parameters, for the builds of this process
+
+
+def trained_parameters(name: str, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The trained parameters of `model` (freshly built, seeded): from this process's memory, else the disk
+    cache, else trained now (and cached; a cache that cannot be written only costs the next build a training)."""
+    key = cache_key(name)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = cache_dir() / "zoo" / f"{name}-{key}.safetensors"
+    parameters = _read_cached(path, model)
+    if parameters is None:
+        with _one_thread():
+            _fit(model, _BATCHES[name](tokenizer), RECIPES[name])
+        parameters = {n: p.detach().clone() for n, p in model.named_parameters()}  # tied weights once
+        _write_cached(path, parameters)
+    _MEMORY[key] = parameters
+    return parameters
+
+
+def cache_dir() -> Path:
+    """Where mlops caches what it can rebuild: $MLOPS_CACHE_DIR, else $XDG_CACHE_HOME/mlops, else ~/.cache/mlops."""
+    if os.environ.get("MLOPS_CACHE_DIR"):
+        return Path(os.environ["MLOPS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlops"
+
+
+def cache_key(name: str) -> str:
+    """What the trained weights depend on: this module (builders and recipes), the corpus and tokenizer files,
+    and the versions of the libraries that compute them."""
+    import torch
+    import transformers
+
+    digest = hashlib.sha256(f"{name}|torch {torch.__version__}|transformers {transformers.__version__}".encode())
+    digest.update(Path(__file__).read_bytes())
+    for data_file in ("corpus.txt", "bpe-vocab.json", "bpe-merges.txt", "wordpiece-vocab.txt"):
+        digest.update((DATA / data_file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_cached(path: Path, model: Any) -> dict[str, Any] | None:
+    """The cached parameters when the file holds exactly the model's, shaped alike; None otherwise."""
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError):
+        return None
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return tensors if {n: tuple(t.shape) for n, t in tensors.items()} == expected else None
+
+
+def _write_cached(path: Path, parameters: dict[str, Any]) -> None:
+    from mlops_cli.core.io import save_safetensors
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(parameters, path, force=True)
+    except (OSError, OutputError):
+        pass  # a read-only home: the next process trains again, nothing else changes
+
+
+def _load_parameters(model: Any, parameters: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.copy_(parameters[name])
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Training runs on one thread (the same sums in the same order on every machine, and no oversubscription
+    of a busy box); the caller's thread count is restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(model: Any, batch: dict[str, Any], recipe: Recipe) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
+    for _ in range(recipe.steps):
+        logits, targets = model(**inputs).logits, batch["labels"]
+        if logits.dim() == 3:  # a causal LM: position t predicts token t + 1
+            logits, targets = logits[:, :-1], targets[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                               label_smoothing=recipe.label_smoothing)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def lm_batch(tokenizer: Any) -> dict[str, Any]:
+    """Every corpus line from position 0, ended by EOS (GPT-2's positions are absolute: a prompt that starts a
+    line is continued by that line, then stops); padding is masked out of attention and loss."""
+    import torch
+
+    eos = tokenizer.convert_tokens_to_ids(BPE_SPECIAL)
+    rows = [[*tokenizer(line).input_ids, eos] for line in corpus_lines()]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), eos)
+    labels = torch.full((len(rows), width), -100)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, :len(row)] = labels[index, :len(row)] = torch.tensor(row)
+        attention_mask[index, :len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def classifier_batch(tokenizer: Any) -> dict[str, Any]:
+    """The training lines of `classifier_split`, plus sentences drawn from the WordPiece vocabulary (Chinese
+    characters, English words): held-out lines hold characters no training line has, and these sentences give
+    every character and word of the vocabulary an embedding that knows its language."""
+    import torch
+
+    texts_and_labels = list(classifier_split()[0])
+    vocab = sorted(wordpiece_vocab())
+    pools = {LANGUAGES.index("chinese"): ("", [t for t in vocab if _CJK.fullmatch(t)]),
+             LANGUAGES.index("english"): (" ", [t for t in vocab if re.fullmatch(r"[a-z]{2,}", t)])}
+    generator = torch.Generator().manual_seed(SEED)
+    for _ in range(SYNTHETIC_SENTENCES):
+        for label, (separator, pool) in pools.items():
+            picks = torch.randint(0, len(pool), (8,), generator=generator).tolist()
+            texts_and_labels.append((separator.join(pool[i] for i in picks), label))
+    texts, labels = zip(*texts_and_labels, strict=True)
+    encoded = tokenizer(list(texts), padding=True, return_tensors="pt")
+    return {**encoded, "labels": torch.tensor(labels)}
+
+
+_BATCHES: dict[str, Callable[[Any], dict[str, Any]]] = {"tiny-gpt2": lm_batch, "tiny-bert": classifier_batch}

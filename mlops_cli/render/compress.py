@@ -10,9 +10,10 @@ from rich.text import Text
 
 from mlops_cli.render import fmt_bytes, fmt_float, fmt_ms, key_values, note, table, verdict
 from mlops_cli.render.parity import parity_tables
-from mlops_cli.services.compress import PerLayerReport, TensorSafety
-from mlops_cli.services.compress_half import HalfReport
-from mlops_cli.services.compress_int8 import Int8Report
+from mlops_cli.services.compress.cast import TensorSafety
+from mlops_cli.services.compress.drift import PerLayerReport
+from mlops_cli.services.compress.half import HalfReport
+from mlops_cli.services.compress.int8 import Int8Report
 
 SAFETY_ROWS = 12
 LAYER_ROWS = 30
@@ -24,8 +25,27 @@ def _ratio(after: int, before: int) -> str:
     return f"{after / before:.3f}x" if before and after else "-"
 
 
+def kept_output(output: str) -> str:
+    """A failed check leaves its output (to inspect it): say so, since the next run must replace it."""
+    return f"The output was kept at {output} (to inspect it); a re-run needs --force to replace it."
+
+
+def _output_row(output_format: str, output: str, written: bool, passed: bool) -> object:
+    if not written:
+        return Text(f"{output_format}: NOT written", "red")
+    if not passed:
+        return Text(f"{output_format}: written, and kept at {output} although the check failed (a re-run "
+                    "needs --force to replace it)", "yellow")
+    return output_format
+
+
 def half_failure_hint(report: HalfReport) -> str:
     """What to do when `compress half` fails (exit 6): overflow refused, or drift beyond tolerance."""
+    advice = _half_advice(report)
+    return f"{advice} {kept_output(report.output)}" if report.written else advice
+
+
+def _half_advice(report: HalfReport) -> str:
     totals = report.totals
     onnx = report.output_format == "onnx"
     bf16 = "convert to --dtype bf16 (float32's range)" if report.dtype == "float16" and not onnx else ""
@@ -53,6 +73,11 @@ def _keep_example(names: tuple[str, ...]) -> str:
 
 def int8_failure_hint(report: Int8Report) -> str:
     """What to do when `compress int8` fails (exit 6): nothing quantised, or drift beyond tolerance."""
+    advice = _int8_advice(report)
+    return f"{advice} {kept_output(report.output)}" if report.written else advice
+
+
+def _int8_advice(report: Int8Report) -> str:
     if not any(kind.quantized for kind in report.kinds):
         return ("Check --exclude" + (" and --op-types (e.g. MatMul,Gemm)" if report.input_format == "onnx" else "")
                 + "; --quantize-embeddings also quantises embedding tables.")
@@ -65,20 +90,21 @@ def int8_failure_hint(report: Int8Report) -> str:
 
 def half_tables(report: HalfReport) -> Iterator[RenderableType]:
     totals = report.totals
-    patterns = ", ".join(report.keep_patterns) or "none"
     yield key_values(f"Compress {report.source} -> {report.output}", [
         ("input", report.input_format),
-        ("output", report.output_format if report.written else Text(f"{report.output_format}: NOT written", "red")),
+        ("output", _output_row(report.output_format, report.output, report.written, report.passed)),
         ("dtype", report.dtype),
         ("converted", f"{totals.converted_tensors} floating tensor(s)"),
-        ("kept as they were", f"{totals.kept_tensors} tensor(s) matching --keep-fp32 {patterns}"
-                              + (" (defaults: norms; --no-default-keep converts them)" if report.default_keep else "")),
+        ("kept as they were", _kept_text(report)),
+        ("kept by", report.keep_rule + ("; --no-default-keep converts the norms" if report.default_keep else "")),
         ("left alone", f"{totals.other_tensors} integer/bool tensor(s) or already {report.dtype}"),
+        *([("config.json dtype", report.config_dtype)] if report.config_dtype else []),
         ("streamed", "yes: tensor by tensor through a memory map" if report.streamed else "no: loaded, then written"),
         ("conversion time", f"{report.seconds:.2f} s"),
         *([("checkpoint entries kept", ", ".join(report.checkpoint_keys_kept))] if report.checkpoint_keys_kept else []),
         *([("files copied", ", ".join(report.files_copied))] if report.files_copied else []),
         ("drift measured as", report.drift_mode or ("not measured" if report.written else "not measured: not written")),
+        *([("tolerances", f"preset {report.preset}")] if report.preset else []),
     ])
     size = report.size
     yield table("Size", ("part", "before", "after", "ratio"), [
@@ -97,6 +123,16 @@ def half_tables(report: HalfReport) -> Iterator[RenderableType]:
     for line in report.notes:
         yield note(line)
     yield verdict(report.passed, report.verdict)
+
+
+def _kept_text(report: HalfReport) -> str:
+    """`12 tensor(s): 10 by module type, 2 by name`."""
+    totals = report.totals
+    ways = [f"{count} by {way}" for count, way in ((totals.kept_by_module_type, "module type"),
+                                                  (totals.kept_by_name, "name")) if count]
+    others = totals.kept_tensors - totals.kept_by_module_type - totals.kept_by_name
+    ways += [f"{others} by op type"] if others else []
+    return f"{totals.kept_tensors} tensor(s)" + (f": {', '.join(ways)}" if ways else "")
 
 
 def _safety_table(report: HalfReport) -> RenderableType:
@@ -160,11 +196,12 @@ def per_layer_tables(report: PerLayerReport) -> Iterator[RenderableType]:
 def int8_tables(report: Int8Report) -> Iterator[RenderableType]:
     yield key_values(f"Compress int8 {report.source} -> {report.output}", [
         ("input", report.input_format),
-        ("output", report.output_format),
+        ("output", _output_row(report.output_format, report.output, report.written, report.passed)),
         ("engine", report.engine),
         ("weights", report.weights),
         ("embeddings quantised", "yes" if report.embeddings_quantized else "no (--quantize-embeddings)"),
         *([("reload", report.reload)] if report.reload else []),
+        *([("tolerances", f"preset {report.preset}")] if report.preset else []),
     ])
     yield table("Quantised layers by type", ("type", "with weights", "quantised", "note"),
                 ((k.kind, k.with_weights, k.quantized, k.note) for k in report.kinds),

@@ -1,4 +1,8 @@
-"""Tables for parity reports (verify-parity, and the verification step of exports, compress, prune)."""
+"""Tables for parity reports (verify-parity, and the verification step of exports, compress, prune).
+
+Numbers stay short (3 significant digits, percentages with one decimal) and their columns are declared numeric,
+so they line up and never wrap.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ from collections.abc import Iterator
 from rich.console import RenderableType
 from rich.text import Text
 
+from mlops_cli.core.compare import AGREEMENT, COSINE, ELEMENTWISE, Criterion
 from mlops_cli.core.parity import ParityReport
 from mlops_cli.render import fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
 from mlops_cli.services.verify_parity import VerifyParityReport
 
 PARITY_COLUMNS = ("input set", "output", "max |diff|", "max rel", "mean |diff|", "p99 |diff|", "cosine",
                   "top-1", "min atol", "result")
+CRITERIA_COLUMNS = ("output", "criterion", "worst at", "value", "threshold", "result")
 LATENCY_COLUMNS = ("input set", "reference p50", "reference p90", "candidate p50", "candidate p90", "speed-up")
 
 
@@ -26,11 +32,38 @@ def parity_rows(report: ParityReport) -> Iterator[tuple[object, ...]]:
             continue
         for diff in shape.outputs:
             problem = diff.problem if diff.problem and len(diff.problem) <= SHORT_PROBLEM else "see below"
-            failure = f"FAIL: {problem}" if diff.problem else "FAIL"
+            failed = diff.failed_criterion
+            failure = f"FAIL: {problem}" if diff.problem else f"FAIL: {failed.name}" if failed else "FAIL"
             status = Text("PASS", style="green") if diff.passed else Text(failure, style="red")
             yield (shape.label, diff.name, fmt_float(diff.max_abs), fmt_float(diff.max_rel), fmt_float(diff.mean_abs),
                    fmt_float(diff.p99_abs), fmt_float(diff.cosine, 6), fmt_pct(diff.top1_agreement),
                    fmt_float(diff.min_atol_to_pass), status)
+
+
+def criteria_rows(report: ParityReport) -> Iterator[tuple[object, ...]]:
+    """Every check of every output at its worst input set: value against threshold."""
+    for item in report.criteria:
+        criterion = item.criterion
+        status = Text("PASS", style="green") if criterion.passed else Text("FAIL", style="red")
+        yield (item.output, _criterion_name(criterion), item.input_set, fmt_criterion(criterion, criterion.value),
+               fmt_threshold(criterion), status)
+
+
+def _criterion_name(criterion: Criterion) -> str:
+    return "atol needed" if criterion.name == ELEMENTWISE else criterion.name
+
+
+def fmt_criterion(criterion: Criterion, value: float) -> str:
+    """Short numbers: cosines with 6 decimals, agreements as percentages, atols in 3 significant digits."""
+    if criterion.name == ELEMENTWISE:
+        return fmt_float(value)
+    return fmt_float(value, 6) if criterion.name == COSINE else fmt_pct(value)
+
+
+def fmt_threshold(criterion: Criterion) -> str:
+    """`>= 0.99999`, `>= 99.0%`, `<= 1.50e-03`: the rule and the threshold as the preset states it."""
+    shown = f"{criterion.threshold:g}" if criterion.name == COSINE else fmt_criterion(criterion, criterion.threshold)
+    return f"{criterion.rule} {shown}"
 
 
 def failure_details(report: ParityReport) -> Iterator[Text]:
@@ -43,22 +76,39 @@ def failure_details(report: ParityReport) -> Iterator[Text]:
                 yield Text(f"{shape.label}, {diff.name}: {diff.problem}", style="red")
 
 
+def rule_caption(report: ParityReport) -> str:
+    """What an element must satisfy: the preset's scale-aware bound, or the plain atol/rtol."""
+    agreement = AGREEMENT.get(report.preset or "")
+    if agreement is None:
+        return f"pass: |cand - ref| <= atol {report.atol:g} + rtol {report.rtol:g} * |ref|"
+    return (f"pass (preset {report.preset}): |cand - ref| <= max(atol {report.atol:g}, {agreement.scale:g} * "
+            f"max|ref|) + rtol {report.rtol:g} * |ref|, and the criteria below")
+
+
 def parity_tables(report: ParityReport, title: str | None = None, *,
                   with_verdict: bool = True) -> Iterator[RenderableType]:
-    """The parity table, the latency table and the verdict line (left out for callers with their own)."""
+    """The parity table, the criteria and latency tables and the verdict line (left out for callers with
+    their own)."""
     masked = "padded positions excluded" if report.masked_positions_excluded else "padded positions included"
     yield table(title or f"Parity: {report.candidate} ({report.candidate_backend}) vs {report.reference} "
                          f"({report.reference_backend})",
                 PARITY_COLUMNS, parity_rows(report), numeric=PARITY_COLUMNS[2:9],
-                caption=f"pass: |cand - ref| <= atol {report.atol:g} + rtol {report.rtol:g} * |ref|; {masked}; "
-                        f"device {report.device}")
+                caption=f"{masked}; device {report.device}")
+    yield note(rule_caption(report))
     yield from failure_details(report)
+    if report.criteria:
+        yield table("Criteria (each output at its worst input set)", CRITERIA_COLUMNS, criteria_rows(report),
+                    numeric=("value", "threshold"),
+                    caption="atol needed: max of |diff| - rtol*|ref|; the threshold is the atol allowed")
     timed = [s for s in report.shapes if s.reference_latency and s.candidate_latency]
     if timed:
-        yield table("Latency (warm, median of repeats)", LATENCY_COLUMNS, (
+        threads = f", {report.threads} thread(s)" if report.threads else ""
+        yield table(f"Latency (warm, median of repeats{threads})", LATENCY_COLUMNS, (
             (s.label, fmt_ms(s.reference_latency.median_ms), fmt_ms(s.reference_latency.p90_ms),  # type: ignore[union-attr]
              fmt_ms(s.candidate_latency.median_ms), fmt_ms(s.candidate_latency.p90_ms),  # type: ignore[union-attr]
-             f"{s.speedup:.2f}x" if s.speedup else "-") for s in timed), numeric=LATENCY_COLUMNS[1:])
+             s.speed.describe() if s.speed else "-") for s in timed), numeric=LATENCY_COLUMNS[1:5],
+            caption="speed-up: reference p50 / candidate p50 with its 95% bootstrap interval; claimed only when "
+                    "the interval excludes 1.0")
     for line in report.notes:
         yield note(line)
     if with_verdict:
@@ -72,7 +122,8 @@ def verify_parity_tables(report: VerifyParityReport) -> Iterator[RenderableType]
         ("reference", f"{report.reference} ({parity.reference_backend})"),
         ("candidate", f"{report.candidate} ({parity.candidate_backend})"),
         ("device", parity.device),
-        ("tolerances", f"preset {report.preset}: atol {parity.atol:g}, rtol {parity.rtol:g}"),
+        ("preset", f"{report.preset} ({report.preset_source})"),
+        ("checks", report.tolerances),
         ("inputs", f"{report.input_sets} input set(s) from {report.input_source}"),
     ])
     yield from parity_tables(parity, title="Per output and input set", with_verdict=False)

@@ -9,7 +9,7 @@ from rich.text import Text
 
 from mlops_cli.render import fmt_bytes, fmt_count, fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
 from mlops_cli.render.parity import parity_tables
-from mlops_cli.services.prune import AmountResult, PruneReport, SizeFigures
+from mlops_cli.services.prune import AmountResult, LatencyFigures, PruneReport, SizeFigures
 
 DRIFT_COLUMNS = ("input set", "output", "max |diff|", "mean |diff|", "cosine", "top-1")
 
@@ -21,6 +21,7 @@ def prune_tables(report: PruneReport) -> Iterator[RenderableType]:
     else:
         yield from _single_tables(report, report.results[0])
     yield from _skipped_notes(report.skipped)
+    yield _size_note(report)
     for line in report.notes:
         yield note(line)
     if report.enforced:
@@ -91,15 +92,28 @@ def _before_after(report: PruneReport, result: AmountResult) -> Iterator[tuple[s
     if result.latency:
         latency = result.latency
         yield (f"latency p50 ({latency.input_set})", fmt_ms(latency.before.median_ms), fmt_ms(latency.after.median_ms),
-               f"{latency.speedup:.2f}x speed-up" if latency.speedup else "")
+               speed_change(latency))
         yield ("latency p90", fmt_ms(latency.before.p90_ms), fmt_ms(latency.after.p90_ms), "")
+
+
+def speed_change(latency: LatencyFigures) -> str:
+    """'1.80x faster (1.62-1.95x)' only where the interval supports it; else 'no measurable difference'."""
+    return latency.ratio.describe() if latency.ratio else "-"
 
 
 def _size_rows(before: SizeFigures, after: SizeFigures) -> Iterator[tuple[str, str, str, str]]:
     yield "weights, raw", fmt_bytes(before.raw_bytes), fmt_bytes(after.raw_bytes), _change(before.raw_bytes,
                                                                                            after.raw_bytes)
-    yield "weights, gzip -6", fmt_bytes(before.gzip_bytes), fmt_bytes(after.gzip_bytes), _change(before.gzip_bytes,
-                                                                                                 after.gzip_bytes)
+    yield (f"weights, {after.codec or 'compressed'}", fmt_bytes(before.gzip_bytes), fmt_bytes(after.gzip_bytes),
+           _change(before.gzip_bytes, after.gzip_bytes))
+
+
+def _size_note(report: PruneReport) -> Text:
+    """How the compressed size was found (whole, or from a sample), so an estimate is never read as exact."""
+    size = report.size_before
+    if size.gzip_bytes is None:
+        return note(f"compressed size: {size.method}")
+    return note(f"compressed size ({size.codec}): {size.method}")
 
 
 def _change(before: float | None, after: float | None) -> str:
@@ -141,7 +155,8 @@ def _sweep_tables(report: PruneReport) -> Iterator[RenderableType]:
     yield table("Sweep: one row per amount", columns, rows,
                 numeric=[c for c in columns if c not in ("amount", "result")],
                 caption="sparsity: zeros in the pruned layers; drift: worst over all outputs and input sets; "
-                        "speed-up: p50 of the unpruned model / p50 of the pruned one")
+                        "speed-up: p50 of the unpruned model / p50 of the pruned one, claimed only where its 95% "
+                        "bootstrap interval excludes 1.0")
     timed = [r for r in report.results if r.latency]
     if timed:
         yield table(f"Latency per amount (A/B interleaved, {timed[0].latency.input_set})",  # type: ignore[union-attr]
@@ -158,8 +173,7 @@ def _latency_row(result: AmountResult) -> tuple[str, ...]:
     latency = result.latency
     assert latency is not None
     return (f"{result.amount:g}", fmt_ms(latency.before.median_ms), fmt_ms(latency.before.p90_ms),
-            fmt_ms(latency.after.median_ms), fmt_ms(latency.after.p90_ms),
-            f"{latency.speedup:.2f}x" if latency.speedup else "-")
+            fmt_ms(latency.after.median_ms), fmt_ms(latency.after.p90_ms), speed_change(latency))
 
 
 def _sweep_row(report: PruneReport, result: AmountResult) -> list[object]:
@@ -171,7 +185,7 @@ def _sweep_row(report: PruneReport, result: AmountResult) -> list[object]:
         fmt_bytes(result.size.raw_bytes), fmt_bytes(result.size.gzip_bytes),
         fmt_float(drift.max_abs) if not drift.error else Text(drift.error, style="red"),
         fmt_float(drift.cosine, 6), fmt_pct(drift.top1_agreement),
-        f"{latency.speedup:.2f}x" if latency and latency.speedup else "-",
+        speed_change(latency) if latency else "-",
     ]
     if report.enforced:
         row.append(Text("PASS", style="green") if result.passed else Text("FAIL", style="red"))  # why: verdict

@@ -87,7 +87,7 @@ def initial_positions(attention_mask: torch.Tensor | None, length: int, device: 
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-class _StopState:
+class StopState:
     """Which rows are finished: EOS tokens and stop strings, evaluated like `generate`'s criteria."""
 
     def __init__(self, params: DecodingParams, batch: int, device: torch.device, tokenizer: Any) -> None:
@@ -134,7 +134,7 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         attention_mask = None  # as generate does: no padding, no mask (and the faster attention path)
     padding = None if attention_mask is None else (attention_mask != 0).int().argmax(dim=1)
     processors = logits_processors(params, prompt_ignore_length=padding)
-    stop = _StopState(params, batch, device, tokenizer)
+    stop = StopState(params, batch, device, tokenizer)
 
     sequences = torch.full((batch, prompt_length + params.max_new_tokens), params.pad_token_id,
                            dtype=input_ids.dtype, device=device)

@@ -12,7 +12,6 @@ file behind. A file that fails verification is still moved into place: the repor
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -120,6 +119,7 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     """Export, check, verify, optionally optimise, then move the result into place (even when it fails
     verification: the caller reports the verdict and exits 6, and the file is there to inspect)."""
     from mlops_cli.core.inputs import plan_inputs
+    from mlops_cli.core.io import scratch_dir_beside
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.timing import Stopwatch
 
@@ -134,7 +134,7 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     notes: list[str] = []
     verify = _verifier(loaded, plan, options, notes) if options.verify else None
     example = plan.example if options.static else plan.export_example(tuple(DYNAMIC_DIM_NAMES))
-    workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    workdir = scratch_dir_beside(target)
     try:
         attempt = _first_good_export(loaded, plan, example, options, workdir / target.name, verify, watch)
         current, verification = attempt.path, attempt.verification

@@ -14,7 +14,7 @@ import copy
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ import torch
 from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.loading import LoadedModel
+from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
 from mlops_cli.services.decoding import DecodingParams, decode, logits_processors
 from mlops_cli.services.generate_measure import (
     ClockCriterion,
@@ -43,9 +44,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TextCallback = Callable[[str, str | None], None]
 
 
-@dataclass(frozen=True)
-class GenerateOptions:
-    """Everything `mlops generate` can be asked; validated by `check_options`."""
+@dataclass(frozen=True, kw_only=True)
+class GenerateOptions(ServiceOptions):
+    """Everything `mlops generate` can be asked; validated by `check_options`. With `stream`, `on_text` is
+    called with each piece of the first run's text as it is produced."""
 
     prompts: tuple[str, ...]
     strategy: str = "greedy"  # one of STRATEGIES, or "all"
@@ -71,6 +73,8 @@ class GenerateOptions:
     explain: bool = False
     candidates: int = 5
     stream: bool = False
+    tokenizer: Path | None = None  # ONNX models: the folder holding the tokenizer (default: the file's folder)
+    on_text: TextCallback | None = field(default=None, compare=False, repr=False)
 
     @property
     def strategies(self) -> tuple[str, ...]:
@@ -124,8 +128,8 @@ class Explanation:
     matches_greedy: bool | None  # the chosen tokens equal the greedy run's (None: no single-prompt greedy run)
 
 
-@dataclass(frozen=True)
-class GenerateReport:
+@dataclass(frozen=True, kw_only=True)
+class GenerateReport(Report):
     model: str
     architecture: str
     device: str
@@ -139,7 +143,7 @@ class GenerateReport:
     memory_measure: str
     results: tuple[StrategyResult, ...]
     explanation: Explanation | None
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # how the run was set up (e.g. where --device-map put the model)
 
 
 # ---------------------------------------------------------------- options
@@ -215,6 +219,7 @@ class Session:
     cache: str
     compiled: bool
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # settings that do not mean here what they say
     configs: dict[str, Any] = field(default_factory=dict)  # generation config per strategy, built once
     memory: MemoryProbe = field(init=False)
 
@@ -245,8 +250,9 @@ def prepare(loaded: LoadedModel, options: GenerateOptions) -> Session:
     if tokenizer is None:
         raise InputError(f"{loaded.reference} has no tokenizer, and generate works on text",
                          hint="Copy the tokenizer files (tokenizer.json, tokenizer_config.json...) into the folder.")
-    notes: list[str] = []  # loader warnings are shown by the command (show_warnings)
-    device, cache, compiled = _place_model(model, options, notes)
+    notes: list[str] = []
+    warnings: list[str] = []
+    device, cache, compiled = _place_model(model, options, notes, warnings)
     if getattr(model.config, "is_encoder_decoder", False) and (options.engine == "loop" or options.explain):
         raise UsageError("our decoding loop (--engine loop, --explain) handles decoder-only models",
                          hint="Use --engine generate, without --explain, for seq2seq models.")
@@ -254,7 +260,7 @@ def prepare(loaded: LoadedModel, options: GenerateOptions) -> Session:
     _check_context(model, int(input_ids.shape[1]), options.max_new_tokens)
     input_device = _input_device(model, device)
     return Session(loaded, model, tokenizer, options, device, input_ids.to(input_device),
-                   attention_mask.to(input_device), cache, compiled, notes)
+                   attention_mask.to(input_device), cache, compiled, notes, warnings)
 
 
 def _can_generate(model: Any) -> bool:
@@ -262,7 +268,8 @@ def _can_generate(model: Any) -> bool:
     return bool(can()) if callable(can) else True
 
 
-def _place_model(model: Any, options: GenerateOptions, notes: list[str]) -> tuple[str, str, bool]:
+def _place_model(model: Any, options: GenerateOptions, notes: list[str],
+                 warnings: list[str]) -> tuple[str, str, bool]:
     """Device, dtype and `--device-map auto`; returns (device, cache, compiled) actually in effect."""
     from mlops_cli.core.runtimes import resolve_device
 
@@ -287,11 +294,11 @@ def _place_model(model: Any, options: GenerateOptions, notes: list[str]) -> tupl
     model.eval()
     on_cuda = device.startswith("cuda")
     if options.dtype != "fp32" and not on_cuda:
-        notes.append(f"--dtype {options.dtype} on CPU: half-precision matmuls are emulated and far slower than "
+        warnings.append(f"--dtype {options.dtype} on CPU: half-precision matmuls are emulated and far slower than "
                      "fp32 here; these timings say nothing about GPU speed")
     cache, compiled = options.cache, options.compile
     if (cache == "static" or compiled) and not on_cuda:
-        notes.append("--cache static / --compile are CUDA optimisations (fixed shapes for CUDA graphs); on CPU they "
+        warnings.append("--cache static / --compile are CUDA optimisations (fixed shapes for CUDA graphs); on CPU they "
                      "bring nothing, so this run used the dynamic cache without compilation")
         cache, compiled = "dynamic", False
     return device, cache, compiled
@@ -592,9 +599,10 @@ def _stop_string_ends(session: Session, sequences: torch.Tensor, start: int) -> 
     return ends
 
 
-def run_strategy(session: Session, strategy: str, on_text: TextCallback | None = None) -> StrategyResult:
+def run_strategy(session: Session, strategy: str) -> StrategyResult:
     """Warm-up runs, then `repeat` measured runs of one strategy, summarised."""
     options = session.options
+    on_text = options.on_text
     engine = engine_for(strategy, options.engine)
     if engine == "loop":
         check_loop_matches_generate(session, strategy)
@@ -648,20 +656,39 @@ def explain_greedy(session: Session, greedy: StrategyResult | None = None) -> Ex
     return Explanation(session.options.prompts[0], tuple(steps), text, matches)
 
 
-def generate(loaded: LoadedModel, options: GenerateOptions, on_text: TextCallback | None = None) -> GenerateReport:
-    """Run every requested strategy (and `--explain`) on the prompts; figures per strategy."""
+def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
+    """Load the model `ref` names and generate (options are checked before anything loads)."""
+    check_options(options)
+    options.on_step("loading the model")
+    loaded = load_model(ref, options.load)
+    if loaded.kind == ModelKind.ONNX:  # an ONNX decoder exported with its KV cache (export onnx --task causal-lm)
+        from mlops_cli.services.onnx_lm import generate_onnx
+
+        report = generate_onnx.generate(loaded, options, options.tokenizer)
+    else:
+        report = generate(loaded, options)
+    return replace(report, warnings=(*loaded.warnings, *report.warnings))
+
+
+def generate(loaded: LoadedModel, options: GenerateOptions) -> GenerateReport:
+    """Run every requested strategy (and `--explain`) on the prompts of a loaded model; figures per strategy."""
     session = prepare(loaded, options)
-    results = tuple(run_strategy(session, strategy, on_text) for strategy in options.strategies)
+    results = []
+    for strategy in options.strategies:
+        options.on_step(f"{strategy} decoding")
+        results.append(run_strategy(session, strategy))
     explanation = None
     if options.explain:
+        options.on_step("explaining greedy decoding")
         greedy = next((r for r in results if r.strategy == "greedy"), None)
         explanation = explain_greedy(session, greedy)
-    notes = list(session.notes)
+    warnings = list(session.warnings)
     if any(not r.reproducible for r in results):
-        notes.append("some runs of the same strategy and seed produced different tokens (non-deterministic kernels?)")
+        warnings.append("some runs of the same strategy and seed produced different tokens (non-deterministic "
+                        "kernels?)")
     return GenerateReport(
         model=loaded.reference, architecture=type(session.model).__name__, device=session.device,
         dtype=options.dtype, engine=options.engine, cache=session.cache, compiled=session.compiled,
         batch_size=session.batch_size, max_new_tokens=options.max_new_tokens, seed=options.seed,
-        memory_measure=session.memory.kind, results=results, explanation=explanation,
-        notes=tuple(notes))
+        memory_measure=session.memory.kind, results=tuple(results), explanation=explanation,
+        notes=tuple(session.notes), warnings=tuple(warnings))

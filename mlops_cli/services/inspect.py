@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError
 from mlops_cli.core.formats import (
     HF_CONFIG,
@@ -23,16 +24,15 @@ from mlops_cli.core.formats import (
     load_tensor_file,
     read_safetensors_header,
 )
-from mlops_cli.core.loading import BUILTIN_PREFIX, CHECKPOINT_KEYS, is_tensor_dict
+from mlops_cli.core.loading import CHECKPOINT_KEYS, hf_weight_files, is_tensor_dict, storage_identity
+from mlops_cli.core.safetensors_file import TO_TORCH
+from mlops_cli.core.shards import shard_problems
 from mlops_cli.core.sidecar import read_sidecar
 
 LARGEST_SHOWN = 5
-SAFETENSORS_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 CONFIG_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
                  "n_layer", "num_attention_heads", "n_head", "intermediate_size", "max_position_embeddings",
-                 "n_positions", "num_labels", "image_size", "dtype", "torch_dtype", "transformers_version")
+                 "n_positions", "num_labels", "id2label", "image_size", "dtype", "torch_dtype", "transformers_version")
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,13 @@ class DtypeTotal:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class InspectReport:
+@dataclass(frozen=True, kw_only=True)
+class InspectOptions(ServiceOptions):
+    """Nothing to choose: inspect reads files without loading a model (the loading options do not apply)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectReport(Report):
     path: str
     format: str
     file_bytes: int
@@ -71,12 +76,18 @@ class InspectReport:
     notes: tuple[str, ...] = ()
 
 
-def inspect_path(reference: str) -> InspectReport:
-    """Describe a checkpoint file or folder."""
-    if reference.startswith(BUILTIN_PREFIX):
+def run(ref: ModelRef, options: InspectOptions) -> InspectReport:
+    """Describe the checkpoint file or folder `ref` names."""
+    return inspect_path(ref)
+
+
+def inspect_path(reference: str | ModelRef) -> InspectReport:
+    """Describe a checkpoint file or folder (used by `summarize` and `view` for sizes and graph facts too)."""
+    ref = ModelRef.parse(reference)
+    if ref.path is None:
         raise InputError("inspect reads files; built-in models exist only in memory",
-                         hint=f"Save one first: mlops zoo save {reference[len(BUILTIN_PREFIX):]} DIR")
-    path = Path(reference)
+                         hint=f"Save one first: mlops zoo save {ref.builtin} DIR")
+    path = ref.path
     fmt = detect_format(path)
     if fmt == Format.HF_FOLDER or fmt == Format.WEIGHTS_FOLDER:
         return _inspect_folder(path, fmt)
@@ -112,7 +123,7 @@ def _report(path: Path, fmt: Format, infos: list[TensorInfo], **extra: Any) -> I
 
 
 def _safetensors_info(name: str, info: dict[str, Any]) -> TensorInfo:
-    dtype = SAFETENSORS_TO_TORCH.get(info["dtype"], info["dtype"].lower())
+    dtype = TO_TORCH.get(info["dtype"], info["dtype"].lower())
     return TensorInfo(name, dtype, tuple(info["shape"]), info["nbytes"])
 
 
@@ -128,22 +139,13 @@ def _tensor_infos(state_dict: dict[str, Any]) -> list[TensorInfo]:
             (f"{name}.{i}", part) for i, part in enumerate(value if isinstance(value, (tuple, list)) else ())
             if isinstance(part, torch.Tensor)]
         for part_name, tensor in parts:
-            identity = _storage_identity(tensor)
+            identity = storage_identity(tensor)
             tied_to = seen.get(identity) if identity else None
             if identity and tied_to is None:
                 seen[identity] = part_name
             infos.append(TensorInfo(part_name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape),
                                     tensor.numel() * tensor.element_size(), tied_to))
     return infos
-
-
-def _storage_identity(tensor: Any) -> tuple[Any, ...] | None:
-    """Where a tensor's bytes live; None where torch cannot say (quantised tensors)."""
-    try:
-        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                tuple(tensor.stride()), tensor.dtype)
-    except (RuntimeError, NotImplementedError):
-        return None
 
 
 def _state_infos(content: Any) -> tuple[list[TensorInfo], str | None]:
@@ -198,8 +200,13 @@ def _inspect_folder(folder: Path, fmt: Format) -> InspectReport:
     infos: list[TensorInfo] = []
     metadata: dict[str, str] = {}
     notes: list[str] = []
+    skipped = {path.name for path in hf_weight_files(folder)[1]} if fmt == Format.HF_FOLDER else set()
+    if skipped:
+        notes.append(f"not read: {', '.join(sorted(skipped))} (safetensors are present; loaders use those)")
     for name in files:
         member = folder / name
+        if name in skipped:
+            continue
         if name.endswith(".safetensors"):
             tensors, metadata = read_safetensors_header(member)
             infos += [_safetensors_info(n, i) for n, i in tensors.items()]
@@ -207,6 +214,7 @@ def _inspect_folder(folder: Path, fmt: Format) -> InspectReport:
             pickled, _ = _state_infos(load_tensor_file(member))
             infos += pickled
             notes.append(f"{name}: {len(pickled)} tensors (torch pickle, loaded weights_only)")
+    notes += shard_problems(folder, {info.name for info in infos})
     if not infos and not notes:
         notes.append("no weight files found in the folder")
     tokenizer_files = [n for n in files if n.startswith("tokenizer") or n in ("vocab.txt", "vocab.json", "merges.txt")]
@@ -272,4 +280,4 @@ def _inspect_archive(path: Path, fmt: Format) -> InspectReport:
     if fmt == Format.TORCHSCRIPT:
         notes.append(f"{len(code)} code file(s): TorchScript runs code when loaded; other commands need --trust-code")
     report = _report(path, fmt, [], files=dict(sorted(members.items(), key=lambda kv: -kv[1])[:20]), notes=tuple(notes))
-    return InspectReport(**{**report.__dict__, "tensor_bytes": sum(data.values())})
+    return replace(report, tensor_bytes=sum(data.values()))

@@ -11,16 +11,16 @@ Dynamically quantised models (`mlops compress int8`) keep their int8 weights in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.inputs import InputSet, make_inputs, specs_for, text_properties
-from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind, load_model
+from mlops_cli.core.formats import WEIGHT_SUFFIXES
+from mlops_cli.core.inputs import InputRequest, InputSet, plan_inputs, text_properties
+from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
 from mlops_cli.core.timing import Timing, measure
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class OnnxSummary:
     external_data: dict[str, int]  # file -> bytes
 
 
-@dataclass(frozen=True)
-class SummaryReport:
+@dataclass(frozen=True, kw_only=True)
+class SummaryReport(Report):
     reference: str
     kind: str
     model_class: str
@@ -116,8 +116,8 @@ class SummaryReport:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class SummarizeOptions:
+@dataclass(frozen=True, kw_only=True)
+class SummarizeOptions(ServiceOptions):
     inputs: tuple[str, ...] = ()  # --input specs
     batch_size: int | None = None
     seq_len: int | None = None
@@ -128,44 +128,34 @@ class SummarizeOptions:
     seed: int = 0
 
 
-def summarize(reference: str, load: LoadOptions | None = None,
-              options: SummarizeOptions | None = None) -> tuple[SummaryReport, LoadedModel]:
-    """Load and summarize a model; returns the report and the loaded model (for its warnings)."""
+def run(ref: ModelRef, options: SummarizeOptions) -> SummaryReport:
+    """Load and summarize a model; the loader's warnings travel in the report."""
     from mlops_cli.core.runtimes import resolve_device
 
-    options = options or SummarizeOptions()
     if options.depth < 0:
         raise UsageError("--depth must be 0 or more")
     device = resolve_device(options.device)
-    loaded = load_model(reference, load or LoadOptions())
+    options.on_step("loading the model")
+    loaded = load_model(ref, options.load)
     if loaded.kind == ModelKind.ONNX:
-        return summarize_onnx(loaded, options, device), loaded
-    return summarize_torch(loaded, options, device), loaded
+        report = summarize_onnx(loaded, options, device)
+    else:
+        report = summarize_torch(loaded, options, device)
+    return replace(report, warnings=(*report.warnings, *loaded.warnings))
 
 
 # ---------------------------------------------------------------- inputs
 
 
 def summary_inputs(loaded: LoadedModel, options: SummarizeOptions) -> InputSet:
-    """One input set: --input specs (or the model's own), resized by --batch-size/--seq-len."""
-    specs = specs_for(loaded, list(options.inputs) or exported_input_specs(loaded) or None)
-    named = {dim.name for spec in specs for dim in spec.dims if dim.name}
-    sizes: dict[str, int] = {}
-    requested = (("--batch-size", "batch", options.batch_size), ("--seq-len", "sequence", options.seq_len))
-    for option, dim, value in requested:
-        if value is None:
-            continue
-        if value < 1:
-            raise UsageError(f"{option} must be at least 1")
-        if dim not in named:
-            raise UsageError(f"{option}: the model's inputs have no '{dim}' dimension "
-                             f"({', '.join(str(s) for s in specs)})",
-                             hint=f"Name the dimension in --input, e.g. --input x:float32[{dim}={value},...].")
-        sizes[dim] = value
-    vocab, pad_id, max_positions = text_properties(loaded)
+    """The one input set of the forward pass: the plan's first set, at --batch-size/--seq-len (or the inputs'
+    own sizes); a torch.export program's inputs come from its graph when no --input is given."""
+    _, _, max_positions = text_properties(loaded)
     if options.seq_len and max_positions and options.seq_len > max_positions:
         raise UsageError(f"--seq-len {options.seq_len} is longer than the model's {max_positions} positions")
-    return make_inputs(specs, sizes, seed=options.seed, vocab_size=vocab, pad_token_id=pad_id)
+    request = InputRequest(specs=options.inputs or tuple(exported_input_specs(loaded)),
+                           batch_size=options.batch_size, seq_len=options.seq_len, seed=options.seed)
+    return plan_inputs(loaded, request).example
 
 
 def exported_input_specs(loaded: LoadedModel) -> list[str]:
@@ -216,9 +206,12 @@ def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str)
         notes.append(f"no forward pass: {exc.message}. Describe the inputs with --input name:dtype[d0,d1,...] "
                      "to get MACs, shapes, activation memory and timing.")
     if inputs is not None:
+        options.on_step("profiling a forward pass")
         compute, profile = _profile(module, inputs, device)
         layers = _layer_rows(module, options.depth, profile)
-        timing = _time_torch(module, inputs, options, device) if options.repeats > 0 else None
+        if options.repeats > 0:
+            options.on_step("timing")
+            timing = _time_torch(module, inputs, options, device)
         if loaded.kind == ModelKind.TORCHSCRIPT:
             notes.append("TorchScript runs its submodules in C++: per-layer shapes and MACs are not visible, "
                          "the totals are exact.")
@@ -486,6 +479,7 @@ def summarize_onnx(loaded: LoadedModel, options: SummarizeOptions, device: str) 
     timing = None
     inputs = summary_inputs(loaded, options)
     if options.repeats > 0:
+        options.on_step("timing")
         runner = runner_for(loaded, device)
         timing = measure(lambda: runner(inputs.tensors), warmup=options.warmup, repeats=options.repeats)
     return SummaryReport(

@@ -1,45 +1,41 @@
 """`mlops verify-parity REFERENCE CANDIDATE`: do two runnable models compute the same thing?
 
 Any two model references work: PyTorch vs ONNX Runtime, vs TorchScript or .pt2, vs a compressed or
-pruned checkpoint, ONNX vs ONNX. Inputs come from the models (several shape sets: batch 1 and >1, short
-and long padded sequences), from `--input` specs, or from a file of real inputs; the comparison itself
-is the shared parity engine (`services/parity.py`).
+pruned checkpoint, ONNX vs ONNX. Inputs come from one input plan (several shape sets, the user's sizes
+first), from `--input` specs, real texts, or a file of real inputs; the comparison itself is the shared
+parity engine (`core/parity.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import UsageError
-from mlops_cli.core.inputs import InputSet
-from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind
-from mlops_cli.core.parity import ParityReport, Tolerances
+from mlops_cli.core.inputs import InputPlan, InputRequest
+from mlops_cli.core.loading import LoadedModel, ModelKind
+from mlops_cli.core.parity import ParityReport, ToleranceRequest, Tolerances
 
 
-@dataclass(frozen=True)
-class VerifySettings:
-    """The options of `verify-parity`."""
+@dataclass(frozen=True, kw_only=True)
+class VerifyOptions(ServiceOptions):
+    """The options of `verify-parity`; the reference is the MODEL given to `run`."""
 
-    inputs: tuple[str, ...] = ()  # --input specs
-    inputs_file: str | None = None  # --inputs FILE (npz/safetensors) of real inputs
-    texts: tuple[str, ...] = ()  # --text: real texts, tokenized with a side's tokenizer
-    samples: int = 1  # random draws per shape set
-    seed: int = 0
-    tolerances: Tolerances = field(default_factory=Tolerances)
-    preset: str = "fp32"
+    candidate: ModelRef
+    inputs: InputRequest = field(default_factory=InputRequest)
+    tolerances: ToleranceRequest = field(default_factory=ToleranceRequest)  # --preset (auto), --atol, --rtol
     include_padding: bool = False
     device: str = "auto"
-    repeats: int = 10  # 0 skips timing, like timing=False
-    timing: bool = True
-    load: LoadOptions = field(default_factory=LoadOptions)
+    repeats: int = 10  # 0 skips timing
 
 
-@dataclass(frozen=True)
-class VerifyParityReport:
+@dataclass(frozen=True, kw_only=True)
+class VerifyParityReport(Report):
     reference: str
     candidate: str
-    preset: str
+    preset: str  # the precision preset applied (resolved from the models for auto)
+    preset_source: str  # why: "auto: <candidate> has float16 weights", "--preset"
+    tolerances: str  # what the verdict checked, in words
     input_source: str  # where the inputs came from
     input_sets: int
     parity: ParityReport
@@ -49,28 +45,68 @@ class VerifyParityReport:
     hint: str | None = None  # what to do about a failure
 
 
-def verify_parity(reference: str, candidate: str, settings: VerifySettings) -> VerifyParityReport:
-    """Load both sides, build the input sets, and run the parity engine."""
+def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
+    """Load both sides, plan the inputs once, and run the parity engine."""
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.parity import check_parity
-    from mlops_cli.core.runtimes import device_for, runner_for
+    from mlops_cli.core.runtimes import device_for, runner_for, use_threads
 
-    if settings.samples < 1:
-        raise UsageError("--samples must be at least 1")
-    if settings.repeats < 0:
+    if options.repeats < 0:
         raise UsageError("--repeats must be 0 (no timing) or more")
-    if sum(map(bool, (settings.inputs_file, settings.inputs, settings.texts))) > 1:
-        raise UsageError("--inputs FILE, --input specs and --text cannot be combined", hint="Use one of them.")
-    ref_model = load_model(reference, settings.load)
-    cand_model = load_model(candidate, settings.load)
-    input_sets, source = build_input_sets(ref_model, cand_model, settings)
-    ref_runner = runner_for(ref_model, device_for(ref_model, settings.device))
-    cand_runner = runner_for(cand_model, device_for(cand_model, settings.device))
-    report = check_parity(ref_runner, cand_runner, input_sets,
-                          settings.tolerances, include_masked=settings.include_padding,
-                          time_runs=settings.timing and settings.repeats > 0, repeats=settings.repeats)
-    return VerifyParityReport(reference, candidate, settings.preset, source, len(input_sets), report, report.passed,
-                              report.verdict, None if report.passed else worst_output(report), failure_hint(report))
+    use_threads(options.threads)
+    options.on_step("loading both models")
+    ref_model = load_model(ref, options.load)
+    cand_model = load_model(options.candidate, options.load)
+    plan = plan_for(ref_model, cand_model, options.inputs)
+    preset, preset_source = choose_preset(options.tolerances, ref_model, cand_model)
+    tolerances = options.tolerances.resolve(preset)
+    ref_runner = runner_for(ref_model, device_for(ref_model, options.device))
+    cand_runner = runner_for(cand_model, device_for(cand_model, options.device))
+    options.on_step("comparing")
+    report = check_parity(ref_runner, cand_runner, list(plan.sets), tolerances,
+                          include_masked=options.include_padding, time_runs=options.repeats > 0,
+                          repeats=options.repeats)
+    return VerifyParityReport(
+        reference=str(ref), candidate=str(options.candidate), preset=preset, preset_source=preset_source,
+        tolerances=describe_tolerances(tolerances), input_source=plan.source,
+        input_sets=len(plan.sets), parity=report, passed=report.passed, verdict=report.verdict,
+        worst_output=None if report.passed else worst_output(report), hint=failure_hint(report),
+        warnings=(*ref_model.warnings, *cand_model.warnings))
+
+
+def choose_preset(request: ToleranceRequest, ref_model: LoadedModel, cand_model: LoadedModel) -> tuple[str, str]:
+    """The preset asked for, or for auto the one the models' precision calls for (the candidate's first)."""
+    from mlops_cli.core.precision import auto_precision
+
+    if request.preset != "auto":
+        return request.preset, "--preset"
+    return auto_precision(cand_model, ref_model)
+
+
+def describe_tolerances(tolerances: Tolerances) -> str:
+    """`|diff| <= max(atol 1e-4, 5e-5 x max|ref|) + rtol 1e-3 x |ref|; cosine >= 0.99999; ...` in one line."""
+    overrides = f"; per output: {', '.join(tolerances.per_output)}" if tolerances.per_output else ""
+    agreement = tolerances.agreement
+    if agreement is None:
+        return (f"|diff| <= atol {tolerances.atol:g} + rtol {tolerances.rtol:g} x |ref| (as given, no other "
+                f"criteria){overrides}")
+    return (f"|diff| <= max(atol {tolerances.atol:g}, {agreement.scale:g} x max|ref|) + rtol {tolerances.rtol:g} x "
+            f"|ref|; cosine >= {agreement.cosine:g}; top-1 and next-token agreement >= {agreement.top1:.0%} "
+            f"(logits){overrides}")
+
+
+def plan_for(ref_model: LoadedModel, cand_model: LoadedModel, request: InputRequest) -> InputPlan:
+    """One input plan for both sides, from the side that knows most: for texts the side with a tokenizer,
+    else a PyTorch side (it knows its config and vocabulary; an ONNX graph only its input names)."""
+    from mlops_cli.core.inputs import plan_inputs
+
+    if request.texts:
+        side = next((m for m in (ref_model, cand_model) if m.tokenizer is not None), ref_model)
+    elif ref_model.kind == ModelKind.ONNX and cand_model.kind != ModelKind.ONNX:
+        side = cand_model
+    else:
+        side = ref_model
+    return plan_inputs(side, request)
 
 
 def failure_hint(report: ParityReport) -> str | None:
@@ -81,32 +117,8 @@ def failure_hint(report: ParityReport) -> str | None:
     if structural:
         return ("The candidate does not behave like the reference (see the failing rows): fix or re-export it; "
                 "no tolerance makes this pass.")
-    return ("If the difference is expected (fp16/bf16/int8 candidates), use --preset or --atol/--rtol; "
-            "the 'min atol' column shows what would pass.")
-
-
-def build_input_sets(ref_model: LoadedModel, cand_model: LoadedModel,
-                     settings: VerifySettings) -> tuple[list[InputSet], str]:
-    """Real inputs from a file, or `samples` random draws of every shape set of the model's inputs."""
-    from mlops_cli.core.inputs import from_texts, load_inputs_file, model_shape_sets
-
-    if settings.inputs_file:
-        return [load_inputs_file(settings.inputs_file)], f"file {Path(settings.inputs_file).name}"
-    if settings.texts:
-        side = next((m for m in (ref_model, cand_model) if m.tokenizer is not None), ref_model)
-        return [from_texts(side, list(settings.texts))], f"{len(settings.texts)} text(s), tokenizer of {side.reference}"
-    # Specs and vocabulary from a PyTorch side when there is one: it knows its config and tokenizer.
-    source_model = cand_model if ref_model.kind == ModelKind.ONNX and cand_model.kind != ModelKind.ONNX \
-        else ref_model
-    explicit = list(settings.inputs) or None
-    sets: list[InputSet] = []
-    for sample in range(settings.samples):
-        drawn = model_shape_sets(source_model, explicit, seed=settings.seed + 1000 * sample)
-        for input_set in drawn:
-            label = input_set.label if settings.samples == 1 else f"{input_set.label} #{sample + 1}"
-            sets.append(InputSet(label, input_set.tensors, input_set.sizes))
-    origin = "--input specs" if explicit else f"shapes of {source_model.reference}"
-    return sets, f"{origin}, {settings.samples} random draw(s), seed {settings.seed}"
+    return ("If the difference is expected (an fp16/bf16/int8 candidate the auto preset did not recognise), use "
+            "--preset, or --atol/--rtol (used as given); the criteria table shows each check and its threshold.")
 
 
 def worst_output(report: ParityReport) -> str | None:
@@ -118,11 +130,15 @@ def worst_output(report: ParityReport) -> str | None:
         for diff in shape.outputs:
             if diff.passed:
                 continue
+            allowed = diff.effective_atol if diff.effective_atol is not None else diff.atol
             score = float("inf") if diff.problem or diff.min_atol_to_pass is None else diff.min_atol_to_pass / \
-                max(diff.atol, 1e-30)
+                max(allowed, 1e-30)
             if worst is None or score > worst[0]:
                 worst = (score, f"{diff.name} at {shape.label}")
     if worst is None:
         failing = next((s for s in report.shapes if not s.passed), None)
-        return f"(all outputs) at {failing.label}" if failing else None
+        if failing:
+            return f"(all outputs) at {failing.label}"
+        decision = next((c for c in report.criteria if not c.criterion.passed), None)  # pooled top-1/next token
+        return f"{decision.output} over {decision.input_set}" if decision else None
     return worst[1]

@@ -20,26 +20,35 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.formats import Format, detect_format
-from mlops_cli.core.loading import BUILTIN_PREFIX, LoadOptions
 
 HOST = "127.0.0.1"
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ptl", ".torchscript")  # names Netron recognises for TorchScript
 
 
-@dataclass(frozen=True)
-class ViewOptions:
+def _nobody_waits(session: ViewSession) -> None:
+    """The default `on_ready`: nobody is told where the server listens."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewOptions(ServiceOptions):
+    """`serve_seconds` None serves until Ctrl-C; `on_ready(session)` is called once the server listens, so the
+    caller can show the URL while `run` keeps serving."""
+
     port: int | None = None  # None: 8080 when free, else another free port (Netron's choice); 0: any free port
     browse: bool = False
     inputs: tuple[str, ...] = ()  # --input specs for the ONNX export
     seed: int = 0
     opset: int = 20
+    serve_seconds: float | None = None
+    on_ready: Callable[[ViewSession], None] = field(default=_nobody_waits, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -50,10 +59,13 @@ class StagedModel:
     model_file: str  # name inside `folder`
     files: tuple[str, ...]  # every file in `folder` (model + external data): all that can be fetched
     source: str  # "onnx", "torchscript", "torch.export program" or "exported to ONNX (<exporter>)"
+    warnings: tuple[str, ...] = ()  # the loader's, when the model was loaded to be exported
 
 
-@dataclass(frozen=True)
-class ViewSession:
+@dataclass(frozen=True, kw_only=True)
+class ViewSession(Report):
+    """Where the model is served: the report of `mlops view` (shown as soon as the server listens)."""
+
     reference: str
     url: str
     host: str
@@ -67,10 +79,10 @@ class ViewSession:
 # ---------------------------------------------------------------- staging
 
 
-def stage_model(reference: str, load: LoadOptions, options: ViewOptions, folder: Path) -> StagedModel:
+def stage_model(ref: ModelRef, options: ViewOptions, folder: Path) -> StagedModel:
     """Put what Netron needs, and nothing else, into `folder`."""
-    path = Path(reference)
-    if not reference.startswith(BUILTIN_PREFIX) and path.is_file():
+    path = ref.path
+    if path is not None and path.is_file():
         fmt = detect_format(path)
         if fmt == Format.ONNX:
             return _stage_onnx(path, folder)
@@ -82,7 +94,7 @@ def stage_model(reference: str, load: LoadOptions, options: ViewOptions, folder:
             name = path.name if path.suffix == ".pt2" else f"{path.stem}.pt2"
             _link_or_copy(path, folder / name)
             return StagedModel(folder, name, (name,), "torch.export program")
-    return _stage_export(reference, load, options, folder)
+    return _stage_export(ref, options, folder)
 
 
 def _stage_onnx(path: Path, folder: Path) -> StagedModel:
@@ -99,24 +111,25 @@ def _stage_onnx(path: Path, folder: Path) -> StagedModel:
     return StagedModel(folder, path.name, (path.name, *external), "onnx")
 
 
-def _stage_export(reference: str, load: LoadOptions, options: ViewOptions, folder: Path) -> StagedModel:
-    from mlops_cli.core.inputs import example_inputs
+def _stage_export(ref: ModelRef, options: ViewOptions, folder: Path) -> StagedModel:
+    from mlops_cli.core.inputs import InputRequest, plan_inputs
     from mlops_cli.core.loading import load_model
     from mlops_cli.services.export_onnx import write_onnx
 
-    loaded = load_model(reference, load)
-    example = example_inputs(loaded, list(options.inputs) or None, seed=options.seed)
-    name = f"{_model_name(reference)}.onnx"
+    options.on_step("loading the model")
+    loaded = load_model(ref, options.load)
+    example = plan_inputs(loaded, InputRequest(specs=options.inputs, seed=options.seed)).example
+    name = f"{_model_name(ref)}.onnx"
+    options.on_step("exporting to ONNX")
     result = write_onnx(loaded, folder / name, example, dynamic=True, opset=options.opset, exporter="auto")
     files = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
-    return StagedModel(folder, name, files, f"exported to ONNX ({result.exporter_used})")
+    return StagedModel(folder, name, files, f"exported to ONNX ({result.exporter_used})", tuple(loaded.warnings))
 
 
-def _model_name(reference: str) -> str:
-    if reference.startswith(BUILTIN_PREFIX):
-        return reference[len(BUILTIN_PREFIX):]
-    path = Path(reference)
-    return (path.name if path.is_dir() else path.stem) or "model"
+def _model_name(ref: ModelRef) -> str:
+    if ref.path is None:
+        return ref.builtin or "model"
+    return (ref.path.name if ref.path.is_dir() else ref.path.stem) or "model"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -194,18 +207,28 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def run(ref: ModelRef, options: ViewOptions) -> ViewSession:
+    """Serve the model until Ctrl-C (the way a server is meant to stop) or `serve_seconds`; the temporary
+    folder is gone when this returns. The session is handed to `options.on_ready` while it serves."""
+    with open_view(ref, options) as session:
+        options.on_ready(session)
+        with suppress(KeyboardInterrupt):
+            wait(session, options.serve_seconds)
+    return session
+
+
 @contextmanager
-def open_view(reference: str, load: LoadOptions | None = None, options: ViewOptions | None = None,
-              ) -> Iterator[ViewSession]:
+def open_view(reference: str | ModelRef, options: ViewOptions) -> Iterator[ViewSession]:
     """Stage the model in a private folder and serve it; on exit stop the server and delete the folder."""
-    options = options or ViewOptions()
+    ref = ModelRef.parse(reference)
     folder = Path(tempfile.mkdtemp(prefix="mlops-view-"))  # mode 0700: private to this user
     try:
-        staged = stage_model(reference, load or LoadOptions(), options, folder)
+        staged = stage_model(ref, options, folder)
         host, port = serve(folder, staged.model_file, options.port, options.browse)
         try:
-            yield ViewSession(reference, f"http://{host}:{port}/", host, port, staged.model_file, staged.files,
-                              staged.source, str(folder))
+            yield ViewSession(reference=str(ref), url=f"http://{host}:{port}/", host=host, port=port,
+                              model_file=staged.model_file, served_files=staged.files, source=staged.source,
+                              folder=str(folder), warnings=staged.warnings)
         finally:
             stop((host, port))
     finally:

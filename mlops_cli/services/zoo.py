@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlops_cli.core import zoo
+from mlops_cli.core.contract import BUILTIN_PREFIX, ModelRef, OutputOptions, Report
+from mlops_cli.core.errors import UsageError
 from mlops_cli.core.io import atomic_dir
 from mlops_cli.core.sidecar import write_sidecar
 
@@ -18,13 +20,18 @@ class ZooModel:
     description: str
 
 
-@dataclass(frozen=True)
-class ZooListing:
+@dataclass(frozen=True, kw_only=True)
+class ZooListing(Report):
     models: tuple[ZooModel, ...]
 
 
-@dataclass(frozen=True)
-class ZooSaveReport:
+@dataclass(frozen=True, kw_only=True)
+class ZooSaveOptions(OutputOptions):
+    """`zoo save NAME DIR`: where to write the folder (loading options do not apply to built-in models)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZooSaveReport(Report):
     name: str
     path: str
     files: dict[str, int]
@@ -33,8 +40,16 @@ class ZooSaveReport:
 
 
 def list_models() -> ZooListing:
-    return ZooListing(tuple(ZooModel(e.name, f"builtin:{e.name}", e.kind, e.description)
-                            for e in zoo.ENTRIES.values()))
+    """`zoo list` takes no MODEL reference, so it is the one operation here outside `run(ref, options)`."""
+    return ZooListing(models=tuple(ZooModel(e.name, f"{BUILTIN_PREFIX}{e.name}", e.kind, e.description)
+                                   for e in zoo.ENTRIES.values()))
+
+
+def run(ref: ModelRef, options: ZooSaveOptions) -> ZooSaveReport:
+    """`zoo save`: `ref` names a built-in model (`ModelRef.parse("builtin:NAME")`)."""
+    if ref.builtin is None:
+        raise UsageError(f"{ref} is not a built-in model", hint="See `mlops zoo list`.")
+    return save_model(ref.builtin, options.output, options.force)
 
 
 def save_model(name: str, output: Path, force: bool = False) -> ZooSaveReport:
@@ -59,4 +74,4 @@ def save_model(name: str, output: Path, force: bool = False) -> ZooSaveReport:
                      f"--arch {zoo.ARCH_PATHS[name]} --input {entry.inputs[0]})")
         files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
     parameters = sum(p.numel() for p in module.parameters())
-    return ZooSaveReport(name, str(output), files, parameters, usage)
+    return ZooSaveReport(name=name, path=str(output), files=files, parameters=parameters, usage=usage)

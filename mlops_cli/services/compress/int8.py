@@ -11,7 +11,8 @@
   uses exactly that, so the written file is what gets measured.
 
 An input that is already quantised (packed int8 layers, quantization.json, quantised ONNX ops) is refused,
-and the drift check's inputs are settled before anything is written.
+and the drift check's inputs are settled before anything is written. The drift check uses the int8 tolerance
+preset unless told otherwise; a failed check keeps the output (to inspect it) and says so.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.compare import PRESETS
+from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, torch_load_weights
+from mlops_cli.core.formats import HF_CONFIG, WEIGHT_SUFFIXES, Format, detect_format, torch_load_weights
+from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.int8_state import (
     INT8_WEIGHTS,
     QUANTIZATION_INFO,
@@ -41,38 +43,40 @@ from mlops_cli.core.int8_state import (
     quantize_torch,
 )
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
-from mlops_cli.core.loading import LoadedModel, LoadOptions, load_model
+from mlops_cli.core.loading import LoadedModel, load_model
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing, measure_interleaved
-from mlops_cli.services.compress import (
+from mlops_cli.services.compress.shared import (
     disk_size,
+    loader_warnings,
+    plan_check_inputs,
+    preset_label,
     refuse_quantised,
-    reject_builtin,
-    resolve_input_specs,
+    source_path,
     weight_files,
 )
 
 ONNX_DEFAULT_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
 ONNX_EMBEDDING_OPS = ("Gather",)
 TORCH_ENGINE = "torch.ao.quantization.quantize_dynamic (qint8 weights, dynamic activations; x86/fbgemm kernels)"
+TORCH_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # training_args.bin, optimizer.pt: not weights, copied
 TORCH_ENGINE_NOTE = ("torch.ao.quantization is deprecated since torch 2.10 and still the only dynamic int8 path in "
                      "core torch 2.13; its successor is torchao's quantize_ (not installed)")
 
 
-@dataclass(frozen=True)
-class Int8Options:
+@dataclass(frozen=True, kw_only=True)
+class Int8Options(OutputOptions):
     quantize_embeddings: bool = False
     per_channel: bool = True
     reduce_range: bool | None = None  # None: on with per-channel weights (see _onnx_int8)
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ONNX_DEFAULT_OPS
-    inputs: tuple[str, ...] = ()
-    seed: int = 0
-    tolerances: Tolerances | None = None
-    repeats: int = 20
+    inputs: InputRequest = field(default_factory=InputRequest)
+    preset: str | None = None  # tolerance preset (core/compare.py PRESETS); None: int8 (auto)
+    tolerances: Tolerances | None = None  # --atol/--rtol; None: the preset's
+    repeats: int = 20  # timed runs per model and input set; 0 skips timing
     check: bool = True
-    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,8 @@ class LatencyRow:
     speedup: float | None
 
 
-@dataclass(frozen=True)
-class Int8Report:
+@dataclass(frozen=True, kw_only=True)
+class Int8Report(Report):
     source: str
     output: str
     input_format: str
@@ -116,28 +120,31 @@ class Int8Report:
     verdict: str
     reload: str | None = None
     notes: tuple[str, ...] = ()
+    written: bool = True  # the output stays even when the drift check fails (to inspect it)
+    preset: str | None = None  # the tolerance preset of the drift check, e.g. "int8 (auto)"
 
 
-def compress_int8(reference: str, output: Path, load: LoadOptions, options: Int8Options) -> Int8Report:
+def run(ref: ModelRef, options: Int8Options) -> Int8Report:
     """Quantise a model to dynamic int8 and measure size, latency and drift against the original."""
-    reject_builtin(reference)
-    source = Path(reference)
+    from mlops_cli.core.runtimes import use_threads
+
+    source = source_path(ref)
+    use_threads(options.threads)
     fmt = detect_format(source)
     for pattern in options.exclude:
         _compile(pattern)
     refuse_quantised(source, fmt, "compress int8")
-    check_output(output, options.force, [source])
-    if fmt == Format.ONNX:
-        return _onnx_int8(source, output, load, options)
+    check_output(options.output, options.force, ref.sources)
     if fmt in (Format.TORCHSCRIPT, Format.EXPORTED_PROGRAM, Format.AOTI_PACKAGE, Format.NPZ):
         raise InputError(f"compress int8 quantises ONNX files and torch checkpoints, not {fmt.value}",
                          hint="Quantise the checkpoint the program was made from, or its ONNX export.")
-    return _torch_int8(source, fmt, output, load, options)
-
-
-def _with_inputs(original: LoadedModel, options: Int8Options) -> Int8Options:
-    """Settle the drift check's inputs before quantising, so a model whose inputs are unknown writes nothing."""
-    return replace(options, inputs=resolve_input_specs(original, options.inputs)) if options.check else options
+    options.on_step("loading the original")
+    original = load_model(ref, options.load)
+    # Settled before quantising, so a model whose inputs are unknown writes nothing.
+    plan = plan_check_inputs(original, options.inputs) if options.check else None
+    if fmt == Format.ONNX:
+        return _onnx_int8(source, original, plan, options)
+    return _torch_int8(source, fmt, original, plan, options)
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -154,12 +161,11 @@ def _excluded(name: str, options: Int8Options) -> str | None:
 # ---------------------------------------------------------------- ONNX
 
 
-def _onnx_int8(source: Path, output: Path, load: LoadOptions, options: Int8Options) -> Int8Report:
+def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, options: Int8Options) -> Int8Report:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    original = load_model(str(source), load)
-    options = _with_inputs(original, options)
+    output = options.output
     graph = onnx.load(str(source), load_external_data=False).graph
     op_types = tuple(dict.fromkeys(options.op_types + (ONNX_EMBEDDING_OPS if options.quantize_embeddings else ())))
     weighted = _weighted_nodes(graph)
@@ -168,6 +174,7 @@ def _onnx_int8(source: Path, output: Path, load: LoadOptions, options: Int8Optio
     # x86 CPUs without VNNI saturate int16 sums of uint8 x int8 products; per-channel weights hit it
     # (measured: tiny GPT-2 drift 0.16 full range vs 0.011 reduced), so they use 7 bits unless told otherwise.
     reduce_range = options.per_channel if options.reduce_range is None else options.reduce_range
+    options.on_step("quantising")
     with atomic_file(output, options.force, [source]) as temp, _quiet_onnxruntime():
         quantize_dynamic(str(source), str(temp), op_types_to_quantize=list(op_types), per_channel=options.per_channel,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
@@ -175,11 +182,12 @@ def _onnx_int8(source: Path, output: Path, load: LoadOptions, options: Int8Optio
     quantized = onnx.load(str(output), load_external_data=False).graph
     kinds = _onnx_kinds(weighted, quantized, op_types, options)
     skipped = tuple((name, "matches --exclude") for name in excluded)
-    drift, latency = _drift(original, load_model(str(output), load), options) if options.check else (None, ())
+    candidate = load_model(str(output), options.load) if plan is not None else None
+    drift, latency = _drift(original, candidate, plan, options) if candidate and plan else (None, ())
     weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}"
                f"{', 7-bit range (reduce_range)' if reduce_range else ''}), activations uint8 per call")
-    return _report(source, output, Format.ONNX.value, Format.ONNX.value,
-                   "onnxruntime.quantization.quantize_dynamic", weights, options, kinds, skipped, drift, latency)
+    return _report(source, Format.ONNX.value, Format.ONNX.value, "onnxruntime.quantization.quantize_dynamic",
+                   weights, options, kinds, skipped, drift, latency, warnings=loader_warnings(original, candidate))
 
 
 def _weighted_nodes(graph: Any) -> list[tuple[Any, list[str]]]:
@@ -241,35 +249,38 @@ def _quiet_onnxruntime() -> Iterator[None]:
 # ---------------------------------------------------------------- torch
 
 
-def _torch_int8(source: Path, fmt: Format, output: Path, load: LoadOptions, options: Int8Options) -> Int8Report:
-    original = load_model(str(source), load)
-    options = _with_inputs(original, options)
-    plan = plan_torch_quantization(original.module, options)
-    quantized = quantize_torch(copy.deepcopy(original.module), plan.layout)
+def _torch_int8(source: Path, fmt: Format, original: LoadedModel, plan: InputPlan | None, options: Int8Options
+                ) -> Int8Report:
+    output = options.output
+    layout = plan_torch_quantization(original.module, options)
+    options.on_step("quantising")
+    quantized = quantize_torch(copy.deepcopy(original.module), layout.layout)
     state = quantized.state_dict()
     notes = [TORCH_ENGINE_NOTE]
     if fmt in (Format.HF_FOLDER, Format.WEIGHTS_FOLDER):
         weights_file = output / INT8_WEIGHTS
-        _write_folder(source, fmt, output, state, plan, options)
+        left_out = _write_folder(source, fmt, state, layout, options)
         output_format = f"folder with {INT8_WEIGHTS} (torch zip)"
+        if left_out:
+            notes.append(f"not copied (weights in other formats, which would still be float): {', '.join(left_out)}")
     else:
         weights_file = output
-        _write_file(source, fmt, output, state, original, load, options)
+        _write_file(source, fmt, state, original, options)
         output_format = Format.TORCH_ZIP.value
         if fmt == Format.SAFETENSORS:
             notes.append("safetensors cannot hold quantised tensors: written as a torch file (weights_only-loadable)")
     drift: ParityReport | None = None
     latency: tuple[LatencyRow, ...] = ()
-    if options.check:
+    if plan is not None:
         reloaded = load_int8_state(copy.deepcopy(original.module), _read_state(weights_file, original.state_key))
-        drift, latency = _drift(original, replace(original, module=reloaded, reference=str(output), path=output),
-                                options)
+        candidate = replace(original, module=reloaded, reference=str(output), path=output, warnings=[])
+        drift, latency = _drift(original, candidate, plan, options)
     reload = (f"build the model, then mlops_cli.core.int8_state.load_int8_state(model, state_dict of "
               f"{weights_file.name}); or by hand: quantize_dynamic with the same layers, then load_state_dict")
     weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}), activations quantised per call"
                + ("; embeddings: uint8 per row, weight-only" if options.quantize_embeddings else ""))
-    return _report(source, output, fmt.value, output_format, TORCH_ENGINE, weights, options, plan.kinds,
-                   plan.skipped, drift, latency, reload=reload, notes=tuple(notes))
+    return _report(source, fmt.value, output_format, TORCH_ENGINE, weights, options, layout.kinds, layout.skipped,
+                   drift, latency, reload=reload, notes=tuple(notes), warnings=loader_warnings(original))
 
 
 @dataclass(frozen=True)
@@ -337,30 +348,37 @@ def _read_state(path: Path, state_key: str | None) -> dict[str, Any]:
     return content
 
 
-def _write_file(source: Path, fmt: Format, output: Path, state: dict[str, Any], original: LoadedModel,
-                load: LoadOptions, options: Int8Options) -> None:
+def _write_file(source: Path, fmt: Format, state: dict[str, Any], original: LoadedModel, options: Int8Options
+                ) -> None:
     """One torch file: the quantised state_dict, inside the training checkpoint's structure when it had one."""
     content: Any = state
     if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY) and original.state_key is not None:
         stored = torch_load_weights(source)
         content = {k: (state if k == original.state_key else v) for k, v in stored.items()}
-    save_torch(content, output, options.force, [source])
+    save_torch(content, options.output, options.force, [source])
 
 
-def _write_folder(source: Path, fmt: Format, output: Path, state: dict[str, Any], plan: TorchPlan,
-                  options: Int8Options) -> None:
-    """The folder again, with its weight files replaced by model.int8.pt and the method written down."""
+def _write_folder(source: Path, fmt: Format, state: dict[str, Any], plan: TorchPlan, options: Int8Options
+                  ) -> list[str]:
+    """The folder again, with its weight files replaced by model.int8.pt and the method written down.
+
+    Returns the files left out because they hold the float weights in another format (tf_model.h5, model.onnx...):
+    copied, they would carry the float model along. Torch pickles that are not weights (training_args.bin) stay.
+    """
     info = {"method": "dynamic-int8", "engine": TORCH_ENGINE, "weights": INT8_WEIGHTS,
             "per_channel": plan.layout.per_channel, "layers": plan.layout.modules,
             "conv1d_as_linear": list(plan.layout.conv1d),
             "reload": "build the float model, then mlops_cli.core.int8_state.load_int8_state(model, state)"}
     weights = weight_files(source)
-    with atomic_dir(output, options.force, [source]) as folder:
+    left_out = []
+    with atomic_dir(options.output, options.force, [source]) as folder:
         for path in sorted(source.iterdir()):
             if path.is_dir():
                 shutil.copytree(path, folder / path.name)
             elif path in weights or path.name.endswith(".index.json"):
                 continue  # the float weights: replaced by the int8 file
+            elif path.name.endswith(WEIGHT_SUFFIXES) and path.suffix not in TORCH_PICKLE_SUFFIXES:
+                left_out.append(path.name)
             elif path.name == SIDECAR and fmt == Format.WEIGHTS_FOLDER:
                 write_sidecar(folder, {**read_sidecar(source), "weights": INT8_WEIGHTS, "quantization": "dynamic-int8"})
             else:
@@ -368,23 +386,26 @@ def _write_folder(source: Path, fmt: Format, output: Path, state: dict[str, Any]
         save_torch(state, folder / INT8_WEIGHTS)
         if fmt == Format.HF_FOLDER and (source / HF_CONFIG).is_file():
             write_sidecar(folder, info, QUANTIZATION_INFO)
+    return left_out
 
 
 # ---------------------------------------------------------------- drift, latency and the report
 
 
-def _drift(original: LoadedModel, candidate: LoadedModel, options: Int8Options
+def _drift(original: LoadedModel, candidate: LoadedModel, plan: InputPlan, options: Int8Options
            ) -> tuple[ParityReport, tuple[LatencyRow, ...]]:
     """Both models on this CPU: outputs compared through the parity engine, then latencies measured."""
-    from mlops_cli.core.inputs import model_shape_sets
     from mlops_cli.core.runtimes import runner_for
 
-    input_sets = model_shape_sets(original, list(options.inputs) or None, options.seed)
-    tolerances = options.tolerances or Tolerances(*PRESETS["int8"])
+    options.on_step("measuring drift")
+    tolerances = options.tolerances or Tolerances.for_preset(options.preset or "int8")
     before, after = runner_for(original, "cpu"), runner_for(candidate, "cpu")
-    report = check_parity(before, after, input_sets, tolerances, time_runs=False)
+    report = check_parity(before, after, list(plan.sets), tolerances, time_runs=False)
+    if options.repeats == 0:
+        return report, ()
+    options.on_step("timing before/after")
     rows = []
-    for input_set in input_sets:
+    for input_set in plan.sets:
         feed_before, feed_after = before.feed(input_set.tensors), after.feed(input_set.tensors)
         timings = measure_interleaved({"before": functools.partial(before, feed_before),
                                        "after": functools.partial(after, feed_after)},
@@ -394,31 +415,36 @@ def _drift(original: LoadedModel, candidate: LoadedModel, options: Int8Options
     return report, tuple(rows)
 
 
-def _report(source: Path, output: Path, input_format: str, output_format: str, engine: str, weights: str,
-            options: Int8Options, kinds: tuple[QuantizedKind, ...], skipped: tuple[tuple[str, str], ...],
-            drift: ParityReport | None, latency: tuple[LatencyRow, ...], reload: str | None = None,
+def _report(source: Path, input_format: str, output_format: str, engine: str, weights: str, options: Int8Options,
+            kinds: tuple[QuantizedKind, ...], skipped: tuple[tuple[str, str], ...], drift: ParityReport | None,
+            latency: tuple[LatencyRow, ...], *, warnings: tuple[str, ...], reload: str | None = None,
             notes: tuple[str, ...] = ()) -> Int8Report:
-    before, after = disk_size(source), disk_size(output)
+    before, after = disk_size(source), disk_size(options.output)
     quantized = sum(kind.quantized for kind in kinds)
+    preset = preset_label(options.preset, "int8", overridden=options.tolerances is not None)
     if quantized == 0:
         passed, verdict = False, "nothing was quantised: no layer of a quantisable type (see the table)"
     elif drift is not None and not drift.passed:
-        passed, verdict = False, f"drift beyond tolerance: {drift.verdict}"
+        passed, verdict = False, f"drift beyond tolerance (preset {preset}): {drift.verdict}"
     else:
         passed = True
-        drift_note = (f"drift within tolerance (atol {drift.atol:g}, rtol {drift.rtol:g})" if drift
+        drift_note = (f"drift within tolerance (preset {preset}: atol {drift.atol:g}, rtol {drift.rtol:g})" if drift
                       else "drift not measured")
         verdict = f"{quantized} layer(s) quantised to int8, {after / before:.2f}x the size; {drift_note}"
-    return Int8Report(str(source), str(output), input_format, output_format, engine, weights,
-                      options.quantize_embeddings, kinds, skipped, before, after, after / before if before else None,
-                      drift, latency, _timing_setup(input_format), passed, verdict, reload, notes)
+    return Int8Report(
+        warnings=warnings, source=str(source), output=str(options.output), input_format=input_format,
+        output_format=output_format, engine=engine, weights=weights, embeddings_quantized=options.quantize_embeddings,
+        kinds=kinds, skipped=skipped, bytes_before=before, bytes_after=after,
+        size_ratio=after / before if before else None, drift=drift, latency=latency,
+        timing_setup=_timing_setup(input_format), passed=passed, verdict=verdict, reload=reload, notes=notes,
+        preset=preset if drift else None)
 
 
 def _timing_setup(input_format: str) -> str:
-    import os
-
-    if input_format == Format.ONNX.value:
-        return f"ONNX Runtime CPU, default intra-op threads ({os.cpu_count()} cores)"
+    """What ran the timed calls: the thread count is the one `use_threads` set for torch and ONNX Runtime alike."""
     import torch
 
-    return f"torch eager CPU, {torch.get_num_threads()} thread(s), quantized engine {torch.backends.quantized.engine}"
+    threads = torch.get_num_threads()
+    if input_format == Format.ONNX.value:
+        return f"ONNX Runtime CPU, {threads} intra-op thread(s)"
+    return f"torch eager CPU, {threads} thread(s), quantized engine {torch.backends.quantized.engine}"

@@ -1,4 +1,4 @@
-"""A TOKENIZER reference -> every implementation that can be built from the same files.
+"""A tokenizer's files -> every implementation that can be built from them (`files.py` finds the files).
 
 One tokenizer (a WordPiece vocab.txt, a byte-level BPE vocab.json + merges.txt, a tokenizer.json, a
 SentencePiece .model, a Hugging Face folder or builtin:NAME) can usually be run by several libraries:
@@ -25,21 +25,18 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.services.bench_tokenizers.files import TokenizerFiles, read_json, resolve_files, spm_model_type
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_TOKENIZERS = {"tiny-bert": "wordpiece", "tiny-gpt2": "bpe"}
-SPM_NAMES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "sentencepiece.model")
-BPE_MERGES_NAMES = ("merges.txt",)
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>", "</s>", "<eos>")
 # The pre-tokenizer regex of GPT-2's byte-level BPE (tokenizers' ByteLevel(use_regex=True) uses the same).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-SPM_MODEL_TYPES = {1: "Unigram", 2: "BPE", 3: "Word", 4: "Char"}
 IMPLEMENTATION_NAMES = ("transformers-python", "transformers", "tokenizers", "tiktoken", "sentencepiece")
 
 
@@ -70,158 +67,6 @@ def _tuple(values: Any) -> tuple[int, ...] | None:
 
 def _ids(values: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
-
-
-# ---------------------------------------------------------------- what was found on disk
-
-
-@dataclass(frozen=True)
-class TokenizerFiles:
-    """The files behind a TOKENIZER reference (builtins are written to a scratch folder first)."""
-
-    reference: str
-    kind: str  # wordpiece | bpe | tokenizer.json | sentencepiece | hf-folder
-    folder: Path | None = None  # a Hugging Face folder (loaded with AutoTokenizer)
-    tokenizer_json: Path | None = None
-    wordpiece_vocab: Path | None = None
-    bpe_vocab: Path | None = None
-    bpe_merges: Path | None = None
-    spm_model: Path | None = None
-    config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json
-    origin: tuple[str, ...] = ()  # what to show instead of scratch copies (builtins)
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        found = (self.tokenizer_json, self.wordpiece_vocab, self.bpe_vocab, self.bpe_merges, self.spm_model)
-        return tuple(str(p) for p in found if p is not None)
-
-    @property
-    def shown(self) -> tuple[str, ...]:
-        return self.origin or self.paths
-
-
-def resolve_files(reference: str, scratch: Path) -> TokenizerFiles:
-    """Work out what kind of tokenizer `reference` is, by content; InputError (3) when it is none."""
-    if reference.startswith(BUILTIN_PREFIX):
-        return _builtin_files(reference, scratch)
-    path = Path(reference)
-    if not path.exists():
-        raise InputError(f"no such file or folder: {path}",
-                         hint="Pass a tokenizer folder, tokenizer.json, vocab.txt, vocab.json, a .model "
-                              "file, or builtin:tiny-bert / builtin:tiny-gpt2.")
-    if path.is_dir():
-        return _folder_files(reference, path)
-    return _file_files(reference, path)
-
-
-def _builtin_files(reference: str, scratch: Path) -> TokenizerFiles:
-    from mlops_cli.core import zoo
-
-    name = reference[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN_TOKENIZERS:
-        known = ", ".join(f"builtin:{n}" for n in BUILTIN_TOKENIZERS)
-        if name in zoo.ENTRIES:
-            raise UsageError(f"builtin:{name} has no tokenizer", hint=f"Tokenizers are built in for: {known}.")
-        raise UsageError(f"unknown built-in tokenizer {reference!r}", hint=f"Choose one of: {known}.")
-    if BUILTIN_TOKENIZERS[name] == "wordpiece":
-        vocab_path = scratch / "vocab.txt"
-        ordered = sorted(zoo.wordpiece_vocab().items(), key=lambda item: item[1])
-        vocab_path.write_text("".join(f"{token}\n" for token, _ in ordered), encoding="utf-8")
-        return TokenizerFiles(reference, "wordpiece", wordpiece_vocab=vocab_path,
-                              origin=("mlops_cli/data/wordpiece-vocab.txt (built in)",))
-    vocab, merges = zoo.bpe_vocab_and_merges()
-    vocab_path, merges_path = scratch / "vocab.json", scratch / "merges.txt"
-    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    return TokenizerFiles(reference, "bpe", bpe_vocab=vocab_path, bpe_merges=merges_path,
-                          origin=("mlops_cli/data/bpe-vocab.json (built in)", "mlops_cli/data/bpe-merges.txt"))
-
-
-def _folder_files(reference: str, folder: Path) -> TokenizerFiles:
-    def present(name: str) -> Path | None:
-        candidate = folder / name
-        return candidate if candidate.is_file() else None
-
-    spm_model = next((p for p in map(present, SPM_NAMES) if p is not None), None)
-    files = TokenizerFiles(
-        reference, "hf-folder", folder=folder, tokenizer_json=present("tokenizer.json"),
-        wordpiece_vocab=present("vocab.txt"), bpe_vocab=present("vocab.json"), bpe_merges=present("merges.txt"),
-        spm_model=spm_model, config=_read_json(present("tokenizer_config.json")) or {},
-    )
-    if not files.paths:
-        raise InputError(f"{folder} holds no tokenizer files",
-                         hint="Expected tokenizer.json, vocab.txt, vocab.json + merges.txt or a SentencePiece "
-                              ".model (a Hugging Face folder saved with save_pretrained has them).")
-    if files.bpe_vocab and not files.bpe_merges and not files.tokenizer_json:
-        raise InputError(f"{folder} has vocab.json but no merges.txt", hint="A BPE tokenizer needs both files.")
-    return files
-
-
-def _file_files(reference: str, path: Path) -> TokenizerFiles:
-    head = path.read_bytes()[:4096]
-    if not head:
-        raise InputError(f"{path} is empty (0 bytes)", hint="The download or save was interrupted; redo it.")
-    if head.lstrip()[:1] == b"{":
-        data = _read_json(path)
-        if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
-            return TokenizerFiles(reference, "tokenizer.json", tokenizer_json=path)
-        if isinstance(data, dict) and data and all(isinstance(v, int) for v in data.values()):
-            return TokenizerFiles(reference, "bpe", bpe_vocab=path, bpe_merges=_merges_next_to(path))
-        raise InputError(f"{path} is JSON but neither a tokenizer.json nor a BPE vocab.json",
-                         hint="A tokenizer.json has a 'model' section; a vocab.json maps tokens to ids.")
-    if _is_sentencepiece(path):
-        return TokenizerFiles(reference, "sentencepiece", spm_model=path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not a tokenizer file mlops understands",
-                         hint="Supported: tokenizer.json, vocab.txt (WordPiece), vocab.json + merges.txt (BPE), "
-                              "a SentencePiece .model, or a Hugging Face folder.") from exc
-    if not any(line.startswith("##") or line in ("[UNK]", "<unk>") for line in lines):
-        raise InputError(f"{path} does not look like a WordPiece vocab.txt (no [UNK], no ##pieces)",
-                         hint="A WordPiece vocabulary has one token per line, e.g. [UNK] and ##ing.")
-    return TokenizerFiles(reference, "wordpiece", wordpiece_vocab=path)
-
-
-def _merges_next_to(vocab_path: Path) -> Path:
-    """merges.txt beside a vocab.json (also NAME-merges.txt beside NAME-vocab.json)."""
-    candidates = [vocab_path.with_name(vocab_path.name.replace("vocab", "merges").replace(".json", ".txt")),
-                  *(vocab_path.with_name(name) for name in BPE_MERGES_NAMES)]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise InputError(f"no merges file next to {vocab_path}",
-                     hint="A BPE tokenizer needs vocab.json and merges.txt in the same folder.")
-
-
-def _read_json(path: Path | None) -> Any:
-    if path is None:
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}", hint="The file is damaged; save it again.") from exc
-
-
-def _is_sentencepiece(path: Path) -> bool:
-    if importlib.util.find_spec("sentencepiece") is None:
-        return False
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor()
-    try:
-        processor.LoadFromSerializedProto(path.read_bytes())
-    except (RuntimeError, OSError):
-        return False
-    return processor.get_piece_size() > 0
-
-
-def spm_model_type(path: Path) -> str:
-    """'Unigram', 'BPE', 'Word' or 'Char', read from the model's trainer spec."""
-    from transformers.convert_slow_tokenizer import import_protobuf
-
-    proto = import_protobuf().ModelProto.FromString(path.read_bytes())
-    return SPM_MODEL_TYPES.get(proto.trainer_spec.model_type, str(proto.trainer_spec.model_type))
 
 
 # ---------------------------------------------------------------- implementations
@@ -524,9 +369,9 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(previous)
 
 
-def load_suite(reference: str, scratch: Path) -> TokenizerSuite:
-    """Build every applicable implementation of `reference` (scratch: a folder for derived files)."""
-    files = resolve_files(reference, scratch)
+def load_suite(ref: ModelRef, scratch: Path) -> TokenizerSuite:
+    """Build every applicable implementation of `ref` (scratch: a folder for derived files)."""
+    files = resolve_files(ref, scratch)
     warnings: list[str] = []
     with quiet_transformers():
         rust = _build(lambda: _transformers_rust(files, scratch, warnings))
@@ -545,7 +390,7 @@ def load_suite(reference: str, scratch: Path) -> TokenizerSuite:
             else:
                 skipped.append(Skipped(name, str(built)))
     if not implementations:
-        raise InputError(f"no implementation could load {reference}",
+        raise InputError(f"no implementation could load {ref}",
                          hint="; ".join(f"{s.name}: {s.reason}" for s in skipped))
     return TokenizerSuite(files, implementations, skipped, warnings, _model_type(files, rust))
 
@@ -595,7 +440,7 @@ def _transformers_rust(files: TokenizerFiles, scratch: Path, warnings: list[str]
         tokenizer = BertTokenizer(vocab=str(files.wordpiece_vocab))
         notes.append("BertTokenizer defaults: lowercase, Chinese characters split, [CLS]/[SEP] template")
     elif files.kind == "bpe":
-        vocab = _read_json(files.bpe_vocab)
+        vocab = read_json(files.bpe_vocab)
         tokenizer = GPT2Tokenizer(vocab=vocab, merges=_read_merges(files.bpe_merges))  # type: ignore[arg-type]
     else:  # a bare tokenizer.json or .model: the generic class, through a scratch folder
         folder = scratch / "transformers"
@@ -747,7 +592,7 @@ def _tiktoken(files: TokenizerFiles, rust: TransformersImplementation, warnings:
     pattern = _byte_level_pattern(pipeline.get("pre_tokenizer") or {})
     notes = []
     if files.bpe_vocab is not None:
-        vocab = _read_json(files.bpe_vocab)
+        vocab = read_json(files.bpe_vocab)
         notes.append(f"ranks from {files.bpe_vocab.name}")
     else:
         vocab = model["vocab"]

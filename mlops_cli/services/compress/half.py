@@ -1,16 +1,17 @@
 """`mlops compress half`: fp32 -> fp16/bf16, the same kind of artefact out as in, with its drift measured.
 
-- safetensors -> safetensors, streamed tensor by tensor (services/compress_stream.py);
+- safetensors -> safetensors, streamed tensor by tensor (stream.py);
 - torch state_dict / training checkpoint -> the same structure (other keys kept), written reproducibly;
 - Hugging Face / mlops weights folder -> a folder with every file copied, weights converted, config dtype set;
-- ONNX -> fp16 ONNX through ONNX Runtime's float16 converter, whose clamping is counted and reported.
+- ONNX -> fp16 ONNX through ONNX Runtime's float16 converter, whose clamping is counted (half_onnx.py).
 
-Only floating-point tensors change. Overflow to inf (or, for ONNX, clamping to the largest finite fp16)
-discards the output and fails unless `allow_overflow`; mask fills (+-the source dtype's largest value, as in
-every Hugging Face attention mask) saturate to +-the target's largest value and are only noted. An input
-already quantised to int8 is refused, and the drift check's inputs are settled before anything is written.
-The drift check loads the written artefact (so it also proves the file loads) and compares it with the
-original through the parity engine.
+Only floating-point tensors change, minus those the keep rules keep (keep.py: normalisation layers by module type
+whenever the model can be built). Overflow to inf (or, for ONNX, clamping to the largest finite fp16) discards
+the output and fails unless `allow_overflow`; mask fills (+-the source dtype's largest value, as in every Hugging
+Face attention mask) saturate to +-the target's largest value and are only noted. An input already quantised to
+int8 is refused, and the drift check's inputs are settled before anything is written. The drift check loads the
+written artefact (so it also proves the file loads) and compares it with the original through the parity engine,
+with the target dtype's tolerance preset unless told otherwise.
 """
 
 from __future__ import annotations
@@ -22,48 +23,53 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.compare import PRESETS
+from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, torch_load_weights
+from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
-from mlops_cli.core.loading import LoadedModel, LoadOptions, load_model, split_checkpoint
+from mlops_cli.core.loading import LoadedModel, load_model, split_checkpoint
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
-from mlops_cli.services.compress import (
+from mlops_cli.core.safetensors_file import torch_dtype
+from mlops_cli.services.compress.cast import (
     HALF_DTYPES,
-    NORM_ONNX_OPS,
-    KeepRules,
-    PerLayerReport,
     SafetyTotals,
     SizeSummary,
     TensorSafety,
-    can_build_model,
-    compare_layers,
     convert_state_dict,
-    output_load_options,
-    refuse_quantised,
-    reject_builtin,
-    resolve_input_specs,
     safety_totals,
     sentinel_notes,
     size_summary,
-    tensor_safety,
-    torch_dtype,
+)
+from mlops_cli.services.compress.drift import PerLayerReport, compare_layers
+from mlops_cli.services.compress.half_onnx import OVERFLOW_ACTION, UNDERFLOW_ACTION, convert_onnx, save_onnx
+from mlops_cli.services.compress.keep import KeepRules
+from mlops_cli.services.compress.shared import (
+    can_build_model,
+    loader_warnings,
+    output_load_options,
+    plan_check_inputs,
+    preset_label,
+    refuse_quantised,
+    source_path,
     weight_files,
 )
-from mlops_cli.services.compress_stream import stream_convert
+from mlops_cli.services.compress.stream import stream_convert
 
-FP16_MAX = 65504.0
-ORT_MIN_POSITIVE = 5.96e-08  # what ONNX Runtime's converter raises smaller non-zero magnitudes to
-FP16_TINY = 6.103515625e-05
 INDEX_SUFFIX = ".index.json"
 CPU_DRIFT_MODE = ("weights rounded to {dtype} and computed in float32 on CPU (CPU {dtype} compute is 10-100x "
                   "slower and not what a GPU does, so it is neither run nor timed)")
 CUDA_DRIFT_MODE = "real {dtype} compute on {device} (model.to({dtype}), float inputs cast), timed against float32"
 ONNX_DRIFT_MODE = "ONNX Runtime on {device}: the {dtype} graph against the original graph"
+MIXED_CONFIG_NOTE = (
+    "config.json dtype float32: transformers casts every tensor to the config's dtype on load (only classes that "
+    "list _keep_in_fp32_modules are spared), so float32 is the one value that keeps the {kept} kept tensor(s) "
+    "float32 in plain from_pretrained; the {target} tensors then load as float32 holding {target} values (what the "
+    "drift check measured). dtype=torch.{target} loads everything, kept tensors included, as {target}.")
 
 
-@dataclass(frozen=True)
-class HalfOptions:
+@dataclass(frozen=True, kw_only=True)
+class HalfOptions(OutputOptions):
     dtype: str = "fp16"
     keep_fp32: tuple[str, ...] = ()
     default_keep: bool = True
@@ -72,15 +78,14 @@ class HalfOptions:
     check: bool = True
     per_layer: bool = False
     device: str = "auto"
-    inputs: tuple[str, ...] = ()
-    seed: int = 0
-    tolerances: Tolerances | None = None
-    repeats: int = 10
-    force: bool = False
+    inputs: InputRequest = field(default_factory=InputRequest)
+    preset: str | None = None  # tolerance preset (core/compare.py PRESETS); None: the target dtype's (auto)
+    tolerances: Tolerances | None = None  # --atol/--rtol; None: the preset's
+    repeats: int = 10  # timed runs per input set on CUDA; 0 skips timing
 
 
-@dataclass(frozen=True)
-class HalfReport:
+@dataclass(frozen=True, kw_only=True)
+class HalfReport(Report):
     source: str
     output: str
     input_format: str
@@ -88,6 +93,7 @@ class HalfReport:
     dtype: str
     keep_patterns: tuple[str, ...]
     default_keep: bool
+    keep_rule: str  # how the kept tensors were chosen: module types, names, --keep-fp32
     written: bool
     streamed: bool
     tensors: tuple[TensorSafety, ...]
@@ -101,8 +107,10 @@ class HalfReport:
     verdict: str
     files_copied: tuple[str, ...] = ()
     checkpoint_keys_kept: tuple[str, ...] = ()
+    config_dtype: str | None = None  # what an HF folder's config.json says after conversion
     drift: ParityReport | None = None
     drift_mode: str | None = None
+    preset: str | None = None  # the tolerance preset of the drift check, e.g. "fp16 (auto)"
     per_layer: PerLayerReport | None = None
     notes: tuple[str, ...] = ()
 
@@ -118,53 +126,73 @@ class _Conversion:
     checkpoint_keys_kept: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     written: bool = False
+    config_dtype: str | None = None
     overflow_action: str = "became inf"
     underflow_action: str = "flushed to zero"
+
+
+@dataclass(frozen=True)
+class _Drift:
+    report: ParityReport
+    mode: str
+    per_layer: PerLayerReport | None
+    candidate: LoadedModel
 
 
 class _Discard(Exception):
     """Raised inside an atomic writer to throw the output away (overflow without --allow-overflow)."""
 
 
-def compress_half(reference: str, output: Path, load: LoadOptions, options: HalfOptions) -> HalfReport:
+def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     """Convert a model's floating tensors to fp16/bf16 and measure what that did."""
     import torch
 
-    reject_builtin(reference)
+    from mlops_cli.core.runtimes import use_threads
+
+    source = source_path(ref)
+    use_threads(options.threads)
     if options.dtype not in HALF_DTYPES:
         raise UsageError(f"--dtype {options.dtype!r} is not one of {', '.join(HALF_DTYPES)}")
     target = HALF_DTYPES[options.dtype]
-    source = Path(reference)
     fmt = detect_format(source)
     _check_supported(fmt, options)
     refuse_quantised(source, fmt, "compress half")
-    check_output(output, options.force, [source])
-    keep = KeepRules.build(options.keep_fp32, options.default_keep)
-    original = load_model(reference, load) if options.check and can_build_model(source, fmt, load.arch) else None
-    if original is not None:  # before converting: a model whose inputs are unknown must leave nothing behind
-        options = replace(options, inputs=resolve_input_specs(original, options.inputs))
+    check_output(options.output, options.force, ref.sources)
+    original = None
+    # Built when its module types decide what to keep or the check runs it (--no-check --no-default-keep: never).
+    if (options.check or options.default_keep) and can_build_model(source, fmt, options.load.arch):
+        options.on_step("loading the original")
+        original = load_model(ref, options.load)
+    keep = KeepRules.build(options.keep_fp32, options.default_keep, original.module if original else None,
+                           options.load.strip_prefix)
+    plan = plan_check_inputs(original, options.inputs) if options.check and original is not None else None
 
+    options.on_step(f"converting to {target}")
     started = time.perf_counter()
-    conversion = _convert(source, fmt, output, target, keep, load, options)
+    conversion = _convert(source, fmt, target, keep, options)
     seconds = time.perf_counter() - started
     totals = safety_totals(conversion.tensors)
     notes = list(conversion.notes) + sentinel_notes(conversion.tensors, target)
-    drift = mode = per_layer = None
-    if conversion.written and original is not None:
-        drift, mode, per_layer = _measure_drift(original, output, load, options, target)
+    drift = None
+    if conversion.written and original is not None and plan is not None:
+        drift = _measure_drift(original, plan, options, target)
     elif conversion.written and options.check:
         notes.append("drift not measured: this file holds only weights; pass --arch (and --input) to build the model")
-    passed, verdict = _verdict(conversion, totals, drift, options, target)
+    preset = preset_label(options.preset, options.dtype, overridden=options.tolerances is not None)
+    passed, verdict = _verdict(conversion, totals, drift.report if drift else None, options, target, preset)
     return HalfReport(
-        source=str(source), output=str(output), input_format=fmt.value, output_format=conversion.output_format,
-        dtype=target, keep_patterns=keep.patterns, default_keep=keep.defaults_used, written=conversion.written,
+        warnings=loader_warnings(original, drift.candidate if drift else None),
+        source=str(source), output=str(options.output), input_format=fmt.value,
+        output_format=conversion.output_format, dtype=target, keep_patterns=keep.patterns,
+        default_keep=keep.defaults_used, keep_rule=keep.describe(), written=conversion.written,
         streamed=conversion.streamed, tensors=tuple(conversion.tensors), totals=totals,
-        size=size_summary(conversion.tensors, source, output if conversion.written else None),
+        size=size_summary(conversion.tensors, source, options.output if conversion.written else None),
         overflow_action=conversion.overflow_action, underflow_action=conversion.underflow_action,
         subnormal_below=float(torch.finfo(torch_dtype(target)).tiny), seconds=seconds, passed=passed,
         verdict=verdict, files_copied=tuple(conversion.files_copied),
-        checkpoint_keys_kept=tuple(conversion.checkpoint_keys_kept), drift=drift, drift_mode=mode,
-        per_layer=per_layer, notes=tuple(notes))
+        checkpoint_keys_kept=tuple(conversion.checkpoint_keys_kept), config_dtype=conversion.config_dtype,
+        drift=drift.report if drift else None, drift_mode=drift.mode if drift else None,
+        preset=preset if drift else None, per_layer=drift.per_layer if drift else None, notes=tuple(notes))
 
 
 def _check_supported(fmt: Format, options: HalfOptions) -> None:
@@ -179,15 +207,18 @@ def _check_supported(fmt: Format, options: HalfOptions) -> None:
                          hint="Run --per-layer on the checkpoint the ONNX file was exported from.")
 
 
-def _convert(source: Path, fmt: Format, output: Path, target: str, keep: KeepRules, load: LoadOptions,
-             options: HalfOptions) -> _Conversion:
+# ---------------------------------------------------------------- conversion, per format
+
+
+def _convert(source: Path, fmt: Format, target: str, keep: KeepRules, options: HalfOptions) -> _Conversion:
     if fmt == Format.ONNX:
-        return _convert_onnx(source, output, keep, options)
+        return _convert_onnx(source, keep, options)
+    sources = [source]
     if fmt in (Format.HF_FOLDER, Format.WEIGHTS_FOLDER):
         conversion = _Conversion(fmt.value)
         try:
-            with atomic_dir(output, options.force, [source]) as folder:
-                _convert_folder(source, folder, target, keep, load, conversion)
+            with atomic_dir(options.output, options.force, sources) as folder:
+                _convert_folder(source, folder, target, keep, options.load.key, conversion)
                 _discard_on_overflow(conversion, options)
             conversion.written = True
         except _Discard:
@@ -196,7 +227,7 @@ def _convert(source: Path, fmt: Format, output: Path, target: str, keep: KeepRul
     if fmt == Format.SAFETENSORS:
         conversion = _Conversion(fmt.value, streamed=True)
         try:
-            with atomic_file(output, options.force, [source]) as temp:
+            with atomic_file(options.output, options.force, sources) as temp:
                 conversion.tensors = stream_convert(source, temp, target, keep)
                 _discard_on_overflow(conversion, options)
             conversion.written = True
@@ -204,11 +235,21 @@ def _convert(source: Path, fmt: Format, output: Path, target: str, keep: KeepRul
             pass
         return conversion
     conversion = _Conversion(Format.TORCH_ZIP.value)
-    content = _convert_torch_file(source, target, keep, load.key, conversion, prefix="")
+    content = _convert_torch_file(source, target, keep, options.load.key, conversion, prefix="")
     if fmt == Format.TORCH_LEGACY:
         conversion.notes.append("the legacy pickle format was written as a torch zip (what torch.save writes today)")
     if not _overflow_refused(conversion, options):
-        save_torch(content, output, options.force, [source])
+        save_torch(content, options.output, options.force, sources)
+        conversion.written = True
+    return conversion
+
+
+def _convert_onnx(source: Path, keep: KeepRules, options: HalfOptions) -> _Conversion:
+    converted = convert_onnx(source, keep, options.keep_io_types)
+    conversion = _Conversion(Format.ONNX.value, converted.tensors, notes=[converted.note],
+                             overflow_action=OVERFLOW_ACTION, underflow_action=UNDERFLOW_ACTION)
+    if not _overflow_refused(conversion, options):
+        save_onnx(converted.model, options.output, options.force, [source])
         conversion.written = True
     return conversion
 
@@ -236,21 +277,17 @@ def _convert_torch_file(source: Path, target: str, keep: KeepRules, key: str | N
 
 
 def _prefixed(safety: TensorSafety, prefix: str) -> TensorSafety:
-    if not prefix:
-        return safety
-    from dataclasses import replace
-
-    return replace(safety, name=f"{prefix}{safety.name}")
+    return replace(safety, name=f"{prefix}{safety.name}") if prefix else safety
 
 
-def _convert_folder(source: Path, folder: Path, target: str, keep: KeepRules, load: LoadOptions,
+def _convert_folder(source: Path, folder: Path, target: str, keep: KeepRules, key: str | None,
                     conversion: _Conversion) -> None:
     """Every file copied; weight files converted; config dtype and shard index sizes updated."""
     weights = weight_files(source)
     if not weights:
         raise InputError(f"{source} holds no weight files (*.safetensors, pytorch_model*.bin)")
     prefix_names = len(weights) > 1
-    conversion.streamed = bool(weights) and all(detect_format(p) == Format.SAFETENSORS for p in weights)
+    conversion.streamed = all(detect_format(p) == Format.SAFETENSORS for p in weights)
     for path in sorted(source.iterdir()):
         destination = folder / path.name
         prefix = f"{path.name}:" if prefix_names else ""
@@ -260,25 +297,36 @@ def _convert_folder(source: Path, folder: Path, target: str, keep: KeepRules, lo
         elif path in weights and detect_format(path) == Format.SAFETENSORS:
             conversion.tensors += [_prefixed(t, prefix) for t in stream_convert(path, destination, target, keep)]
         elif path in weights:
-            content = _convert_torch_file(path, target, keep, load.key, conversion, prefix)
-            save_torch(content, destination)
-        elif path.name == HF_CONFIG:
-            _write_config(path, destination, target)
-        else:
+            save_torch(_convert_torch_file(path, target, keep, key, conversion, prefix), destination)
+        elif path.name != HF_CONFIG:
             shutil.copyfile(path, destination)
             conversion.files_copied.append(path.name)
+    if (source / HF_CONFIG).is_file():  # after the weights: its dtype depends on what was kept
+        conversion.config_dtype = _config_dtype(conversion.tensors, target)
+        _write_config(source / HF_CONFIG, folder / HF_CONFIG, conversion.config_dtype)
+        if conversion.config_dtype != target:
+            kept = sum(t.output_dtype == conversion.config_dtype for t in conversion.tensors if not t.converted)
+            conversion.notes.append(MIXED_CONFIG_NOTE.format(kept=kept, target=target))
     for index in folder.glob(f"*{INDEX_SUFFIX}"):
         _update_index(index, folder)
 
 
-def _write_config(source: Path, destination: Path, target: str) -> None:
+def _config_dtype(tensors: list[TensorSafety], target: str) -> str:
+    """The config dtype under which transformers reloads what the files hold: `target` when every floating
+    tensor is `target`; float32 when some were kept float32 (transformers casts all tensors to this one dtype,
+    and only float32 keeps the kept ones as they are)."""
+    floating = {t.output_dtype for t in tensors if t.converted or t.kept_by is not None}
+    return "float32" if "float32" in floating else target
+
+
+def _write_config(source: Path, destination: Path, dtype: str) -> None:
     try:
         config = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{source} could not be read: {exc}") from exc
-    config["dtype"] = target
+    config["dtype"] = dtype
     if "torch_dtype" in config:  # transformers < 5 wrote this name
-        config["torch_dtype"] = target
+        config["torch_dtype"] = dtype
     destination.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -295,136 +343,38 @@ def _update_index(index: Path, folder: Path) -> None:
     index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-# ---------------------------------------------------------------- ONNX
-
-
-def _convert_onnx(source: Path, output: Path, keep: KeepRules, options: HalfOptions) -> _Conversion:
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    model = onnx.load(str(source))
-    before = _onnx_tensors(model)
-    initializers = {init.name for init in model.graph.initializer}
-    blocked_nodes = [node.name for node in model.graph.node if node.name and (
-        keep.match(node.name) or any(keep.match(name) for name in node.input if name in initializers))]
-    blocked_ops = list(DEFAULT_OP_BLOCK_LIST) + (list(NORM_ONNX_OPS) if keep.defaults_used else [])
-    converted = convert_float_to_float16(model, keep_io_types=options.keep_io_types, op_block_list=blocked_ops,
-                                         node_block_list=blocked_nodes, max_finite_val=FP16_MAX,
-                                         min_positive_val=ORT_MIN_POSITIVE)
-    after = _onnx_tensors(converted)
-    conversion = _Conversion(Format.ONNX.value, overflow_action="clamped to +-65504 by ONNX Runtime's converter",
-                             underflow_action="raised to +-5.96e-08 by ONNX Runtime's converter")
-    conversion.tensors = [_onnx_safety(name, array, after.get(name), keep) for name, array in before.items()]
-    conversion.notes.append(f"nodes kept in float32: {len(blocked_nodes)} by name/initializer pattern, plus op types "
-                            f"{', '.join(sorted(set(blocked_ops)))}; inputs/outputs "
-                            f"{'kept float32 (--keep-io-types)' if options.keep_io_types else 'converted to float16'}")
-    if _overflow_refused(conversion, options):
-        return conversion
-    if converted.ByteSize() > 2**31 - 1:
-        raise UsageError("the float16 ONNX model is over 2 GiB, which one protobuf file cannot hold",
-                         hint="Compress the torch checkpoint instead and export it again.")
-    with atomic_file(output, options.force, [source]) as temp:
-        onnx.save_model(converted, str(temp))
-    conversion.written = True
-    return conversion
-
-
-def _onnx_tensors(model: Any) -> dict[str, Any]:
-    """Initializers and Constant-node values of the main graph, as numpy arrays by name."""
-    from onnx import numpy_helper
-
-    tensors = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.HasField("t"):
-                    tensors[f"Constant:{node.output[0]}"] = numpy_helper.to_array(attribute.t)
-    return tensors
-
-
-def _onnx_safety(name: str, array: Any, result: Any, keep: KeepRules) -> TensorSafety:
-    """What ONNX Runtime's converter did to one tensor, with its clamping counted instead of hidden."""
-    import numpy as np
-
-    from mlops_cli.services.compress import CastCounts
-
-    source_dtype = str(array.dtype)
-    output_dtype = str(result.dtype) if result is not None else source_dtype
-    shape = tuple(array.shape)
-    sizes = (array.dtype.itemsize, result.dtype.itemsize if result is not None else array.dtype.itemsize)
-    converted = source_dtype == "float32" and output_dtype == "float16"
-    if not converted:
-        pattern = keep.match(name)
-        reason = ("not floating-point" if not np.issubdtype(array.dtype, np.floating) else
-                  f"kept: matches {pattern}" if pattern else
-                  f"kept {source_dtype}: used only by nodes that stay float32" if source_dtype == "float32" else
-                  f"left {source_dtype} by the converter")
-        return tensor_safety(name, shape, source_dtype, output_dtype, False, reason, sizes)
-    values = array.astype(np.float64).ravel()
-    finite = np.isfinite(values)
-    magnitude = np.abs(np.where(finite, values, 0.0))
-    out = np.abs(result.astype(np.float64).ravel())
-    sentinel = int((magnitude == np.finfo(array.dtype).max).sum())  # mask fills: the converter clamps them too
-    counts = CastCounts(
-        overflow=int((magnitude > FP16_MAX).sum()) - sentinel,
-        underflow=int(((magnitude > 0) & (magnitude < ORT_MIN_POSITIVE)).sum()),
-        subnormal=int(((out > 0) & (out < FP16_TINY)).sum()),
-        nonfinite_source=int((~finite).sum()),
-        max_abs=float(magnitude.max()) if magnitude.size else 0.0, sentinel=sentinel)
-    return tensor_safety(name, shape, source_dtype, output_dtype, True, "converted", sizes, counts)
-
-
 # ---------------------------------------------------------------- drift
 
 
-def _measure_drift(original: LoadedModel, output: Path, load: LoadOptions, options: HalfOptions, target: str
-                   ) -> tuple[ParityReport, str, PerLayerReport | None]:
+def _measure_drift(original: LoadedModel, plan: InputPlan, options: HalfOptions, target: str) -> _Drift:
     """The written artefact against the original, through the parity engine (and hooks for --per-layer)."""
-    from mlops_cli.core.inputs import model_shape_sets
     from mlops_cli.core.runtimes import resolve_device, runner_for
 
+    options.on_step("measuring drift")
     device = resolve_device(options.device)
-    input_sets = model_shape_sets(original, list(options.inputs) or None, options.seed)
-    candidate = load_model(str(output), output_load_options(original, load))
-    tolerances = options.tolerances or Tolerances(*PRESETS["fp16" if target == "float16" else "bf16"])
+    input_sets = list(plan.sets)
+    candidate = load_model(str(options.output), output_load_options(original, options.load))
+    tolerances = options.tolerances or Tolerances.for_preset(options.preset or options.dtype)
     if original.module is None:  # ONNX
-        mode = ONNX_DRIFT_MODE.format(device=device, dtype=target)
         report = check_parity(runner_for(original, device), runner_for(candidate, device), input_sets, tolerances,
                               time_runs=False)
-        return report, mode, None
+        return _Drift(report, ONNX_DRIFT_MODE.format(device=device, dtype=target), None, candidate)
     if device == "cpu":
-        candidate.module.float()  # the rounded weights, computed in float32
-        if candidate.format == Format.HF_FOLDER:
-            _restore_file_weights(candidate.module, output)
+        candidate.module.float()  # the rounded weights (kept tensors as they are), computed in float32
         mode = CPU_DRIFT_MODE.format(dtype=target)
     else:
         _run_in_dtype(candidate.module, target)
         mode = CUDA_DRIFT_MODE.format(dtype=target, device=device)
     reference_runner, candidate_runner = runner_for(original, device), runner_for(candidate, device)
-    report = check_parity(reference_runner, candidate_runner, input_sets, tolerances, time_runs=device != "cpu",
-                          repeats=options.repeats)
+    report = check_parity(reference_runner, candidate_runner, input_sets, tolerances,
+                          time_runs=device != "cpu" and options.repeats > 0, repeats=options.repeats)
     per_layer = None
     if options.per_layer:
-        first = input_sets[0]
+        options.on_step("comparing layer by layer")
+        first = plan.example
         per_layer = compare_layers(original.module, candidate.module, lambda: reference_runner(first.tensors),
                                    lambda: candidate_runner(first.tensors), first.label, target)
-    return report, mode, per_layer
-
-
-def _restore_file_weights(module: Any, folder: Path) -> None:
-    """transformers casts every tensor to the config's dtype on load; put back exactly what the files hold,
-    so tensors kept in float32 are measured as kept."""
-    import torch
-    from safetensors.torch import load_file
-
-    expected = module.state_dict()
-    with torch.no_grad():
-        for path in weight_files(folder):
-            stored = load_file(str(path)) if path.suffix == ".safetensors" else split_checkpoint(
-                torch_load_weights(path), None, path)[0]
-            for name, tensor in stored.items():
-                if name in expected and expected[name].shape == tensor.shape and tensor.is_floating_point():
-                    expected[name].copy_(tensor)
+    return _Drift(report, mode, per_layer, candidate)
 
 
 def _run_in_dtype(module: Any, target: str) -> None:
@@ -446,7 +396,7 @@ def _run_in_dtype(module: Any, target: str) -> None:
 
 
 def _verdict(conversion: _Conversion, totals: SafetyTotals, drift: ParityReport | None, options: HalfOptions,
-             target: str) -> tuple[bool, str]:
+             target: str, preset: str) -> tuple[bool, str]:
     if totals.overflow:
         where = ", ".join(totals.tensors_with_overflow[:3]) + (" ..." if len(totals.tensors_with_overflow) > 3 else "")
         if not options.allow_overflow:
@@ -456,7 +406,7 @@ def _verdict(conversion: _Conversion, totals: SafetyTotals, drift: ParityReport 
     else:
         overflow_note = ""
     if drift is not None and not drift.passed:
-        return False, f"drift beyond tolerance: {drift.verdict}{overflow_note}"
-    drift_note = (f"; drift within tolerance (atol {drift.atol:g}, rtol {drift.rtol:g})" if drift
+        return False, f"drift beyond tolerance (preset {preset}): {drift.verdict}{overflow_note}"
+    drift_note = (f"; drift within tolerance (preset {preset}: atol {drift.atol:g}, rtol {drift.rtol:g})" if drift
                   else "; drift not measured")
     return True, f"{totals.converted_tensors} tensor(s) converted to {target}{drift_note}{overflow_note}"

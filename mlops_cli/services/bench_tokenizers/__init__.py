@@ -5,9 +5,12 @@ Workloads: one text per call, one pair per call, batches of pairs padded and tru
 hits all alike. Before timing, every implementation's output on every text is compared with the
 reference implementation's (ids, attention mask, token types): a fast tokenizer that disagrees is no win.
 
-The Rust libraries size their worker pool once per process, so a thread sweep (`threads=(1, 2)`) runs each
+The Rust libraries size their worker pool once per process, so a thread sweep (`thread_sweep=(1, 2)`) runs each
 setting in a child process (`python -m mlops_cli.services.bench_tokenizers SETTINGS_JSON`) that prints
 its timings as JSON.
+
+The package: `files.py` finds the files behind a TOKENIZER reference, `implementations.py` wraps every
+library that can run them, this module benchmarks them: `run(ref, BenchTokenizersOptions) -> report`.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from mlops_cli.core.contract import ModelRef, Report, ServiceOptions, StepCallback
 from mlops_cli.core.errors import InputError, ResourceError, UsageError
 from mlops_cli.core.timing import measure_interleaved
-from mlops_cli.core.tokenizers import (
+from mlops_cli.services.bench_tokenizers.implementations import (
     IMPLEMENTATION_NAMES,
     Encoded,
     Implementation,
@@ -45,23 +49,22 @@ WORKLOAD_HELP = {
     "batch": "a batch of pairs per call, padded and truncated to max_length",
     "decode": "ids back to text, one text per call",
 }
-Progress = Callable[[str], None]
 
 
 # ---------------------------------------------------------------- settings and report
 
 
-@dataclass(frozen=True)
-class BenchSettings:
-    """What to benchmark and how; also sent as JSON to the child processes of a thread sweep."""
+@dataclass(frozen=True, kw_only=True)
+class BenchTokenizersOptions(ServiceOptions):
+    """How to benchmark; the fields of this class (not the inherited ones) are sent as JSON to the child
+    processes of a thread sweep."""
 
-    tokenizer: str
     texts_file: str | None = None
     iterations: int = 10
     warmup: int = 2
     batch_size: int = 32
     max_length: int = 64
-    threads: tuple[int, ...] = ()
+    thread_sweep: tuple[int, ...] = ()  # --threads: Rust worker threads, one child process per value
     reference: str | None = None
     implementations: tuple[str, ...] = ()
     workloads: tuple[str, ...] = WORKLOADS
@@ -128,8 +131,8 @@ class ThreadRun:
     timings: tuple[WorkloadTiming, ...]
 
 
-@dataclass(frozen=True)
-class TokenizerBenchReport:
+@dataclass(frozen=True, kw_only=True)
+class TokenizerBenchReport(Report):
     tokenizer: str
     kind: str
     model_type: str
@@ -148,7 +151,6 @@ class TokenizerBenchReport:
     timings: tuple[WorkloadTiming, ...]
     agreement: tuple[Agreement, ...]
     sweep: tuple[ThreadRun, ...]
-    warnings: tuple[str, ...]
     load_average: float | None
     cpu_count: int
     agree: bool  # every implementation agrees with the reference on every workload
@@ -206,23 +208,23 @@ def _neighbour_pairs(lines: Sequence[str]) -> tuple[tuple[str, str], ...]:
 # ---------------------------------------------------------------- the benchmark
 
 
-def bench_tokenizers(settings: BenchSettings, progress: Progress | None = None) -> TokenizerBenchReport:
-    """Check agreement and time every implementation; a thread sweep runs its timings in child processes."""
-    _validate(settings)
-    note = progress or (lambda _description: None)
-    if len(settings.threads) > 1 or (settings.threads and not _can_set_threads_here(settings.threads[0])):
-        return _bench_with_children(settings, note)
-    with _thread_environment(settings.threads[0] if settings.threads else None):
-        return _bench_here(settings, note)
+def run(ref: ModelRef, options: BenchTokenizersOptions) -> TokenizerBenchReport:
+    """Check agreement and time every implementation of the tokenizer `ref` names; a thread sweep runs its
+    timings in child processes."""
+    _validate(options)
+    if len(options.thread_sweep) > 1 or (options.thread_sweep and not _can_set_threads_here(options.thread_sweep[0])):
+        return _bench_with_children(ref, options)
+    with _thread_environment(options.thread_sweep[0] if options.thread_sweep else None):
+        return _bench_here(ref, options)
 
 
-def _validate(settings: BenchSettings) -> None:
+def _validate(settings: BenchTokenizersOptions) -> None:
     for name, value, low in (("--iterations", settings.iterations, 1), ("--warmup", settings.warmup, 0),
                              ("--batch-size", settings.batch_size, 1), ("--max-length", settings.max_length, 8),
                              ("--examples", settings.examples, 0)):
         if value < low:
             raise UsageError(f"{name} must be at least {low} (got {value})")
-    if any(n < 1 for n in settings.threads):
+    if any(n < 1 for n in settings.thread_sweep):
         raise UsageError("--threads values must be at least 1")
     unknown_impls = [name for name in settings.implementations if name not in IMPLEMENTATION_NAMES]
     if unknown_impls:
@@ -234,36 +236,38 @@ def _validate(settings: BenchSettings) -> None:
                          hint="Choose from: " + ", ".join(WORKLOADS))
 
 
-def _bench_here(settings: BenchSettings, note: Progress) -> TokenizerBenchReport:
+def _bench_here(ref: ModelRef, settings: BenchTokenizersOptions) -> TokenizerBenchReport:
     corpus = load_corpus(settings.texts_file)
+    note = settings.on_step
     with tempfile.TemporaryDirectory(prefix="mlops-tok-") as scratch, quiet_transformers():
         note("loading tokenizer implementations")
-        suite = load_suite(settings.tokenizer, Path(scratch))
-        run = _Run(settings, corpus, suite)
+        suite = load_suite(ref, Path(scratch))
+        bench = _Run(settings, corpus, suite)
         note("checking agreement")
-        agreement = run.agreement()
-        timings = run.time_workloads(note)
-        return run.report(agreement, timings, ())
+        agreement = bench.agreement()
+        timings = bench.time_workloads(note)
+        return bench.report(agreement, timings, ())
 
 
-def _bench_with_children(settings: BenchSettings, note: Progress) -> TokenizerBenchReport:
+def _bench_with_children(ref: ModelRef, settings: BenchTokenizersOptions) -> TokenizerBenchReport:
     """Agreement here (it does not depend on threads); timings in one fresh child process per setting."""
     corpus = load_corpus(settings.texts_file)
+    note = settings.on_step
     with tempfile.TemporaryDirectory(prefix="mlops-tok-") as scratch, quiet_transformers():
-        run = _Run(settings, corpus, load_suite(settings.tokenizer, Path(scratch)))  # bad input fails here, clearly
+        bench = _Run(settings, corpus, load_suite(ref, Path(scratch)))  # bad input fails here, clearly
         note("checking agreement")
-        agreement = run.agreement()
+        agreement = bench.agreement()
         runs = []
-        for threads in settings.threads:
+        for threads in settings.thread_sweep:
             note(f"timing with {threads} Rust thread(s) in a child process")
-            runs.append(ThreadRun(threads, _child_timings(dataclasses.replace(settings, threads=(threads,)))))
-        return run.report(agreement, runs[0].timings, tuple(runs), rust_threads=runs[0].threads)
+            runs.append(ThreadRun(threads, _child_timings(ref, dataclasses.replace(settings, thread_sweep=(threads,)))))
+        return bench.report(agreement, runs[0].timings, tuple(runs), rust_threads=runs[0].threads)
 
 
 class _Run:
     """One benchmark in this process: the suite, the corpus, and the reference's outputs."""
 
-    def __init__(self, settings: BenchSettings, corpus: Corpus, suite: TokenizerSuite) -> None:
+    def __init__(self, settings: BenchTokenizersOptions, corpus: Corpus, suite: TokenizerSuite) -> None:
         self.settings, self.corpus, self.suite = settings, corpus, suite
         self.reference = suite.get(settings.reference or suite.default_reference)
         self.implementations = [impl for impl in suite.implementations if impl is self.reference
@@ -348,7 +352,7 @@ class _Run:
 
     # ---- timing
 
-    def time_workloads(self, note: Progress) -> tuple[WorkloadTiming, ...]:
+    def time_workloads(self, note: StepCallback) -> tuple[WorkloadTiming, ...]:
         timings: list[WorkloadTiming] = []
         for workload in self.workloads:
             note(f"timing {workload}: {WORKLOAD_HELP[workload]}")
@@ -507,38 +511,43 @@ def _thread_env(threads: int) -> dict[str, str]:
     return {"TOKENIZERS_PARALLELISM": "false" if threads == 1 else "true", "RAYON_NUM_THREADS": str(threads)}
 
 
-def _child_timings(settings: BenchSettings) -> tuple[WorkloadTiming, ...]:
+def _child_settings(ref: ModelRef, settings: BenchTokenizersOptions) -> str:
+    """What a child process needs, as JSON: the reference and this class's own fields (not the loading options
+    nor the step callback, which are the parent's)."""
+    inherited = {f.name for f in fields(ServiceOptions)}
+    own = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in inherited}
+    return json.dumps({"tokenizer": str(ref), **own})
+
+
+def _child_timings(ref: ModelRef, settings: BenchTokenizersOptions) -> tuple[WorkloadTiming, ...]:
     """Time one thread setting in a fresh process, so its Rust pool is sized as asked."""
-    env = {**os.environ, **_thread_env(settings.threads[0])}
-    command = [sys.executable, "-m", "mlops_cli.services.bench_tokenizers", json.dumps(dataclasses.asdict(settings))]
+    env = {**os.environ, **_thread_env(settings.thread_sweep[0])}
+    command = [sys.executable, "-m", "mlops_cli.services.bench_tokenizers", _child_settings(ref, settings)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         message = (done.stderr.strip().splitlines() or ["no output"])[-1]
         if done.returncode == -9:
-            raise ResourceError(f"the benchmark child process for --threads {settings.threads[0]} was killed",
+            raise ResourceError(f"the benchmark child process for --threads {settings.thread_sweep[0]} was killed",
                                 hint="It probably ran out of memory; use a smaller --batch-size or corpus.")
-        raise InputError(f"the benchmark child process for --threads {settings.threads[0]} failed: {message}",
+        raise InputError(f"the benchmark child process for --threads {settings.thread_sweep[0]} failed: {message}",
                          hint="Run the same command with a single --threads value to see the full error.")
     rows = json.loads(done.stdout)
     return tuple(WorkloadTiming(**row) for row in rows)
 
 
-def _child_main(argv: Sequence[str]) -> int:
+def child_main(argv: Sequence[str]) -> int:
     """Entry point of a sweep's child process: time the workloads, print them as one JSON list."""
     raw = json.loads(argv[0])
-    raw["threads"] = tuple(raw["threads"])
-    raw["implementations"] = tuple(raw["implementations"])
-    raw["workloads"] = tuple(raw["workloads"])
-    settings = BenchSettings(**raw)
+    ref = ModelRef.parse(raw.pop("tokenizer"))
+    for name in ("thread_sweep", "implementations", "workloads"):
+        raw[name] = tuple(raw[name])
+    settings = BenchTokenizersOptions(**raw)
     corpus = load_corpus(settings.texts_file)
     with tempfile.TemporaryDirectory(prefix="mlops-tok-") as scratch, quiet_transformers():
-        run = _Run(settings, corpus, load_suite(settings.tokenizer, Path(scratch)))
-        timings = run.time_workloads(lambda _description: None)
+        bench = _Run(settings, corpus, load_suite(ref, Path(scratch)))
+        timings = bench.time_workloads(settings.on_step)
     rows = [{key: (None if isinstance(value, float) and not math.isfinite(value) else value)
              for key, value in dataclasses.asdict(timing).items()} for timing in timings]
     sys.stdout.write(json.dumps(rows) + "\n")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(_child_main(sys.argv[1:]))

@@ -1,0 +1,119 @@
+"""fp32 -> fp16 for ONNX graphs, through ONNX Runtime's float16 converter, with its clamping counted.
+
+The converter clamps values beyond +-65504 to it and raises tiny magnitudes to +-5.96e-08 instead of letting
+them overflow or flush; both are counted per initializer (and Constant node) from the arrays before and after,
+so the report shows what the converter did instead of hiding it. Nodes stay float32 when their name or one of
+their initializers is kept by name (an ONNX graph has no module types), or when their op type normalises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlops_cli.core.errors import UsageError
+from mlops_cli.core.io import atomic_file
+from mlops_cli.services.compress.cast import CastCounts, TensorPlan, TensorSafety, tensor_safety
+from mlops_cli.services.compress.keep import BY_OP_TYPE, KeepRules
+
+FP16_MAX = 65504.0
+ORT_MIN_POSITIVE = 5.96e-08  # what ONNX Runtime's converter raises smaller non-zero magnitudes to
+FP16_TINY = 6.103515625e-05
+OVERFLOW_ACTION = "clamped to +-65504 by ONNX Runtime's converter"
+UNDERFLOW_ACTION = "raised to +-5.96e-08 by ONNX Runtime's converter"
+NORM_ONNX_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                 "SkipSimplifiedLayerNormalization", "BatchNormalization", "InstanceNormalization",
+                 "GroupNormalization", "RMSNormalization")
+
+
+@dataclass(frozen=True)
+class OnnxConversion:
+    """The float16 graph (not written yet), what happened to every tensor, and which nodes stayed float32."""
+
+    model: Any
+    tensors: list[TensorSafety]
+    note: str
+
+
+def convert_onnx(source: Path, keep: KeepRules, keep_io_types: bool) -> OnnxConversion:
+    """Convert in memory; the caller decides whether to write (overflow may refuse it)."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(source))
+    before = _onnx_tensors(model)
+    initializers = {init.name for init in model.graph.initializer}
+    blocked_nodes = [node.name for node in model.graph.node if node.name and (
+        keep.match(node.name) or any(keep.match(name) for name in node.input if name in initializers))]
+    blocked_ops = list(DEFAULT_OP_BLOCK_LIST) + (list(NORM_ONNX_OPS) if keep.defaults_used else [])
+    converted = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=blocked_ops,
+                                         node_block_list=blocked_nodes, max_finite_val=FP16_MAX,
+                                         min_positive_val=ORT_MIN_POSITIVE)
+    after = _onnx_tensors(converted)
+    tensors = [_onnx_safety(name, array, after.get(name), keep) for name, array in before.items()]
+    note = (f"nodes kept in float32: {len(blocked_nodes)} by name/initializer pattern, plus op types "
+            f"{', '.join(sorted(set(blocked_ops)))}; inputs/outputs "
+            f"{'kept float32 (--keep-io-types)' if keep_io_types else 'converted to float16'}")
+    return OnnxConversion(converted, tensors, note)
+
+
+def save_onnx(model: Any, output: Path, force: bool, sources: list[Path]) -> None:
+    import onnx
+
+    if model.ByteSize() > 2**31 - 1:
+        raise UsageError("the float16 ONNX model is over 2 GiB, which one protobuf file cannot hold",
+                         hint="Compress the torch checkpoint instead and export it again.")
+    with atomic_file(output, force, sources) as temp:
+        onnx.save_model(model, str(temp))
+
+
+def _onnx_tensors(model: Any) -> dict[str, Any]:
+    """Initializers and Constant-node values of the main graph, as numpy arrays by name."""
+    from onnx import numpy_helper
+
+    tensors = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    tensors[f"Constant:{node.output[0]}"] = numpy_helper.to_array(attribute.t)
+    return tensors
+
+
+def _onnx_safety(name: str, array: Any, result: Any, keep: KeepRules) -> TensorSafety:
+    """What ONNX Runtime's converter did to one tensor, with its clamping counted instead of hidden."""
+    import numpy as np
+
+    source_dtype = str(array.dtype)
+    output_dtype = str(result.dtype) if result is not None else source_dtype
+    shape = tuple(array.shape)
+    sizes = (array.dtype.itemsize, result.dtype.itemsize if result is not None else array.dtype.itemsize)
+    if not (source_dtype == "float32" and output_dtype == "float16"):
+        return tensor_safety(name, shape, source_dtype, output_dtype, _unconverted(name, array, keep), sizes)
+    values = array.astype(np.float64).ravel()
+    finite = np.isfinite(values)
+    magnitude = np.abs(np.where(finite, values, 0.0))
+    out = np.abs(result.astype(np.float64).ravel())
+    sentinel = int((magnitude == np.finfo(array.dtype).max).sum())  # mask fills: the converter clamps them too
+    counts = CastCounts(
+        overflow=int((magnitude > FP16_MAX).sum()) - sentinel,
+        underflow=int(((magnitude > 0) & (magnitude < ORT_MIN_POSITIVE)).sum()),
+        subnormal=int(((out > 0) & (out < FP16_TINY)).sum()),
+        nonfinite_source=int((~finite).sum()),
+        max_abs=float(magnitude.max()) if magnitude.size else 0.0, sentinel=sentinel)
+    return tensor_safety(name, shape, source_dtype, output_dtype, TensorPlan(True, "converted"), sizes, counts)
+
+
+def _unconverted(name: str, array: Any, keep: KeepRules) -> TensorPlan:
+    """Why the converter left a tensor as it was."""
+    import numpy as np
+
+    if not np.issubdtype(array.dtype, np.floating):
+        return TensorPlan(False, "not floating-point")
+    decision = keep.match(name)
+    if decision is not None:
+        return TensorPlan(False, decision.reason, decision.by)
+    if array.dtype == np.float32:
+        return TensorPlan(False, "kept float32: used only by nodes that stay float32", BY_OP_TYPE)
+    return TensorPlan(False, f"left {array.dtype} by the converter")

@@ -1,0 +1,135 @@
+"""Weight-only int4 for an exported decoder: ONNX Runtime's MatMulNBits quantizer.
+
+Each MatMul with a constant weight becomes a `MatMulNBits` node holding 4-bit weights in blocks of
+`block_size` along the input dim, one scale (and, asymmetric, one zero point) per block; activations stay in
+float. `accuracy_level` picks the CPU kernel's compute type (None/0: as the inputs, 4: int8, faster). The
+report gives the file sizes before and after and, when a tokenizer is found, the perplexity of both graphs on
+a text and the share of positions where their greedy predictions agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlops_cli.core.contract import ModelRef, OutputOptions, Report
+from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.services.onnx_lm.export_with_past import EXTERNAL_DATA_THRESHOLD, move_into_place
+from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side
+from mlops_cli.services.onnx_lm.quality import CORPUS, onnx_logits_fn, score
+
+_QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int4Options(OutputOptions):
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int | None = None
+    tokenizer: Path | None = None  # for the perplexity comparison; default: the ONNX file's folder
+    text_file: Path = CORPUS
+    window: int = 128
+    stride: int = 64
+    max_tokens: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int4Report(Report):
+    model: str
+    output: str
+    block_size: int
+    symmetric: bool
+    accuracy_level: int | None
+    quantized_matmuls: int
+    size_before: int  # bytes, .onnx plus .data
+    size_after: int
+    perplexity_before: float | None
+    perplexity_after: float | None
+    relative_change: float | None  # after / before - 1
+    greedy_agreement: float | None
+
+
+def files_size(path: Path) -> int:
+    data = path.with_name(f"{path.name}.data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def run(ref: ModelRef, options: Int4Options) -> Int4Report:
+    """Quantise the MatMul weights of an ONNX decoder to 4 bits, then measure what it cost."""
+    import onnx
+
+    from mlops_cli.core.io import check_output, scratch_dir_beside
+
+    if options.block_size < 16 or options.block_size & (options.block_size - 1):
+        raise UsageError(f"--block-size {options.block_size}: MatMulNBits needs a power of two >= 16")
+    source = ref.path
+    if source is None or source.suffix != ".onnx" or not source.is_file():
+        raise InputError(f"{ref} is not an ONNX file", hint="Export the model first: `export onnx --task causal-lm`.")
+    target = check_output(options.output, options.force, [source])
+    OnnxDecoder(source)  # refuses a graph without the KV cache, like generation would
+    options.on_step("quantizing")
+    scratch = scratch_dir_beside(target)
+    try:
+        written = scratch / target.name
+        quantized = _quantize(onnx.load(str(source)), options)
+        count = sum(1 for node in quantized.graph.node if node.op_type == "MatMulNBits")
+        if count == 0:
+            raise InputError(f"{ref} has no MatMul with a constant weight: nothing to quantise to int4")
+        external = quantized.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        onnx.save_model(quantized, str(written), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=f"{written.name}.data", size_threshold=1024)
+        move_into_place(written, target, external)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    before, after, agreement, warnings = _perplexities(source, target, options)
+    return Int4Report(
+        model=str(ref), output=str(target), block_size=options.block_size, symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, quantized_matmuls=count, size_before=files_size(source),
+        size_after=files_size(target), perplexity_before=before, perplexity_after=after,
+        relative_change=None if before is None or after is None else after / before - 1,
+        greedy_agreement=agreement, warnings=tuple(warnings))
+
+
+def _quantize(model: Any, options: Int4Options) -> Any:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, block_size=options.block_size, is_symmetric=options.symmetric,
+                                     accuracy_level=options.accuracy_level)
+    with _quiet(_QUANTIZER_LOGGER):
+        quantizer.process()
+    return quantizer.model.model
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The quantizer logs a line per node at INFO: services never print."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _perplexities(source: Path, target: Path,
+                  options: Int4Options) -> tuple[float | None, float | None, float | None, list[str]]:
+    """Perplexity of the float and the int4 graph on the text (None, with a warning, without a tokenizer)."""
+    try:
+        tokenizer = load_text_side(options.tokenizer or source.parent).tokenizer
+    except InputError as exc:
+        return None, None, None, [f"perplexity not measured: {exc.message}; pass the HF folder as the tokenizer"]
+    text = options.text_file.read_text(encoding="utf-8")
+    tokens = np.asarray(tokenizer(text)["input_ids"][: options.max_tokens], dtype=np.int64)
+    stride = min(options.stride, options.window)
+    before, predictions = score(onnx_logits_fn(OnnxDecoder(source)), tokens, options.window, stride)
+    after, quantized_predictions = score(onnx_logits_fn(OnnxDecoder(target)), tokens, options.window, stride)
+    return math.exp(before), math.exp(after), float((predictions == quantized_predictions).mean()), []

@@ -331,3 +331,17 @@ def test_generate_finds_the_tokenizer_beside_the_onnx_file_or_says_where_it_look
     zoo.gpt2_tokenizer().save_pretrained(tmp_path)
     report = generate_run(ModelRef.parse(str(onnx_file)), options)
     assert f"tokenizer: {tmp_path}" in report.notes and report.results[0].outputs[0].new_tokens >= 1
+
+
+def test_generate_command_runs_an_onnx_decoder_like_a_pytorch_model(cli, folders: dict[str, Path],
+                                                                    exported: dict[str, Any]) -> None:
+    onnx_file = exported["gpt2"].output
+    result = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "The model",
+                 "--max-new-tokens", "4", "--fixed-length", "--threads", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert data["engine"] == "onnxruntime" and data["results"][0]["outputs"][0]["new_tokens"] == 4
+    human = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "The model", "--max-new-tokens", "3")
+    assert human.exit_code == 0 and "onnxruntime" in human.stdout
+    beams = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "x", "--strategy", "beam")
+    assert beams.exit_code == 2 and "greedy and sample" in beams.stderr

@@ -371,3 +371,16 @@ def test_verify_parity_generate_command(cli, folders: dict[str, Path], exported:
               "--max-new-tokens", "4")
     assert bad.exit_code == 6 and "generation parity failed" in bad.stderr
     assert "prompt pass" in bad.stderr or "diverge at step" in bad.stderr
+
+
+def test_compress_int4_command(cli, folders: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "int4.onnx"
+    result = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--tokenizer", folders["gpt2"], "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert data["quantized_matmuls"] > 0 and data["size_after"] < data["size_before"]
+    assert data["perplexity_before"] is not None and data["perplexity_after"] is not None
+    again = cli("compress", "int4", exported["gpt2"].output, "-o", out)
+    assert again.exit_code == 5  # never over an existing output without --force
+    human = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--force", "--tokenizer", folders["gpt2"])
+    assert human.exit_code == 0 and "perplexity" in human.stdout and "PASS" in human.stdout

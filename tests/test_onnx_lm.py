@@ -331,3 +331,56 @@ def test_generate_finds_the_tokenizer_beside_the_onnx_file_or_says_where_it_look
     zoo.gpt2_tokenizer().save_pretrained(tmp_path)
     report = generate_run(ModelRef.parse(str(onnx_file)), options)
     assert f"tokenizer: {tmp_path}" in report.notes and report.results[0].outputs[0].new_tokens >= 1
+
+
+def test_generate_command_runs_an_onnx_decoder_like_a_pytorch_model(cli, folders: dict[str, Path],
+                                                                    exported: dict[str, Any]) -> None:
+    onnx_file = exported["gpt2"].output
+    result = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "The model",
+                 "--max-new-tokens", "4", "--fixed-length", "--threads", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert data["engine"] == "onnxruntime" and data["results"][0]["outputs"][0]["new_tokens"] == 4
+    human = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "The model", "--max-new-tokens", "3")
+    assert human.exit_code == 0 and "onnxruntime" in human.stdout
+    beams = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "x", "--strategy", "beam")
+    assert beams.exit_code == 2 and "greedy and sample" in beams.stderr
+
+
+def test_verify_parity_generate_command(cli, folders: dict[str, Path], exported: dict[str, Any],
+                                        tmp_path: Path) -> None:
+    """`verify-parity HF_FOLDER model.onnx --generate`: exit 0 for the export, 6 naming the pass for a tampered one."""
+    import onnx
+    from onnx import numpy_helper
+
+    good = cli("verify-parity", folders["gpt2"], exported["gpt2"].output, "--generate", "--prompt", "The quick",
+               "--max-new-tokens", "4", "--json")
+    assert good.exit_code == 0, good.output
+    data = good.json()
+    assert data["passed"] and data["preset"] == "fp32" and len(data["prompts"][0]["passes"]) == 4
+    human = cli("verify-parity", folders["gpt2"], exported["gpt2"].output, "--generate", "--max-new-tokens", "3")
+    assert human.exit_code == 0 and "Generation parity" in human.stdout and "PASS" in human.stdout
+    model = onnx.load(exported["gpt2"].output)
+    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    values = numpy_helper.to_array(weight).copy()
+    values[:, : values.shape[1] // 4] *= 1.5
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, tampered)
+    bad = cli("verify-parity", folders["gpt2"], tampered, "--generate", "--prompt", "The quick",
+              "--max-new-tokens", "4")
+    assert bad.exit_code == 6 and "generation parity failed" in bad.stderr
+    assert "prompt pass" in bad.stderr or "diverge at step" in bad.stderr
+
+
+def test_compress_int4_command(cli, folders: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "int4.onnx"
+    result = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--tokenizer", folders["gpt2"], "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert data["quantized_matmuls"] > 0 and data["size_after"] < data["size_before"]
+    assert data["perplexity_before"] is not None and data["perplexity_after"] is not None
+    again = cli("compress", "int4", exported["gpt2"].output, "-o", out)
+    assert again.exit_code == 5  # never over an existing output without --force
+    human = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--force", "--tokenizer", folders["gpt2"])
+    assert human.exit_code == 0 and "perplexity" in human.stdout and "PASS" in human.stdout

@@ -658,7 +658,10 @@ def explain_greedy(session: Session, greedy: StrategyResult | None = None) -> Ex
 
 def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
     """Load the model `ref` names and generate (options are checked before anything loads)."""
+    from mlops_cli.core.runtimes import use_threads
+
     check_options(options)
+    use_threads(options.threads)
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
     if loaded.kind == ModelKind.ONNX:  # an ONNX decoder exported with its KV cache (export onnx --task causal-lm)

@@ -234,7 +234,7 @@ def generate(loaded: LoadedModel, options: GenerateOptions, tokenizer: Path | No
     _check(options)
     assert loaded.path is not None
     device = "cuda" if resolve_device(options.device).startswith("cuda") else "cpu"
-    decoder = OnnxDecoder(loaded.path, device, options.threads)
+    decoder = OnnxDecoder(loaded.path, device, options.threads or torch.get_num_threads())
     text = load_text_side(tokenizer or loaded.path.parent)
     input_ids, attention_mask = encode_prompts(text.tokenizer, options.prompts)
     params = decoding_params(options, text)

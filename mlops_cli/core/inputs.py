@@ -359,16 +359,3 @@ def load_inputs_file(path: str | Path) -> InputSet:
     first = next(iter(tensors.values()), None)
     sizes = {"batch": int(first.shape[0])} if first is not None and first.ndim else {}
     return InputSet(f"file:{target.name}", tensors, sizes)
-
-
-# ---------------------------------------------------------------- transitional (removed once every service plans)
-
-
-def model_shape_sets(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> list[InputSet]:
-    """The input sets of `plan_inputs` for `--input` specs (services still moving to the contract use this)."""
-    return list(plan_inputs(loaded, InputRequest(specs=tuple(explicit or ()), seed=seed)).sets)
-
-
-def example_inputs(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> InputSet:
-    """The first input set of `plan_inputs` (services still moving to the contract use this)."""
-    return plan_inputs(loaded, InputRequest(specs=tuple(explicit or ()), seed=seed)).example

@@ -54,7 +54,7 @@ ORT_TRANSFORMER_TYPES = {
 MIN_PASS_SPEEDUP = 1.02  # a pass must make the graph at least this much faster to be kept (timing noise below)
 PASS_TIMING_SECONDS = 0.3  # about how long each pass's before/after timing runs
 
-__all__ = ["ExportOnnxOptions", "ExportOnnxReport", "OptimizePass", "run", "write_onnx"]  # write_onnx: for `view`
+__all__ = ["ExportOnnxOptions", "ExportOnnxReport", "OptimizePass", "run"]
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,15 @@ def copy_with(source: Path, target: Path, change: dict[str, float] | None = None
 
 
 @pytest.fixture
-def bert(zoo_dir: Path) -> Path:
-    return zoo_dir / "tiny-bert"
+def bert(zoo_dir: Path, tmp_path: Path) -> Path:
+    """The built-in tiny BERT with the touched layers' biases zeroed (as at initialisation): a zero tensor that
+    moves has an infinite relative change, which the first test checks."""
+    folder = shutil.copytree(zoo_dir / "tiny-bert", tmp_path / "base")
+    state = load_file(folder / "model.safetensors")
+    for layer in TOUCHED:
+        state[f"{layer}.bias"] = torch.zeros_like(state[f"{layer}.bias"])
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
 
 
 def test_a_fine_tuned_copy_names_the_changed_layers(bert: Path, tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from mlops_cli.core.inputs import example_inputs
+from mlops_cli.core import onnx_export
+from mlops_cli.core.contract import ModelRef
+from mlops_cli.core.inputs import plan_inputs
 from mlops_cli.core.loading import load_model
 from mlops_cli.core.parity import Tolerances
 from mlops_cli.services import export_onnx as service
@@ -46,6 +48,14 @@ def export(cli, *args):
     return result
 
 
+@pytest.fixture(scope="module", autouse=True)
+def pass_cache(tmp_path_factory):
+    """Optimisation-pass measurements are remembered across exports: this module's go to its own folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLOPS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("onnx")
@@ -54,6 +64,17 @@ def out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bert(cli, out):
     return export(cli, "builtin:tiny-bert", "-o", out / "bert.onnx").json()
+
+
+@pytest.fixture(scope="module")
+def bert_dynamo(cli, out):
+    """tiny BERT when the legacy exporter fails: `auto` falls back to dynamo (one dynamo export for the module)."""
+    with pytest.MonkeyPatch.context() as patch:
+        def broken(*args, **kwargs):
+            raise RuntimeError("legacy exporter broken for this test")
+
+        patch.setattr(onnx_export, "_export_legacy", broken)
+        return export(cli, "builtin:tiny-bert", "-o", out / "bert-dynamo.onnx").json()
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +101,35 @@ def dims(report, kind="inputs"):
 
 @pytest.mark.slow
 def test_bert_export_has_model_names_and_shared_dynamic_dims(bert) -> None:
-    assert bert["passed"] and bert["exporter_used"] == "dynamo" and bert["fallback_reason"] is None
+    # auto on a Hugging Face model: the legacy exporter first (fast, the graph ONNX Runtime fuses), kept as it verifies
+    assert bert["passed"] and bert["exporter_used"] == "legacy" and bert["fallback_reason"] is None
     assert dims(bert) == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
                           "token_type_ids": ["batch", "sequence"]}
     assert dims(bert, "outputs") == {"logits": ["batch", 2]}
     assert bert["opset"] == 20 and bert["checker"].startswith("passed")
     assert bert["external_data"] is False and list(bert["files"]) == ["bert.onnx"]
-    assert set(bert["stages"]) == {"load", "export", "check", "verify", "write"}
+    assert set(bert["stages"]) == {"load", "export", "check", "verify", "optimize", "write"}
+    # --optimize auto: ONNX Runtime's transformer fusions, timed against the plain graph; kept only if faster
+    (fusion,) = bert["optimize_passes"]
+    assert fusion["name"] == "transformer-fusion" and fusion["latency_before_ms"] > 0
+    assert fusion["accepted"] == (fusion["latency_before_ms"] >= 1.02 * fusion["latency_after_ms"])
+    assert bert["nodes"] == (fusion["nodes_after"] if fusion["accepted"] else fusion["nodes_before"])
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_dynamo_when_the_legacy_graph_fails(bert_dynamo) -> None:
+    assert bert_dynamo["passed"] and bert_dynamo["exporter_used"] == "dynamo"
+    assert bert_dynamo["fallback_reason"] == "ONNX export failed (legacy failed: legacy exporter broken for this test)"
+    assert any(w.startswith("legacy exporter failed, used the dynamo exporter: ONNX export failed")
+               for w in bert_dynamo["warnings"])
+    assert dims(bert_dynamo, "outputs") == {"logits": ["batch", 2]}
 
 
 @pytest.mark.slow
 def test_bert_export_is_verified_at_shapes_other_than_the_example(bert) -> None:
     verification = bert["verification"]
     labels = [shape["input_shapes"]["input_ids"] for shape in verification["shapes"]]
-    assert labels == [[1, 8], [3, 8], [2, 48]]  # the example was [2, 16]
+    assert labels == [[2, 16], [1, 8], [3, 32]]  # the example first, then other batch and sequence sizes
     assert all(shape["passed"] and shape["outputs"][0]["name"] == "logits" for shape in verification["shapes"])
     assert verification["candidate_backend"] == "onnxruntime" and verification["reference_backend"] == "torch"
     assert all(shape["speed_ratio"] > 0 for shape in verification["shapes"])
@@ -117,7 +153,7 @@ def test_vision_model_and_cnn_from_weights_and_arch(cli, out, zoo_dir) -> None:
                      "-o", out / "convnet.onnx").json()
     assert convnet["passed"] and dims(convnet) == {"x": ["batch", 1, 28, 28]}
     assert dims(convnet, "outputs") == {"output": ["batch", 10]}
-    assert [s["input_shapes"]["x"][0] for s in convnet["verification"]["shapes"]] == [1, 3]
+    assert [s["input_shapes"]["x"][0] for s in convnet["verification"]["shapes"]] == [2, 1, 3]
 
 
 def test_legacy_exporter_on_a_weights_folder_with_opset_18(cli, out, zoo_dir) -> None:
@@ -160,7 +196,7 @@ def test_auto_falls_back_to_legacy_and_failed_verification_keeps_the_file(cli, o
     assert "dynamo fixed x[0] (batch) = 2" in report["fallback_reason"]
     assert not report["passed"] and "output at batch=" in report["verdict"]
     assert target.is_file() and "kept for inspection" in result.stderr
-    assert "used legacy" in result.stderr
+    assert any("used the legacy exporter" in warning for warning in report["warnings"])
 
 
 def test_explicit_dynamo_reports_dims_it_had_to_fix(cli, out, branchy) -> None:
@@ -169,7 +205,7 @@ def test_explicit_dynamo_reports_dims_it_had_to_fix(cli, out, branchy) -> None:
     assert result.exit_code == 6
     report = result.json()
     assert report["exporter_used"] == "dynamo" and dims(report) == {"x": [2, 8]}
-    assert any("fixed dims asked to be dynamic: x[0] (batch) = 2" in note for note in report["notes"])
+    assert any("fixed dims asked to be dynamic: x[0] (batch) = 2" in w for w in report["warnings"])
 
 
 def test_external_data_and_no_stale_data_on_re_export(cli, out) -> None:
@@ -185,31 +221,44 @@ def test_external_data_and_no_stale_data_on_re_export(cli, out) -> None:
 
 
 def test_weights_over_the_threshold_go_to_external_data(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(service, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
     loaded = load_model("builtin:lenet")
-    result = service.write_onnx(loaded, tmp_path / "big.onnx", example_inputs(loaded), exporter="legacy")
+    plan = plan_inputs(loaded)
+    result = onnx_export.write_onnx(loaded, tmp_path / "big.onnx", plan.example, exporter="legacy", specs=plan.specs)
     assert result.external_data and Path(result.data_file).name == "big.onnx.data"
-    assert service.graph_info(tmp_path / "big.onnx").inputs[0].dims == ("batch", 1, 32, 32)
+    assert onnx_export.graph_info(tmp_path / "big.onnx").inputs[0].dims == ("batch", 1, 32, 32)
 
 
-def test_write_onnx_grows_size_one_dynamic_dims(tmp_path) -> None:
+def test_legacy_export_names_the_dynamic_output_dims(tmp_path) -> None:
     loaded = load_model("builtin:convnet")
-    example = example_inputs(loaded, ["x:float32[batch=1,1,28,28]"])
-    result = service.write_onnx(loaded, tmp_path / "one.onnx", example, exporter="legacy")
+    plan = plan_inputs(loaded)
+    result = onnx_export.write_onnx(loaded, tmp_path / "c.onnx", plan.example, exporter="legacy", specs=plan.specs)
     assert result.input_names == ("x",) and result.output_names == ("output",)
     assert result.dynamic_axes == {"x": {0: "batch"}} and result.exporter_used == "legacy"
-    assert service.graph_info(tmp_path / "one.onnx").inputs[0].dims[0] == "batch"
+    info = onnx_export.graph_info(tmp_path / "c.onnx")
+    assert info.inputs[0].dims == ("batch", 1, 28, 28) and info.outputs[0].dims == ("batch", 10)
 
 
-def test_optimize_reports_node_counts_and_keeps_verified_passes(cli, out) -> None:
+def test_optimize_reports_node_counts_and_keeps_verified_faster_passes(cli, out, monkeypatch) -> None:
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (2.0, 1.0))  # every pass 2x faster
     report = export(cli, "builtin:convnet", "-o", out / "opt.onnx", "--exporter", "legacy", "--optimize", "all").json()
     assert report["passed"]
     passes = {p["name"]: p for p in report["optimize_passes"]}
-    assert set(passes) == {"onnxslim", "onnxruntime"}
-    assert all(p["accepted"] for p in passes.values())
+    assert set(passes) == {"onnxslim", "onnxruntime"}  # no transformer fusion for a plain CNN
+    assert all(p["accepted"] and p["reason"].startswith("kept: faster, 2.00x") for p in passes.values())
     assert passes["onnxruntime"]["nodes_after"] < passes["onnxruntime"]["nodes_before"]
     assert report["nodes"] == passes["onnxruntime"]["nodes_after"]
     assert "optimize" in report["stages"]
+
+
+def test_a_pass_that_is_not_faster_is_reported_and_not_applied(cli, out, monkeypatch) -> None:
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (1.0, 1.01))
+    report = export(cli, "builtin:convnet", "-o", out / "slow.onnx", "--exporter", "legacy", "--optimize", "ort").json()
+    assert report["passed"]
+    (ort,) = report["optimize_passes"]
+    assert not ort["accepted"] and ort["reason"].startswith("not kept: no faster, 0.99x at batch=2")
+    assert ort["nodes_after"] < ort["nodes_before"] == report["nodes"]  # smaller, yet the plain graph was kept
+    assert (ort["latency_before_ms"], ort["latency_after_ms"]) == (1.0, 1.01)
 
 
 def test_a_pass_that_changes_the_outputs_is_rejected(tmp_path, monkeypatch) -> None:
@@ -222,12 +271,55 @@ def test_a_pass_that_changes_the_outputs_is_rejected(tmp_path, monkeypatch) -> N
         onnx.save(model, str(destination))
 
     monkeypatch.setattr(service, "_slim", corrupting_pass)
-    settings = service.ExportOnnxSettings(exporter="legacy", optimize="slim", repeats=1, tolerances=Tolerances())
-    report = service.export_onnx("builtin:lenet", tmp_path / "lenet.onnx", settings)
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (2.0, 1.0))
+    options = service.ExportOnnxOptions(output=tmp_path / "lenet.onnx", exporter="legacy", optimize="slim", repeats=1,
+                                        tolerances=Tolerances())
+    report = service.run(ModelRef.parse("builtin:lenet"), options)
     assert report.passed  # the broken pass was dropped, the plain export kept
     (slim,) = report.optimize_passes
     assert not slim.accepted and slim.reason.startswith("rejected, changes the outputs")
     assert report.verification.passed
+
+
+def test_the_models_outputs_are_computed_once_for_all_verifications(tmp_path, monkeypatch) -> None:
+    from mlops_cli.core import runtimes
+
+    calls: list[int] = []
+    real_runner_for = runtimes.runner_for
+
+    def counting_runner_for(loaded, device="cpu"):
+        runner = real_runner_for(loaded, device)
+        forward = runner.call
+        runner.call = lambda inputs: calls.append(1) or forward(inputs)
+        return runner
+
+    monkeypatch.setattr(runtimes, "runner_for", counting_runner_for)
+    monkeypatch.setattr(service, "_latencies", lambda before, after, example: (2.0, 1.0))
+    options = service.ExportOnnxOptions(output=tmp_path / "lenet.onnx", exporter="legacy", optimize="all")
+    report = service.run(ModelRef.parse("builtin:lenet"), options)
+    assert report.passed and [p.accepted for p in report.optimize_passes] == [True, True]  # 3 verifications
+    assert len(calls) == len(report.verification.shapes) + 2  # each set once, plus the determinism check's two runs
+
+
+def test_a_pass_measured_no_faster_is_not_rerun_for_the_same_architecture(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MLOPS_CACHE_DIR", str(tmp_path / "cache"))
+    timed: list[str] = []
+
+    def slower(before, after, example):
+        timed.append(after.name)
+        return (1.0, 1.5)
+
+    monkeypatch.setattr(service, "_latencies", slower)
+    model = ModelRef.parse("builtin:tiny-bert")
+    first = service.run(model, service.ExportOnnxOptions(output=tmp_path / "first.onnx"))
+    again = service.run(model, service.ExportOnnxOptions(output=tmp_path / "again.onnx"))
+    (measured,), (recalled,) = first.optimize_passes, again.optimize_passes
+    assert first.passed and again.passed and len(timed) == 1  # the second export did not run the pass
+    assert not measured.accepted and measured.reason.startswith("not kept: no faster, 0.67x")
+    assert not recalled.accepted and "measured on an earlier export of this architecture" in recalled.reason
+    assert (recalled.latency_before_ms, recalled.latency_after_ms) == (1.0, 1.5)
+    explicit = service.run(model, service.ExportOnnxOptions(output=tmp_path / "explicit.onnx", optimize="fusion"))
+    assert len(timed) == 2 and not explicit.optimize_passes[0].accepted  # asked for by name: measured again
 
 
 def test_output_rules_exit_5(cli, out, zoo_dir) -> None:
@@ -249,6 +341,9 @@ def test_usage_errors_exit_2(cli, out) -> None:
     assert legacy21.exit_code == 2 and "opset <= 20" in legacy21.stderr
     no_verify = cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--no-verify", "--optimize", "slim")
     assert no_verify.exit_code == 2 and "--optimize needs verification" in no_verify.stderr
+    fusion = cli("export", "onnx", "builtin:convnet", "-o", out / "x.onnx", "--optimize", "fusion")
+    assert fusion.exit_code == 2 and "transformer fusions do not know builtin:convnet" in fusion.stderr
+    assert not (out / "x.onnx").exists()
 
 
 def test_onnx_input_is_refused(cli, out) -> None:
@@ -292,7 +387,7 @@ def test_ci_job_file_drives_export_and_verify_parity(cli, out) -> None:
     checked = cli("--config", config, "verify-parity", "builtin:convnet", out / "ci.onnx", "--json")
     assert checked.exit_code == 0, checked.stderr
     parity = checked.json()
-    assert parity["input_sets"] == 4  # samples: 2 from the job file, 2 shape sets each
+    assert parity["input_sets"] == 6  # samples: 2 from the job file, 3 shape sets each
     assert parity["parity"]["shapes"][0]["reference_latency"]["repeats"] == 5
 
 
@@ -337,8 +432,8 @@ def test_torch_export_program_exports_with_dynamo(cli, out, convnet_archives) ->
 
 def test_a_graph_the_checker_rejects_fails_without_verification(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(service, "run_checker", lambda path: "failed: Field 'type' of 'value_info' is required")
-    settings = service.ExportOnnxSettings(exporter="legacy", repeats=1)
-    report = service.export_onnx("builtin:lenet", tmp_path / "lenet.onnx", settings)
+    options = service.ExportOnnxOptions(output=tmp_path / "lenet.onnx", exporter="legacy", repeats=1)
+    report = service.run(ModelRef.parse("builtin:lenet"), options)
     assert not report.passed and report.verification is None
     assert report.verdict == "onnx.checker rejected lenet.onnx: Field 'type' of 'value_info' is required"
     assert (tmp_path / "lenet.onnx").is_file()  # kept for inspection
@@ -359,23 +454,24 @@ def _metadata(path: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_dynamo_export_carries_no_stack_traces_or_local_paths(bert, out) -> None:
-    data = (out / "bert.onnx").read_bytes()
-    repo = str(Path(service.__file__).resolve().parents[2]).encode()
+def test_dynamo_export_carries_no_stack_traces_or_local_paths(bert_dynamo, out) -> None:
+    bert = bert_dynamo
+    data = (out / "bert-dynamo.onnx").read_bytes()
+    repo = str(Path(onnx_export.__file__).resolve().parents[2]).encode()
     assert repo not in data and b"stack_trace" not in data and b"pkg.torch" not in data
-    assert _metadata(out / "bert.onnx") == {"node": 0, "graph": 0, "value": 0, "doc": 0}
-    assert bert["passed"] and bert["files"]["bert.onnx"] < 300_000  # 528 KB with the exporter's metadata
+    assert _metadata(out / "bert-dynamo.onnx") == {"node": 0, "graph": 0, "value": 0, "doc": 0}
+    assert bert["passed"] and bert["files"]["bert-dynamo.onnx"] < 300_000  # 528 KB with the exporter's metadata
     assert dims(bert) == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
                           "token_type_ids": ["batch", "sequence"]}
-    assert onnx.load(str(out / "bert.onnx")).opset_import[0].version == 20
+    assert onnx.load(str(out / "bert-dynamo.onnx")).opset_import[0].version == 20
 
 
 @pytest.mark.slow
 def test_dynamo_export_is_byte_identical_and_keep_metadata_keeps_it(tmp_path) -> None:
     loaded = load_model("builtin:lenet")
-    example = example_inputs(loaded)
-    first, second, kept = (service.write_onnx(loaded, tmp_path / name, example, exporter="dynamo",
-                                              keep_metadata=name == "kept.onnx")
+    example = plan_inputs(loaded).example
+    first, second, kept = (onnx_export.write_onnx(loaded, tmp_path / name, example, exporter="dynamo",
+                                                  keep_metadata=name == "kept.onnx")
                            for name in ("first.onnx", "second.onnx", "kept.onnx"))
     assert first.exporter_used == second.exporter_used == kept.exporter_used == "dynamo"
     assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "second.onnx").read_bytes()
@@ -383,7 +479,7 @@ def test_dynamo_export_is_byte_identical_and_keep_metadata_keeps_it(tmp_path) ->
     assert stripped == {"node": 0, "graph": 0, "value": 0, "doc": 0}
     assert full["node"] > 0 and full["graph"] > 0
     assert b"stack_trace" in (tmp_path / "kept.onnx").read_bytes()
-    assert service.graph_info(tmp_path / "first.onnx") == service.graph_info(tmp_path / "kept.onnx")
+    assert onnx_export.graph_info(tmp_path / "first.onnx") == onnx_export.graph_info(tmp_path / "kept.onnx")
 
 
 def test_unknown_per_output_tolerance_is_a_usage_error(cli, out) -> None:
@@ -407,12 +503,18 @@ def test_leftover_data_file_beside_a_new_output_needs_force(cli, out) -> None:
     assert target.is_file() and not data.exists()  # one-file export: the stale .data is gone
 
 
-def test_repeats_0_skips_timing(cli, out) -> None:
-    result = cli("export", "onnx", "builtin:convnet", "-o", out / "untimed.onnx", "--exporter", "legacy",
-                 "--repeats", "0", "--json")
+def test_timing_is_off_by_default(cli, out) -> None:
+    result = cli("export", "onnx", "builtin:convnet", "-o", out / "untimed.onnx", "--exporter", "legacy", "--json")
     assert result.exit_code == 0, result.stderr
     shapes = result.json()["verification"]["shapes"]
     assert shapes and all(s["passed"] and s["reference_latency"] is None and s["speed_ratio"] is None
                           for s in shapes)
     negative = cli("export", "onnx", "builtin:convnet", "-o", out / "neg.onnx", "--repeats", "-1")
     assert negative.exit_code == 2
+
+
+def test_dynamo_export_with_a_batch_1_example_keeps_the_batch_dynamic(cli, out) -> None:
+    report = export(cli, "builtin:convnet", "-o", out / "b1.onnx", "--exporter", "dynamo", "--batch-size", "1").json()
+    assert report["passed"] and report["exporter_used"] == "dynamo" and not report["warnings"]
+    assert dims(report)["x"][0] == "batch" and report["export_sizes"] == {"batch": 2}
+    assert [s["input_shapes"]["x"][0] for s in report["verification"]["shapes"]] == [1, 2]

@@ -452,3 +452,23 @@ def test_help_states_what_no_repeat_ngram_size_and_ttft_mean(cli: Any) -> None:
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     assert "occurs twice" in text and "first *generated* token" in text
+
+
+def test_peak_memory_without_a_resettable_counter_is_sampled_never_a_zero(monkeypatch) -> None:
+    """Issue #14: the ru_maxrss fallback printed 'peak mem 0 B' for a run that stayed under an earlier peak."""
+    import numpy as np
+
+    from mlops_cli.services import generate_measure
+
+    monkeypatch.setattr(generate_measure, "_reset_peak_rss", lambda: False)
+    probe = generate_measure.MemoryProbe(cuda=False)
+    assert "sampled" in probe.kind
+    probe.begin()
+    block = np.ones(32 * 1024 * 1024, dtype=np.uint8)
+    block[::4096] = 3
+    import time
+
+    time.sleep(0.02)
+    peak = probe.peak()
+    del block
+    assert peak is not None and peak >= 24 * 1024 * 1024

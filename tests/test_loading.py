@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
-from mlops_cli.core.inputs import example_inputs
+from mlops_cli.core.inputs import plan_inputs
 from mlops_cli.core.loading import LoadOptions, ModelKind, load_model
 from mlops_cli.core.runtimes import runner_for
 
@@ -34,7 +34,7 @@ def _convnet_state() -> dict[str, torch.Tensor]:
 
 
 def _outputs(loaded):
-    return runner_for(loaded)(example_inputs(loaded).tensors)
+    return runner_for(loaded)(plan_inputs(loaded).example.tensors)
 
 
 def test_pickle_with_code_is_refused_and_never_run(tmp_path, cli) -> None:

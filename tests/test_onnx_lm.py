@@ -20,14 +20,14 @@ from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import InputError
 from mlops_cli.render import to_jsonable
 from mlops_cli.services.decoding import DecodingParams, decode
+from mlops_cli.services.generate import GenerateOptions
+from mlops_cli.services.generate import run as generate_run
 from mlops_cli.services.onnx_lm import (
     ExportWithPastOptions,
     GenerationParityOptions,
     Int4Options,
-    OnnxGenerateOptions,
     PerplexityOptions,
     export_run,
-    generate_run,
     int4_run,
     parity_run,
     perplexity_run,
@@ -120,7 +120,7 @@ def test_onnx_greedy_equals_pytorch_greedy_for_16_tokens_on_3_prompts(folders: d
 def test_generate_on_onnx_matches_the_pytorch_loop_on_a_padded_batch(folders: dict[str, Path],
                                                                      exported: dict[str, Any], family: str,
                                                                      strategy: str) -> None:
-    options = OnnxGenerateOptions(prompts=PROMPTS, tokenizer=folders[family], strategy=strategy, max_new_tokens=8,
+    options = GenerateOptions(prompts=PROMPTS, tokenizer=folders[family], strategy=strategy, max_new_tokens=8,
                                   fixed_length=True, seed=3, repeat=2, warmup=0, threads=1)
     report = generate_run(ModelRef.parse(exported[family].output), options)
     model, tokenizer = _model(folders[family])
@@ -130,9 +130,10 @@ def test_generate_on_onnx_matches_the_pytorch_loop_on_a_padded_batch(folders: di
                                                              top_k=50 if strategy == "sample" else None,
                                                              pad_token_id=report_pad(tokenizer)))
     new = expected[:, input_ids.shape[1]:].tolist()
-    assert [list(o.new_token_ids) for o in report.outputs] == new
-    assert report.reproducible and report.batch_size == 3
-    metrics = report.metrics
+    result = report.results[0]
+    assert [list(o.new_token_ids) for o in result.outputs] == new
+    assert result.reproducible and report.batch_size == 3 and result.engine == "onnxruntime"
+    metrics = result.metrics
     assert metrics.runs == 2 and metrics.new_tokens == 24
     assert metrics.ttft is not None and metrics.ttft.median_ms > 0
     assert metrics.decode_tokens_per_s is not None and metrics.decode_tokens_per_s > 0
@@ -237,7 +238,7 @@ def test_an_onnx_file_without_kv_inputs_is_refused_with_how_to_export(folders: d
         torch.onnx.export(LogitsOnly().eval(), (torch.zeros((1, 4), dtype=torch.long),), str(plain), dynamo=False,
                           input_names=["input_ids"], output_names=["logits"], opset_version=17)
     with pytest.raises(InputError, match="re-run the whole sequence") as caught:
-        generate_run(ModelRef.parse(str(plain)), OnnxGenerateOptions(prompts=("hi",), tokenizer=folders["gpt2"]))
+        generate_run(ModelRef.parse(str(plain)), GenerateOptions(prompts=("hi",), tokenizer=folders["gpt2"]))
     assert caught.value.exit_code == 3 and "--task causal-lm" in (caught.value.hint or "")
 
 
@@ -266,9 +267,9 @@ def test_int4_matmulnbits_shrinks_the_decoder_which_still_generates(folders: dic
     assert math.isfinite(report.perplexity_after) and report.relative_change is not None
     assert report.greedy_agreement is not None and 0 <= report.greedy_agreement <= 1
     generated = generate_run(ModelRef.parse(str(target)),
-                             OnnxGenerateOptions(prompts=PROMPTS[:1], tokenizer=folders["llama"], max_new_tokens=4,
+                             GenerateOptions(prompts=PROMPTS[:1], tokenizer=folders["llama"], max_new_tokens=4,
                                                  fixed_length=True, warmup=0))
-    assert generated.outputs[0].new_tokens == 4
+    assert generated.results[0].outputs[0].new_tokens == 4
 
 
 def test_int4_refuses_a_block_size_matmulnbits_cannot_take(exported: dict[str, Any], tmp_path: Path) -> None:
@@ -323,10 +324,63 @@ def test_generate_finds_the_tokenizer_beside_the_onnx_file_or_says_where_it_look
 
     onnx_file = tmp_path / "gpt2.onnx"
     shutil.copy(exported["gpt2"].output, onnx_file)
-    options = OnnxGenerateOptions(prompts=("The model",), max_new_tokens=3, warmup=0)
+    options = GenerateOptions(prompts=("The model",), max_new_tokens=3, warmup=0)
     with pytest.raises(InputError, match=f"no tokenizer in {tmp_path}") as caught:
         generate_run(ModelRef.parse(str(onnx_file)), options)
     assert "--tokenizer" in (caught.value.hint or "")
     zoo.gpt2_tokenizer().save_pretrained(tmp_path)
     report = generate_run(ModelRef.parse(str(onnx_file)), options)
-    assert report.tokenizer == str(tmp_path) and report.outputs[0].new_tokens >= 1
+    assert f"tokenizer: {tmp_path}" in report.notes and report.results[0].outputs[0].new_tokens >= 1
+
+
+def test_generate_command_runs_an_onnx_decoder_like_a_pytorch_model(cli, folders: dict[str, Path],
+                                                                    exported: dict[str, Any]) -> None:
+    onnx_file = exported["gpt2"].output
+    result = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "The model",
+                 "--max-new-tokens", "4", "--fixed-length", "--threads", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert data["engine"] == "onnxruntime" and data["results"][0]["outputs"][0]["new_tokens"] == 4
+    human = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "The model", "--max-new-tokens", "3")
+    assert human.exit_code == 0 and "onnxruntime" in human.stdout
+    beams = cli("generate", onnx_file, "--tokenizer", folders["gpt2"], "--prompt", "x", "--strategy", "beam")
+    assert beams.exit_code == 2 and "greedy and sample" in beams.stderr
+
+
+def test_verify_parity_generate_command(cli, folders: dict[str, Path], exported: dict[str, Any],
+                                        tmp_path: Path) -> None:
+    """`verify-parity HF_FOLDER model.onnx --generate`: exit 0 for the export, 6 naming the pass for a tampered one."""
+    import onnx
+    from onnx import numpy_helper
+
+    good = cli("verify-parity", folders["gpt2"], exported["gpt2"].output, "--generate", "--prompt", "The quick",
+               "--max-new-tokens", "4", "--json")
+    assert good.exit_code == 0, good.output
+    data = good.json()
+    assert data["passed"] and data["preset"] == "fp32" and len(data["prompts"][0]["passes"]) == 4
+    human = cli("verify-parity", folders["gpt2"], exported["gpt2"].output, "--generate", "--max-new-tokens", "3")
+    assert human.exit_code == 0 and "Generation parity" in human.stdout and "PASS" in human.stdout
+    model = onnx.load(exported["gpt2"].output)
+    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    values = numpy_helper.to_array(weight).copy()
+    values[:, : values.shape[1] // 4] *= 1.5
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, tampered)
+    bad = cli("verify-parity", folders["gpt2"], tampered, "--generate", "--prompt", "The quick",
+              "--max-new-tokens", "4")
+    assert bad.exit_code == 6 and "generation parity failed" in bad.stderr
+    assert "prompt pass" in bad.stderr or "diverge at step" in bad.stderr
+
+
+def test_compress_int4_command(cli, folders: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "int4.onnx"
+    result = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--tokenizer", folders["gpt2"], "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert data["quantized_matmuls"] > 0 and data["size_after"] < data["size_before"]
+    assert data["perplexity_before"] is not None and data["perplexity_after"] is not None
+    again = cli("compress", "int4", exported["gpt2"].output, "-o", out)
+    assert again.exit_code == 5  # never over an existing output without --force
+    human = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--force", "--tokenizer", folders["gpt2"])
+    assert human.exit_code == 0 and "perplexity" in human.stdout and "PASS" in human.stdout

@@ -263,3 +263,21 @@ def test_loader_warnings_are_in_the_report_and_shown_once(cli: Any, zoo_dir: Pat
     tables = cli("summarize", folder, "--repeats", "0")
     assert tables.exit_code == 0 and tables.stderr.count("warning: ") == 1
     assert "warning" not in tables.stdout
+
+
+def test_a_torchscript_model_that_rejects_the_inputs_is_an_input_error(cli, tmp_path) -> None:
+    """Found by the conformance matrix (silero-vad): TorchScript's own error type was reported as a bug (exit 1)."""
+    import torch
+
+    class Picky(torch.nn.Module):
+        def forward(self, x: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
+            if int(sr) not in (8000, 16000):
+                raise ValueError("Supported sampling rates: [8000, 16000]")
+            return x * 2
+
+    path = tmp_path / "picky.pt"
+    torch.jit.script(Picky()).save(str(path))
+    result = cli("summarize", path, "--trust-code", "--repeats", "0", "--input", "x:float32[batch=1,4]",
+                 "--input", "sr:int64[]")
+    assert result.exit_code == 3, result.output
+    assert "Supported sampling rates" in result.stderr

@@ -13,9 +13,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from mlops_cli.core.inputs import example_inputs
+from mlops_cli.core.inputs import plan_inputs
 from mlops_cli.core.loading import load_model
-from mlops_cli.services.export_onnx import write_onnx
+from mlops_cli.core.onnx_export import write_onnx
 
 SHAPE_BAKED = '''
 import torch
@@ -46,7 +46,8 @@ def out(tmp_path_factory) -> Path:
 
 def legacy_onnx(reference: str, path: Path) -> Path:
     loaded = load_model(reference)
-    write_onnx(loaded, path, example_inputs(loaded), exporter="legacy")
+    plan = plan_inputs(loaded)
+    write_onnx(loaded, path, plan.example, exporter="legacy", specs=plan.specs)
     return path
 
 

@@ -42,13 +42,13 @@ def test_tokenizers_round_trip_mixed_text() -> None:
 
 
 def test_every_entry_builds_and_runs() -> None:
-    from mlops_cli.core.inputs import example_inputs
+    from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.runtimes import runner_for
 
     for name in zoo.ENTRIES:
         loaded = load_model(f"builtin:{name}")
-        outputs = runner_for(loaded)(example_inputs(loaded).tensors)
+        outputs = runner_for(loaded)(plan_inputs(loaded).example.tensors)
         assert outputs and all(v.shape[0] == 2 for v in outputs.values()), name
 
 

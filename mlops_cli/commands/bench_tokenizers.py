@@ -64,7 +64,7 @@ def bench_tokenizers_command(
     with progress_steps("Benchmarking tokenizers", quiet or as_json) as on_step:
         options = BenchTokenizersOptions(
             on_step=on_step, texts_file=str(texts) if texts else None, iterations=iterations, warmup=warmup,
-            batch_size=batch_size, max_length=max_length, threads=parse_threads(threads), reference=reference,
+            batch_size=batch_size, max_length=max_length, thread_sweep=parse_threads(threads), reference=reference,
             implementations=tuple(implementations or ()), workloads=tuple(workloads or ALL_WORKLOADS),
             examples=examples)
         report = run(ModelRef.parse(tokenizer), options)

@@ -167,13 +167,6 @@ def parse_tolerances(atol: list[str] | None, rtol: list[str] | None, default: tu
     return ToleranceRequest.parse(atol, rtol).resolve(default)
 
 
-def show_warnings(loaded: Any, quiet: bool = False) -> None:
-    """Loader warnings (e.g. a tokenizer that failed to load) as hints on stderr."""
-    if not quiet:
-        for message in getattr(loaded, "warnings", []):
-            render.hint(f"warning: {message}")
-
-
 @contextmanager
 def progress_steps(title: str, quiet: bool = False) -> Iterator[Callable[[str], None]]:
     """Progress for a service run: yields the `on_step` callback to put in its options; each step a service

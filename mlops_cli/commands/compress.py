@@ -1,9 +1,10 @@
-"""`mlops compress half` and `mlops compress int8`.
+"""`mlops compress half`, `mlops compress int8` and `mlops compress int4`.
 
 No `from __future__ import annotations`: `@model_options` rebuilds the signature, and typer must see the
 Annotated option types as types, not strings.
 """
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -178,6 +179,53 @@ def int8_command(
     render.emit(report, as_json, int8_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=int8_failure_hint(report))
+
+
+@compress_app.command("int4")
+@model_options
+def int4_command(
+    model: ModelArg,
+    output: OutputOpt,
+    block_size: Annotated[int, typer.Option(
+        "--block-size", help="Weights per int4 scale (a power of two >= 16): smaller blocks, better quality, "
+                             "larger file.")] = 32,
+    symmetric: Annotated[bool, typer.Option(
+        "--symmetric/--asymmetric", help="Symmetric int4 (no zero point) or with a zero point per block.")] = True,
+    accuracy_level: Annotated[int | None, typer.Option(
+        "--accuracy-level", min=0, max=4, show_default=False,
+        help="ONNX Runtime's MatMulNBits compute type: 4 (int8 activations) is the fastest on CPU.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        "--tokenizer", show_default=False,
+        help="Folder with the tokenizer for the perplexity check (default: the .onnx file's folder).")] = None,
+    eval_text: Annotated[Path | None, typer.Option(
+        "--eval-text", show_default=False,
+        help="UTF-8 text whose sliding-window perplexity is measured before and after (default: the bundled "
+             "corpus).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    load: "LoadOptions",
+) -> None:
+    """Weight-only int4 of an ONNX causal-LM decoder (ONNX Runtime's MatMulNBits), with its size before/after,
+    the perplexity before/after on a text, and the share of greedy next-token predictions that agree.
+
+    The input is a decoder exported with its KV cache (`mlops export onnx MODEL --task causal-lm`).
+
+    Example: mlops compress int4 lm.onnx -o lm-int4.onnx --block-size 32 --accuracy-level 4
+    """
+    from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.render.compress import int4_tables
+    from mlops_cli.services.onnx_lm import Int4Options, int4_run
+    from mlops_cli.services.onnx_lm.quality import CORPUS
+
+    with progress_steps(f"compress int4 {model}", quiet=quiet or as_json) as on_step:
+        options = Int4Options(load=load, output=output, force=force, on_step=on_step, block_size=block_size,
+                              symmetric=symmetric, accuracy_level=accuracy_level, tokenizer=tokenizer,
+                              text_file=eval_text or CORPUS)
+        report = int4_run(ModelRef.parse(model), options)
+    render.emit(report, as_json, int4_tables, quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ import typer
 
 from mlops_cli.commands.common import (
     AtolOpt,
+    BatchSizeOpt,
     Device,
     DeviceOpt,
     ForceOpt,
@@ -20,9 +21,12 @@ from mlops_cli.commands.common import (
     ModelArg,
     OutputOpt,
     QuietOpt,
+    RepeatsOpt,
     RtolOpt,
     SeedOpt,
+    SeqLenOpt,
     model_options,
+    progress_steps,
 )
 from mlops_cli.commands.export import export_app
 
@@ -38,34 +42,38 @@ class JitMode(str, Enum):
     script = "script"
 
 
-RepeatsOpt = Annotated[int, typer.Option("--repeats", min=0, help="Timed runs per shape in the verification "
-                                                                  "(0: compare only, no latency table).")]
 KeepFailedOpt = Annotated[bool, typer.Option(
     "--keep-failed/--discard-failed",
     help="Keep an artefact that fails verification beside the verdict, for inspection (exit code 6 either way), "
          "as `export onnx` does; --discard-failed writes nothing then.")]
 
 
-def _settings(input_specs: list[str] | None, seed: int, atol: list[str] | None, rtol: list[str] | None,
-              device: Device, repeats: int, force: bool, keep_failed: bool) -> Any:
+def _export(model: str, quiet: bool, *, input_specs: list[str] | None, batch_size: int | None,
+            seq_len: int | None, seed: int, atol: list[str] | None, rtol: list[str] | None, device: Device,
+            **fields: Any) -> Any:
+    """Build the options (the input request, fp32 tolerances with --atol/--rtol overrides; `fields` are the
+    options' own) and run the service, showing its steps as progress."""
     from mlops_cli.commands.common import parse_tolerances
     from mlops_cli.core.compare import PRESETS
-    from mlops_cli.services.export_torch import ExportSettings
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.inputs import InputRequest
+    from mlops_cli.services.export_torch import TorchExportOptions, run
 
-    return ExportSettings(tuple(input_specs or ()), seed, parse_tolerances(atol, rtol, PRESETS["fp32"]),
-                          device.value, repeats, force, keep_failed)
+    request = InputRequest(specs=tuple(input_specs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)
+    tolerances = parse_tolerances(atol, rtol, PRESETS["fp32"])
+    with progress_steps(f"exporting {model}", quiet) as on_step:
+        options = TorchExportOptions(inputs=request, tolerances=tolerances, device=device.value, on_step=on_step,
+                                     **fields)
+        return run(ModelRef.parse(model), options)
 
 
 def _finish(report: Any, as_json: bool, quiet: bool, hint: str) -> None:
-    """Loader warnings as hints, then the report; a failed verification is exit 6 after the report."""
+    """The report (its warnings included); a failed verification is exit 6 after the report."""
     from mlops_cli import render
     from mlops_cli.core.errors import ValidationFailed
     from mlops_cli.render.export_torch import export_tables
 
-    if not quiet:
-        for message in report.load_warnings:
-            render.hint(f"warning: {message}")
-    render.emit(report, as_json, export_tables)
+    render.emit(report, as_json, export_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=hint)
 
@@ -78,11 +86,13 @@ def jit_command(
                                                          "Face included); script: compile the Python code (keeps "
                                                          "control flow, fails on most HF models).")] = JitMode.trace,
     input_specs: InputOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     device: DeviceOpt = Device.auto,
-    repeats: RepeatsOpt = 10,
+    repeats: RepeatsOpt = 0,
     keep_failed: KeepFailedOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -101,12 +111,12 @@ def jit_command(
     Example: mlops export jit builtin:tiny-bert -o bert.pt
     """
     from mlops_cli import render
-    from mlops_cli.services.export_torch import export_torchscript
 
     if not quiet:
         render.hint(DEPRECATION_NOTE)
-    settings = _settings(input_specs, seed, atol, rtol, device, repeats, force, keep_failed)
-    report = export_torchscript(model, output, load, mode.value, settings)
+    report = _export(model, quiet, load=load, output=output, force=force, mode=mode.value, input_specs=input_specs,
+                     batch_size=batch_size, seq_len=seq_len, seed=seed, atol=atol, rtol=rtol, device=device,
+                     repeats=repeats, keep_failed=keep_failed)
     _finish(report, as_json, quiet, "The trace is frozen at the traced shape where the model's Python code depends "
                                     "on a size: try --mode script, or remove that control flow.")
 
@@ -122,11 +132,13 @@ def pt2_command(
         "--aoti-output", show_default=False,
         help="Where to write the AOTInductor package (default: OUTPUT with .aoti.pt2).")] = None,
     input_specs: InputOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     device: DeviceOpt = Device.auto,
-    repeats: RepeatsOpt = 10,
+    repeats: RepeatsOpt = 0,
     keep_failed: KeepFailedOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -138,23 +150,25 @@ def pt2_command(
     shapes; --aoti also compiles and verifies an AOTInductor package.
 
     Named dims of the inputs (batch, sequence) are exported as dynamic; the Dynamic dims table shows what
-    torch.export kept. Each artefact is loaded back and compared with the eager model at the export shape and at
-    other sizes, and written only if all match (exit 6 names the shape that broke). The program takes keyword
+    torch.export kept. A size-1 example dim (--batch-size 1) is exported at 2, since torch.export would fix it,
+    and verified at 1 too. Each artefact is loaded back and compared with the eager model at the export shape and
+    at other sizes, and written only if all match (exit 6 names the shape that broke). The program takes keyword
     inputs (program.module()(input_ids=..., ...)); it is device-specific: exported and verified on --device.
 
     Example: mlops export pt2 builtin:tiny-gpt2 -o gpt2.pt2 --aoti
     """
-    from mlops_cli.services.export_torch import export_program
-
     if aoti_output is not None and not aoti:
         from mlops_cli.core.errors import UsageError
 
         raise UsageError("--aoti-output was given without --aoti", hint="Add --aoti.")
     package = (aoti_output or default_aoti_path(output)) if aoti else None
-    settings = _settings(input_specs, seed, atol, rtol, device, repeats, force, keep_failed)
-    report = export_program(model, output, load, settings, package)
-    _finish(report, as_json, quiet, "torch.export fixed a size the model's Python code depends on (see Dynamic "
-                                    "dims); remove that control flow or use torch.cond.")
+    report = _export(model, quiet, load=load, output=output, force=force, mode="export", aoti_output=package,
+                     input_specs=input_specs, batch_size=batch_size, seq_len=seq_len, seed=seed, atol=atol,
+                     rtol=rtol, device=device, repeats=repeats, keep_failed=keep_failed)
+    fixed = [d for d in report.dynamic_dims if not d.dynamic]
+    _finish(report, as_json, quiet,
+            "torch.export fixed a size the model's Python code depends on (see Dynamic dims); remove that control "
+            "flow or use torch.cond." if fixed else "See the verification tables for the shape that broke.")
 
 
 def default_aoti_path(output: Path) -> Path:

@@ -17,6 +17,7 @@ from mlops_cli.commands.common import (
     ModelArg,
     QuietOpt,
     SeedOpt,
+    ThreadsOpt,
     WarmupOpt,
     model_options,
     progress_steps,
@@ -118,6 +119,10 @@ def generate_command(
         "--repeat", "--repeats", panel=MEASURING, min=1,
         help="Measured runs per strategy: median and spread (--repeats, as in the other commands, works too).")] = 1,
     warmup: WarmupOpt = 1,
+    threads: ThreadsOpt = None,
+    tokenizer: Annotated[Path | None, _opt(
+        "--tokenizer", show_default=False,
+        help="ONNX models: the folder holding the tokenizer (default: the .onnx file's folder).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -131,6 +136,9 @@ def generate_command(
     time after the first token; per-token latency p50/p90 is the time between consecutive tokens, first token
     excluded; total is the whole call; peak memory is CUDA max allocated, or on CPU the growth of the resident
     set during the run. CUDA timings are synchronised.
+
+    An ONNX decoder exported with its KV cache (`mlops export onnx MODEL --task causal-lm`) generates on ONNX
+    Runtime (greedy or sample) with the same figures; its tokenizer comes from its folder or --tokenizer.
 
     Example: mlops generate builtin:tiny-gpt2 --prompt "The model" --strategy all --max-new-tokens 20
     """
@@ -152,7 +160,8 @@ def generate_command(
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
             stop=tuple(stop or ()), chat=chat, fixed_length=fixed_length, repeat=repeat, warmup=warmup,
             engine=engine.value, cache=cache.value, compile=compile_, device=device.value, dtype=dtype.value,
-            device_map=device_map, explain=explain, candidates=candidates, stream=stream,
+            device_map=device_map, explain=explain, candidates=candidates, stream=stream, threads=threads,
+            tokenizer=tokenizer,
             on_text=TextPrinter() if stream else None)
         report = run(ModelRef.parse(model), options)
     render.emit(report, as_json, generate_tables, quiet)

@@ -32,6 +32,7 @@ from mlops_cli.commands.common import (
 
 if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
+    from mlops_cli.core.parity import ToleranceRequest
 
 __all__ = ["IncludePaddingOpt", "Preset", "PresetOpt", "RepeatsOpt", "register"]  # still imported from here
 
@@ -61,6 +62,19 @@ def verify_parity_command(
     threads: ThreadsOpt = None,
     timing: Annotated[bool, typer.Option(
         "--timing/--no-timing", help="Time both sides on every input set (--no-timing is --repeats 0).")] = True,
+    generate: Annotated[bool, typer.Option(
+        "--generate", rich_help_panel="Causal LMs",
+        help="REFERENCE an HF causal LM, CANDIDATE its ONNX export with KV cache: greedy generation from several "
+             "prompts on both, tokens compared (the first divergence named: prompt, step, both tokens, their logit "
+             "gap), and the logits of the prompt pass and of every cached step.")] = False,
+    prompts: Annotated[list[str] | None, typer.Option(
+        "--prompt", rich_help_panel="Causal LMs", show_default=False,
+        help="A prompt for --generate (repeatable; default: a few built-in prompts).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts", rich_help_panel="Causal LMs", show_default=False,
+        help="A file of prompts for --generate, one per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", rich_help_panel="Causal LMs", min=1, help="Greedy tokens per prompt for --generate.")] = 16,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -84,6 +98,10 @@ def verify_parity_command(
     from mlops_cli.render.parity import verify_parity_tables
     from mlops_cli.services.verify_parity import VerifyOptions, run
 
+    if generate:
+        _verify_generation(reference, candidate, prompts, prompts_file, max_new_tokens,
+                           ToleranceRequest.parse(atol, rtol, preset.value), load, as_json, quiet)
+        return
     request = InputRequest(specs=tuple(inputs or ()), texts=tuple(texts or ()),
                            file=str(inputs_file) if inputs_file else None, batch_size=batch_size, seq_len=seq_len,
                            samples=samples, seed=seed)
@@ -98,6 +116,30 @@ def verify_parity_command(
     if not report.passed:
         worst = f" (worst: {report.worst_output})" if report.worst_output else ""
         raise ValidationFailed(f"parity check failed{worst}: {report.verdict}", hint=report.hint)
+
+
+def _verify_generation(reference: str, candidate: str, prompts: list[str] | None, prompts_file: Path | None,
+                       max_new_tokens: int, tolerances: "ToleranceRequest", load: "LoadOptions", as_json: bool,
+                       quiet: bool) -> None:
+    """`--generate`: greedy generation of an HF causal LM against its ONNX export with KV cache."""
+    from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.errors import ValidationFailed
+    from mlops_cli.render.parity import generation_parity_tables
+    from mlops_cli.services.generate import read_prompts
+    from mlops_cli.services.onnx_lm import GenerationParityOptions, parity_run
+    from mlops_cli.services.onnx_lm.quality import DEFAULT_PROMPTS
+
+    chosen = tuple(prompts or ()) + (read_prompts(prompts_file) if prompts_file else ()) or DEFAULT_PROMPTS
+    with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
+        options = GenerationParityOptions(
+            load=load, on_step=on_step, candidate=Path(candidate), max_new_tokens=max_new_tokens,
+            tolerances=tolerances.resolve("fp32"), prompts=chosen)
+        report = parity_run(ModelRef.parse(reference), options)
+    render.emit(report, as_json, generation_parity_tables, quiet)
+    if not report.passed:
+        raise ValidationFailed(f"generation parity failed: {report.verdict}",
+                               hint="An fp32 export must generate what the model generates: re-export it.")
 
 
 def register(app: typer.Typer) -> None:

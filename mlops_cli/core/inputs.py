@@ -271,6 +271,13 @@ class InputPlan:
         return make_inputs(list(self.specs), sizes, seed=seed, vocab_size=self.vocab_size,
                            pad_token_id=self.pad_token_id)
 
+    def export_example(self, dims: tuple[str, ...]) -> InputSet:
+        """The example to export with: `example`, with each of the dynamic `dims` of size 1 raised to 2.
+        Exporters specialise size-1 dims to constants (torch.export's 0/1 specialisation), so a batch-1 example
+        would fix the batch; `sets` still hold the user's sizes, so the artefact is verified at size 1 too."""
+        sizes = {name: 2 if name in dims and size == 1 else size for name, size in self.example.sizes.items()}
+        return self.example if sizes == self.example.sizes else self.at(sizes)
+
 
 def plan_inputs(loaded: Any, request: InputRequest | None = None) -> InputPlan:
     """Resolve a request against a model: real inputs (file, texts), or random draws at several shapes."""
@@ -352,16 +359,3 @@ def load_inputs_file(path: str | Path) -> InputSet:
     first = next(iter(tensors.values()), None)
     sizes = {"batch": int(first.shape[0])} if first is not None and first.ndim else {}
     return InputSet(f"file:{target.name}", tensors, sizes)
-
-
-# ---------------------------------------------------------------- transitional (removed once every service plans)
-
-
-def model_shape_sets(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> list[InputSet]:
-    """The input sets of `plan_inputs` for `--input` specs (services still moving to the contract use this)."""
-    return list(plan_inputs(loaded, InputRequest(specs=tuple(explicit or ()), seed=seed)).sets)
-
-
-def example_inputs(loaded: Any, explicit: list[str] | None = None, seed: int = 0) -> InputSet:
-    """The first input set of `plan_inputs` (services still moving to the contract use this)."""
-    return plan_inputs(loaded, InputRequest(specs=tuple(explicit or ()), seed=seed)).example

@@ -14,6 +14,7 @@ from mlops_cli.services.compress.cast import TensorSafety
 from mlops_cli.services.compress.drift import PerLayerReport
 from mlops_cli.services.compress.half import HalfReport
 from mlops_cli.services.compress.int8 import Int8Report
+from mlops_cli.services.onnx_lm import Int4Report
 
 SAFETY_ROWS = 12
 LAYER_ROWS = 30
@@ -227,3 +228,29 @@ def int8_tables(report: Int8Report) -> Iterator[RenderableType]:
     for line in report.notes:
         yield note(line)
     yield verdict(report.passed, report.verdict)
+
+
+def int4_tables(report: Int4Report) -> Iterator[RenderableType]:
+    """`compress int4`: what was written, the size, and the quality it cost (perplexity, greedy agreement)."""
+    yield key_values(f"int4 (MatMulNBits): {report.model}", [
+        ("output", report.output),
+        ("MatMuls quantised", report.quantized_matmuls),
+        ("block size", report.block_size),
+        ("scheme", "symmetric" if report.symmetric else "asymmetric (zero point per block)"),
+        ("accuracy level", "ONNX Runtime's default" if report.accuracy_level is None else report.accuracy_level),
+        ("size", f"{fmt_bytes(report.size_before)} -> {fmt_bytes(report.size_after)} "
+                 f"({report.size_after / report.size_before:.2f}x)" if report.size_before else "-"),
+    ])
+    if report.perplexity_before is not None:
+        change = "-" if report.relative_change is None else f"{report.relative_change:+.1%}"
+        yield table("Quality on the evaluation text", ("measure", "before", "after", "change"), [
+            ("perplexity (sliding window)", fmt_float(report.perplexity_before), fmt_float(report.perplexity_after),
+             change),
+            ("greedy next-token agreement", "", "-" if report.greedy_agreement is None
+             else f"{report.greedy_agreement:.1%}", ""),
+        ], numeric=("before", "after", "change"))
+    else:
+        yield note("perplexity not measured (no tokenizer found: pass --tokenizer)")
+    ratio = f"{report.size_after / report.size_before:.2f}x the size" if report.size_before else "written"
+    quality = f", perplexity {report.relative_change:+.1%}" if report.relative_change is not None else ""
+    yield verdict(True, f"{report.quantized_matmuls} MatMul(s) to int4, {ratio}{quality}")

@@ -95,7 +95,7 @@ def results_table(report: Any) -> RenderableType:
         metrics = result.metrics
         rows.append([result.strategy, *([result.engine] if mixed else []),
                      fmt_ms(metrics.ttft.median_ms) if metrics.ttft else "-", _rate(metrics.decode_tokens_per_s),
-                     _latency(metrics), _total(metrics), fmt_bytes(metrics.peak_memory_bytes)])
+                     _latency(metrics), _total(metrics), _memory(metrics.peak_memory_bytes)])
     numeric = ("TTFT", "tok/s", "p50 / p90", "total", "peak mem")
     return table("results", columns, rows, numeric=numeric, caption=METRICS_NOTE)
 
@@ -168,3 +168,8 @@ class TextPrinter:
             self.current = strategy
         console.print(Text(piece), end="", soft_wrap=True)
         console.file.flush()
+
+
+def _memory(peak: int | None) -> str:
+    """A peak that could not be measured says so: never a 0 that reads as "no memory used"."""
+    return "not measured" if peak is None else fmt_bytes(peak)

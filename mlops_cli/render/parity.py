@@ -14,6 +14,7 @@ from rich.text import Text
 from mlops_cli.core.compare import AGREEMENT, COSINE, ELEMENTWISE, Criterion
 from mlops_cli.core.parity import ParityReport
 from mlops_cli.render import fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
+from mlops_cli.services.onnx_lm import GenerationParityReport
 from mlops_cli.services.verify_parity import VerifyParityReport
 
 PARITY_COLUMNS = ("input set", "output", "max |diff|", "max rel", "mean |diff|", "p99 |diff|", "cosine",
@@ -129,4 +130,35 @@ def verify_parity_tables(report: VerifyParityReport) -> Iterator[RenderableType]
     yield from parity_tables(parity, title="Per output and input set", with_verdict=False)
     if report.worst_output:
         yield note(f"worst output: {report.worst_output}")
+    yield verdict(report.passed, report.verdict)
+
+
+def generation_parity_tables(report: GenerationParityReport) -> Iterator[RenderableType]:
+    """`verify-parity --generate`: tokens per prompt, the worst pass of each, the first divergence, the verdict."""
+    tolerance = (f"preset {report.preset} (scale-aware)" if report.preset
+                 else f"atol {report.atol:g}, rtol {report.rtol:g} (as given)")
+    yield key_values("Generation parity", [
+        ("reference", report.reference), ("candidate", f"{report.candidate} (onnxruntime, KV cache)"),
+        ("greedy tokens per prompt", report.max_new_tokens), ("logits tolerance", tolerance)])
+    rows = []
+    for prompt in report.prompts:
+        worst = max(prompt.passes, key=lambda p: p.diff.max_abs or 0.0, default=None)
+        failing = prompt.first_failing_pass
+        where = "-" if failing is None else ("prompt pass" if failing.step == 0 else f"cached step {failing.step}")
+        same = sum(1 for a, b in zip(prompt.reference_tokens, prompt.candidate_tokens, strict=False) if a == b)
+        diverged = f"step {prompt.divergence.step}" if prompt.divergence else "-"
+        rows.append((prompt.prompt, f"{same}/{len(prompt.reference_tokens)}", diverged, len(prompt.passes),
+                     fmt_float(worst.diff.max_abs if worst else None), where,
+                     Text("PASS", style="green") if prompt.passed else Text("FAIL", style="red")))
+    yield table("Per prompt: greedy tokens and the logits of every pass",
+                ("prompt", "same tokens", "first divergence", "passes", "worst max |diff|", "first failing pass",
+                 "result"), rows, numeric=("same tokens", "passes", "worst max |diff|"),
+                caption="pass 0 is the prompt pass, pass k the k-th token through the KV cache")
+    for prompt in report.prompts:
+        divergence = prompt.divergence
+        if divergence is not None:
+            yield note(f"{prompt.prompt!r}: step {divergence.step}: reference {divergence.reference_token} "
+                       f"({divergence.reference_text!r}) vs candidate {divergence.candidate_token} "
+                       f"({divergence.candidate_text!r}); logit gap {divergence.reference_gap:.3g} (reference), "
+                       f"{divergence.candidate_gap:.3g} (candidate)")
     yield verdict(report.passed, report.verdict)

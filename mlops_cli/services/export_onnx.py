@@ -1,469 +1,60 @@
 """`mlops export onnx`: export a model to ONNX and prove the file computes what the model computes.
 
-Two layers:
-- `write_onnx` is the low-level writer other commands reuse (`view`, `compress`): it exports a loaded
-  model with example inputs to one path, with input/output names taken from the model, named dynamic
-  batch/sequence dims shared across the text inputs, HF models called without caches, and the dynamo
-  exporter falling back to the legacy (TorchScript) one when asked to, with the reason in one line.
-- `export_onnx` is the command's service: it writes into a temporary folder beside the output, runs
-  `onnx.checker`, verifies the file with the parity engine at shapes other than the example's,
-  optionally optimises the graph (each pass re-verified, rejected when it changes the outputs), and
-  then moves the file(s) into place, so a re-export never leaves a stale `.data` file behind.
+The service orchestrates; the writing engine (exporters, dynamic dims, metadata, external data, checker,
+graph facts) is `core/onnx_export.py`. `run` resolves the input plan once, writes into a temporary folder
+beside the output, runs `onnx.checker`, verifies the file with the parity engine on the plan's input sets
+(the user's sizes first, then others; with `--exporter auto` the next exporter of `exporter_order` takes over
+when a graph fails), runs the optimisation passes (each timed against the graph before it and kept only if
+faster AND still verified), and then moves the file(s) into place, so a re-export never leaves a stale `.data`
+file behind. A file that fails verification is still moved into place: the report says so (exit 6).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
-import re
 import shutil
-import tempfile
 import time
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-
-from mlops_cli.core.errors import InputError, OutputError, UsageError
-from mlops_cli.core.inputs import TEXT_INPUTS, InputSet, InputSpec, specs_for
-from mlops_cli.core.io import default_mode
-from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind
-from mlops_cli.core.parity import Tolerances
-
-EXPORTERS = ("auto", "dynamo", "legacy")
-OPSETS = (18, 19, 20, 21)
-LEGACY_MAX_OPSET = 20  # torch's TorchScript-based exporter stops at opset 20
-OPTIMIZERS = ("none", "slim", "ort", "all")
-# Weights above this go to an external `.data` file: protobuf cannot hold a model over 2 GiB, and the
-# graph needs room too. The same threshold torch's dynamo exporter uses.
-EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
-DYNAMIC_DIM_NAMES = {"batch": "batch", "sequence": "sequence", "seq": "sequence", "sequence_length": "sequence"}
-_QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-                  "torch._export", "onnxscript")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@dataclass(frozen=True)
-class OnnxWriteResult:
-    """What `write_onnx` wrote and how."""
-
-    path: str
-    exporter_used: str  # "dynamo" or "legacy"
-    fallback_reason: str | None  # why `auto` fell back to the legacy exporter
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    dynamic_axes: dict[str, dict[int, str]]  # input name -> {axis: dim name}; empty when static
-    opset: int
-    external_data: bool
-    seconds: float
-    data_file: str | None = None  # the external `.data` file beside `path`, when written
-    fixed_dims: tuple[str, ...] = ()  # dims asked to be dynamic that the exporter fixed, e.g. "x[0] (batch) = 2"
-
-
-# ---------------------------------------------------------------- low-level writer
-
-
-def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dynamic: bool = True, opset: int = 20,
-               exporter: str = "auto", external_data: bool | None = None,
-               specs: list[InputSpec] | None = None, keep_metadata: bool = False) -> OnnxWriteResult:
-    """Export `loaded` to `path` (a plain write: callers handle atomicity) using `example` as inputs.
-
-    `dynamic`: batch and sequence dims (named as in the input specs, shared across inputs) stay
-    symbolic. `exporter`: auto (dynamo, then legacy on failure), dynamo or legacy. `external_data`:
-    True forces weights into `<path>.data`, None/False writes one file unless the weights are too big.
-    `specs` tells which axes are batch/sequence; by default they come from the model.
-    `keep_metadata`: keep the dynamo exporter's debugging metadata (see `strip_exporter_metadata`).
-    """
-    import torch
-
-    started = time.perf_counter()
-    target = Path(path)
-    _check_exportable(loaded, exporter, opset)
-    input_names = list(example.tensors)
-    axes = dynamic_axes_for(example, _specs_or_none(loaded, specs)) if dynamic else {}
-    args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in _grow_dynamic_dims(example, axes).values())
-    wrapper, output_names = _named_io_module(loaded, input_names, args)
-    use_external = bool(external_data) or _weight_bytes(loaded.module) > EXTERNAL_DATA_THRESHOLD
-    _remove_stale_data(target)
-    if loaded.kind == ModelKind.TORCHSCRIPT:  # already a TorchScript graph: only the legacy exporter reads it
-        wrapper, exporter = loaded.module, "legacy"
-    elif loaded.kind == ModelKind.EXPORTED:  # a torch.export graph: only dynamo reads it, no fallback
-        exporter = "dynamo"
-    fallback_reason: str | None = None
-    fixed: list[str] = []
-    if exporter != "legacy":
-        fallback_reason, fixed = _dynamo_or_reason(
-            wrapper, args, target, input_names, output_names, _dim_bounds(loaded, axes), opset, use_external,
-            may_fall_back=exporter == "auto", keep_metadata=keep_metadata)
-    used = "dynamo" if exporter != "legacy" and fallback_reason is None else "legacy"
-    if used == "legacy":
-        _legacy_or_fail(wrapper, args, target, input_names, output_names, axes, opset, use_external, fallback_reason)
-    data_file = _data_file(target)
-    return OnnxWriteResult(
-        path=str(target), exporter_used=used, fallback_reason=fallback_reason, input_names=tuple(input_names),
-        output_names=tuple(output_names), dynamic_axes=axes, opset=opset, external_data=data_file.exists(),
-        seconds=time.perf_counter() - started, data_file=str(data_file) if data_file.exists() else None,
-        fixed_dims=tuple(fixed))
-
-
-def _dynamo_or_reason(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
-                      output_names: list[str], bounded: dict[str, dict[int, tuple[str, int | None]]], opset: int,
-                      external: bool, *, may_fall_back: bool, keep_metadata: bool) -> tuple[str | None, list[str]]:
-    """Export with dynamo. Returns (why the legacy exporter should take over, dims dynamo had to fix)."""
-    try:
-        _export_dynamo(wrapper, args, target, input_names, output_names, bounded, opset, external, keep_metadata)
-    except Exception as exc:
-        if not may_fall_back:
-            raise InputError(f"the dynamo exporter failed: {exporter_failure(exc)}",
-                             hint="Try --exporter legacy, or --static if a dim cannot be dynamic.") from exc
-        reason = exporter_failure(exc)
-    else:
-        fixed = fixed_dims(target, {n: {a: d for a, (d, _) in axes.items()} for n, axes in bounded.items()})
-        if not fixed or not may_fall_back:
-            return None, fixed
-        reason = f"dynamo fixed {', '.join(fixed)}: the model's code depends on that size"
-    target.unlink(missing_ok=True)
-    _remove_stale_data(target)
-    return reason, []
-
-
-def _legacy_or_fail(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
-                    output_names: list[str], axes: dict[str, dict[int, str]], opset: int, external: bool,
-                    fallback_reason: str | None) -> None:
-    before = f"dynamo failed: {fallback_reason}" if fallback_reason else ""
-    if opset > LEGACY_MAX_OPSET:
-        raise UsageError(f"the legacy exporter supports opset <= {LEGACY_MAX_OPSET}, not {opset}"
-                         + (f" ({before})" if before else ""), hint=f"Use --opset {LEGACY_MAX_OPSET} or lower.")
-    try:
-        _export_legacy(wrapper, args, target, input_names, output_names, axes, opset, external)
-    except Exception as exc:
-        raise InputError(f"ONNX export failed ({before + '; ' if before else ''}legacy failed: "
-                         f"{exporter_failure(exc)})",
-                         hint="Check that the model runs on the example inputs (--input), or try --static.") from exc
-
-
-def exporter_failure(exc: BaseException) -> str:
-    """One line saying why an exporter failed (torch's messages are pages long and coloured)."""
-    text = _ANSI.sub("", str(exc))
-    summary = text.split("## Exception summary", 1)[-1]
-    for line in summary.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("(Refer", "For more information", "- ", "#")):
-            return re.sub(r"^<class '([\w.]+)'>:\s*", r"\1: ", line)[:300]
-    return type(exc).__name__
-
-
-def fixed_dims(path: Path, axes: dict[str, dict[int, str]]) -> list[str]:
-    """Dims that were asked to be dynamic but came out of the exporter as fixed sizes.
-
-    torch.export specialises a dim when the model's code branches on its size; the graph then only
-    accepts the example's size (or computes the example's branch), so this is worth saying out loud.
-    """
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    found = []
-    for value in graph.input:
-        for axis, name in axes.get(value.name, {}).items():
-            dims = value.type.tensor_type.shape.dim
-            if axis < len(dims) and dims[axis].HasField("dim_value"):
-                found.append(f"{value.name}[{axis}] ({name}) = {dims[axis].dim_value}")
-    return found
-
-
-def dynamic_axes_for(example: InputSet, specs: list[InputSpec] | None) -> dict[str, dict[int, str]]:
-    """Which axes of each input are the batch and sequence dims (named alike across inputs).
-
-    From the specs when known; otherwise axis 0 of every input is `batch` and axis 1 of 2-D text
-    inputs (input_ids, attention_mask, ...) is `sequence`. Other named dims (image height/width)
-    stay fixed: most vision models check them.
-    """
-    by_name = {spec.name: spec for spec in specs or []}
-    axes: dict[str, dict[int, str]] = {}
-    for name, array in example.tensors.items():
-        spec = by_name.get(name)
-        if spec is not None and len(spec.dims) == array.ndim:
-            found = {i: DYNAMIC_DIM_NAMES[d.name] for i, d in enumerate(spec.dims) if d.name in DYNAMIC_DIM_NAMES}
-        else:
-            found = {0: "batch"} if array.ndim else {}
-            if name in TEXT_INPUTS and array.ndim == 2:
-                found[1] = "sequence"
-        if found:
-            axes[name] = found
-    return axes
-
-
-def _check_exportable(loaded: LoadedModel, exporter: str, opset: int) -> None:
-    if loaded.kind == ModelKind.ONNX:
-        raise UsageError(f"{loaded.reference} is already an ONNX model",
-                         hint="Use `mlops verify-parity` to compare it, or export the PyTorch model it came from.")
-    if exporter not in EXPORTERS:
-        raise UsageError(f"unknown --exporter {exporter!r}", hint=f"Use one of: {', '.join(EXPORTERS)}.")
-    if loaded.kind == ModelKind.TORCHSCRIPT and exporter == "dynamo":
-        raise UsageError("a TorchScript archive can only be exported by the legacy exporter",
-                         hint="Use --exporter legacy (or auto), or export the original PyTorch model.")
-    if loaded.kind == ModelKind.EXPORTED and exporter == "legacy":
-        raise UsageError("a torch.export (.pt2) program can only be exported by the dynamo exporter",
-                         hint="Use --exporter dynamo (or auto).")
-    if opset not in OPSETS:
-        raise UsageError(f"--opset {opset} is not supported", hint=f"Use one of: {', '.join(map(str, OPSETS))}.")
-
-
-def _specs_or_none(loaded: LoadedModel, specs: list[InputSpec] | None) -> list[InputSpec] | None:
-    if specs is not None:
-        return specs
-    try:
-        return specs_for(loaded)
-    except UsageError:
-        return None
-
-
-def _grow_dynamic_dims(example: InputSet, axes: dict[str, dict[int, str]]) -> dict[str, np.ndarray]:
-    """Repeat size-1 dynamic axes to size 2: exporters specialise dims of size 0/1 to constants."""
-    tensors = {}
-    for name, array in example.tensors.items():
-        for axis in axes.get(name, {}):
-            if array.shape[axis] == 1:
-                array = np.concatenate([array, array], axis=axis)
-        tensors[name] = array
-    return tensors
-
-
-def _weight_bytes(module: Any) -> int:
-    tensors = list(module.parameters()) + list(module.buffers()) if hasattr(module, "parameters") else []
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _data_file(path: Path) -> Path:
-    return path.with_name(f"{path.name}.data")
-
-
-def _remove_stale_data(path: Path) -> None:
-    """A previous export's `.data` would be stale (and some writers append to it): remove it first."""
-    data = _data_file(path)
-    if data.is_file() or data.is_symlink():
-        data.unlink()
-
-
-def _named_io_module(loaded: LoadedModel, input_names: list[str], args: tuple[Any, ...]) -> tuple[Any, list[str]]:
-    """Wrap the model so it takes its inputs positionally and returns a tuple of named tensors.
-
-    The output names come from one eager run on the example (`logits` for HF heads; caches are left
-    out), so exporters name graph outputs after the model instead of the last op (`linear_13`).
-    """
-    import torch
-
-    from mlops_cli.core.runtimes import call_module, call_options, forward_parameter_names, named_tensors
-
-    module = loaded.module
-    names = forward_parameter_names(module)
-    extra = call_options(loaded, names)
-    with torch.inference_mode():
-        probe = named_tensors(call_module(module, names, dict(zip(input_names, args, strict=True)), extra))
-    if not probe:
-        raise InputError(f"{loaded.reference} returned no tensors on the example inputs, nothing to export")
-    output_names = list(probe)
-
-    class NamedIO(torch.nn.Module):
-        """Positional inputs in, a tuple of the model's named outputs out."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = module
-
-        def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            outputs = named_tensors(call_module(self.model, names, dict(zip(input_names, tensors, strict=True)),
-                                                extra))
-            return tuple(outputs[name] for name in output_names)
-
-    wrapper = NamedIO()
-    try:
-        wrapper.eval()
-    except NotImplementedError:  # torch.export modules refuse train()/eval(); they are inference graphs already
-        wrapper.training = False
-    return wrapper, output_names
-
-
-@contextlib.contextmanager
-def _quiet_exporters() -> Iterator[io.StringIO]:
-    """Exporters print progress to stdout and warn a lot; keep stdout clean for --json."""
-    captured = io.StringIO()
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    try:
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
-            warnings.simplefilter("ignore")
-            yield captured
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _dim_bounds(loaded: LoadedModel, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, tuple[str, int | None]]]:
-    """Each dynamic axis with its upper bound: the sequence cannot exceed the model's position table.
-
-    Without the bound torch.export rejects the dim (its guards say `sequence <= 128`) and the ONNX
-    exporter retries slower strategies, doubling the export time.
-    """
-    from mlops_cli.core.inputs import text_properties
-
-    max_positions = text_properties(loaded)[2] if loaded.config is not None else None
-    return {name: {axis: (dim, max_positions if dim == "sequence" else None) for axis, dim in by_axis.items()}
-            for name, by_axis in axes.items()}
-
-
-def _export_dynamo(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
-                   output_names: list[str], bounded: dict[str, dict[int, tuple[str, int | None]]], opset: int,
-                   external: bool, keep_metadata: bool) -> None:
-    import torch
-
-    dims: dict[str, Any] = {}
-    for by_axis in bounded.values():
-        for name, upper in by_axis.values():
-            dims.setdefault(name, torch.export.Dim(name, max=upper) if upper else torch.export.Dim(name))
-    per_input = tuple({axis: dims[name] for axis, (name, _) in bounded.get(n, {}).items()} or None
-                      for n in input_names)
-    with _quiet_exporters():
-        program = torch.onnx.export(wrapper, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                    opset_version=opset, dynamic_shapes=(per_input,) if bounded else None,
-                                    verbose=False, optimize=True)
-        if program is None:  # only the legacy path returns None
-            raise RuntimeError("torch.onnx.export returned no ONNX program")
-        if not keep_metadata:
-            strip_exporter_metadata(program.model)
-        program.save(str(target), external_data=external)
-
-
-def strip_exporter_metadata(model: Any) -> None:
-    """Drop what the dynamo exporter records for debugging: per-node source stack traces, module paths
-    and FX node dumps (`pkg.torch.onnx.*`, `namespace`), per-value original names, and the graph-level
-    `pkg.torch.export.*` program signature. On a small transformer that is over half the file, and the
-    stack traces carry local file paths into a file that gets shipped. Names, shapes, types, opsets and
-    weights are untouched, so the graph computes and reads the same.
-
-    `model` is the exporter's in-memory `onnx_ir.Model` (stripped before saving, so no second write).
-    """
-    graphs = [*model.graphs()]
-    for function in model.functions.values():
-        graphs += [function.graph, *function.graph.subgraphs()]
-    _drop_torch_props(model.metadata_props)
-    for graph in graphs:
-        _drop_torch_props(graph.metadata_props)
-        values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
-        for node in graph:
-            node.metadata_props.clear()
-            node.doc_string = None
-            values += [value for value in node.outputs if value is not None]
-        for value in values:
-            value.metadata_props.clear()
-
-
-def _drop_torch_props(props: dict[str, str]) -> None:
-    for key in [key for key in props if key.startswith("pkg.torch.")]:
-        del props[key]
-
-
-def _export_legacy(wrapper: Any, args: tuple[Any, ...], target: Path, input_names: list[str],
-                   output_names: list[str], axes: dict[str, dict[int, str]], opset: int, external: bool) -> None:
-    import torch
-
-    with _quiet_exporters(), tempfile.TemporaryDirectory(dir=target.parent, prefix=".legacy-") as scratch:
-        written = Path(scratch) / target.name
-        torch.onnx.export(wrapper, args, str(written), dynamo=False, input_names=input_names,
-                          output_names=output_names, dynamic_axes=axes or None, opset_version=opset)
-        if external or len(list(Path(scratch).iterdir())) > 1:  # torch wrote per-tensor files: gather them
-            import onnx
-
-            save_model_proto(onnx.load(str(written)), target, external=True)
-        else:
-            os.replace(written, target)
-
-
-def save_model_proto(model: Any, path: Path, external: bool) -> None:
-    """Save an ONNX ModelProto as one file, or with all weights in `<name>.data` beside it."""
-    import onnx
-
-    _remove_stale_data(path)
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=_data_file(path).name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
-# ---------------------------------------------------------------- graph facts
-
-
-@dataclass(frozen=True)
-class GraphValue:
-    """One graph input or output: name, element type and dims (a symbol name or a fixed size)."""
-
-    name: str
-    dtype: str
-    dims: tuple[str | int, ...]
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    opset: int
-    nodes: int
-    inputs: tuple[GraphValue, ...]
-    outputs: tuple[GraphValue, ...]
-    op_domains: tuple[str, ...]
-
-
-def graph_info(path: str | Path) -> GraphInfo:
-    """Opset, node count (subgraphs included) and named inputs/outputs of an ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    domains = sorted({node.domain or "ai.onnx" for node in _all_nodes(model.graph)})
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = tuple(_values(v for v in model.graph.input if v.name not in initializers))
-    return GraphInfo(opset, count_nodes(model), inputs, tuple(_values(model.graph.output)), tuple(domains))
-
-
-def count_nodes(model: Any) -> int:
-    """Nodes in the main graph and every nested subgraph (If/Loop bodies) and local function."""
-    return sum(1 for _ in _all_nodes(model.graph)) + sum(len(f.node) for f in model.functions)
-
-
-def _all_nodes(graph: Any) -> Iterator[Any]:
-    import onnx
-
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from _all_nodes(subgraph)
-
-
-def _values(values: Any) -> Iterator[GraphValue]:
-    import onnx
-
-    for value in values:
-        tensor = value.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
-        except (KeyError, TypeError):
-            dtype = str(tensor.elem_type)
-        dims = tuple(d.dim_param if d.dim_param else (int(d.dim_value) if d.HasField("dim_value") else "?")
-                     for d in tensor.shape.dim)
-        yield GraphValue(value.name, dtype, dims)
-
-
-# ---------------------------------------------------------------- the command's service
+from typing import TYPE_CHECKING, Any
+
+from mlops_cli.core.contract import ModelRef, OutputOptions, Report
+from mlops_cli.core.errors import InputError, MlopsError, OutputError, UsageError
+from mlops_cli.core.inputs import InputPlan, InputRequest, InputSet
+from mlops_cli.core.loading import LoadedModel, ModelKind
+from mlops_cli.core.onnx_export import (
+    DYNAMIC_DIM_NAMES,
+    EXPORTERS,
+    OPSETS,
+    GraphValue,
+    OnnxWriteResult,
+    check_exportable,
+    data_file,
+    exporter_failure,
+    exporter_order,
+    graph_info,
+    move_into_place,
+    quiet_exporters,
+    run_checker,
+    save_model_proto,
+    write_onnx,
+)
+from mlops_cli.core.parity import ParityReport, Tolerances
+
+if TYPE_CHECKING:
+    from mlops_cli.core.timing import Stopwatch
+
+OPTIMIZERS = ("auto", "none", "fusion", "slim", "ort", "all")
+# Hugging Face model type -> the model type ONNX Runtime's transformer optimizer fuses it as.
+ORT_TRANSFORMER_TYPES = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert", "electra", "mpnet"),
+                    "bert"),
+    "gpt2": "gpt2", "vit": "vit", "deit": "vit", "swin": "swin", "bart": "bart", "t5": "t5",
+}
+MIN_PASS_SPEEDUP = 1.02  # a pass must make the graph at least this much faster to be kept (timing noise below)
+PASS_TIMING_SECONDS = 0.3  # about how long each pass's before/after timing runs
+
+__all__ = ["ExportOnnxOptions", "ExportOnnxReport", "OptimizePass", "run"]
 
 
 @dataclass(frozen=True)
@@ -476,31 +67,30 @@ class OptimizePass:
     accepted: bool
     reason: str
     seconds: float
+    latency_before_ms: float | None = None  # median on the export example, one thread, before the pass
+    latency_after_ms: float | None = None  # ... and after it (None when the pass failed or changed the outputs)
 
 
-@dataclass(frozen=True)
-class ExportOnnxSettings:
+@dataclass(frozen=True, kw_only=True)
+class ExportOnnxOptions(OutputOptions):
     """Everything `export onnx` can be asked to do (the command's options)."""
 
+    inputs: InputRequest = field(default_factory=InputRequest)  # --input specs, --batch-size, --seq-len, --seed
     opset: int = 20
     static: bool = False
     exporter: str = "auto"
     external_data: bool = False
     verify: bool = True
-    optimize: str = "none"
-    inputs: tuple[str, ...] = ()  # --input specs
-    seed: int = 0
+    optimize: str = "auto"  # auto: transformer fusions where ONNX Runtime knows the model type, kept if faster
     tolerances: Tolerances = field(default_factory=Tolerances)
     include_padding: bool = False
     device: str = "auto"
-    repeats: int = 10  # timed runs per side and shape in the verification; 0 skips timing
-    force: bool = False
+    repeats: int = 0  # timed runs per side and shape in the verification; 0 (default) skips timing
     keep_metadata: bool = False  # keep the exporter's per-node stack traces and module paths
-    load: LoadOptions = field(default_factory=LoadOptions)
 
 
-@dataclass(frozen=True)
-class ExportOnnxReport:
+@dataclass(frozen=True, kw_only=True)
+class ExportOnnxReport(Report):
     model: str
     output: str
     files: dict[str, int]  # file name -> bytes (the .onnx and its .data when external)
@@ -514,155 +104,199 @@ class ExportOnnxReport:
     nodes: int
     checker: str
     optimize_passes: tuple[OptimizePass, ...]
-    verification: Any  # ParityReport | None (None with --no-verify)
+    verification: ParityReport | None  # None with --no-verify, or when the checker rejected the graph
     stages: dict[str, float]  # stage -> seconds
     passed: bool
     verdict: str
+    export_sizes: dict[str, int] = field(default_factory=dict)  # sizes of the example the graph was exported with
     notes: tuple[str, ...] = ()
 
 
-def export_onnx(reference: str, output: str | Path, settings: ExportOnnxSettings) -> ExportOnnxReport:
+Verify = Callable[[Path], ParityReport]
+
+
+def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     """Export, check, verify, optionally optimise, then move the result into place (even when it fails
     verification: the caller reports the verdict and exits 6, and the file is there to inspect)."""
-    from mlops_cli.core.inputs import example_inputs
-    from mlops_cli.core.io import check_output, scratch_dir_beside
+    from mlops_cli.core.inputs import plan_inputs
+    from mlops_cli.core.io import scratch_dir_beside
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.timing import Stopwatch
 
-    _check_settings(settings)
-    target = Path(output)
-    if target.is_dir():
-        raise OutputError(f"output {target} is a folder", hint="Give a file path such as model.onnx.")
-    sources = [reference] if not reference.startswith("builtin:") else []
-    check_output(target, settings.force, sources)
-    _check_data_file(target, settings.force, sources)
+    _check_options(options)
+    target = _checked_output(ref, options)
     watch = Stopwatch()
     with watch.stage("load"):
-        loaded = load_model(reference, settings.load)
-        explicit = list(settings.inputs) or None
-        specs = specs_for(loaded, explicit)
-        example = example_inputs(loaded, explicit, settings.seed)
+        loaded = load_model(ref, options.load)
+        check_exportable(loaded, options.exporter, options.opset)
+        plan = plan_inputs(loaded, options.inputs)
+    steps = _pass_steps(loaded, options.optimize) if options.verify else []
+    notes: list[str] = []
+    verify = _verifier(loaded, plan, options, notes) if options.verify else None
+    example = plan.example if options.static else plan.export_example(tuple(DYNAMIC_DIM_NAMES))
     workdir = scratch_dir_beside(target)
     try:
-        with watch.stage("export"):
-            written = write_onnx(loaded, workdir / target.name, example, dynamic=not settings.static,
-                                 opset=settings.opset, exporter=settings.exporter,
-                                 external_data=settings.external_data, specs=specs,
-                                 keep_metadata=settings.keep_metadata)
-        current = workdir / target.name
-        with watch.stage("check"):
-            checker = run_checker(current)
-        verification: Any = None
+        attempt = _first_good_export(loaded, plan, example, options, workdir / target.name, verify, watch)
+        current, verification = attempt.path, attempt.verification
         passes: list[_Pass] = []
-        notes = list(loaded.warnings)
-        if settings.verify and checker.startswith("passed"):  # ONNX Runtime may not even load a rejected graph
-            verify = _verifier(loaded, example, settings, notes)
-            with watch.stage("verify"):
-                verification = verify(current)
-            if settings.optimize != "none":
-                with watch.stage("optimize"):
-                    current, passes = _optimize(current, workdir, settings.optimize, verify, verification)
-                verification = next((p.report for p in reversed(passes) if p.accepted), verification)
+        if verify is not None and verification is not None and steps:
+            options.on_step("optimising")
+            memory = _PassMemory.for_export(loaded, attempt, example) if options.optimize == "auto" else None
+            with watch.stage("optimize"):
+                current, passes = _optimize(current, steps, verify, verification, example, memory)
+            verification = next((p.report for p in reversed(passes) if p.accepted), verification)
         with watch.stage("write"):
-            files = _move_into_place(current, target)
+            files = move_into_place(current, target)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _report(reference, target, files, written, checker, passes, verification, watch.stages, notes)
+    return _report(ref, target, files, attempt, example, passes, verification, watch.stages,
+                   list(loaded.warnings), notes)
 
 
-def _check_data_file(target: Path, force: bool, sources: list[str]) -> None:
-    """The export replaces or removes `<output>.data`. Beside an output being overwritten (--force) it
-    is that model's weights; beside a new output it belongs to something else: not ours to delete."""
+@dataclass(frozen=True)
+class _Attempt:
+    """One exporter's graph: where it is, how it was written, what the checker and the verification said."""
+
+    path: Path
+    written: OnnxWriteResult
+    checker: str
+    verification: ParityReport | None
+    passed_over: str | None = None  # why the exporters tried before this one were not kept
+
+    @property
+    def good(self) -> bool:
+        return self.checker.startswith("passed") and (self.verification is None or self.verification.passed)
+
+    def failure(self) -> str:
+        if not self.checker.startswith("passed"):
+            return f"onnx.checker rejected it ({self.checker.removeprefix('failed: ')})"
+        return f"it failed verification ({self.verification.verdict if self.verification else '?'})"
+
+
+def _first_good_export(loaded: LoadedModel, plan: InputPlan, example: InputSet, options: ExportOnnxOptions,
+                       path: Path, verify: Verify | None, watch: Stopwatch) -> _Attempt:
+    """Try the exporters of `exporter_order` in turn; keep the first whose graph passes the checker and the
+    verification, or else the last one tried (its failure is then the verdict)."""
+    order = exporter_order(loaded, options.exporter, options.opset)
+    passed_over: list[str] = []
+    for index, exporter in enumerate(order):
+        last = index == len(order) - 1
+        folder = path.parent / exporter
+        folder.mkdir()
+        try:
+            attempt = _export_once(loaded, plan, example, options, folder / path.name, exporter, verify, watch)
+        except InputError as exc:
+            if last:
+                raise
+            passed_over.append(exc.message)
+            continue
+        if attempt.good or last:
+            return replace(attempt, passed_over="; ".join(passed_over) or None)
+        passed_over.append(f"its graph was not kept: {attempt.failure()}")
+    raise AssertionError("exporter_order returned no exporter")  # pragma: no cover
+
+
+def _export_once(loaded: LoadedModel, plan: InputPlan, example: InputSet, options: ExportOnnxOptions, path: Path,
+                 exporter: str, verify: Verify | None, watch: Stopwatch) -> _Attempt:
+    options.on_step("exporting")
+    with watch.stage("export"):
+        written = write_onnx(loaded, path, example, dynamic=not options.static, opset=options.opset,
+                             exporter=exporter, external_data=options.external_data, specs=plan.specs,
+                             keep_metadata=options.keep_metadata)
+    options.on_step("checking")
+    with watch.stage("check"):
+        checker = run_checker(path)
+    verification = None
+    if verify is not None and checker.startswith("passed"):  # ONNX Runtime may not even load a rejected graph
+        options.on_step("verifying")
+        with watch.stage("verify"):
+            verification = verify(path)
+    return _Attempt(path, written, checker, verification)
+
+
+def _checked_output(ref: ModelRef, options: ExportOnnxOptions) -> Path:
+    """The output path, refused before any work when it is a folder, exists (without --force), or would
+    overwrite the input; the same rules for the `.data` file the export may write or remove beside it."""
     from mlops_cli.core.io import check_output
 
-    data = _data_file(target)
-    if not force and (data.exists() or data.is_symlink()):
+    target = Path(options.output)
+    if target.is_dir():
+        raise OutputError(f"output {target} is a folder", hint="Give a file path such as model.onnx.")
+    check_output(target, options.force, ref.sources)
+    data = data_file(target)
+    # Beside an output being overwritten (--force) the .data is that model's weights; beside a new output it
+    # belongs to something else: not ours to delete.
+    if not options.force and (data.exists() or data.is_symlink()):
         raise OutputError(f"{data} already exists beside the new output {target.name}: the export would "
                           "replace or delete it", hint="Move it away, choose another output name, or pass --force.")
-    check_output(data, True, sources)
+    check_output(data, True, ref.sources)
+    return target
 
 
-def _check_settings(settings: ExportOnnxSettings) -> None:
-    if settings.optimize not in OPTIMIZERS:
-        raise UsageError(f"unknown --optimize {settings.optimize!r}", hint=f"Use one of: {', '.join(OPTIMIZERS)}.")
-    if settings.repeats < 0:
+def _check_options(options: ExportOnnxOptions) -> None:
+    if options.optimize not in OPTIMIZERS:
+        raise UsageError(f"unknown --optimize {options.optimize!r}", hint=f"Use one of: {', '.join(OPTIMIZERS)}.")
+    if options.repeats < 0:
         raise UsageError("--repeats must be 0 (no timing) or more")
-    if settings.optimize != "none" and not settings.verify:
+    if options.optimize not in ("none", "auto") and not options.verify:
         raise UsageError("--optimize needs verification (a pass that changes the outputs must be rejected)",
                          hint="Drop --no-verify.")
-    if settings.exporter not in EXPORTERS:
-        raise UsageError(f"unknown --exporter {settings.exporter!r}", hint=f"Use one of: {', '.join(EXPORTERS)}.")
-    if settings.opset not in OPSETS:
-        raise UsageError(f"--opset {settings.opset} is not supported",
+    if options.exporter not in EXPORTERS:
+        raise UsageError(f"unknown --exporter {options.exporter!r}", hint=f"Use one of: {', '.join(EXPORTERS)}.")
+    if options.opset not in OPSETS:
+        raise UsageError(f"--opset {options.opset} is not supported",
                          hint=f"Use one of: {', '.join(map(str, OPSETS))}.")
-    if settings.exporter == "legacy" and settings.opset > LEGACY_MAX_OPSET:
-        raise UsageError(f"the legacy exporter supports opset <= {LEGACY_MAX_OPSET}, not {settings.opset}")
 
 
-def run_checker(path: Path) -> str:
-    """`onnx.checker` with full shape inference; an invalid graph is an input error for ONNX Runtime too."""
-    import onnx
+def _verifier(loaded: LoadedModel, plan: InputPlan, options: ExportOnnxOptions, notes: list[str]) -> Verify:
+    """A function `path -> ParityReport` comparing an ONNX file with the loaded model on the plan's input sets.
 
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        return f"failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-    return "passed (full check with shape inference)"
-
-
-def _verifier(loaded: LoadedModel, example: InputSet, settings: ExportOnnxSettings, notes: list[str]) -> Any:
-    """A function `path -> ParityReport` comparing an ONNX file with the loaded model."""
-    from mlops_cli.core.inputs import model_shape_sets
+    The model's outputs on those sets are computed by the first verification and replayed by the later ones (a
+    fallback exporter's graph, each optimisation pass): the model does not change in between. Not when timing
+    (--repeats): the reference's latency must be measured each time."""
     from mlops_cli.core.parity import check_parity
     from mlops_cli.core.runtimes import device_for, onnx_runner, runner_for
 
-    if settings.static:
+    input_sets = list(plan.sets)
+    if options.static:
+        example = plan.example
         input_sets = [InputSet(f"example (static) {example.label}", example.tensors, example.sizes)]
         notes.append("static export: verified at the example shape only (other shapes are rejected by design)")
-    else:
-        input_sets = model_shape_sets(loaded, list(settings.inputs) or None, settings.seed)
-    reference = runner_for(loaded, device_for(loaded, settings.device))
+    reference = runner_for(loaded, device_for(loaded, options.device))
+    remembered: dict[tuple[tuple[str, int], ...], dict[str, Any]] = {}
+    replaying = replace(reference, call=lambda inputs: remembered.get(_identity(inputs)) or reference(inputs))
+    verified = False
 
-    def verify(path: Path) -> Any:
+    def remember(inputs: dict[str, Any]) -> dict[str, Any]:
+        outputs = reference.call(inputs)
+        remembered.setdefault(_identity(inputs), outputs)  # the first run's: the determinism check's second differs
+        return outputs
+
+    recording = replace(reference, call=remember)
+
+    def verify(path: Path) -> ParityReport:
+        nonlocal verified
         onnx_model = LoadedModel(str(path), ModelKind.ONNX, None, path=path)
-        candidate = onnx_runner(onnx_model, device_for(onnx_model, settings.device))
+        candidate = onnx_runner(onnx_model, device_for(onnx_model, options.device))
         candidate.name = str(path.name)
-        return check_parity(reference, candidate, input_sets, settings.tolerances,
-                            include_masked=settings.include_padding, time_runs=settings.repeats > 0,
-                            repeats=settings.repeats)
+        side = reference if options.repeats > 0 else replaying if verified else recording
+        report = check_parity(side, candidate, input_sets, options.tolerances, include_masked=options.include_padding,
+                              time_runs=options.repeats > 0, repeats=options.repeats)
+        verified = True
+        return report
 
     return verify
 
 
-def _optimize(current: Path, workdir: Path, which: str, verify: Any, baseline: Any) -> tuple[Path, list[Any]]:
-    """Run the asked passes in order; keep each one only if the result still passes verification."""
-    passes: list[Any] = []
-    steps = {"slim": ["onnxslim"], "ort": ["onnxruntime"], "all": ["onnxslim", "onnxruntime"]}[which]
-    for name in steps:
-        started = time.perf_counter()
-        out_dir = workdir / f"pass-{name}"
-        out_dir.mkdir()
-        candidate = out_dir / current.name
-        before = graph_info(current).nodes
-        try:
-            (_slim if name == "onnxslim" else _ort_offline)(current, candidate)
-            report = verify(candidate)
-        except Exception as exc:
-            passes.append(_Pass(name, before, None, False, f"pass failed: {exporter_failure(exc)}",
-                                time.perf_counter() - started, None))
-            continue
-        after = graph_info(candidate).nodes
-        if report.passed:
-            reason = "outputs unchanged within tolerance"
-        elif baseline is not None and not baseline.passed:
-            reason = "not kept: the export itself fails verification"
-        else:
-            reason = f"rejected, changes the outputs: {report.verdict}"
-        accepted = report.passed
-        passes.append(_Pass(name, before, after, accepted, reason, time.perf_counter() - started, report))
-        if accepted:
-            current = candidate
-    return current, passes
+def _identity(inputs: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """Which input set this is: the plan's arrays live for the whole run, so their ids name them."""
+    return tuple((name, id(array)) for name, array in inputs.items())
+
+
+# ---------------------------------------------------------------- optimisation passes
+
+
+PassFunction = Callable[[Path, Path], None]  # (source, destination)
 
 
 @dataclass(frozen=True)
@@ -673,23 +307,193 @@ class _Pass:
     accepted: bool
     reason: str
     seconds: float
-    report: Any
+    report: ParityReport | None
+    latency: tuple[float, float] | None = None  # (before, after) median ms
 
     def public(self) -> OptimizePass:
-        return OptimizePass(self.name, self.nodes_before, self.nodes_after, self.accepted, self.reason, self.seconds)
+        before, after = self.latency or (None, None)
+        return OptimizePass(self.name, self.nodes_before, self.nodes_after, self.accepted, self.reason, self.seconds,
+                            before, after)
 
 
-def _has_external_data(path: Path) -> bool:
-    return _data_file(path).exists()
+def _pass_steps(loaded: LoadedModel, optimize: str) -> list[tuple[str, PassFunction]]:
+    """The passes `--optimize` names, in order. `auto`: ONNX Runtime's transformer fusions for the model types
+    it knows, nothing otherwise; `all`: those fusions (where known), onnxslim, ONNX Runtime's offline pass."""
+    model_type = getattr(loaded.config, "model_type", None)
+    fusion = ORT_TRANSFORMER_TYPES.get(model_type) if isinstance(model_type, str) else None
+    fuse: list[tuple[str, PassFunction]] = [] if fusion is None else [
+        ("transformer-fusion", lambda source, destination: _fuse(source, destination, fusion, loaded.config))]
+    slim, ort = ("onnxslim", _slim), ("onnxruntime", _ort_offline)
+    steps: dict[str, list[tuple[str, PassFunction]]] = {
+        "none": [], "auto": fuse, "fusion": fuse, "slim": [slim], "ort": [ort], "all": [*fuse, slim, ort]}
+    if optimize == "fusion" and fusion is None:
+        raise UsageError(f"--optimize fusion: ONNX Runtime's transformer fusions do not know {loaded.reference} "
+                         f"(model type {model_type or 'unknown'})",
+                         hint=f"They know the model types {', '.join(sorted(ORT_TRANSFORMER_TYPES))}; "
+                              "try --optimize slim or ort.")
+    return steps[optimize]
+
+
+def _optimize(current: Path, steps: list[tuple[str, PassFunction]], verify: Verify, baseline: ParityReport,
+              example: InputSet, memory: _PassMemory | None) -> tuple[Path, list[_Pass]]:
+    """Run the passes in order; keep each one only if its graph runs faster than the graph before it on the export
+    example AND still passes verification (a pass that does not speed the model up is reported, not applied; it
+    is timed first, so a pass that is not faster costs no verification). With a `memory` (--optimize auto), a
+    pass measured no faster on an earlier export of the same architecture is not run again."""
+    passes: list[_Pass] = []
+    for name, function in steps:
+        started = time.perf_counter()
+        before = graph_info(current).nodes
+        recalled = memory.recall(name) if memory is not None else None
+        if recalled is not None:
+            passes.append(_Pass(name, before, None, False, f"{_judge(None, baseline, recalled, example)[1]}, "
+                                f"measured on an earlier export of this architecture (--optimize {_option(name)} "
+                                "measures again)", time.perf_counter() - started, None, recalled))
+            continue
+        candidate = current.parent / f"pass-{name}" / current.name
+        candidate.parent.mkdir()
+        report = None
+        try:
+            function(current, candidate)
+            latency = _latencies(current, candidate, example)
+            if latency[0] >= latency[1] * MIN_PASS_SPEEDUP:
+                report = verify(candidate)
+            elif memory is not None:
+                memory.store(name, latency)
+        except Exception as exc:
+            passes.append(_Pass(name, before, None, False, f"pass failed: {exporter_failure(exc)}",
+                                time.perf_counter() - started, None))
+            continue
+        accepted, reason = _judge(report, baseline, latency, example)
+        passes.append(_Pass(name, before, graph_info(candidate).nodes, accepted, reason,
+                            time.perf_counter() - started, report, latency))
+        if accepted:
+            current = candidate
+    return current, passes
+
+
+def _option(pass_name: str) -> str:
+    """The --optimize value that runs one pass."""
+    return {"transformer-fusion": "fusion", "onnxslim": "slim", "onnxruntime": "ort"}.get(pass_name, pass_name)
+
+
+@dataclass(frozen=True)
+class _PassMemory:
+    """Passes measured no faster for one architecture, exporter, opset and example size with this ONNX Runtime on
+    this machine, kept in `<cache>/onnx-passes.json` (MLOPS_CACHE_DIR, else $XDG_CACHE_HOME/mlops or ~/.cache/mlops):
+    re-exporting the same architecture (the usual CI job) does not pay for a pass known not to help. Only a pass
+    that was not faster is remembered: one that is kept is always re-run and re-verified. Unreadable or unwritable
+    caches are ignored."""
+
+    path: Path
+    key: str
+
+    @classmethod
+    def for_export(cls, loaded: LoadedModel, attempt: _Attempt, example: InputSet) -> _PassMemory | None:
+        import hashlib
+        import json
+        import os
+        import platform
+
+        import onnxruntime
+
+        to_json = getattr(loaded.config, "to_json_string", None)
+        if to_json is None:  # no architecture to recognise the model by
+            return None
+        identity = [to_json(use_diff=False), attempt.written.exporter_used, attempt.written.opset, example.sizes,
+                    onnxruntime.__version__, platform.machine(), platform.processor(), os.cpu_count()]
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        root = os.environ.get("MLOPS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                         "mlops")
+        return cls(Path(root) / "onnx-passes.json", key)
+
+    def recall(self, name: str) -> tuple[float, float] | None:
+        entry = self._entries().get(f"{self.key}:{name}")
+        return (float(entry[0]), float(entry[1])) if isinstance(entry, list) and len(entry) == 2 else None
+
+    def store(self, name: str, latency: tuple[float, float]) -> None:
+        import json
+
+        from mlops_cli.core.io import write_bytes
+
+        entries = {**self._entries(), f"{self.key}:{name}": list(latency)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(self.path, json.dumps(entries, indent=1).encode(), force=True)
+        except (OSError, MlopsError):
+            pass  # a cache that cannot be written only costs the next export the measurement
+
+    def _entries(self) -> dict[str, Any]:
+        import json
+
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+
+def _judge(report: ParityReport | None, baseline: ParityReport, latency: tuple[float, float],
+           example: InputSet) -> tuple[bool, str]:
+    """Whether a pass is kept, and why in one line (`report` is None when the pass was not faster)."""
+    speedup = latency[0] / latency[1] if latency[1] else float("inf")
+    where = f"{speedup:.2f}x at {example.label} ({latency[0]:.2f} -> {latency[1]:.2f} ms)"
+    if report is None:
+        return False, f"not kept: no faster, {where}"
+    if report.passed:
+        return True, f"kept: faster, {where}; outputs unchanged within tolerance"
+    if not baseline.passed:
+        return False, "not kept: the export itself fails verification"
+    return False, f"rejected, changes the outputs: {report.verdict}"
+
+
+def _latencies(first: Path, second: Path, example: InputSet) -> tuple[float, float]:
+    """Median milliseconds of two ONNX files on the export example in ONNX Runtime: one thread each, runs
+    interleaved (machine noise hits both alike), as many as fit in about PASS_TIMING_SECONDS."""
+    import onnxruntime as ort
+
+    from mlops_cli.core.runtimes import onnx_runner
+    from mlops_cli.core.timing import measure_interleaved
+
+    runners = []
+    for path in (first, second):
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = session_options.inter_op_num_threads = 1
+        runners.append(onnx_runner(LoadedModel(str(path), ModelKind.ONNX, None, path=path), "cpu", session_options))
+    feed = example.tensors
+    started = time.perf_counter()
+    for runner in runners:  # warm-up, and how long one round takes
+        runner(feed)
+    repeats = max(5, min(50, int(PASS_TIMING_SECONDS / max(time.perf_counter() - started, 1e-6))))
+    timings = measure_interleaved({"before": lambda: runners[0](feed), "after": lambda: runners[1](feed)},
+                                  warmup=1, repeats=repeats)
+    return timings["before"].median_ms, timings["after"].median_ms
+
+
+def _fuse(source: Path, destination: Path, model_type: str, config: Any) -> None:
+    """ONNX Runtime's transformer optimizer (what Optimum applies): attention, layer norm, GELU and embedding
+    fusions into ONNX Runtime's contrib operators. Its Python fusions only, without its symbolic shape inference:
+    ONNX Runtime applies its own graph optimisations when it loads the file anyway, and the shape inference
+    (for shape-subgraph clean-ups) is four fifths of the pass's time on a 22 M BERT, for the same fused operators."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fusion_options = FusionOptions(model_type)
+    fusion_options.enable_shape_inference = False
+    with quiet_exporters():
+        optimized = optimize_model(str(source), model_type=model_type, opt_level=0, optimization_options=fusion_options,
+                                   num_heads=int(getattr(config, "num_attention_heads", 0) or 0),
+                                   hidden_size=int(getattr(config, "hidden_size", 0) or 0))
+    save_model_proto(optimized.model, destination, external=data_file(source).exists())
 
 
 def _slim(source: Path, destination: Path) -> None:
     import onnx
     import onnxslim
 
-    with _quiet_exporters():
+    with quiet_exporters():
         model = onnxslim.slim(onnx.load(str(source)))
-    save_model_proto(model, destination, external=_has_external_data(source))
+    save_model_proto(model, destination, external=data_file(source).exists())
 
 
 def _ort_offline(source: Path, destination: Path) -> None:
@@ -699,53 +503,47 @@ def _ort_offline(source: Path, destination: Path) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(destination)
-    if _has_external_data(source):
+    if data_file(source).exists():
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         _data_file(destination).name)
+                                         data_file(destination).name)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
-def _move_into_place(current: Path, target: Path) -> dict[str, int]:
-    """Move the .onnx (and its .data) over the target; a .data from an earlier export is removed."""
-    files: dict[str, int] = {}
-    data = _data_file(current)
-    if data.exists():
-        files[_data_file(target).name] = data.stat().st_size
-        os.chmod(data, default_mode())
-        os.replace(data, _data_file(target))
-    else:
-        _remove_stale_data(target)
-    files[target.name] = current.stat().st_size
-    os.chmod(current, default_mode())
-    os.replace(current, target)
-    return files
+# ---------------------------------------------------------------- the report
 
 
-def _report(reference: str, target: Path, files: dict[str, int], written: OnnxWriteResult, checker: str,
-            passes: list[Any], verification: Any, stages: dict[str, float], notes: list[str]) -> ExportOnnxReport:
+def _report(ref: ModelRef, target: Path, files: dict[str, int], attempt: _Attempt, example: InputSet,
+            passes: list[_Pass], verification: ParityReport | None, stages: dict[str, float],
+            warnings: list[str], notes: list[str]) -> ExportOnnxReport:
     info = graph_info(target)
-    checked = checker.startswith("passed")
-    if not checked:
-        passed, verdict = False, f"onnx.checker rejected {target.name}: {checker.removeprefix('failed: ')}"
-    elif verification is None:
-        passed, verdict = True, f"exported {target.name} (checker passed; not verified: --no-verify)"
-    else:
-        passed = verification.passed
-        verdict = (f"{target.name} matches {reference}: {verification.verdict}" if passed
-                   else f"{target.name} does not match {reference}: {verification.verdict}")
-    if written.fallback_reason:
-        notes.insert(0, f"dynamo exporter failed, used the legacy exporter: {written.fallback_reason}")
+    written = attempt.written
+    passed, verdict = _verdict(ref, target, attempt.checker, verification)
+    fallback = attempt.passed_over or written.fallback_reason
+    if fallback:
+        skipped = "dynamo" if written.exporter_used == "legacy" else "legacy"
+        warnings.insert(0, f"{skipped} exporter failed, used the {written.exporter_used} exporter: {fallback}")
     if written.fixed_dims:
-        notes.insert(0, f"the exporter fixed dims asked to be dynamic: {', '.join(written.fixed_dims)} "
-                        "(the model's code depends on them; other sizes will fail)")
+        warnings.insert(0, f"the exporter fixed dims asked to be dynamic: {', '.join(written.fixed_dims)} "
+                           "(the model's code depends on them; other sizes will fail)")
     custom = [domain for domain in info.op_domains if domain not in ("ai.onnx", "ai.onnx.ml")]
     if custom:
         notes.append(f"the graph uses {', '.join(custom)} operators: it runs on ONNX Runtime only")
     dims = sorted({name for axes in written.dynamic_axes.values() for name in axes.values()})
     return ExportOnnxReport(
-        model=reference, output=str(target), files=files, exporter_used=written.exporter_used,
-        fallback_reason=written.fallback_reason, opset=info.opset, dynamic_dims=tuple(dims),
-        external_data=_data_file(target).name in files, inputs=info.inputs, outputs=info.outputs, nodes=info.nodes,
-        checker=checker, optimize_passes=tuple(p.public() for p in passes), verification=verification,
-        stages={k: round(v, 4) for k, v in stages.items()}, passed=passed, verdict=verdict, notes=tuple(notes))
+        model=str(ref), output=str(target), files=files, exporter_used=written.exporter_used,
+        fallback_reason=fallback, opset=info.opset, dynamic_dims=tuple(dims),
+        external_data=data_file(target).name in files, inputs=info.inputs, outputs=info.outputs, nodes=info.nodes,
+        checker=attempt.checker, optimize_passes=tuple(p.public() for p in passes), verification=verification,
+        stages={k: round(v, 4) for k, v in stages.items()}, passed=passed, verdict=verdict,
+        export_sizes=dict(example.sizes), notes=tuple(notes), warnings=tuple(warnings))
+
+
+def _verdict(ref: ModelRef, target: Path, checker: str, verification: ParityReport | None) -> tuple[bool, str]:
+    if not checker.startswith("passed"):
+        return False, f"onnx.checker rejected {target.name}: {checker.removeprefix('failed: ')}"
+    if verification is None:
+        return True, f"exported {target.name} (checker passed; not verified: --no-verify)"
+    if verification.passed:
+        return True, f"{target.name} matches {ref}: {verification.verdict}"
+    return False, f"{target.name} does not match {ref}: {verification.verdict}"

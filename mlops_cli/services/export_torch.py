@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from mlops_cli import __version__
+from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import Format, detect_format
-from mlops_cli.core.inputs import InputSet, InputSpec, example_inputs, model_shape_sets, specs_for
+from mlops_cli.core.inputs import InputRequest, InputSet, InputSpec, plan_inputs
 from mlops_cli.core.io import atomic_file, check_output
-from mlops_cli.core.loading import BUILTIN_PREFIX, LoadedModel, LoadOptions, ModelKind, load_model
+from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind, load_model
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.runtimes import Runner, flatten_outputs, forward_parameter_names, resolve_device, runner_for
 from mlops_cli.core.timing import Stopwatch
@@ -44,18 +45,20 @@ from mlops_cli.core.timing import Stopwatch
 METADATA_FILE = "mlops.json"  # stored inside both archives: input order, dtypes, dims, output names
 SKIPPED_OUTPUTS = ("past_key_values", "cache")  # caches are not results (same rule as core/runtimes)
 JIT_MODES = ("trace", "script")
+MODES = (*JIT_MODES, "export")  # export: torch.export
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    """What every torch export shares: inputs, verification and output handling."""
+@dataclass(frozen=True, kw_only=True)
+class TorchExportOptions(OutputOptions):
+    """`export jit` (mode trace or script: TorchScript) and `export pt2` (mode export: torch.export, and an
+    AOTInductor package at `aoti_output` when given): inputs, verification and output handling."""
 
-    input_specs: tuple[str, ...] = ()  # `--input` specs; empty = from the model
-    seed: int = 0
+    mode: str = "trace"
+    aoti_output: Path | None = None
+    inputs: InputRequest = field(default_factory=InputRequest)  # --input specs, --batch-size, --seq-len, --seed
     tolerances: Tolerances = field(default_factory=Tolerances)
     device: str = "cpu"
-    repeats: int = 10  # timed runs per shape in the verification; 0 = no timing
-    force: bool = False
+    repeats: int = 0  # timed runs per shape in the verification; 0 (default) = no timing
     keep_failed: bool = True  # keep an artefact that fails verification (exit 6 either way), as export onnx does
 
 
@@ -94,8 +97,8 @@ class Artefact:
     parity: ParityReport
 
 
-@dataclass(frozen=True)
-class TorchExportReport:
+@dataclass(frozen=True, kw_only=True)
+class TorchExportReport(Report):
     exporter: str  # "torchscript" or "torch.export"
     mode: str  # trace, script, export
     source: str
@@ -112,24 +115,32 @@ class TorchExportReport:
     dynamic_dims: tuple[DynamicDim, ...] = ()
     tracer_warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
-    load_warnings: tuple[str, ...] = ()  # from the loader (e.g. a tokenizer that failed to load)
+    export_sizes: dict[str, int] = field(default_factory=dict)  # sizes of the example the artefact was made with
 
 
 # ---------------------------------------------------------------- entry points
 
 
-def export_torchscript(reference: str, output: str | Path, load: LoadOptions | None = None, mode: str = "trace",
-                       settings: ExportSettings | None = None) -> TorchExportReport:
+def run(ref: ModelRef, options: TorchExportOptions) -> TorchExportReport:
+    """Export `ref` as `options.mode` asks (TorchScript trace/script, or torch.export), load the artefact back and
+    verify it against the eager model at the export shape and at the plan's other sizes."""
+    if options.mode not in MODES:
+        raise UsageError(f"unknown mode {options.mode!r}", hint=f"Use one of: {', '.join(MODES)}.")
+    if options.aoti_output is not None and options.mode != "export":
+        raise UsageError("an AOTInductor package is compiled from a torch.export program", hint="Use export pt2.")
+    return _export_program(ref, options) if options.mode == "export" else _export_torchscript(ref, options)
+
+
+def _export_torchscript(ref: ModelRef, options: TorchExportOptions) -> TorchExportReport:
     """Trace (or script) a model to TorchScript, save it, load it back and verify it at several shapes."""
     import torch
 
-    settings = settings or ExportSettings()
-    if mode not in JIT_MODES:
-        raise UsageError(f"unknown --mode {mode!r}", hint="Use trace or script.")
-    output = check_output(output, settings.force, _input_paths(reference))
+    output = check_output(options.output, options.force, ref.sources)
     watch = Stopwatch()
-    job = _prepare(reference, load, settings, watch)
+    job = _prepare(ref, options, watch)
     recorded: list[warnings.WarningMessage] = []
+    mode = options.mode
+    options.on_step("exporting")
     with watch.stage(mode), _quiet_torch(recorded):
         program = _script(job) if mode == "script" else _trace(job)
     metadata = _metadata("torchscript", job, mode)
@@ -139,26 +150,25 @@ def export_torchscript(reference: str, output: str | Path, load: LoadOptions | N
             torch.jit.save(program, handle, _extra_files={METADATA_FILE: metadata})
 
     artefact = _write_verified(output, Format.TORCHSCRIPT, ("save", save), lambda path: _reloaded_runner(path, job),
-                               job, settings, watch)
+                               job, options, watch)
     return _report(job, "torchscript", mode, (artefact,), watch, tracer_warnings=_tracer_warnings(recorded))
 
 
-def export_program(reference: str, output: str | Path, load: LoadOptions | None = None,
-                   settings: ExportSettings | None = None, aoti_output: str | Path | None = None) -> TorchExportReport:
+def _export_program(ref: ModelRef, options: TorchExportOptions) -> TorchExportReport:
     """torch.export with dynamic batch/sequence dims, saved, loaded back and verified at several shapes;
     with `aoti_output`, also an AOTInductor package (compiled C++), verified the same way."""
     import torch
 
-    settings = settings or ExportSettings()
-    inputs = _input_paths(reference)
-    output = check_output(output, settings.force, inputs)
-    aoti_path = None if aoti_output is None else check_output(aoti_output, settings.force, inputs)
+    output = check_output(options.output, options.force, ref.sources)
+    aoti_path = None if options.aoti_output is None else check_output(options.aoti_output, options.force,
+                                                                      ref.sources)
     if aoti_path is not None:
         if aoti_path.resolve() == output.resolve():
             raise UsageError("the AOTInductor package path must differ from --output")
         find_cxx_compiler()
     watch = Stopwatch()
-    job = _prepare(reference, load, settings, watch)
+    job = _prepare(ref, options, watch)
+    options.on_step("exporting")
     with watch.stage("torch.export"), _quiet_torch():
         program = _export(job)
     metadata = _metadata("torch-export-pt2", job, "export")
@@ -168,12 +178,13 @@ def export_program(reference: str, output: str | Path, load: LoadOptions | None 
             torch.export.save(program, handle, extra_files={METADATA_FILE: metadata})
 
     artefacts = [_write_verified(output, Format.EXPORTED_PROGRAM, ("save", save),
-                                 lambda path: _reloaded_runner(path, job), job, settings, watch)]
+                                 lambda path: _reloaded_runner(path, job), job, options, watch)]
     if aoti_path is not None and artefacts[0].parity.passed:
+        options.on_step("compiling")
         compile_package = ("AOTInductor compile", lambda path: _compile_aoti(program, path, aoti_path.name))
         artefacts.append(_write_verified(aoti_path, Format.AOTI_PACKAGE, compile_package,
                                          lambda path: aoti_runner(path, str(aoti_path), job.names, job.device),
-                                         job, settings, watch, prefix="AOTI "))
+                                         job, options, watch, prefix="AOTI "))
     dynamic_dims = _dynamic_dims(program, job)
     notes = [f"torch.export fixed {d.input}[{d.axis}] ({d.name}) at {d.export_size}: the model's code depends on "
              "that size, so the program refuses others" for d in dynamic_dims if not d.dynamic]
@@ -199,6 +210,8 @@ class _Job:
     wrapper: Any  # PositionalModel
     output_names: list[str]
     output_structure: str
+    notes: list[str]  # what the preparation changed, e.g. an example raised off size 1
+    sources: list[Path]  # what an artefact must never overwrite
 
     def example_args(self) -> tuple[Any, ...]:
         import torch
@@ -207,22 +220,20 @@ class _Job:
                      for name in self.names)
 
 
-def _input_paths(reference: str) -> list[str]:
-    return [] if reference.startswith(BUILTIN_PREFIX) else [reference]
-
-
-def _prepare(reference: str, load: LoadOptions | None, settings: ExportSettings, watch: Stopwatch) -> _Job:
+def _prepare(ref: ModelRef, options: TorchExportOptions, watch: Stopwatch) -> _Job:
     import torch
 
-    device = resolve_device(settings.device)
+    device = resolve_device(options.device)
     with watch.stage("load"), _quiet_torch():
-        loaded = load_model(reference, load)
+        loaded = load_model(ref, options.load)
+    reference = loaded.reference
     if loaded.kind == ModelKind.ONNX or not loaded.is_torch:
         raise InputError(f"{reference} is an ONNX model: there is no PyTorch code to export",
                          hint="Pass the PyTorch model (a folder, weights + --arch, or builtin:NAME).")
-    explicit = list(settings.input_specs) or None
-    specs = _in_forward_order(specs_for(loaded, explicit), forward_parameter_names(loaded.module) or [])
-    example = example_inputs(loaded, explicit, settings.seed)
+    plan = plan_inputs(loaded, options.inputs)
+    specs = _in_forward_order(list(plan.specs), forward_parameter_names(loaded.module) or [])
+    example = plan.export_example(tuple(dim.name for spec in specs for dim in spec.dims if dim.name))
+    notes = [] if example is plan.example else [_raised_note(plan.example, example)]
     reference_runner = runner_for(loaded, device)  # also moves the model to `device`
     names = [spec.name for spec in specs]
     wrapper = PositionalModel.build(loaded, names)
@@ -234,9 +245,17 @@ def _prepare(reference: str, load: LoadOptions | None, settings: ExportSettings,
         raise InputError(f"{reference} fails on the example inputs ({shapes}): {_describe(exc)}",
                          hint="Describe the model's inputs with --input name:dtype[dims].") from exc
     structure = "tensor" if isinstance(sample, torch.Tensor) else "dict" if isinstance(sample, dict) else "tuple"
-    return _Job(loaded, device, specs, names, example,
-                _verification_sets(example, model_shape_sets(loaded, explicit, settings.seed)),
-                reference_runner, wrapper, list(flatten_outputs(sample)), structure)
+    return _Job(loaded, device, specs, names, example, _verification_sets(example, list(plan.sets)),
+                reference_runner, wrapper, list(flatten_outputs(sample)), structure, notes, ref.sources)
+
+
+def _raised_note(asked: InputSet, example: InputSet) -> str:
+    """Why the artefact was made at other sizes than the user's: exporters fix size-1 dims."""
+    changed = [name for name, size in example.sizes.items() if asked.sizes.get(name) != size]
+    raised = ", ".join(f"{name}={example.sizes[name]}" for name in changed)
+    kept = ", ".join(f"{name}={asked.sizes[name]}" for name in changed)
+    return (f"exported at {raised}, not {kept}: exporters fix size-1 dims (torch.export specialises them, a trace "
+            f"may bake them in), so the example was regenerated at size 2; verified at {kept} too")
 
 
 def _in_forward_order(specs: list[InputSpec], parameters: list[str]) -> list[InputSpec]:
@@ -409,12 +428,12 @@ class _Rejected(Exception):
 
 
 def _write_verified(output: Path, fmt: Format, write: tuple[str, Callable[[Path], None]],
-                    open_runner: Callable[[Path], Runner], job: _Job, settings: ExportSettings, watch: Stopwatch,
-                    prefix: str = "") -> Artefact:
+                    open_runner: Callable[[Path], Runner], job: _Job, options: TorchExportOptions,
+                    watch: Stopwatch, prefix: str = "") -> Artefact:
     """Write to a temporary file, load it back, verify it; move it into place only if it passed."""
     write_stage, write_file = write
     try:
-        with atomic_file(output, settings.force, _input_paths(job.loaded.reference)) as temp, _quiet_torch():
+        with atomic_file(output, options.force, job.sources) as temp, _quiet_torch():
             with watch.stage(write_stage):
                 write_file(temp)
             with watch.stage(f"{prefix}reload"):
@@ -423,10 +442,11 @@ def _write_verified(output: Path, fmt: Format, write: tuple[str, Callable[[Path]
                     raise InputError(f"the written file is detected as {detected.value}, not {fmt.value}")
                 candidate = open_runner(temp)
                 candidate.name = str(output)
+            options.on_step(f"{prefix}verifying")
             with watch.stage(f"{prefix}verify"):
-                parity = check_parity(job.reference, candidate, job.input_sets, settings.tolerances,
-                                      time_runs=settings.repeats > 0, repeats=max(settings.repeats, 1))
-            if not (parity.passed or settings.keep_failed):
+                parity = check_parity(job.reference, candidate, job.input_sets, options.tolerances,
+                                      time_runs=options.repeats > 0, repeats=max(options.repeats, 1))
+            if not (parity.passed or options.keep_failed):
                 raise _Rejected(parity)
     except _Rejected as rejected:
         return Artefact(str(output), fmt.value, False, None, rejected.parity)
@@ -472,7 +492,7 @@ def _report(job: _Job, exporter: str, mode: str, artefacts: tuple[Artefact, ...]
     failed = next((a for a in artefacts if not a.parity.passed), None)
     verdict = (f"{len(artefacts)} artefact(s) match the eager model on {len(job.input_sets)} input set(s)"
                if failed is None else f"{Path(failed.path).name}: {failed.parity.verdict}")
-    notes = list(extra.pop("notes", []))
+    notes = [*job.notes, *extra.pop("notes", [])]
     if failed is not None:
         notes.append(f"{failed.path} was kept for inspection; it failed verification (--discard-failed drops it)"
                      if failed.written else f"{failed.path} was not written (verification failed, --discard-failed)")
@@ -481,7 +501,8 @@ def _report(job: _Job, exporter: str, mode: str, artefacts: tuple[Artefact, ...]
         device=job.device, inputs=_artefact_inputs(job), outputs=tuple(job.output_names),
         output_structure=job.output_structure, wrapped=mode != "script", artefacts=artefacts,
         stages={name: round(seconds, 4) for name, seconds in watch.stages.items()},
-        passed=passed, verdict=verdict, notes=tuple(notes), load_warnings=tuple(job.loaded.warnings), **extra)
+        passed=passed, verdict=verdict, notes=tuple(notes), warnings=tuple(job.loaded.warnings),
+        export_sizes=dict(job.example.sizes), **extra)
 
 
 def _artefact_inputs(job: _Job) -> tuple[ArtefactInput, ...]:

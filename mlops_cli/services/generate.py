@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.loading import LoadedModel, load_model
+from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
 from mlops_cli.services.decoding import DecodingParams, decode, logits_processors
 from mlops_cli.services.generate_measure import (
     ClockCriterion,
@@ -73,6 +73,7 @@ class GenerateOptions(ServiceOptions):
     explain: bool = False
     candidates: int = 5
     stream: bool = False
+    tokenizer: Path | None = None  # ONNX models: the folder holding the tokenizer (default: the file's folder)
     on_text: TextCallback | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -657,10 +658,18 @@ def explain_greedy(session: Session, greedy: StrategyResult | None = None) -> Ex
 
 def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
     """Load the model `ref` names and generate (options are checked before anything loads)."""
+    from mlops_cli.core.runtimes import use_threads
+
     check_options(options)
+    use_threads(options.threads)
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
-    report = generate(loaded, options)
+    if loaded.kind == ModelKind.ONNX:  # an ONNX decoder exported with its KV cache (export onnx --task causal-lm)
+        from mlops_cli.services.onnx_lm import generate_onnx
+
+        report = generate_onnx.generate(loaded, options, options.tokenizer)
+    else:
+        report = generate(loaded, options)
     return replace(report, warnings=(*loaded.warnings, *report.warnings))
 
 

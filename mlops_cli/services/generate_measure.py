@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-from mlops_cli.core.timing import Timing, summarize_samples
+from mlops_cli.core.timing import PeakMemory, Timing, summarize_samples
 
 
 @dataclass(frozen=True)
@@ -99,25 +98,29 @@ class MemoryProbe:
             self.kind = "CUDA max allocated (weights included)"
         elif self.resettable:
             self.kind = "RSS growth on CPU (peak RSS during the run - RSS before it)"
-        else:
-            self.kind = "CPU peak RSS growth of the process (ru_maxrss; 0 when the run stayed under an earlier peak)"
+        else:  # no resettable peak counter: a thread samples the RSS (never a 0 that means "not measured")
+            self.kind = "RSS growth on CPU, sampled every 2 ms during the run"
         self.baseline = 0
+        self.sampler: PeakMemory | None = None
 
     def begin(self) -> None:
         if self.cuda:
             for index in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(index)
         elif self.resettable and _reset_peak_rss():
-            self.baseline = _rss_bytes()
+            self.baseline = PeakMemory.rss_bytes() or 0
         else:
-            self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.sampler = PeakMemory().__enter__()
 
     def peak(self) -> int | None:
         if self.cuda:
             return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
         if self.resettable:
             return max(0, _peak_rss_bytes() - self.baseline)
-        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline)
+        if self.sampler is None:
+            return None
+        self.sampler.__exit__()
+        return self.sampler.growth_bytes  # None where the RSS cannot be read: shown as "not measured"
 
 
 def _reset_peak_rss() -> bool:
@@ -128,11 +131,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", "rb") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
 
 
 def _peak_rss_bytes() -> int:

@@ -368,8 +368,10 @@ def _profile(module: Any, inputs: InputSet, device: str) -> tuple[ComputeSummary
     packed_macs, remove_hooks = _count_packed_linear_macs(module)
     try:
         profile = profile_forward(module, inputs.tensors, record_shapes=True, track_memory=True)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (RuntimeError, ValueError, TypeError, IndexError, torch.jit.Error) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # TorchScript puts the model's own error (e.g. "ValueError: Supported sampling rates...") last
+        message = (lines[-1] if isinstance(exc, torch.jit.Error) else lines[0]) if lines else type(exc).__name__
         raise InputError(f"the forward pass failed on inputs {describe_inputs(inputs)}: {message}",
                          hint="Describe the inputs the model takes with --input name:dtype[d0,d1,...].") from exc
     finally:

@@ -7,7 +7,7 @@ private temporary folder, and that folder is served; nothing else beside the mod
 ONNX, TorchScript and torch.export .pt2 files are shown as they are (Netron parses them in the browser: no
 model code runs here, so TorchScript needs no --trust-code, and a .pt2 is shown as the program it is rather
 than re-exported). Everything else (Hugging Face folders, weights + --arch, builtin:NAME) is exported to a
-temporary ONNX file first with `services.export_onnx.write_onnx`.
+temporary ONNX file first with `core.onnx_export.write_onnx`.
 """
 
 from __future__ import annotations
@@ -114,14 +114,15 @@ def _stage_onnx(path: Path, folder: Path) -> StagedModel:
 def _stage_export(ref: ModelRef, options: ViewOptions, folder: Path) -> StagedModel:
     from mlops_cli.core.inputs import InputRequest, plan_inputs
     from mlops_cli.core.loading import load_model
-    from mlops_cli.services.export_onnx import write_onnx
+    from mlops_cli.core.onnx_export import write_onnx
 
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
-    example = plan_inputs(loaded, InputRequest(specs=options.inputs, seed=options.seed)).example
+    plan = plan_inputs(loaded, InputRequest(specs=options.inputs, seed=options.seed))
     name = f"{_model_name(ref)}.onnx"
     options.on_step("exporting to ONNX")
-    result = write_onnx(loaded, folder / name, example, dynamic=True, opset=options.opset, exporter="auto")
+    result = write_onnx(loaded, folder / name, plan.export_example(("batch", "sequence")), dynamic=True,
+                        opset=options.opset, exporter="auto", specs=plan.specs)
     files = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
     return StagedModel(folder, name, files, f"exported to ONNX ({result.exporter_used})", tuple(loaded.warnings))
 

@@ -5,7 +5,7 @@ Workloads: one text per call, one pair per call, batches of pairs padded and tru
 hits all alike. Before timing, every implementation's output on every text is compared with the
 reference implementation's (ids, attention mask, token types): a fast tokenizer that disagrees is no win.
 
-The Rust libraries size their worker pool once per process, so a thread sweep (`threads=(1, 2)`) runs each
+The Rust libraries size their worker pool once per process, so a thread sweep (`thread_sweep=(1, 2)`) runs each
 setting in a child process (`python -m mlops_cli.services.bench_tokenizers SETTINGS_JSON`) that prints
 its timings as JSON.
 
@@ -64,7 +64,7 @@ class BenchTokenizersOptions(ServiceOptions):
     warmup: int = 2
     batch_size: int = 32
     max_length: int = 64
-    threads: tuple[int, ...] = ()
+    thread_sweep: tuple[int, ...] = ()  # --threads: Rust worker threads, one child process per value
     reference: str | None = None
     implementations: tuple[str, ...] = ()
     workloads: tuple[str, ...] = WORKLOADS
@@ -212,9 +212,9 @@ def run(ref: ModelRef, options: BenchTokenizersOptions) -> TokenizerBenchReport:
     """Check agreement and time every implementation of the tokenizer `ref` names; a thread sweep runs its
     timings in child processes."""
     _validate(options)
-    if len(options.threads) > 1 or (options.threads and not _can_set_threads_here(options.threads[0])):
+    if len(options.thread_sweep) > 1 or (options.thread_sweep and not _can_set_threads_here(options.thread_sweep[0])):
         return _bench_with_children(ref, options)
-    with _thread_environment(options.threads[0] if options.threads else None):
+    with _thread_environment(options.thread_sweep[0] if options.thread_sweep else None):
         return _bench_here(ref, options)
 
 
@@ -224,7 +224,7 @@ def _validate(settings: BenchTokenizersOptions) -> None:
                              ("--examples", settings.examples, 0)):
         if value < low:
             raise UsageError(f"{name} must be at least {low} (got {value})")
-    if any(n < 1 for n in settings.threads):
+    if any(n < 1 for n in settings.thread_sweep):
         raise UsageError("--threads values must be at least 1")
     unknown_impls = [name for name in settings.implementations if name not in IMPLEMENTATION_NAMES]
     if unknown_impls:
@@ -258,9 +258,9 @@ def _bench_with_children(ref: ModelRef, settings: BenchTokenizersOptions) -> Tok
         note("checking agreement")
         agreement = bench.agreement()
         runs = []
-        for threads in settings.threads:
+        for threads in settings.thread_sweep:
             note(f"timing with {threads} Rust thread(s) in a child process")
-            runs.append(ThreadRun(threads, _child_timings(ref, dataclasses.replace(settings, threads=(threads,)))))
+            runs.append(ThreadRun(threads, _child_timings(ref, dataclasses.replace(settings, thread_sweep=(threads,)))))
         return bench.report(agreement, runs[0].timings, tuple(runs), rust_threads=runs[0].threads)
 
 
@@ -521,15 +521,15 @@ def _child_settings(ref: ModelRef, settings: BenchTokenizersOptions) -> str:
 
 def _child_timings(ref: ModelRef, settings: BenchTokenizersOptions) -> tuple[WorkloadTiming, ...]:
     """Time one thread setting in a fresh process, so its Rust pool is sized as asked."""
-    env = {**os.environ, **_thread_env(settings.threads[0])}
+    env = {**os.environ, **_thread_env(settings.thread_sweep[0])}
     command = [sys.executable, "-m", "mlops_cli.services.bench_tokenizers", _child_settings(ref, settings)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         message = (done.stderr.strip().splitlines() or ["no output"])[-1]
         if done.returncode == -9:
-            raise ResourceError(f"the benchmark child process for --threads {settings.threads[0]} was killed",
+            raise ResourceError(f"the benchmark child process for --threads {settings.thread_sweep[0]} was killed",
                                 hint="It probably ran out of memory; use a smaller --batch-size or corpus.")
-        raise InputError(f"the benchmark child process for --threads {settings.threads[0]} failed: {message}",
+        raise InputError(f"the benchmark child process for --threads {settings.thread_sweep[0]} failed: {message}",
                          hint="Run the same command with a single --threads value to see the full error.")
     rows = json.loads(done.stdout)
     return tuple(WorkloadTiming(**row) for row in rows)
@@ -539,7 +539,7 @@ def child_main(argv: Sequence[str]) -> int:
     """Entry point of a sweep's child process: time the workloads, print them as one JSON list."""
     raw = json.loads(argv[0])
     ref = ModelRef.parse(raw.pop("tokenizer"))
-    for name in ("threads", "implementations", "workloads"):
+    for name in ("thread_sweep", "implementations", "workloads"):
         raw[name] = tuple(raw[name])
     settings = BenchTokenizersOptions(**raw)
     corpus = load_corpus(settings.texts_file)

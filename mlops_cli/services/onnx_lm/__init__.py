@@ -2,7 +2,8 @@
 
 Entry points, each following the service contract `run(ref, options) -> report`:
 - `export_run` (`export onnx --task causal-lm`): a decoder graph with `past_key_values.*` / `present.*`;
-- `generate_run` (`generate model.onnx`): greedy or seeded sampling on ONNX Runtime with the cache;
+- `generate_onnx.generate` (`generate model.onnx`, through services/generate.run): greedy or seeded sampling
+  on ONNX Runtime with the cache, reported like a PyTorch generation;
 - `parity_run` (`verify-parity MODEL model.onnx --generate`): greedy tokens and per-pass logits compared;
 - `perplexity_run`: sliding-window perplexity of the PyTorch model and its ONNX export, greedy agreement;
 - `int4_run`: weight-only int4 (MatMulNBits) of an exported decoder, sizes and perplexity before/after.
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 from mlops_cli.services.onnx_lm.export_with_past import ExportWithPastOptions, ExportWithPastReport
 from mlops_cli.services.onnx_lm.export_with_past import run as export_run
-from mlops_cli.services.onnx_lm.generate_onnx import OnnxGenerateOptions, OnnxGenerateReport
-from mlops_cli.services.onnx_lm.generate_onnx import run as generate_run
 from mlops_cli.services.onnx_lm.int4 import Int4Options, Int4Report
 from mlops_cli.services.onnx_lm.int4 import run as int4_run
 from mlops_cli.services.onnx_lm.quality import (
@@ -27,6 +26,6 @@ from mlops_cli.services.onnx_lm.quality import (
 
 __all__ = [
     "ExportWithPastOptions", "ExportWithPastReport", "GenerationParityOptions", "GenerationParityReport",
-    "Int4Options", "Int4Report", "OnnxGenerateOptions", "OnnxGenerateReport", "PerplexityOptions",
-    "PerplexityReport", "export_run", "generate_run", "int4_run", "parity_run", "perplexity_run",
+    "Int4Options", "Int4Report", "PerplexityOptions", "PerplexityReport", "export_run", "int4_run", "parity_run",
+    "perplexity_run",
 ]

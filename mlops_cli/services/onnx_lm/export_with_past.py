@@ -244,7 +244,7 @@ def _check_against_model(path: Path, model: Any, layout: KvLayout, family: str) 
     it froze (causal-mask shortcuts, cache initialisation), shows up here rather than in the user's generation."""
     import torch
 
-    from mlops_cli.core.compare import compare_arrays
+    from mlops_cli.core.compare import AGREEMENT, PRESETS, compare_arrays
     from mlops_cli.core.runtimes import onnx_session
 
     try:
@@ -263,7 +263,7 @@ def _check_against_model(path: Path, model: Any, layout: KvLayout, family: str) 
         with torch.inference_mode():
             expected = wrapper(*(torch.from_numpy(feed[name]) for name in layout.input_names()))
         for name, got, want in zip(layout.output_names(), outputs, expected, strict=True):
-            diff = compare_arrays(name, want.numpy(), got, atol=1e-3, rtol=1e-3)
+            diff = compare_arrays(name, want.numpy(), got, *PRESETS["fp32"], agreement=AGREEMENT["fp32"])
             if not diff.passed:
                 problem = diff.problem or f"max |diff| {diff.max_abs:.3g}"
                 raise _unsupported(family, f"the exported graph's {name} differs from the model's with batch "

@@ -10,20 +10,23 @@ the same tokens as the PyTorch loop when the logits agree. Figures are measured 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.loading import LoadedModel
+from mlops_cli.core.timing import PeakMemory
 from mlops_cli.services.decoding import DecodingParams, StopState, initial_positions, logits_processors
-from mlops_cli.services.generate_measure import Metrics, RunRecord, StepClock, run_metrics, summarize_runs
+from mlops_cli.services.generate import GeneratedText, GenerateOptions, GenerateReport, StrategyResult
+from mlops_cli.services.generate_measure import RunRecord, StepClock, run_metrics, summarize_runs
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -146,49 +149,7 @@ def onnx_decode(decoder: OnnxDecoder, input_ids: torch.Tensor, attention_mask: t
 # ---------------------------------------------------------------- the service
 
 
-@dataclass(frozen=True, kw_only=True)
-class OnnxGenerateOptions(ServiceOptions):
-    """`mlops generate model.onnx`: greedy or seeded sampling with the graph's KV cache."""
-
-    prompts: tuple[str, ...]
-    tokenizer: Path | None = None  # an HF folder with the tokenizer; default: the ONNX file's folder
-    strategy: str = "greedy"  # or "sample"
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    seed: int = 0
-    fixed_length: bool = False
-    repeat: int = 1
-    warmup: int = 1
-    threads: int | None = None
-    device: str = "cpu"
-
-
-@dataclass(frozen=True)
-class OnnxGeneratedText:
-    prompt: str
-    text: str
-    new_token_ids: tuple[int, ...]
-    new_tokens: int
-    stop_reason: str  # "eos" or "max_new_tokens"
-
-
-@dataclass(frozen=True, kw_only=True)
-class OnnxGenerateReport(Report):
-    model: str
-    tokenizer: str
-    backend: str
-    device: str
-    strategy: str
-    batch_size: int
-    max_new_tokens: int
-    seed: int
-    outputs: tuple[OnnxGeneratedText, ...]
-    metrics: Metrics
-    reproducible: bool
+ONNX_STRATEGIES = ("greedy", "sample")  # what the cache loop runs; beams need the model's reorder of the cache
 
 
 @dataclass(frozen=True)
@@ -238,22 +199,24 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor
     return encoded["input_ids"], encoded.get("attention_mask", torch.ones_like(encoded["input_ids"]))
 
 
-def _check(options: OnnxGenerateOptions) -> None:
-    problems = [
-        (not options.prompts or any(not p.strip() for p in options.prompts), "the prompt is empty"),
-        (options.strategy not in ("greedy", "sample"),
-         f"--strategy {options.strategy!r} on ONNX: only greedy and sample are supported"),
-        (options.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
-        (options.temperature <= 0, "--temperature must be > 0"),
-        (options.repeat < 1, "--repeat must be at least 1"),
-        (options.warmup < 0, "--warmup must be >= 0"),
-    ]
-    for failed, message in problems:
+def _check(options: GenerateOptions) -> None:
+    """What the ONNX cache loop cannot do (the rest was checked like any `mlops generate` run)."""
+    unsupported = [(options.strategy not in ONNX_STRATEGIES,
+                    f"--strategy {options.strategy!r} on ONNX Runtime: greedy and sample are supported"),
+                   (options.engine != "generate", "--engine applies to PyTorch models"),
+                   (options.explain, "--explain applies to PyTorch models"),
+                   (bool(options.stop), "--stop applies to PyTorch models"),
+                   (options.chat, "--chat applies to PyTorch models"),
+                   (options.stream, "--stream applies to PyTorch models"),
+                   (options.dtype != "fp32", "--dtype: an ONNX graph runs in the precision it was exported in"),
+                   (options.cache != "dynamic" or options.compile or options.device_map is not None,
+                    "--cache/--compile/--device-map apply to PyTorch models")]
+    for failed, message in unsupported:
         if failed:
-            raise UsageError(message)
+            raise UsageError(message, hint="Drop the option, or generate from the PyTorch model.")
 
 
-def decoding_params(options: OnnxGenerateOptions, text: TextSide) -> DecodingParams:
+def decoding_params(options: GenerateOptions, text: TextSide) -> DecodingParams:
     sample = options.strategy == "sample"
     return DecodingParams(
         max_new_tokens=options.max_new_tokens, do_sample=sample,
@@ -263,34 +226,44 @@ def decoding_params(options: OnnxGenerateOptions, text: TextSide) -> DecodingPar
         eos_token_ids=() if options.fixed_length else text.eos_token_ids, pad_token_id=text.pad_token_id)
 
 
-def run(ref: ModelRef, options: OnnxGenerateOptions) -> OnnxGenerateReport:
-    """Generate from an ONNX decoder with KV cache: warm-up runs, then `repeat` measured runs."""
-    from mlops_cli.core.loading import ModelKind, load_model
+def generate(loaded: LoadedModel, options: GenerateOptions, tokenizer: Path | None = None) -> GenerateReport:
+    """`mlops generate model.onnx`: the same report as for a PyTorch model, from an ONNX decoder with its KV cache
+    (warm-up runs, then `repeat` measured runs); the tokenizer from `tokenizer` or the ONNX file's folder."""
+    from mlops_cli.core.runtimes import resolve_device
 
     _check(options)
-    loaded = load_model(ref, options.load)
-    if loaded.kind != ModelKind.ONNX or loaded.path is None:
-        raise InputError(f"{ref} is not an ONNX file", hint="Use `mlops generate` for PyTorch models.")
-    decoder = OnnxDecoder(loaded.path, options.device, options.threads)
-    text = load_text_side(options.tokenizer or loaded.path.parent)
+    assert loaded.path is not None
+    device = "cuda" if resolve_device(options.device).startswith("cuda") else "cpu"
+    decoder = OnnxDecoder(loaded.path, device, options.threads or torch.get_num_threads())
+    text = load_text_side(tokenizer or loaded.path.parent)
     input_ids, attention_mask = encode_prompts(text.tokenizer, options.prompts)
     params = decoding_params(options, text)
     records: list[RunRecord] = []
+    memory = PeakMemory()
     for index in range(options.warmup + options.repeat):
-        record = timed_run(decoder, input_ids, attention_mask, params, options.seed, text.tokenizer)
+        options.on_step(f"{options.strategy} decoding on ONNX Runtime")
+        with memory:
+            record = timed_run(decoder, input_ids, attention_mask, params, options.seed, text.tokenizer)
         if index >= options.warmup:
-            records.append(record)
+            records.append(replace(record, peak_memory_bytes=memory.growth_bytes))
     outputs = generated_texts(options.prompts, records[0].sequences, int(input_ids.shape[1]), params, text)
     new_tokens = sum(o.new_tokens for o in outputs)
     batch = int(input_ids.shape[0])
     metrics = summarize_runs([run_metrics(r, new_tokens, batch) for r in records], int(attention_mask.sum()),
                              options.warmup)
-    return OnnxGenerateReport(
-        model=str(ref), tokenizer=str(text.folder), backend="onnxruntime", device=options.device,
-        strategy=options.strategy, batch_size=batch, max_new_tokens=options.max_new_tokens, seed=options.seed,
-        outputs=outputs, metrics=metrics,
-        reproducible=all(torch.equal(r.sequences, records[0].sequences) for r in records),
-        warnings=tuple(loaded.warnings))
+    reproducible = all(torch.equal(r.sequences, records[0].sequences) for r in records)
+    settings = {name: value for name, value in dataclasses.asdict(params).items() if name != "eos_token_ids"}
+    result = StrategyResult(options.strategy, "onnxruntime", settings, outputs, metrics, reproducible,
+                            all(o.new_tokens == options.max_new_tokens for o in outputs) if options.fixed_length
+                            else None)
+    return GenerateReport(
+        model=loaded.reference, architecture=f"ONNX decoder with KV cache ({loaded.path.name})", device=device,
+        dtype="as exported", engine="onnxruntime", cache="the graph's past_key_values", compiled=False,
+        batch_size=batch, max_new_tokens=options.max_new_tokens, seed=options.seed,
+        memory_measure="RSS growth on CPU, sampled every 2 ms during the run" if device == "cpu"
+        else "RSS growth of the process (ONNX Runtime's CUDA memory is not counted)",
+        results=(result,), explanation=None, notes=(f"tokenizer: {text.folder}",),
+        warnings=() if reproducible else ("some runs with the same seed produced different tokens",))
 
 
 def timed_run(decoder: OnnxDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: DecodingParams,
@@ -305,7 +278,7 @@ def timed_run(decoder: OnnxDecoder, input_ids: torch.Tensor, attention_mask: tor
 
 
 def generated_texts(prompts: Sequence[str], sequences: torch.Tensor, prompt_length: int, params: DecodingParams,
-                    text: TextSide) -> tuple[OnnxGeneratedText, ...]:
+                    text: TextSide) -> tuple[GeneratedText, ...]:
     """Each row's new tokens, cut after the first EOS (finished rows are padded with the pad token)."""
     eos = set(params.eos_token_ids)
     results = []
@@ -314,6 +287,6 @@ def generated_texts(prompts: Sequence[str], sequences: torch.Tensor, prompt_leng
         end = next((i + 1 for i, token in enumerate(new) if token in eos), None)
         kept = new[:end] if end is not None else new
         decoded = text.tokenizer.decode([t for t in kept if t not in eos], skip_special_tokens=True)
-        results.append(OnnxGeneratedText(prompt, decoded, tuple(kept), len(kept),
-                                         "eos" if end is not None else "max_new_tokens"))
+        results.append(GeneratedText(prompt, decoded, tuple(kept), len(kept),
+                                     "eos" if end is not None else "max_new_tokens"))
     return tuple(results)

@@ -16,16 +16,17 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlops_cli.core.compare import PRESETS, OutputDiff, compare_arrays
+from mlops_cli.core.compare import OutputDiff, compare_arrays
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.parity import Tolerances
 from mlops_cli.services.decoding import DecodingParams, decode
 from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side, onnx_decode
 
@@ -81,8 +82,7 @@ class GenerationParityOptions(ServiceOptions):
     candidate: Path  # the ONNX decoder with KV cache
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 16
-    atol: float = PRESETS["fp32"][0]
-    rtol: float = PRESETS["fp32"][1]
+    tolerances: Tolerances = field(default_factory=lambda: Tolerances.for_preset("fp32"))  # scale-aware fp32
     tokenizer: Path | None = None  # default: the reference's tokenizer
 
 
@@ -93,13 +93,14 @@ class GenerationParityReport(Report):
     max_new_tokens: int
     atol: float
     rtol: float
+    preset: str | None  # scale-aware bound and criteria (None: --atol/--rtol as given)
     prompts: tuple[PromptParity, ...]
     passed: bool
     verdict: str
 
 
 def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts: Sequence[str],
-                       max_new_tokens: int, atol: float, rtol: float) -> tuple[PromptParity, ...]:
+                       max_new_tokens: int, tolerances: Tolerances) -> tuple[PromptParity, ...]:
     """Greedy tokens and per-pass logits of both sides, prompt by prompt (batch 1: no padding involved)."""
     params = DecodingParams(max_new_tokens=max_new_tokens)  # no EOS: every prompt runs all its steps
     results = []
@@ -114,7 +115,9 @@ def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts
         divergence = _first_divergence(ref_new, cand_new, ref_scores, cand_scores, tokenizer)
         ref_logits = torch_passes(model, input_ids, ref_new)
         cand_logits = onnx_passes(decoder, input_ids, ref_new)
-        passes = tuple(PassDiff(step, compare_arrays(f"logits (pass {step})", r, c, atol, rtol))
+        atol, rtol = tolerances.for_output("logits")
+        passes = tuple(PassDiff(step, compare_arrays(f"logits (pass {step})", r, c, atol, rtol,
+                                                     agreement=tolerances.agreement))
                        for step, (r, c) in enumerate(zip(ref_logits, cand_logits, strict=True)))
         results.append(PromptParity(prompt, tuple(ref_new), tuple(cand_new), divergence, passes))
     return tuple(results)
@@ -210,10 +213,11 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
     decoder = OnnxDecoder(options.candidate)
     options.on_step("generating")
     prompts = compare_generation(model, decoder, tokenizer, options.prompts, options.max_new_tokens,
-                                 options.atol, options.rtol)
+                                 options.tolerances)
     return GenerationParityReport(
         reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
-        atol=options.atol, rtol=options.rtol, prompts=prompts, passed=all(p.passed for p in prompts),
+        atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
+        prompts=prompts, passed=all(p.passed for p in prompts),
         verdict=generation_verdict(prompts), warnings=tuple(warnings))
 
 

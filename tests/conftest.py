@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from typer.testing import CliRunner
 os.environ.setdefault("COLUMNS", "160")
 os.environ["NO_COLOR"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Hermetic caches: trained built-in models and remembered optimisation passes live in a folder of this session,
+# so no test depends on (or writes into) the user's ~/.cache/mlops.
+os.environ["MLOPS_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlops-test-cache-")
 
 
 class Cli:

@@ -384,3 +384,20 @@ def test_compress_int4_command(cli, folders: dict[str, Path], exported: dict[str
     assert again.exit_code == 5  # never over an existing output without --force
     human = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--force", "--tokenizer", folders["gpt2"])
     assert human.exit_code == 0 and "perplexity" in human.stdout and "PASS" in human.stdout
+
+
+def test_export_onnx_task_causal_lm_command_and_the_whole_path(cli, folders: dict[str, Path], tmp_path: Path) -> None:
+    """The path a user walks: export with the cache, generate on it, verify generation against the model."""
+    out = tmp_path / "lm" / "decoder.onnx"  # a folder that does not exist yet is created (#13.9)
+    result = cli("export", "onnx", folders["llama"], "--task", "causal-lm", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = result.json()
+    assert "past_key_values.0.key" in data["input_names"] and "present.0.value" in data["output_names"]
+    assert any(past == 0 for _, _, past in data["checked_passes"])  # the empty past (prompt pass) ran
+    human = cli("export", "onnx", folders["llama"], "--task", "causal-lm", "-o", out, "--force")
+    assert human.exit_code == 0 and "KV cache" in human.stdout
+    generated = cli("generate", out, "--tokenizer", folders["llama"], "--prompt", "The model", "--max-new-tokens",
+                    "3", "--fixed-length")
+    assert generated.exit_code == 0, generated.output
+    checked = cli("verify-parity", folders["llama"], out, "--generate", "--max-new-tokens", "3")
+    assert checked.exit_code == 0, checked.output

@@ -5,6 +5,7 @@ Annotated option types as objects, not strings.
 """
 
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -99,6 +100,11 @@ def export_onnx_command(
     """Export a model to ONNX with named inputs/outputs and dynamic batch/sequence dims, run onnx.checker, and
     verify the file with ONNX Runtime at shapes other than the example's. Exit 6 (file kept) when it does not match.
 
+    With --task causal-lm a causal LM is exported as a decoder with its KV cache (inputs past_key_values.N.key/value,
+    outputs logits and present.N.key/value, dynamic batch/sequence/past dims, Optimum's names): one file for the
+    prompt and every next token, run at other sizes (the empty past included) and compared with the model before
+    it is written. Then `mlops generate model.onnx` and `mlops verify-parity MODEL model.onnx --generate`.
+
     Example: mlops export onnx builtin:tiny-bert -o bert.onnx --optimize all --json
     """
     from mlops_cli import render
@@ -109,6 +115,9 @@ def export_onnx_command(
     from mlops_cli.render.export_onnx import export_onnx_tables
     from mlops_cli.services.export_onnx import ExportOnnxOptions, run
 
+    if load.task == "causal-lm":
+        _export_with_past(model, output, force, opset, external_data, load, as_json, quiet)
+        return
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value])
     request = InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)
     with progress_steps(f"exporting {model} to ONNX", quiet) as on_step:
@@ -121,6 +130,21 @@ def export_onnx_command(
     render.emit(report, as_json, export_onnx_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=f"{report.output} was kept for inspection.")
+
+
+def _export_with_past(model: str, output: Path, force: bool, opset: int, external_data: bool, load: "LoadOptions",
+                      as_json: bool, quiet: bool) -> None:
+    """`--task causal-lm`: the decoder with its KV cache (services/onnx_lm)."""
+    from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.render.export_onnx import export_with_past_tables
+    from mlops_cli.services.onnx_lm import ExportWithPastOptions, export_run
+
+    with progress_steps(f"exporting {model} to ONNX with its KV cache", quiet) as on_step:
+        options = ExportWithPastOptions(load=load, on_step=on_step, output=output, force=force,
+                                        opset=min(opset, 17), external_data=external_data or None)
+        report = export_run(ModelRef.parse(model), options)
+    render.emit(report, as_json, export_with_past_tables, quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ from rich.text import Text
 from mlops_cli.render import fmt_bytes, fmt_ms, key_values, note, table, verdict
 from mlops_cli.render.parity import parity_tables
 from mlops_cli.services.export_onnx import ExportOnnxReport
+from mlops_cli.services.onnx_lm import ExportWithPastReport
 
 
 def export_onnx_tables(report: ExportOnnxReport) -> Iterator[RenderableType]:
@@ -52,3 +53,25 @@ def export_onnx_tables(report: ExportOnnxReport) -> Iterator[RenderableType]:
 
 def _dims(dims: tuple[str | int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def export_with_past_tables(report: ExportWithPastReport) -> Iterator[RenderableType]:
+    """`export onnx --task causal-lm`: the decoder written, its cache layout, and the sizes it was checked at."""
+    yield key_values(f"ONNX export with KV cache: {report.model}", [
+        ("output", report.output),
+        *((f"file {name}", fmt_bytes(size)) for name, size in report.files.items()),
+        ("family", report.family),
+        ("cache", f"{report.layers} layer(s) x {report.kv_heads} KV head(s) x head dim {report.head_dim}"),
+        ("opset", report.opset),
+        ("external data", "yes" if report.external_data else "no (one file)"),
+    ])
+    cache = [n for n in report.input_names if n.startswith("past_key_values.")]
+    presents = [n for n in report.output_names if n.startswith("present.")]
+    yield table("Graph inputs and outputs", ("kind", "names"), [
+        ("input", ", ".join(n for n in report.input_names if n not in cache)),
+        ("input", f"{cache[0]} ... {cache[-1]} ({len(cache)})" if cache else "-"),
+        ("output", ", ".join(n for n in report.output_names if n not in presents)),
+        ("output", f"{presents[0]} ... {presents[-1]} ({len(presents)})" if presents else "-"),
+    ])
+    checked = ", ".join(f"batch {b}, sequence {s}, past {p}" for b, s, p in report.checked_passes)
+    yield verdict(True, f"written and checked against the model at {len(report.checked_passes)} size(s): {checked}")

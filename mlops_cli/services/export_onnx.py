@@ -150,7 +150,16 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return _report(ref, target, files, attempt, example, passes, verification, watch.stages,
-                   list(loaded.warnings), notes)
+                   [*loaded.warnings, *_generation_advice(loaded)], notes)
+
+
+def _generation_advice(loaded: LoadedModel) -> list[str]:
+    """A causal LM exported without its KV cache re-runs the whole sequence for every generated token."""
+    architectures = getattr(loaded.config, "architectures", None) or []
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        return ["this graph has no KV cache: generating with it re-runs the whole sequence for every token; "
+                "export with --task causal-lm for generation (past_key_values in, present out)"]
+    return []
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ def convnet_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exported.path
 
 
-def test_text_model_eager_and_onnxruntime_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    report = bench_run("builtin:tiny-bert", runtimes=("eager", "onnxruntime"), batches=(2, 1), seq_lens=(8,))
+def test_text_model_eager_and_onnxruntime_rows() -> None:
+    report = bench_run("builtin:tiny-bert", runtimes=("eager", "onnxruntime"), batches=(2, 1), seq_lens=(8,),
+                       dtypes=("fp32", "int8"))
     eager, ort = rows_of(report, "eager fp32"), rows_of(report, "onnxruntime fp32")
     assert [r.batch for r in eager] == [1, 2] and [r.batch for r in ort] == [1, 2]
     assert all(r.status == TIMED for r in eager + ort)
@@ -46,6 +47,9 @@ def test_text_model_eager_and_onnxruntime_rows(monkeypatch: pytest.MonkeyPatch) 
     assert row.throughput_unit == "tokens/s"
     assert row.throughput == pytest.approx(1000 * 2 * 8 / row.latency.median_ms)
     assert report.threads == 1 and report.baseline == "eager fp32" and report.passed
+    assert [row.status for row in rows_of(report, "eager int8")] == [TIMED, TIMED]
+    assert not rows_of(report, "onnxruntime int8")  # the exported graph is fp32: a note says so, no row
+    assert "onnxruntime runs the exported fp32 graph; int8 applies to eager and compile" in report.notes
 
 
 def test_eager_precisions_and_compile_on_a_vision_model(monkeypatch: pytest.MonkeyPatch) -> None:

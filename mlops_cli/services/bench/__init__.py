@@ -193,8 +193,13 @@ def prepare(ref: ModelRef, model: LoadedModel, original: LoadedModel | None, opt
     if EAGER not in options.runtimes and options.runtimes:
         notes.append("eager fp32 is benched too: it is the baseline of every speed-up")
     dtypes = list(dict.fromkeys(("fp32", *options.dtypes))) if EAGER in runtimes else list(options.dtypes)
+    exported = [r for r in runtimes if r in EXPORTED_RUNTIMES]
+    lower = [d for d in dtypes if d != "fp32"]
+    if exported and lower:
+        notes.append(f"{', '.join(exported)} run{'s' * (len(exported) == 1)} the exported fp32 graph; "
+                     f"{', '.join(lower)} appl{'ies' if len(lower) == 1 else 'y'} to eager and compile")
     for runtime in runtimes:
-        for dtype in dtypes:
+        for dtype in (["fp32"] if runtime in EXPORTED_RUNTIMES else dtypes):
             skip = skip_reason(runtime, dtype, device)
             if skip:
                 rows.append(BenchRow(runtime, dtype, None, None, SKIPPED, note=skip))
@@ -214,8 +219,6 @@ def prepare(ref: ModelRef, model: LoadedModel, original: LoadedModel | None, opt
 
 def skip_reason(runtime: str, dtype: str, device: str) -> str | None:
     """Why a runtime/precision pair is not benched, or None."""
-    if runtime in EXPORTED_RUNTIMES and dtype != "fp32":
-        return f"{runtime} is benched at fp32 (the exported graph); {dtype} applies to eager and compile"
     if dtype == "int8" and runtime == COMPILE:
         return "torch dynamic int8 layers run eagerly; bench int8 with the eager runtime"
     if dtype == "int8" and device != "cpu":

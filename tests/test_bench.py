@@ -172,3 +172,7 @@ def test_usage_errors(cli: Any, tmp_path: Path) -> None:
     assert cli("bench", "builtin:convnet", "--seq-len", "16").exit_code == 2  # no sequence dim
     assert cli("bench", "builtin:convnet", "--plot", str(tmp_path / "bench.svg")).exit_code == 2
     assert cli("bench", "builtin:convnet", "--against", "builtin:lenet").exit_code == 2
+    existing = tmp_path / "bench.png"
+    existing.write_bytes(b"keep")
+    assert cli("bench", "builtin:convnet", "--plot", existing).exit_code == 5  # checked before any timing
+    assert existing.read_bytes() == b"keep"

@@ -240,7 +240,7 @@ def onnx_session(path: Any, device: str = "cpu", options: Any = None) -> Any:
         raise InputError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
 
 
-_ORT_TYPES = {
+ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
@@ -250,7 +250,7 @@ _ORT_TYPES = {
 def onnx_runner(loaded: LoadedModel, device: str = "cpu", options: Any = None) -> Runner:
     """An ONNX Runtime runner; `options` (SessionOptions) e.g. to pin the thread count in benchmarks."""
     session = onnx_session(loaded.path, device, options)
-    graph_inputs = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+    graph_inputs = {i.name: ORT_TYPES.get(i.type) for i in session.get_inputs()}
     output_names = [o.name for o in session.get_outputs()]
     runner = Runner(loaded.reference, "onnxruntime", device, list(graph_inputs), lambda _: {})
 

@@ -17,7 +17,7 @@ import numpy as np
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.loading import LoadedModel, ModelKind
 from mlops_cli.core.runtimes import (
-    _ORT_TYPES,
+    ORT_TYPES,
     Runner,
     call_module,
     call_options,
@@ -101,7 +101,7 @@ def onnx_candidate(loaded: LoadedModel, device: str, threads: int) -> Candidate:
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnx_session(loaded.path, device, options)
-    graph_inputs = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+    graph_inputs = {i.name: ORT_TYPES.get(i.type) for i in session.get_inputs()}
 
     def bind(inputs: dict[str, np.ndarray]) -> BoundCall:
         missing = [name for name in graph_inputs if name not in inputs]

@@ -57,7 +57,8 @@ TIMING = "<timing>"
 # Table columns whose figures are timings (or derived from them), by header; rows by their first cell.
 TIMING_HEADER = re.compile(r"(?i)(p50|p90|/s$|/call|spread|speed-up|TTFT|^total$|^seconds$|^time$|latency)")
 VOLATILE_ROW = {re.compile(r"(?i)(^latency|\btime\b)"): TIMING,
-                re.compile(r"(?i)^load average$"): "<load>"}
+                re.compile(r"(?i)^load average$"): "<load>",
+                re.compile(r"(?i)^peak memory growth$"): "<memory>"}  # mlops average: RSS growth of one run
 MEMORY_HEADER = re.compile(r"(?i)^peak mem")
 # Free text: (pattern, replacement); what DROP matches is removed (it appears only on a busy machine).
 FLOAT_NOISE = re.compile(r"\b\d\.\d\de-(?:0[5-9]|[1-9]\d)\b")

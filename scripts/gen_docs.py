@@ -10,6 +10,8 @@
 Captured output is normalised where it varies from run to run, with placeholders: timings, rates, speed-ups
 and memory growth become `<timing>` / `<memory>` (a table column or row of them, and the table is realigned),
 float noise below 1e-5 becomes `<1e-5`, the work folder disappears from paths, load-average warnings are dropped.
+The examples run with a private, empty MLOPS_CACHE_DIR, so the user's cache (trained built-ins, remembered ONNX
+passes) cannot change what they print.
 
     .venv/bin/python scripts/gen_docs.py                 # rewrite everything (`make docs`)
     .venv/bin/python scripts/gen_docs.py --check         # exit 1 naming what is stale (tests/test_docs.py)
@@ -57,7 +59,8 @@ TIMING = "<timing>"
 # Table columns whose figures are timings (or derived from them), by header; rows by their first cell.
 TIMING_HEADER = re.compile(r"(?i)(p50|p90|/s$|/call|spread|speed-up|TTFT|^total$|^seconds$|^time$|latency)")
 VOLATILE_ROW = {re.compile(r"(?i)(^latency|\btime\b)"): TIMING,
-                re.compile(r"(?i)^load average$"): "<load>"}
+                re.compile(r"(?i)^load average$"): "<load>",
+                re.compile(r"(?i)^peak memory growth$"): "<memory>"}  # mlops average: RSS growth of one run
 MEMORY_HEADER = re.compile(r"(?i)^peak mem")
 # Free text: (pattern, replacement); what DROP matches is removed (it appears only on a busy machine).
 FLOAT_NOISE = re.compile(r"\b\d\.\d\de-(?:0[5-9]|[1-9]\d)\b")
@@ -319,11 +322,15 @@ def rendered_docs() -> dict[Path, str]:
 def main(argv: list[str]) -> int:
     os.environ.update(HELP_ENV, **THREAD_ENV)
     record_annotations()
-    try:
-        pages = rendered_docs()
-    except DocsError as error:
-        print(f"gen_docs: FAILED: {error}", file=sys.stderr)
-        return 1
+    # A private, empty mlops cache: what the examples print must not depend on what the user's cache remembers
+    # (trained built-ins, ONNX passes measured no faster), nor on what earlier tests left in theirs.
+    with tempfile.TemporaryDirectory(prefix="mlops-docs-cache-") as cache:
+        os.environ["MLOPS_CACHE_DIR"] = cache
+        try:
+            pages = rendered_docs()
+        except DocsError as error:
+            print(f"gen_docs: FAILED: {error}", file=sys.stderr)
+            return 1
     stale = [path for path, text in pages.items()
              if not path.exists() or path.read_text(encoding="utf-8") != text]
     if "--check" in argv:

@@ -122,3 +122,18 @@ def test_tiny_bert_tells_english_from_chinese_on_held_out_lines() -> None:
         predicted = model(**encoded).logits.argmax(-1).tolist()
     accuracy = sum(p == label for p, (_, label) in zip(predicted, held_out, strict=True)) / len(held_out)
     assert accuracy >= 0.9  # measured: 14 of 14
+
+
+def test_a_saved_built_in_is_the_same_whether_trained_now_or_loaded_from_the_cache(tmp_path, monkeypatch) -> None:
+    """Training tiny-bert padded its tokenizer for good: `zoo save` wrote another tokenizer.json after a fresh
+    training than from the cache (found by the docs' reproducibility check)."""
+    from mlops_cli.core import zoo
+    from mlops_cli.services.zoo import save_model
+
+    monkeypatch.setenv("MLOPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "_MEMORY", {})
+    save_model("tiny-bert", tmp_path / "trained")  # trains (empty cache), then caches
+    monkeypatch.setattr(zoo, "_MEMORY", {})
+    save_model("tiny-bert", tmp_path / "cached")  # loads from the disk cache
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        assert (tmp_path / "trained" / name).read_bytes() == (tmp_path / "cached" / name).read_bytes(), name

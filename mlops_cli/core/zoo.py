@@ -13,6 +13,7 @@ random weights. `mlops zoo save` writes any of them as an ordinary checkpoint fo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -431,7 +432,9 @@ def classifier_batch(tokenizer: Any) -> dict[str, Any]:
             picks = torch.randint(0, len(pool), (8,), generator=generator).tolist()
             texts_and_labels.append((separator.join(pool[i] for i in picks), label))
     texts, labels = zip(*texts_and_labels, strict=True)
-    encoded = tokenizer(list(texts), padding=True, return_tensors="pt")
+    # a copy pads: a fast tokenizer keeps padding switched on after a padded call, and the built-in model's
+    # tokenizer must save the same files whether it was just trained with or loaded from the cache
+    encoded = copy.deepcopy(tokenizer)(list(texts), padding=True, return_tensors="pt")
     return {**encoded, "labels": torch.tensor(labels)}
 
 

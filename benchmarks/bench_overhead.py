@@ -2,7 +2,7 @@
 
 For eager tiny-bert and its ONNX export (ONNX Runtime), at batch 1 and sequence 128 on one thread: a bare loop
 (`model(**tensors)` / `session.run(None, feed)` between two perf_counter calls) and the tool's path (a bench
-candidate's bound call inside the sweep's measure_in_blocks) are run in alternating blocks, so machine noise
+candidate's bound call inside the core/timing's measure_interleaved) are run in alternating blocks, so machine noise
 hits both alike. Prints each side's median and the median of the rounds' paired tool/bare ratios with its
 95% bootstrap interval.
 
@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlops_cli.core.contract import LoadOptions, ModelRef
 from mlops_cli.core.inputs import InputRequest, plan_inputs
 from mlops_cli.core.loading import load_model
-from mlops_cli.core.timing import trust_warnings
+from mlops_cli.core.timing import measure_interleaved, trust_warnings
 from mlops_cli.services.bench.candidates import Candidate, onnx_candidate, torch_candidate
 from mlops_cli.services.bench.exports import export_artefact
-from mlops_cli.services.bench.sweep import measure_in_blocks
 
 GOAL = 1.02
 
@@ -47,7 +46,7 @@ def bare_block(fn: Callable[[], Any], calls: int) -> float:
 
 
 def tool_block(call: Callable[[], Any], calls: int) -> float:
-    return measure_in_blocks({"tool": call}, warmup=0, repeats=calls, device="cpu")["tool"].median_ms
+    return measure_interleaved({"tool": call}, warmup=0, repeats=calls, device="cpu")["tool"].median_ms
 
 
 def compare(name: str, bare: Callable[[], Any], candidate: Candidate, inputs: dict[str, Any], rounds: int,

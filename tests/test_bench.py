@@ -137,7 +137,7 @@ def test_table_shows_no_measurable_difference_and_busy_warning(monkeypatch: pyte
             call()
         return {name: timing.summarize_samples([1.0, 1.2, 0.9, 1.1, 1.05]) for name in calls}
 
-    monkeypatch.setattr("mlops_cli.services.bench.sweep.measure_in_blocks", same_samples)
+    monkeypatch.setattr("mlops_cli.services.bench.sweep.measure_interleaved", same_samples)
     monkeypatch.setattr(timing, "other_runnable", lambda: 64.0)
     args = ("bench", "builtin:convnet", "--dtype", "fp32,int8", "--runtime", "eager", "--repeats", "5")
     result = cli(*args)
@@ -153,7 +153,7 @@ def test_table_shows_no_measurable_difference_and_busy_warning(monkeypatch: pyte
 def test_plot_png_and_html(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlops_cli.core import timing
 
-    monkeypatch.setattr("mlops_cli.services.bench.sweep.measure_in_blocks",
+    monkeypatch.setattr("mlops_cli.services.bench.sweep.measure_interleaved",
                         lambda calls, **kw: {name: timing.summarize_samples([2.0, 2.5, 3.0]) for name in calls})
     png, page = tmp_path / "bench.png", tmp_path / "bench.html"
     report = bench_run("builtin:convnet", runtimes=("eager",), batches=(1, 2), plot=png)

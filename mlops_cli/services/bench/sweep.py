@@ -1,8 +1,8 @@
 """The timed sweep: every candidate at every batch size (and sequence length), interleaved with the baseline.
 
 At each shape every candidate is called once with its peak memory measured (the first call at a new size is
-the one that allocates), then all are timed together, interleaved by blocks (`measure_in_blocks`), so machine
-noise hits them alike and each speed-up vs eager gets a bootstrap interval from like-for-like samples.
+the one that allocates), then all are timed together, interleaved by blocks (core/timing.measure_interleaved),
+so machine noise hits them alike and each speed-up vs eager gets a bootstrap interval from like-for-like samples.
 A candidate that runs out of memory at a batch size gets one row saying so and is not run at larger batches.
 """
 
@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlops_cli.core.inputs import InputPlan
-from mlops_cli.core.timing import PeakMemory, SpeedRatio, Timing, measure, speed_ratio, summarize_samples
+from mlops_cli.core.timing import PeakMemory, SpeedRatio, Timing, measure_interleaved, speed_ratio
 from mlops_cli.services.bench.candidates import ORT, BoundCall, Candidate
 
 TIMED, OUT_OF_MEMORY, FAILED, DIFFERS, SKIPPED = "timed", "out of memory", "failed", "outputs differ", "skipped"
 MEMORY_RSS, MEMORY_CUDA, NOT_MEASURED = "peak RSS growth", "peak CUDA memory allocated", "not measured"
 # ONNX Runtime and allocators word running out of memory in their own ways.
 _OOM_WORDS = ("out of memory", "failed to allocate", "bad_alloc", "cannot allocate memory")
-BLOCK = 5  # timed calls of one runtime in a row, at most
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def _run_shape(candidates: list[Candidate], shape: _Shape, settings: SweepSettin
     if not calls:
         return survivors
     try:
-        timings = measure_in_blocks(calls, warmup=settings.warmup, repeats=settings.repeats, device=settings.device)
+        timings = measure_interleaved(calls, warmup=settings.warmup, repeats=settings.repeats, device=settings.device)
     except Exception as exc:  # which side raised is unknown: none of them is timed at this shape
         by_label = {c.label: c for c in candidates}
         shape.rows += [_not_timed(by_label[label], shape, exc) for label in calls]
@@ -121,27 +120,6 @@ def _run_shape(candidates: list[Candidate], shape: _Shape, settings: SweepSettin
         shape.rows.append(_timed_row(candidate, shape, timings[candidate.label], baseline,
                                      candidate.label == settings.baseline, memory[candidate.label]))
     return survivors
-
-
-def measure_in_blocks(calls: dict[str, BoundCall], *, warmup: int, repeats: int, device: str) -> dict[str, Timing]:
-    """Time several runtimes in alternating blocks (A A A B B B A A A ...), each block after one untimed call.
-
-    Strict A/B alternation (core/timing.measure_interleaved) makes each runtime start every call with caches
-    the other one filled: for tiny-bert at sequence 128 on one thread it inflated eager by ~20% and ONNX Runtime
-    by ~30% against each timed alone. Blocks that start with a re-warming call gave the figures measured alone,
-    while slow drifts of the machine still hit every runtime alike.
-    """
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    block = max(1, min(BLOCK, repeats // 4))
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    while any(len(values) < repeats for values in samples.values()):
-        for name, fn in calls.items():
-            wanted = min(block, repeats - len(samples[name]))
-            if wanted:
-                samples[name] += measure(fn, warmup=1, repeats=wanted, device=device).samples_ms
-    return {name: summarize_samples(values, warmup) for name, values in samples.items()}
 
 
 def _timed_row(candidate: Candidate, shape: _Shape, timing: Timing, baseline: Timing | None, is_baseline: bool,

@@ -19,6 +19,7 @@ from mlops_cli.commands.common import (
     RepeatsOpt,
     SeedOpt,
     SeqLenOpt,
+    ThreadsOpt,
     WarmupOpt,
     model_options,
     progress_steps,
@@ -37,6 +38,7 @@ def summarize_command(
     depth: Annotated[int, typer.Option("--depth", min=0, help="Deepest module level shown in the layer table.")] = 3,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 10,
+    threads: ThreadsOpt = None,
     warmup: WarmupOpt = 2,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -57,9 +59,9 @@ def summarize_command(
     from mlops_cli.services.summarize import SummarizeOptions, run
 
     with progress_steps("Summarizing", quiet) as on_step:
-        options = SummarizeOptions(load=load, on_step=on_step, inputs=tuple(inputs or ()), batch_size=batch_size,
-                                   seq_len=seq_len, depth=depth, device=device.value, warmup=warmup,
-                                   repeats=repeats, seed=seed)
+        options = SummarizeOptions(load=load, on_step=on_step, threads=threads, inputs=tuple(inputs or ()),
+                                   batch_size=batch_size, seq_len=seq_len, depth=depth, device=device.value,
+                                   warmup=warmup, repeats=repeats, seed=seed)
         report = run(ModelRef.parse(model), options)
     render.emit(report, as_json, summary_tables, quiet)
 

@@ -130,10 +130,11 @@ class SummarizeOptions(ServiceOptions):
 
 def run(ref: ModelRef, options: SummarizeOptions) -> SummaryReport:
     """Load and summarize a model; the loader's warnings travel in the report."""
-    from mlops_cli.core.runtimes import resolve_device
+    from mlops_cli.core.runtimes import resolve_device, use_threads
 
     if options.depth < 0:
         raise UsageError("--depth must be 0 or more")
+    use_threads(options.threads)
     device = resolve_device(options.device)
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)

@@ -401,3 +401,17 @@ def test_export_onnx_task_causal_lm_command_and_the_whole_path(cli, folders: dic
     assert generated.exit_code == 0, generated.output
     checked = cli("verify-parity", folders["llama"], out, "--generate", "--max-new-tokens", "3")
     assert checked.exit_code == 0, checked.output
+
+
+def test_verify_parity_generate_chooses_the_preset_of_a_quantised_candidate(cli, folders: dict[str, Path],
+                                                                           exported: dict[str, Any],
+                                                                           tmp_path: Path) -> None:
+    """Review finding: --generate always judged with fp32 tolerances and told an int4 file to be re-exported."""
+    int4 = tmp_path / "int4.onnx"
+    assert cli("compress", "int4", exported["gpt2"].output, "-o", int4, "--tokenizer", folders["gpt2"]).exit_code == 0
+    result = cli("verify-parity", folders["gpt2"], int4, "--generate", "--max-new-tokens", "3", "--json")
+    assert result.json()["preset"] == "int8"  # MatMulNBits: quantised weights
+    if result.exit_code == 6:
+        assert "re-export" not in result.stderr and "int8" in result.stderr
+    missing = cli("verify-parity", folders["gpt2"], tmp_path / "none.onnx", "--generate")
+    assert missing.exit_code == 2 and "--task causal-lm" in missing.stderr

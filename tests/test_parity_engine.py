@@ -385,3 +385,22 @@ def test_top1_is_judged_over_all_positions_not_one_small_input_set() -> None:
     assert one.passed, one.verdict
     many_top1 = next(c for c in many.criteria if c.criterion.name == "top-1")
     assert not many.passed and not many_top1.criterion.passed  # 8 of 96 flipped: below fp32's 100%
+
+
+def test_an_output_with_its_own_tolerance_gets_no_pooled_decision_criteria() -> None:
+    """Review finding: `--atol logits=1.0` still failed on the preset's top-1 check, pooled over input sets."""
+    rng = np.random.default_rng(3)
+    sets_ = [InputSet("batch=2", {"x": np.zeros((2, 4), np.float32)}, {"batch": 2})]
+    logits = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    logits[:, :, :2] = [3.0, 2.9]
+    swapped = logits.copy()
+    swapped[:, :, :2] = [2.9, 3.0]
+    reference = Runner("ref", "fake", "cpu", None, lambda _: {"logits": logits})
+    candidate = Runner("cand", "fake", "cpu", None, lambda _: {"logits": swapped})
+    own = check_parity(reference, candidate, sets_, Tolerances.for_preset("fp32", {"logits": (1.0, None)}),
+                       time_runs=False, check_determinism=False)
+    assert own.passed, own.verdict
+    assert not any(c.criterion.name == "top-1" for c in own.criteria)
+    preset = check_parity(reference, candidate, sets_, Tolerances.for_preset("int8"), time_runs=False,
+                          check_determinism=False)
+    assert not preset.passed and "top-1" in preset.verdict

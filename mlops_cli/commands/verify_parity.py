@@ -124,22 +124,29 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
     """`--generate`: greedy generation of an HF causal LM against its ONNX export with KV cache."""
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
-    from mlops_cli.core.errors import ValidationFailed
+    from mlops_cli.core.errors import UsageError, ValidationFailed
+    from mlops_cli.core.precision import onnx_precision
     from mlops_cli.render.parity import generation_parity_tables
     from mlops_cli.services.generate import read_prompts
     from mlops_cli.services.onnx_lm import GenerationParityOptions, parity_run
     from mlops_cli.services.onnx_lm.quality import DEFAULT_PROMPTS
 
     chosen = tuple(prompts or ()) + (read_prompts(prompts_file) if prompts_file else ()) or DEFAULT_PROMPTS
+    candidate_ref = ModelRef.parse(candidate)
+    if candidate_ref.path is None or not candidate_ref.path.is_file():
+        raise UsageError("--generate compares with an ONNX file exported with --task causal-lm",
+                         hint="mlops export onnx MODEL --task causal-lm -o lm.onnx")
+    precision = tolerances.preset if tolerances.preset != "auto" else onnx_precision(candidate_ref.path)[0]
     with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
         options = GenerationParityOptions(
-            load=load, on_step=on_step, candidate=Path(candidate), max_new_tokens=max_new_tokens,
-            tolerances=tolerances.resolve("fp32"), prompts=chosen)
+            load=load, on_step=on_step, candidate=candidate_ref.path, max_new_tokens=max_new_tokens,
+            tolerances=tolerances.resolve(precision), prompts=chosen)
         report = parity_run(ModelRef.parse(reference), options)
     render.emit(report, as_json, generation_parity_tables, quiet)
     if not report.passed:
-        raise ValidationFailed(f"generation parity failed: {report.verdict}",
-                               hint="An fp32 export must generate what the model generates: re-export it.")
+        hint = ("An fp32 export must generate what the model generates: re-export it." if precision == "fp32" else
+                f"The candidate is {precision}: some drift is expected; --preset or --atol/--rtol set how much.")
+        raise ValidationFailed(f"generation parity failed: {report.verdict}", hint=hint)
 
 
 def register(app: typer.Typer) -> None:

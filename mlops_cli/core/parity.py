@@ -242,6 +242,9 @@ def pooled_criteria(results: list[ShapeResult], tolerances: Tolerances) -> tuple
             by_output.setdefault(diff.name, []).append(diff)
     pooled = []
     for name, diffs in by_output.items():
+        ref_name, _, cand_name = name.partition(" ~ ")
+        if tolerances.agreement_for(ref_name, cand_name or None) is None:
+            continue  # the user's own --atol/--rtol for this output: used as given, no other criterion
         positions = sum(d.top1_counts[1] for d in diffs if d.top1_counts)
         where = f"all input sets ({positions} positions)"
         pooled += [OutputCriterion(name, where, criterion) for criterion in agreement_criteria(agreement, diffs)]

@@ -415,3 +415,23 @@ def test_verify_parity_generate_chooses_the_preset_of_a_quantised_candidate(cli,
         assert "re-export" not in result.stderr and "int8" in result.stderr
     missing = cli("verify-parity", folders["gpt2"], tmp_path / "none.onnx", "--generate")
     assert missing.exit_code == 2 and "--task causal-lm" in missing.stderr
+
+
+def test_int4_refuses_a_bad_eval_text_before_writing_and_keeps_foreign_data_files(
+        cli, folders: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
+    """Review findings: a missing/empty/non-UTF-8 --eval-text crashed (exit 1) after the output was written;
+    a `.data` file beside a new output was deleted although it belonged to something else."""
+    out = tmp_path / "q.onnx"
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for text in (tmp_path / "missing.txt", tmp_path / "empty.txt", tmp_path / "latin1.txt"):
+        result = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--tokenizer", folders["gpt2"],
+                     "--eval-text", text)
+        assert result.exit_code == 3 and "evaluation text" in result.stderr, result.output
+        assert not out.exists()
+    foreign = tmp_path / "q.onnx.data"
+    foreign.write_bytes(b"someone else's weights")
+    refused = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--tokenizer", folders["gpt2"])
+    assert refused.exit_code == 5 and foreign.read_bytes() == b"someone else's weights"
+    again = cli("export", "onnx", folders["gpt2"], "--task", "causal-lm", "-o", out)
+    assert again.exit_code == 5 and foreign.read_bytes() == b"someone else's weights"

@@ -18,14 +18,14 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.errors import InputError, OutputError, UsageError
 from mlops_cli.core.inputs import TEXT_INPUTS, InputSet, InputSpec
 from mlops_cli.core.io import default_mode
 from mlops_cli.core.loading import LoadedModel, ModelKind
@@ -235,6 +235,31 @@ def _weight_bytes(module: Any) -> int:
 def data_file(path: Path) -> Path:
     """Where the external weights of `path` live: `<name>.data` beside it."""
     return path.with_name(f"{path.name}.data")
+
+
+def check_onnx_output(output: str | Path, force: bool, sources: Iterable[str | Path] = ()) -> Path:
+    """An ONNX output path, refused before any work when it is a folder, exists (without --force) or would
+    overwrite an input; the same rules for the `.data` file the export may write or remove beside it."""
+    from mlops_cli.core.io import check_output
+
+    target = Path(output)
+    if target.is_dir():
+        raise OutputError(f"output {target} is a folder", hint="Give a file path such as model.onnx.")
+    sources = list(sources)
+    check_output(target, force, sources)
+    data = data_file(target)
+    # Beside an output being overwritten (--force) the .data is that model's weights; beside a new output it
+    # belongs to something else: not ours to delete.
+    if not force and (data.exists() or data.is_symlink()):
+        raise OutputError(f"{data} already exists beside the new output {target.name}: writing would replace or "
+                          "delete it", hint="Move it away, choose another output name, or pass --force.")
+    check_output(data, True, sources)
+    return target
+
+
+def files_on_disk(path: Path) -> dict[str, int]:
+    """File name -> bytes of an ONNX file and its `.data` when it has one."""
+    return {p.name: p.stat().st_size for p in (path, data_file(path)) if p.is_file()}
 
 
 def remove_stale_data(path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
-from mlops_cli.core.errors import InputError, MlopsError, OutputError, UsageError
+from mlops_cli.core.errors import InputError, MlopsError, UsageError
 from mlops_cli.core.inputs import InputPlan, InputRequest, InputSet
 from mlops_cli.core.loading import LoadedModel, ModelKind
 from mlops_cli.core.onnx_export import (
@@ -29,6 +29,7 @@ from mlops_cli.core.onnx_export import (
     GraphValue,
     OnnxWriteResult,
     check_exportable,
+    check_onnx_output,
     data_file,
     exporter_failure,
     exporter_order,
@@ -124,7 +125,7 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     from mlops_cli.core.timing import Stopwatch
 
     _check_options(options)
-    target = _checked_output(ref, options)
+    target = check_onnx_output(options.output, options.force, ref.sources)
     watch = Stopwatch()
     with watch.stage("load"):
         loaded = load_model(ref, options.load)
@@ -221,25 +222,6 @@ def _export_once(loaded: LoadedModel, plan: InputPlan, example: InputSet, option
         with watch.stage("verify"):
             verification = verify(path)
     return _Attempt(path, written, checker, verification)
-
-
-def _checked_output(ref: ModelRef, options: ExportOnnxOptions) -> Path:
-    """The output path, refused before any work when it is a folder, exists (without --force), or would
-    overwrite the input; the same rules for the `.data` file the export may write or remove beside it."""
-    from mlops_cli.core.io import check_output
-
-    target = Path(options.output)
-    if target.is_dir():
-        raise OutputError(f"output {target} is a folder", hint="Give a file path such as model.onnx.")
-    check_output(target, options.force, ref.sources)
-    data = data_file(target)
-    # Beside an output being overwritten (--force) the .data is that model's weights; beside a new output it
-    # belongs to something else: not ours to delete.
-    if not options.force and (data.exists() or data.is_symlink()):
-        raise OutputError(f"{data} already exists beside the new output {target.name}: the export would "
-                          "replace or delete it", hint="Move it away, choose another output name, or pass --force.")
-    check_output(data, True, ref.sources)
-    return target
 
 
 def _check_options(options: ExportOnnxOptions) -> None:

@@ -18,7 +18,6 @@ moved into place it is run on an empty past and on a cached pass at other sizes 
 from __future__ import annotations
 
 import inspect
-import os
 import shutil
 import warnings
 from dataclasses import dataclass, replace
@@ -185,9 +184,10 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
     """
     import torch
 
-    from mlops_cli.core.io import check_output, scratch_dir_beside
+    from mlops_cli.core.io import scratch_dir_beside
+    from mlops_cli.core.onnx_export import check_onnx_output, move_into_place
 
-    target = check_output(output, force, sources or [])
+    target = check_onnx_output(output, force, sources or [])
     model.eval()
     family = family_of(model)
     layout = kv_layout(model)
@@ -211,7 +211,7 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
             raise _unsupported(family, f"the ONNX exporter failed: {str(exc).strip().splitlines()[0]}") from exc
         _save(written, external)
         _check_against_model(written, model, layout, family)
-        move_into_place(written, target, external)
+        move_into_place(written, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportWithPast(target, family, layout, tuple(layout.input_names()), tuple(layout.output_names()),
@@ -270,16 +270,6 @@ def _check_against_model(path: Path, model: Any, layout: KvLayout, family: str) 
                                            f"{batch}, sequence {sequence}, past {past}: {problem}")
 
 
-def move_into_place(written: Path, target: Path, external: bool) -> None:
-    """Data file first, graph last: a graph never points at a missing or stale `.data`."""
-    data = target.with_name(f"{target.name}.data")
-    if external:
-        os.replace(written.with_name(f"{written.name}.data"), data)
-    elif data.is_file():
-        data.unlink()  # a previous export's weights, now stale
-    os.replace(written, target)
-
-
 # ---------------------------------------------------------------- the service
 
 
@@ -312,7 +302,9 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
     import torch
 
     from mlops_cli.core.loading import ModelKind, load_model
+    from mlops_cli.core.onnx_export import check_onnx_output, files_on_disk
 
+    check_onnx_output(options.output, options.force, ref.sources)  # before loading: an existing output fails fast
     load = options.load if options.load.task else replace(options.load, task="causal-lm")
     loaded = load_model(ref, load)
     if loaded.kind != ModelKind.HF or loaded.module is None:
@@ -327,8 +319,7 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
     options.on_step("exporting")
     written = export_with_past(loaded.module, options.output, force=options.force, opset=options.opset,
                                external_data=options.external_data, sources=ref.sources)
-    files = {p.name: p.stat().st_size for p in (written.path, written.path.with_name(f"{written.path.name}.data"))
-             if p.is_file()}
+    files = files_on_disk(written.path)
     layout = written.layout
     return ExportWithPastReport(
         model=str(ref), output=str(written.path), family=written.family, layers=layout.layers,

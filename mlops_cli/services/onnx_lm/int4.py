@@ -22,9 +22,9 @@ import numpy as np
 
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.services.onnx_lm.export_with_past import EXTERNAL_DATA_THRESHOLD, move_into_place
+from mlops_cli.services.onnx_lm.export_with_past import EXTERNAL_DATA_THRESHOLD
 from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side
-from mlops_cli.services.onnx_lm.quality import CORPUS, onnx_logits_fn, score
+from mlops_cli.services.onnx_lm.quality import CORPUS, onnx_logits_fn, score, text_tokens
 
 _QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
 
@@ -57,23 +57,20 @@ class Int4Report(Report):
     greedy_agreement: float | None
 
 
-def files_size(path: Path) -> int:
-    data = path.with_name(f"{path.name}.data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
 def run(ref: ModelRef, options: Int4Options) -> Int4Report:
     """Quantise the MatMul weights of an ONNX decoder to 4 bits, then measure what it cost."""
     import onnx
 
-    from mlops_cli.core.io import check_output, scratch_dir_beside
+    from mlops_cli.core.io import scratch_dir_beside
+    from mlops_cli.core.onnx_export import check_onnx_output, files_on_disk, move_into_place
 
     if options.block_size < 16 or options.block_size & (options.block_size - 1):
         raise UsageError(f"--block-size {options.block_size}: MatMulNBits needs a power of two >= 16")
     source = ref.path
     if source is None or source.suffix != ".onnx" or not source.is_file():
         raise InputError(f"{ref} is not an ONNX file", hint="Export the model first: `export onnx --task causal-lm`.")
-    target = check_output(options.output, options.force, [source])
+    target = check_onnx_output(options.output, options.force, [source])
+    tokens, unmeasured = _evaluation_tokens(source, options)  # a bad --eval-text fails before writing
     OnnxDecoder(source)  # refuses a graph without the KV cache, like generation would
     options.on_step("quantizing")
     scratch = scratch_dir_beside(target)
@@ -86,14 +83,18 @@ def run(ref: ModelRef, options: Int4Options) -> Int4Report:
         external = quantized.ByteSize() > EXTERNAL_DATA_THRESHOLD
         onnx.save_model(quantized, str(written), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=f"{written.name}.data", size_threshold=1024)
-        move_into_place(written, target, external)
+        move_into_place(written, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    before, after, agreement, warnings = _perplexities(source, target, options)
+    before = after = agreement = None
+    if tokens is not None:
+        options.on_step("measuring perplexity")
+        before, after, agreement = _perplexities(source, target, options, tokens)
+    warnings = [unmeasured] if unmeasured else []
     return Int4Report(
         model=str(ref), output=str(target), block_size=options.block_size, symmetric=options.symmetric,
-        accuracy_level=options.accuracy_level, quantized_matmuls=count, size_before=files_size(source),
-        size_after=files_size(target), perplexity_before=before, perplexity_after=after,
+        accuracy_level=options.accuracy_level, quantized_matmuls=count, size_before=sum(files_on_disk(source).values()),
+        size_after=sum(files_on_disk(target).values()), perplexity_before=before, perplexity_after=after,
         relative_change=None if before is None or after is None else after / before - 1,
         greedy_agreement=agreement, warnings=tuple(warnings))
 
@@ -120,16 +121,19 @@ def _quiet(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _perplexities(source: Path, target: Path,
-                  options: Int4Options) -> tuple[float | None, float | None, float | None, list[str]]:
-    """Perplexity of the float and the int4 graph on the text (None, with a warning, without a tokenizer)."""
+def _evaluation_tokens(source: Path, options: Int4Options) -> tuple[np.ndarray | None, str | None]:
+    """The evaluation text's tokens, read before anything is written (None and why, without a tokenizer)."""
     try:
         tokenizer = load_text_side(options.tokenizer or source.parent).tokenizer
     except InputError as exc:
-        return None, None, None, [f"perplexity not measured: {exc.message}; pass the HF folder as the tokenizer"]
-    text = options.text_file.read_text(encoding="utf-8")
-    tokens = np.asarray(tokenizer(text)["input_ids"][: options.max_tokens], dtype=np.int64)
+        return None, f"perplexity not measured: {exc.message}; pass the HF folder as the tokenizer"
+    return text_tokens(options.text_file, tokenizer, options.max_tokens), None
+
+
+def _perplexities(source: Path, target: Path, options: Int4Options, tokens: np.ndarray
+                  ) -> tuple[float, float, float]:
+    """Perplexity of the float and the int4 graph on the text, and how often their greedy predictions agree."""
     stride = min(options.stride, options.window)
     before, predictions = score(onnx_logits_fn(OnnxDecoder(source)), tokens, options.window, stride)
     after, quantized_predictions = score(onnx_logits_fn(OnnxDecoder(target)), tokens, options.window, stride)
-    return math.exp(before), math.exp(after), float((predictions == quantized_predictions).mean()), []
+    return math.exp(before), math.exp(after), float((predictions == quantized_predictions).mean())

@@ -315,6 +315,19 @@ def onnx_logits_fn(decoder: OnnxDecoder) -> LogitsFn:
     return logits
 
 
+def text_tokens(path: Path, tokenizer: Any, max_tokens: int) -> np.ndarray:
+    """The evaluation text's first `max_tokens` token ids (InputError, exit 3, when unreadable or too short)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"the evaluation text {path} could not be read: {exc}",
+                         hint="Give a UTF-8 text file with --eval-text.") from exc
+    tokens = np.asarray(tokenizer(text)["input_ids"][:max_tokens], dtype=np.int64)
+    if len(tokens) < 2:
+        raise InputError(f"the evaluation text {path} holds fewer than 2 tokens: nothing to score")
+    return tokens
+
+
 def perplexity_run(ref: ModelRef, options: PerplexityOptions) -> PerplexityReport:
     """Perplexity of the PyTorch model (and of `candidate`, an ONNX export of it) on a text."""
     if options.window < 2 or not 0 < options.stride <= options.window or options.max_tokens < 2:
@@ -322,13 +335,7 @@ def perplexity_run(ref: ModelRef, options: PerplexityOptions) -> PerplexityRepor
     model, tokenizer, warnings = _reference(ref, options.load, None)
     limit = getattr(model.config, "max_position_embeddings", None)
     window = min(options.window, limit) if isinstance(limit, int) else options.window
-    try:
-        text = options.text_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{options.text_file} could not be read: {exc}") from exc
-    tokens = np.asarray(tokenizer(text)["input_ids"][: options.max_tokens], dtype=np.int64)
-    if len(tokens) < 2:
-        raise InputError(f"{options.text_file} holds fewer than 2 tokens: nothing to score")
+    tokens = text_tokens(options.text_file, tokenizer, options.max_tokens)
     stride = min(options.stride, window)
     options.on_step("scoring")
     nll, predictions = score(torch_logits_fn(model), tokens, window, stride)

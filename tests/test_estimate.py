@@ -228,3 +228,26 @@ def test_cli_errors(cli: Any, tmp_path: Path) -> None:
     assert cli("estimate", tmp_path / "weights.safetensors").exit_code == 3
     assert cli("estimate", tmp_path / "missing").exit_code == 3
     assert cli("estimate", "builtin:tiny-gpt2", "--context", "0").exit_code == 2
+
+
+def test_a_config_the_model_cannot_be_built_from_is_an_input_error(cli, tmp_path) -> None:
+    """Review finding: hidden size 100 with 3 heads (or a class that does not fit the config) was exit 1."""
+    import json
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 100, "num_attention_heads": 3,
+        "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 64}))
+    result = cli("estimate", folder)
+    assert result.exit_code == 3, result.output
+    assert "is not a valid llama config" in result.stderr
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    (mismatched / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "architectures": ["BertModel"], "n_embd": 32, "n_layer": 1, "n_head": 2}))
+    other = cli("estimate", mismatched)
+    assert other.exit_code == 3, other.output
+    assert "cannot be built from this config" in other.stderr
+    summarized = cli("summarize", folder, "--repeats", "0")
+    assert summarized.exit_code == 3 and "not a valid config" in summarized.stderr

@@ -128,6 +128,7 @@ def _load_builtin(name: str) -> LoadedModel:
 
 def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
 
     try:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=options.trust_remote_code,
@@ -139,6 +140,8 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
         raise InputError(f"{folder}/config.json could not be used: {exc}") from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{folder}/config.json could not be read: {exc}") from exc
+    except StrictDataclassError as exc:  # transformers 5 validates config fields (e.g. heads dividing the size)
+        raise InputError(f"{folder}/config.json is not a valid config: {str(exc).strip().splitlines()[0]}") from exc
     if getattr(config, "auto_map", None) and not options.trust_remote_code:
         raise UnsafeInputError(f"{folder} declares custom code (auto_map in config.json)",
                                hint="Review the code, then pass --trust-remote-code.")

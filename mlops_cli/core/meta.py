@@ -96,12 +96,18 @@ def build_meta_model(ref: ModelRef, load: LoadOptions) -> MetaModel:
                               "with --arch.")
     config = read_config(config_file, load.trust_remote_code)
     with torch.device("meta"):
-        module = _instantiate(config, load, config_file)
+        try:
+            module = _instantiate(config, load, config_file)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:  # the config does not fit
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{config_file}: the model cannot be built from this config: {message}",
+                             hint="Check config.json (sizes, architectures) or pass --task.") from exc
     return MetaModel(ref.text, module.eval(), config, (), CONFIG_NAME)
 
 
 def read_config(config_file: Path, trust_remote_code: bool = False) -> Any:
     """A Hugging Face config from its JSON file (the folder's other files are never read)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
@@ -116,9 +122,16 @@ def read_config(config_file: Path, trust_remote_code: bool = False) -> Any:
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as exc:
+        if "Unrecognized model" not in str(exc) and "model_type" not in str(exc):  # a config that validates badly
+            raise InputError(f"{config_file} is not a valid {model_type} config: {str(exc).strip().splitlines()[0]}",
+                             hint="Check the sizes in config.json (e.g. hidden size divisible by the heads).") from exc
         hint = ("It ships its own code: pass --trust-remote-code if you trust it." if "auto_map" in data
                 else "Upgrade transformers, or check the model_type.")
         raise InputError(f"{config_file}: transformers does not know model_type {model_type!r}", hint=hint) from exc
+    except (TypeError, KeyError, AttributeError, StrictDataclassError) as exc:  # fields that do not validate
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{config_file} is not a valid {model_type} config: {first}",
+                         hint="Check the sizes in config.json (e.g. hidden size divisible by the heads).") from exc
 
 
 def _instantiate(config: Any, load: LoadOptions, where: Path) -> Any:

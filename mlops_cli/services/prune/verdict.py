@@ -42,7 +42,7 @@ def failure(options: PruneOptions, parity: ParityReport, drift: Drift) -> str | 
     if options.tolerances is not None and not parity.passed:
         return parity.verdict
     if options.max_drift is not None and (drift.max_abs is None or drift.max_abs > options.max_drift):
-        return f"max |diff| {drift.max_abs:.3g} exceeds --max-drift {options.max_drift:g}"
+        return f"max |diff| {_fmt(drift.max_abs)} exceeds --max-drift {options.max_drift:g}"
     if options.min_top1 is not None:
         if drift.top1_agreement is None:
             return "--min-top1: no output has classes to compare (no logits-like output)"

@@ -435,3 +435,13 @@ def test_int4_refuses_a_bad_eval_text_before_writing_and_keeps_foreign_data_file
     assert refused.exit_code == 5 and foreign.read_bytes() == b"someone else's weights"
     again = cli("export", "onnx", folders["gpt2"], "--task", "causal-lm", "-o", out)
     assert again.exit_code == 5 and foreign.read_bytes() == b"someone else's weights"
+
+
+def test_compress_refuses_to_drift_check_a_kv_decoder_before_writing(cli, exported: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    """Review finding: generated inputs cannot drive a KV-cache decoder: exit 3 after the output was written."""
+    out = tmp_path / "half.onnx"
+    result = cli("compress", "half", exported["gpt2"].output, "-o", out)
+    assert result.exit_code == 2 and "KV cache" in result.stderr and "--generate" in result.stderr
+    assert not out.exists()
+    assert cli("compress", "half", exported["gpt2"].output, "-o", out, "--no-check").exit_code == 0

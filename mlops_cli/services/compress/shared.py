@@ -91,6 +91,7 @@ def plan_check_inputs(loaded: Any, request: InputRequest) -> InputPlan:
     """
     if request.specs or request.texts or request.file:
         return plan_inputs(loaded, request)  # a malformed --input fails with its own message
+    _refuse_kv_decoder(loaded)
     if not loaded.input_specs and zoo_inputs(loaded.arch):
         request = replace(request, specs=zoo_inputs(loaded.arch))
     try:
@@ -98,6 +99,19 @@ def plan_check_inputs(loaded: Any, request: InputRequest) -> InputPlan:
     except UsageError as exc:
         hint = f"{exc.hint or ''} Or pass --no-check to convert without measuring drift.".lstrip()
         raise UsageError(exc.message, hint=hint) from exc
+
+
+def _refuse_kv_decoder(loaded: Any) -> None:
+    """A decoder exported with its KV cache needs a mask covering past + sequence: random inputs cannot drive it."""
+    from mlops_cli.core.inputs import onnx_input_specs
+
+    if loaded.path is None or loaded.kind.value != "onnx":
+        return
+    if any(spec.name.startswith("past_key_values.") for spec in onnx_input_specs(loaded.path)):
+        raise UsageError(f"{loaded.reference} is a decoder with a KV cache: the drift check's generated inputs "
+                         "cannot drive it (its attention mask must cover the past and the new tokens)",
+                         hint="Pass --no-check and compare generation afterwards with `mlops verify-parity MODEL "
+                              "OUT.onnx --generate`, or use `mlops compress int4` (it measures perplexity).")
 
 
 def preset_label(chosen: str | None, auto: str, overridden: bool) -> str:

@@ -396,6 +396,9 @@ def test_export_onnx_task_causal_lm_command_and_the_whole_path(cli, folders: dic
     assert any(past == 0 for _, _, past in data["checked_passes"])  # the empty past (prompt pass) ran
     human = cli("export", "onnx", folders["llama"], "--task", "causal-lm", "-o", out, "--force")
     assert human.exit_code == 0 and "KV cache" in human.stdout
+    ignored = cli("export", "onnx", folders["llama"], "--task", "causal-lm", "-o", out, "--force", "--static",
+                  "--optimize", "all")
+    assert ignored.exit_code == 2 and "--static, --optimize" in ignored.stderr  # never silently dropped
     generated = cli("generate", out, "--tokenizer", folders["llama"], "--prompt", "The model", "--max-new-tokens",
                     "3", "--fixed-length")
     assert generated.exit_code == 0, generated.output

@@ -103,19 +103,29 @@ def export_onnx_command(
     With --task causal-lm a causal LM is exported as a decoder with its KV cache (inputs past_key_values.N.key/value,
     outputs logits and present.N.key/value, dynamic batch/sequence/past dims, Optimum's names): one file for the
     prompt and every next token, run at other sizes (the empty past included) and compared with the model before
-    it is written. Then `mlops generate model.onnx` and `mlops verify-parity MODEL model.onnx --generate`.
+    it is written (opset at most 17). Then `mlops generate model.onnx --tokenizer MODEL` and
+    `mlops verify-parity MODEL model.onnx --generate`.
 
     Example: mlops export onnx builtin:tiny-bert -o bert.onnx --optimize all --json
     """
     from mlops_cli import render
     from mlops_cli.core.compare import PRESETS
     from mlops_cli.core.contract import ModelRef
-    from mlops_cli.core.errors import ValidationFailed
+    from mlops_cli.core.errors import UsageError, ValidationFailed
     from mlops_cli.core.inputs import InputRequest
     from mlops_cli.render.export_onnx import export_onnx_tables
     from mlops_cli.services.export_onnx import ExportOnnxOptions, run
 
     if load.task == "causal-lm":
+        ignored = [name for name, value, default in (
+            ("--static", static, False), ("--exporter", exporter, Exporter.auto), ("--no-verify", verify, True),
+            ("--optimize", optimize, Optimize.auto), ("--input", inputs, None), ("--batch-size", batch_size, None),
+            ("--seq-len", seq_len, None), ("--atol", atol, None), ("--rtol", rtol, None),
+            ("--preset", preset.value, "auto"), ("--include-padding", include_padding, False),
+            ("--repeats", repeats, 0), ("--keep-metadata", keep_metadata, False)) if value != default]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task causal-lm (the KV-cache export is "
+                             "checked against the model at its own sizes)", hint="Drop them.")
         _export_with_past(model, output, force, opset, external_data, load, as_json, quiet)
         return
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value])

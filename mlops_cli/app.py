@@ -75,9 +75,9 @@ class MlopsGroup(TyperGroup):
 app = typer.Typer(
     cls=MlopsGroup,
     name="mlops",
-    help="Model-ops toolbox for PyTorch checkpoints: inspect, export, verify parity, compress, prune, "
-         "summarize and benchmark. Exit codes: 0 ok, 2 usage, 3 bad input, 4 unsafe input, "
-         "5 output exists, 6 validation failed, 7 out of resources, 130 interrupted.",
+    help="Model-ops toolbox for PyTorch checkpoints: inspect, summarize, estimate, view, export, verify parity, "
+         "compress, prune, diff, average, benchmark and generate. Exit codes: 0 ok, 2 usage, 3 bad input, "
+         "4 unsafe input, 5 output exists, 6 validation failed, 7 out of resources, 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,5 +1,5 @@
 """What every command shares: one option vocabulary (the same names, choices and help everywhere), the
-model-loading options, and `finish()`, which renders a report and turns a failed verdict into exit 6.
+model-loading options (`@model_options`), tolerance parsing, and progress for a service's named steps.
 
 Choices come from the constants of core and the services, so a new precision or preset shows up everywhere.
 Typed errors are mapped to exit codes once, in `app.py`. Nothing here imports torch: `mlops --help` must stay fast.

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from mlops_cli.core.contract import LoadOptions
     from mlops_cli.core.parity import Tolerances
 
-compress_app = typer.Typer(help="Make checkpoints smaller (fp16/bf16, dynamic int8), with their drift measured.",
+compress_app = typer.Typer(help="Make checkpoints smaller (fp16/bf16, dynamic int8, int4 for ONNX LMs), with "
+                                "the drift or perplexity measured.",
                            no_args_is_help=True)
 
 
@@ -182,9 +183,10 @@ def int8_command(
 
 
 @compress_app.command("int4")
-@model_options
 def int4_command(
-    model: ModelArg,
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", show_default=False,
+        help="An .onnx decoder exported with its KV cache (`mlops export onnx MODEL --task causal-lm`).")],
     output: OutputOpt,
     block_size: Annotated[int, typer.Option(
         "--block-size", help="Weights per int4 scale (a power of two >= 16): smaller blocks, better quality, "
@@ -204,8 +206,6 @@ def int4_command(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
-    *,
-    load: "LoadOptions",
 ) -> None:
     """Weight-only int4 of an ONNX causal-LM decoder (ONNX Runtime's MatMulNBits), with its size before/after,
     the perplexity before/after on a text, and the share of greedy next-token predictions that agree.
@@ -221,7 +221,7 @@ def int4_command(
     from mlops_cli.services.onnx_lm.quality import CORPUS
 
     with progress_steps(f"compress int4 {model}", quiet=quiet or as_json) as on_step:
-        options = Int4Options(load=load, output=output, force=force, on_step=on_step, block_size=block_size,
+        options = Int4Options(output=output, force=force, on_step=on_step, block_size=block_size,
                               symmetric=symmetric, accuracy_level=accuracy_level, tokenizer=tokenizer,
                               text_file=eval_text or CORPUS)
         report = int4_run(ModelRef.parse(model), options)

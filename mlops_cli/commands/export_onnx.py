@@ -22,7 +22,6 @@ from mlops_cli.commands.common import (
     ModelArg,
     OutputOpt,
     Preset,
-    PresetOpt,
     QuietOpt,
     RepeatsOpt,
     RtolOpt,
@@ -84,7 +83,10 @@ def export_onnx_command(
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
-    preset: PresetOpt = Preset("auto"),
+    preset: Annotated[Preset, typer.Option(
+        "--preset", help="Tolerances of the verification: auto and fp32 (an export computes in float32) scale atol "
+                         "with each output's magnitude and add cosine/top-1 criteria; fp16, bf16, int8 for "
+                         "half or quantised models; --atol/--rtol override them.")] = Preset("auto"),
     include_padding: IncludePaddingOpt = False,
     device: DeviceOpt = Device.auto,
     repeats: RepeatsOpt = 0,

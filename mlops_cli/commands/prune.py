@@ -20,7 +20,6 @@ from mlops_cli.commands.common import (
     JsonOpt,
     ModelArg,
     Preset,
-    PresetOpt,
     QuietOpt,
     RepeatsOpt,
     RtolOpt,
@@ -79,7 +78,10 @@ def prune_command(
         "--size-estimate/--no-size-estimate",
         help="Estimate the compressed size, where zeros pay off (gzip -1; beyond 16 MiB of weights from a fixed "
              "sample of the bytes, as the report says). Off saves its time on large models.")] = True,
-    preset: PresetOpt = Preset.auto,  # type: ignore[attr-defined]
+    preset: Annotated[Preset, typer.Option(
+        "--preset", help="Enforce a tolerance preset on the drift (exit 6 beyond it): fp32, fp16, bf16, int8; auto "
+                         "reports the drift without enforcing it (see also --max-drift, --min-top1).")
+    ] = Preset.auto,  # type: ignore[attr-defined]
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     inputs: InputOpt = None,

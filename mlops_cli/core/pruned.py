@@ -13,7 +13,6 @@ from typing import Any
 from mlops_cli.core.errors import UnsafeInputError
 
 REBUILD_ARCH = "mlops_cli.core.pruned:rebuild"
-LEGACY_REBUILD_ARCH = "mlops_cli.services.prune:rebuild"  # what mlops.json files written before 0.2 name
 
 
 def rebuild(arch: str, arch_kwargs: dict[str, Any] | None = None, shapes: dict[str, list[int]] | None = None,

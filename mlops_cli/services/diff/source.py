@@ -4,8 +4,9 @@ A safetensors file, a sharded `*.safetensors.index.json`, a torch zip or legacy 
 training checkpoint), a Hugging Face folder or a weights folder (mlops.json) all look alike here: names, dtypes
 and shapes from their headers, and `read(name, start, stop)`, which copies a range of one tensor's elements.
 
-Safetensors are read through a memory map whose pages are released after each range (services/compress_stream
-explains why not `safe_open`: its mapping keeps every page it touched resident), so a pass over a model costs a
+Safetensors are read through a memory map whose pages are released after each range
+(core/safetensors_file.MappedTensors; not `safe_open`: its mapping keeps every page it touched resident), so a pass
+over a model costs a
 chunk, not the model. Torch files load with `weights_only=True` and `mmap=True`: tensors stay on disk until read,
 but the pages read stay mapped (torch owns the mapping); legacy pickles cannot be mapped and load whole.
 """

@@ -44,6 +44,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
                    ".pt2")
 
 
+def is_weight_file(name: str) -> bool:
+    """Weights, or the index of sharded weights (model.safetensors.index.json)."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES)
+
+
 def detect_format(path: str | Path) -> Format:
     """Identify a model file or folder by its content; InputError (exit 3) for anything unusable.
 

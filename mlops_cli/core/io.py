@@ -228,6 +228,19 @@ def _commit_dir(temp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
+def copy_extras(source: Path, folder: Path, rewritten: tuple[str, ...]) -> None:
+    """Everything beside a model's weights travels with them into a folder being written: tokenizer files,
+    READMEs, sentence-transformers modules (`1_Pooling/`, `modules.json`, ...). Weight files and the files named
+    in `rewritten` are written anew by the caller."""
+    from mlops_cli.core.formats import is_weight_file
+
+    for item in sorted(source.iterdir()):
+        if item.is_dir():
+            shutil.copytree(item, folder / item.name)
+        elif item.name not in rewritten and not is_weight_file(item.name):
+            shutil.copy2(item, folder / item.name)
+
+
 # ---------------------------------------------------------------- checkpoint writers
 
 _SERIALIZATION_ID = ".data/serialization_id"

@@ -262,6 +262,20 @@ def files_on_disk(path: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in (path, data_file(path)) if p.is_file()}
 
 
+def external_data_files(path: Path) -> dict[str, int]:
+    """External-data files an ONNX model references (locations were checked to stay in its folder at load)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and location not in files:
+                files[location] = (path.parent / location).stat().st_size
+    return files
+
+
 def remove_stale_data(path: Path) -> None:
     """A previous export's `.data` would be stale (and some writers append to it): remove it first."""
     data = data_file(path)

@@ -12,7 +12,7 @@ Integer tensors (num_batches_tracked, step counters, position ids) cannot be ave
 last checkpoint. Float buffers (BatchNorm running_mean/running_var) are averaged, or copied from the last with
 `buffers="last"`. Each of them is listed in the report, with whether the inputs disagreed on it.
 
-Streaming: inputs are read range by range (services/diff/source.py), the sum of one range is written before
+Streaming: inputs are read range by range (core/weight_set.py), the sum of one range is written before
 the next is read, and a safetensors output is written tensor by tensor behind a header computed up front, so the
 peak memory is a few ranges, not a model (the report measures it). torch.save cannot write that way: a torch
 output is collected first (the report says `streamed: false`). The output is written like the last input
@@ -34,7 +34,7 @@ from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.inputs import InputRequest
 from mlops_cli.core.safetensors_file import CHUNK_ELEMENTS
-from mlops_cli.services.diff.source import TensorMeta, WeightSet, open_weights
+from mlops_cli.core.weight_set import TensorMeta, WeightSet, open_weights
 
 BUFFER_MODES = ("average", "last")
 # Float buffers by name (a weights file does not say which tensors are buffers): BatchNorm's running statistics.
@@ -298,7 +298,7 @@ def _write_output(averager: _Averager, options: AverageOptions, sources: list[Pa
         return Path(options.output).stat().st_size, streamed
     with atomic_dir(options.output, options.force, sources) as folder:
         if last.kind in ("hf-folder", "weights-folder"):
-            from mlops_cli.services.prune.artefact import copy_extras
+            from mlops_cli.core.io import copy_extras
 
             copy_extras(last.root, folder, rewritten=())
         streamed = all([_write_shard(averager, name, folder / name) for name in shard_names])

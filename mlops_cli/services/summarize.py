@@ -460,6 +460,7 @@ def stored_size(path: Path, format_name: str) -> StoredSize:
 
 
 def summarize_onnx(loaded: LoadedModel, options: SummarizeOptions, device: str) -> SummaryReport:
+    from mlops_cli.core.onnx_export import external_data_files
     from mlops_cli.core.runtimes import runner_for
     from mlops_cli.services.inspect import inspect_path
 
@@ -489,17 +490,3 @@ def summarize_onnx(loaded: LoadedModel, options: SummarizeOptions, device: str) 
         reference=loaded.reference, kind=loaded.kind.value, model_class="onnx graph", device=device,
         parameters=parameters, stored=stored, compute=None, layers=(), depth=options.depth, timing=timing,
         inputs=describe_inputs(inputs), onnx=onnx_summary, notes=tuple(notes))
-
-
-def external_data_files(path: Path) -> dict[str, int]:
-    """External-data files an ONNX model references (locations were checked to stay in its folder at load)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    files: dict[str, int] = {}
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            if location and location not in files:
-                files[location] = (path.parent / location).stat().st_size
-    return files

@@ -99,7 +99,7 @@ def stage_model(ref: ModelRef, options: ViewOptions, folder: Path) -> StagedMode
 
 def _stage_onnx(path: Path, folder: Path) -> StagedModel:
     from mlops_cli.core.loading import check_onnx_external_data
-    from mlops_cli.services.summarize import external_data_files
+    from mlops_cli.core.onnx_export import external_data_files
 
     check_onnx_external_data(path)  # refuses locations that escape the model's folder
     _link_or_copy(path, folder / path.name)

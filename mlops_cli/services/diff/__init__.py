@@ -3,7 +3,7 @@
 Names only in A or only in B, shape and dtype changes, and for every common tensor how much it moved: relative
 change ‖B−A‖/‖A‖, max |Δ|, cosine and the share of elements changed (|Δ| > atol), summed per layer (the module
 a tensor belongs to) and sorted by change: what did fine-tuning touch? Both sides are read range by range
-(services/diff/source.py), so two large models never sit in memory together. A name that only one side stores
+(core/weight_set.py), so two large models never sit in memory together. A name that only one side stores
 because it is tied to a tensor both sides have (torch.save keeps GPT-2's lm_head tied to wte, safetensors drops
 it) is noted, not counted as a difference.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.safetensors_file import CHUNK_ELEMENTS
-from mlops_cli.services.diff.source import WeightSet, open_weights
+from mlops_cli.core.weight_set import WeightSet, open_weights
 
 __all__ = ["DiffOptions", "DiffReport", "LayerChange", "Mismatch", "TensorChange", "run"]
 

@@ -3,12 +3,12 @@ back through mlops to prove it works: the output is the same kind of artefact as
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.contract import LoadOptions, ModelRef
-from mlops_cli.core.formats import WEIGHT_SUFFIXES, Format, read_safetensors_header
+from mlops_cli.core.formats import Format, read_safetensors_header
+from mlops_cli.core.io import copy_extras
 from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
 from mlops_cli.core.pruned import REBUILD_ARCH
 from mlops_cli.services.prune.options import PruneOptions
@@ -77,22 +77,6 @@ def written_sizes(folder: Path) -> dict[str, int]:
         else:
             sizes[path.name] = path.stat().st_size
     return sizes
-
-
-def copy_extras(source: Path, folder: Path, rewritten: tuple[str, ...]) -> None:
-    """Everything beside the weights travels with them: tokenizer files, READMEs, sentence-transformers
-    modules (`1_Pooling/`, `modules.json`, ...). Weight files and the files named in `rewritten` are written
-    anew by the caller."""
-    for item in sorted(source.iterdir()):
-        if item.is_dir():
-            shutil.copytree(item, folder / item.name)
-        elif item.name not in rewritten and not is_weight_file(item.name):
-            shutil.copy2(item, folder / item.name)
-
-
-def is_weight_file(name: str) -> bool:
-    """Weights, or the index of sharded weights (model.safetensors.index.json)."""
-    return name.endswith(WEIGHT_SUFFIXES) or name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES)
 
 
 def _safetensors_metadata(loaded: LoadedModel) -> dict[str, str]:

@@ -25,6 +25,13 @@ _STARTED = time.time()  # imported before any output is written: temporaries old
 _TEMP_TAG = "mlops"  # temporaries are named .NAME.mlops-PID-XXXXXXXX.tmp
 
 
+def cache_dir() -> Path:
+    """Where mlops caches what it can rebuild: $MLOPS_CACHE_DIR, else $XDG_CACHE_HOME/mlops, else ~/.cache/mlops."""
+    if os.environ.get("MLOPS_CACHE_DIR"):
+        return Path(os.environ["MLOPS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlops"
+
+
 def default_mode(directory: bool = False) -> int:
     """Permissions an ordinary file/folder would get under the current umask (0644/0755 under 022)."""
     umask = os.umask(0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlops_cli.core.errors import OutputError, UsageError
+from mlops_cli.core.io import cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -310,14 +310,6 @@ def trained_parameters(name: str, model: Any, tokenizer: Any) -> dict[str, Any]:
         _write_cached(path, parameters)
     _MEMORY[key] = parameters
     return parameters
-
-
-def cache_dir() -> Path:
-    """Where mlops caches what it can rebuild: $MLOPS_CACHE_DIR, else $XDG_CACHE_HOME/mlops, else ~/.cache/mlops."""
-    if os.environ.get("MLOPS_CACHE_DIR"):
-        return Path(os.environ["MLOPS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlops"
 
 
 def cache_key(name: str) -> str:

@@ -394,9 +394,9 @@ class _PassMemory:
         identity = [to_json(use_diff=False), attempt.written.exporter_used, attempt.written.opset, example.sizes,
                     onnxruntime.__version__, platform.machine(), platform.processor(), os.cpu_count()]
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-        root = os.environ.get("MLOPS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                         "mlops")
-        return cls(Path(root) / "onnx-passes.json", key)
+        from mlops_cli.core.io import cache_dir
+
+        return cls(cache_dir() / "onnx-passes.json", key)
 
     def recall(self, name: str) -> tuple[float, float] | None:
         entry = self._entries().get(f"{self.key}:{name}")

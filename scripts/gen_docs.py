@@ -65,7 +65,10 @@ MEMORY_HEADER = re.compile(r"(?i)^peak mem")
 # Free text: (pattern, replacement); what DROP matches is removed (it appears only on a busy machine).
 FLOAT_NOISE = re.compile(r"\b\d\.\d\de-(?:0[5-9]|[1-9]\d)\b")
 SUBSTITUTIONS = [(re.compile(r"(?<![\w.<])\d+(?:\.\d+)?\s?(?:ns|µs|us|ms|s)\b(?!/)"), TIMING), (FLOAT_NOISE, "<1e-5"),
-                 (re.compile(r"(?<=, )\d+ (intra-op )?thread\(s\)"), r"<n> \1thread(s)")]  # default_threads()
+                 (re.compile(r"(?<=, )\d+ (intra-op )?thread\(s\)"), r"<n> \1thread(s)"),  # default_threads()
+                 # TorchScript and torch.export archives embed the source files' absolute paths (torch's debug
+                 # info), so their size depends on where the checkout lives
+                 (re.compile(r"(\.pt2? \()\d+(?:\.\d+)? (?:B|KiB|MiB)\)"), r"\1<size>)")]
 DROP = [re.compile(rf"(?m)^(?:warning: )?{start}(?:[^\n]|\n(?!\n)){{0,300}}?{end}\n?") for start, end in (
     (r"load average [\d.]+ exceeds", "unreliable"),
     (r"latency was noisy \(", r"idle\s+machine"),

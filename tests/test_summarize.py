@@ -15,7 +15,13 @@ from mlops_cli.services.summarize import run as summarize
 
 
 def run(reference: str, load: LoadOptions | None = None, **options: Any) -> Any:
-    settings = SummarizeOptions(load=load or LoadOptions(), **{"repeats": 1, "warmup": 0, **options})
+    """Summarize with the service's options; input options (inputs, batch_size, seq_len, seed) as the command
+    passes them, in one InputRequest."""
+    from mlops_cli.core.inputs import InputRequest
+
+    request = InputRequest(specs=tuple(options.pop("inputs", ())), batch_size=options.pop("batch_size", None),
+                           seq_len=options.pop("seq_len", None), seed=options.pop("seed", 0))
+    settings = SummarizeOptions(load=load or LoadOptions(), inputs=request, **{"repeats": 1, "warmup": 0, **options})
     return summarize(ModelRef.parse(reference), settings)
 
 

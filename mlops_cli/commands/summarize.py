@@ -55,13 +55,14 @@ def summarize_command(
     """
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.inputs import InputRequest
     from mlops_cli.render.summarize import summary_tables
     from mlops_cli.services.summarize import SummarizeOptions, run
 
     with progress_steps("Summarizing", quiet) as on_step:
-        options = SummarizeOptions(load=load, on_step=on_step, threads=threads, inputs=tuple(inputs or ()),
-                                   batch_size=batch_size, seq_len=seq_len, depth=depth, device=device.value,
-                                   warmup=warmup, repeats=repeats, seed=seed)
+        request = InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)
+        options = SummarizeOptions(load=load, on_step=on_step, threads=threads, inputs=request, depth=depth,
+                                   device=device.value, warmup=warmup, repeats=repeats)
         report = run(ModelRef.parse(model), options)
     render.emit(report, as_json, summary_tables, quiet)
 

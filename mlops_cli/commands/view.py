@@ -42,6 +42,7 @@ def view_command(
 
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.inputs import InputRequest
     from mlops_cli.services.view import ViewOptions, ViewSession, run
 
     with ExitStack() as preparing:
@@ -53,8 +54,8 @@ def view_command(
             if not quiet:
                 render.hint("Serving until Ctrl-C." if serve_seconds is None else f"Serving for {serve_seconds:g} s.")
 
-        options = ViewOptions(load=load, on_step=on_step, port=port, browse=browse, inputs=tuple(inputs or ()),
-                              seed=seed, serve_seconds=serve_seconds, on_ready=ready)
+        options = ViewOptions(load=load, on_step=on_step, port=port, browse=browse, serve_seconds=serve_seconds,
+                              inputs=InputRequest(specs=tuple(inputs or ()), seed=seed), on_ready=ready)
         run(ModelRef.parse(model), options)
     if not quiet:
         render.hint("Stopped; the temporary files are deleted.")

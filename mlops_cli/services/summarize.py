@@ -118,14 +118,11 @@ class SummaryReport(Report):
 
 @dataclass(frozen=True, kw_only=True)
 class SummarizeOptions(ServiceOptions):
-    inputs: tuple[str, ...] = ()  # --input specs
-    batch_size: int | None = None
-    seq_len: int | None = None
+    inputs: InputRequest = field(default_factory=InputRequest)  # --input, --batch-size, --seq-len, --seed
     depth: int = 3
     device: str = "auto"
     warmup: int = 2
     repeats: int = 10  # 0: no timing
-    seed: int = 0
 
 
 def run(ref: ModelRef, options: SummarizeOptions) -> SummaryReport:
@@ -152,10 +149,11 @@ def summary_inputs(loaded: LoadedModel, options: SummarizeOptions) -> InputSet:
     """The one input set of the forward pass: the plan's first set, at --batch-size/--seq-len (or the inputs'
     own sizes); a torch.export program's inputs come from its graph when no --input is given."""
     _, _, max_positions = text_properties(loaded)
-    if options.seq_len and max_positions and options.seq_len > max_positions:
-        raise UsageError(f"--seq-len {options.seq_len} is longer than the model's {max_positions} positions")
-    request = InputRequest(specs=options.inputs or tuple(exported_input_specs(loaded)),
-                           batch_size=options.batch_size, seq_len=options.seq_len, seed=options.seed)
+    request = options.inputs
+    if request.seq_len and max_positions and request.seq_len > max_positions:
+        raise UsageError(f"--seq-len {request.seq_len} is longer than the model's {max_positions} positions")
+    if not request.specs:  # a torch.export program knows its own inputs
+        request = replace(request, specs=tuple(exported_input_specs(loaded)))
     return plan_inputs(loaded, request).example
 
 
@@ -201,7 +199,7 @@ def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str)
     try:
         inputs = summary_inputs(loaded, options)
     except UsageError as exc:
-        if options.inputs or options.batch_size or options.seq_len:
+        if options.inputs.specs or options.inputs.batch_size or options.inputs.seq_len:
             raise
         inputs = None
         notes.append(f"no forward pass: {exc.message}. Describe the inputs with --input name:dtype[d0,d1,...] "

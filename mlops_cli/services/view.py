@@ -28,6 +28,7 @@ from pathlib import Path
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.formats import Format, detect_format
+from mlops_cli.core.inputs import InputRequest
 
 HOST = "127.0.0.1"
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ptl", ".torchscript")  # names Netron recognises for TorchScript
@@ -44,8 +45,7 @@ class ViewOptions(ServiceOptions):
 
     port: int | None = None  # None: 8080 when free, else another free port (Netron's choice); 0: any free port
     browse: bool = False
-    inputs: tuple[str, ...] = ()  # --input specs for the ONNX export
-    seed: int = 0
+    inputs: InputRequest = field(default_factory=InputRequest)  # --input specs and --seed for the ONNX export
     opset: int = 20
     serve_seconds: float | None = None
     on_ready: Callable[[ViewSession], None] = field(default=_nobody_waits, compare=False, repr=False)
@@ -112,13 +112,13 @@ def _stage_onnx(path: Path, folder: Path) -> StagedModel:
 
 
 def _stage_export(ref: ModelRef, options: ViewOptions, folder: Path) -> StagedModel:
-    from mlops_cli.core.inputs import InputRequest, plan_inputs
+    from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.onnx_export import write_onnx
 
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
-    plan = plan_inputs(loaded, InputRequest(specs=options.inputs, seed=options.seed))
+    plan = plan_inputs(loaded, options.inputs)
     name = f"{_model_name(ref)}.onnx"
     options.on_step("exporting to ONNX")
     result = write_onnx(loaded, folder / name, plan.export_example(("batch", "sequence")), dynamic=True,

@@ -261,7 +261,9 @@ def build(name: str) -> tuple[Any, Any]:
     import torch
 
     zoo_entry = entry(name)
-    with torch.random.fork_rng(devices=[]):
+    # built where a caller may be in inference mode (a parity check, generation): the trained built-ins train
+    # here, and parameters made in inference mode cannot be
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(SEED)
         if zoo_entry.kind == "hf":
             model, tokenizer = _HF_BUILDERS[name]()

@@ -118,6 +118,24 @@ class StopState:
         return bool(self.unfinished.max() == 0)
 
 
+def take_step(step: int, logits: torch.Tensor, sequences: torch.Tensor, length: int, processors: Any,
+              params: DecodingParams, stop: StopState, observers: Sequence[Any]) -> tuple[torch.Tensor, bool]:
+    """One decoding step shared by the PyTorch and ONNX Runtime loops: the logits processors, then the greedy or
+    sampled token (finished rows get padding), written at `length` of `sequences`; observers see it. Returns the
+    tokens and whether every row has finished."""
+    scores = processors(sequences[:, :length], logits)  # a LongTensor view
+    if params.do_sample:
+        next_tokens = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    else:
+        next_tokens = torch.argmax(scores, dim=-1)
+    next_tokens = stop.mask_finished(next_tokens)
+    sequences[:, length] = next_tokens
+    all_done = stop.update(sequences[:, :length + 1], scores)
+    for observe in observers:
+        observe(step, next_tokens, scores)
+    return next_tokens, all_done
+
+
 @torch.inference_mode()
 def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, params: DecodingParams, *,
            tokenizer: Any = None, observers: Sequence[StepObserver] = ()) -> torch.Tensor:
@@ -154,17 +172,8 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     for step in range(params.max_new_tokens):
         outputs = model(**step_inputs)
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
-        scores = processors(sequences[:, :length], logits)  # type: ignore[arg-type]  # a LongTensor view
-        if params.do_sample:
-            next_tokens = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(scores, dim=-1)
-        next_tokens = stop.mask_finished(next_tokens)
-        sequences[:, length] = next_tokens
+        next_tokens, all_done = take_step(step, logits, sequences, length, processors, params, stop, observers)
         length += 1
-        all_done = stop.update(sequences[:, :length], scores)
-        for observe in observers:
-            observe(step, next_tokens, scores)
         if all_done or step + 1 == params.max_new_tokens:
             break
         step_inputs["input_ids"] = next_tokens[:, None]

@@ -24,7 +24,7 @@ import torch
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.loading import LoadedModel
 from mlops_cli.core.timing import PeakMemory
-from mlops_cli.services.decoding import DecodingParams, StopState, initial_positions, logits_processors
+from mlops_cli.services.decoding import DecodingParams, StopState, initial_positions, logits_processors, take_step
 from mlops_cli.services.generate import GeneratedText, GenerateOptions, GenerateReport, StrategyResult
 from mlops_cli.services.generate_measure import RunRecord, StepClock, run_metrics, summarize_runs
 
@@ -126,18 +126,9 @@ def onnx_decode(decoder: OnnxDecoder, input_ids: torch.Tensor, attention_mask: t
     length = prompt_length
     for step in range(params.max_new_tokens):
         logits, past = decoder(step_ids, mask, positions, past)
-        scores = processors(sequences[:, :length],  # type: ignore[arg-type]  # a LongTensor view
-                            torch.from_numpy(logits[:, -1].astype(np.float32)))
-        if params.do_sample:
-            next_tokens = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(scores, dim=-1)
-        next_tokens = stop.mask_finished(next_tokens)
-        sequences[:, length] = next_tokens
+        next_tokens, all_done = take_step(step, torch.from_numpy(logits[:, -1].astype(np.float32)), sequences, length,
+                                          processors, params, stop, observers)
         length += 1
-        all_done = stop.update(sequences[:, :length], scores)
-        for observe in observers:
-            observe(step, next_tokens, scores)
         if all_done or step + 1 == params.max_new_tokens:
             break
         step_ids = next_tokens.numpy()[:, None].astype(np.int64)

@@ -68,7 +68,7 @@ def verify_parity_command(
              "prompts on both, tokens compared (the first divergence named: prompt, step, both tokens, their logit "
              "gap), and the logits of the prompt pass and of every cached step.")] = False,
     prompts: Annotated[list[str] | None, typer.Option(
-        "--prompt", rich_help_panel="Causal LMs", show_default=False,
+        "--prompt", "-p", rich_help_panel="Causal LMs", show_default=False,
         help="A prompt for --generate (repeatable; default: a few built-in prompts).")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts", rich_help_panel="Causal LMs", show_default=False,

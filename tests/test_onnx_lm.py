@@ -79,6 +79,20 @@ def exported(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
             for name, folder in folders.items()}
 
 
+def tamper(source: Path, target: Path) -> Path:
+    """A copy of an exported decoder whose largest weight matrix has a quarter of its columns scaled by 1.5."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(source)
+    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    values = numpy_helper.to_array(weight).copy()
+    values[:, : values.shape[1] // 4] *= 1.5
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, target)
+    return target
+
+
 def _model(folder: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,16 +160,8 @@ def report_pad(tokenizer: Any) -> int:
 
 def test_a_tampered_export_is_detected_and_the_step_named(folders: dict[str, Path], exported: dict[str, Any],
                                                           tmp_path: Path) -> None:
-    import onnx
-    from onnx import numpy_helper
 
-    model = onnx.load(exported["llama"].output)
-    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
-    values = numpy_helper.to_array(weight).copy()
-    values[:, : values.shape[1] // 4] *= 1.5
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    tampered = tmp_path / "tampered.onnx"
-    onnx.save(model, tampered)
+    tampered = tamper(exported["llama"].output, tmp_path / "tampered.onnx")
     report = parity_run(ModelRef.parse(str(folders["llama"])),
                         GenerationParityOptions(candidate=tampered, prompts=PROMPTS[:2], max_new_tokens=6))
     assert not report.passed
@@ -350,8 +356,6 @@ def test_generate_command_runs_an_onnx_decoder_like_a_pytorch_model(cli, folders
 def test_verify_parity_generate_command(cli, folders: dict[str, Path], exported: dict[str, Any],
                                         tmp_path: Path) -> None:
     """`verify-parity HF_FOLDER model.onnx --generate`: exit 0 for the export, 6 naming the pass for a tampered one."""
-    import onnx
-    from onnx import numpy_helper
 
     good = cli("verify-parity", folders["gpt2"], exported["gpt2"].output, "--generate", "--prompt", "The quick",
                "--max-new-tokens", "4", "--json")
@@ -360,13 +364,7 @@ def test_verify_parity_generate_command(cli, folders: dict[str, Path], exported:
     assert data["passed"] and data["preset"] == "fp32" and len(data["prompts"][0]["passes"]) == 4
     human = cli("verify-parity", folders["gpt2"], exported["gpt2"].output, "--generate", "--max-new-tokens", "3")
     assert human.exit_code == 0 and "Generation parity" in human.stdout and "PASS" in human.stdout
-    model = onnx.load(exported["gpt2"].output)
-    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
-    values = numpy_helper.to_array(weight).copy()
-    values[:, : values.shape[1] // 4] *= 1.5
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    tampered = tmp_path / "tampered.onnx"
-    onnx.save(model, tampered)
+    tampered = tamper(exported["gpt2"].output, tmp_path / "tampered.onnx")
     bad = cli("verify-parity", folders["gpt2"], tampered, "--generate", "--prompt", "The quick",
               "--max-new-tokens", "4")
     assert bad.exit_code == 6 and "generation parity failed" in bad.stderr

@@ -17,15 +17,12 @@ preset unless told otherwise; a failed check keeps the output (to inspect it) an
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import logging
 import re
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from mlops_cli.core.int8_state import (
 )
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, load_model
+from mlops_cli.core.onnx_export import quiet_exporters
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing, measure_interleaved
@@ -175,7 +173,7 @@ def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, opti
     # (measured: tiny GPT-2 drift 0.16 full range vs 0.011 reduced), so they use 7 bits unless told otherwise.
     reduce_range = options.per_channel if options.reduce_range is None else options.reduce_range
     options.on_step("quantising")
-    with atomic_file(output, options.force, [source]) as temp, _quiet_onnxruntime():
+    with atomic_file(output, options.force, [source]) as temp, quiet_exporters():
         quantize_dynamic(str(source), str(temp), op_types_to_quantize=list(op_types), per_channel=options.per_channel,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                          extra_options={"MatMulConstBOnly": True})
@@ -232,18 +230,6 @@ def _onnx_kinds(weighted: list[tuple[Any, list[str]]], quantized: Any, op_types:
                     "so it needs MatMul in --op-types)")
         kinds.append(QuantizedKind(kind, totals[kind], done[kind], note))
     return tuple(kinds)
-
-
-@contextlib.contextmanager
-def _quiet_onnxruntime() -> Iterator[None]:
-    """ONNX Runtime's quantiser logs advice on the root logger; keep it off the user's terminal."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 # ---------------------------------------------------------------- torch

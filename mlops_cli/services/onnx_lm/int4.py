@@ -9,11 +9,8 @@ a text and the share of positions where their greedy predictions agree.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,23 +19,18 @@ import numpy as np
 
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.onnx_export import quiet_exporters
 from mlops_cli.services.onnx_lm.export_with_past import EXTERNAL_DATA_THRESHOLD
 from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side
-from mlops_cli.services.onnx_lm.quality import CORPUS, onnx_logits_fn, score, text_tokens
-
-_QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
+from mlops_cli.services.onnx_lm.quality import EvaluationText, onnx_logits_fn, score, text_tokens
 
 
 @dataclass(frozen=True, kw_only=True)
-class Int4Options(OutputOptions):
+class Int4Options(OutputOptions, EvaluationText):
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int | None = None
     tokenizer: Path | None = None  # for the perplexity comparison; default: the ONNX file's folder
-    text_file: Path = CORPUS
-    window: int = 128
-    stride: int = 64
-    max_tokens: int = 512
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,21 +96,9 @@ def _quantize(model: Any, options: Int4Options) -> Any:
 
     quantizer = MatMulNBitsQuantizer(model, block_size=options.block_size, is_symmetric=options.symmetric,
                                      accuracy_level=options.accuracy_level)
-    with _quiet(_QUANTIZER_LOGGER):
+    with quiet_exporters():
         quantizer.process()
     return quantizer.model.model
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """The quantizer logs a line per node at INFO: services never print."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _evaluation_tokens(source: Path, options: Int4Options) -> tuple[np.ndarray | None, str | None]:

@@ -247,11 +247,18 @@ class Perplexity:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PerplexityOptions(ServiceOptions):
-    candidate: Path | None = None  # an ONNX decoder to score beside the PyTorch model
+class EvaluationText:
+    """The text a causal LM's perplexity is measured on, and the sliding window it is scored with."""
+
     text_file: Path = CORPUS
     window: int = 128
     stride: int = 64
+    max_tokens: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerplexityOptions(ServiceOptions, EvaluationText):
+    candidate: Path | None = None  # an ONNX decoder to score beside the PyTorch model
     max_tokens: int = 1024
 
 

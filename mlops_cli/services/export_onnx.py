@@ -70,6 +70,18 @@ class OptimizePass:
     seconds: float
     latency_before_ms: float | None = None  # median on the export example, one thread, before the pass
     latency_after_ms: float | None = None  # ... and after it (None when the pass failed or changed the outputs)
+    # The verification of the pass's graph: the export's verdict when it is the last pass kept (not in the JSON,
+    # which shows the export's one verification).
+    report: ParityReport | None = field(default=None, compare=False, repr=False, metadata={"json": False})
+
+    @classmethod
+    def measured(cls, name: str, nodes_before: int, nodes_after: int | None, accepted: bool, reason: str,
+                 started: float, report: ParityReport | None = None,
+                 latency: tuple[float, float] | None = None) -> OptimizePass:
+        """A pass that began at `started` (perf_counter) and ends now, with its (before, after) median ms."""
+        before, after = latency or (None, None)
+        return cls(name, nodes_before, nodes_after, accepted, reason, time.perf_counter() - started, before, after,
+                   report)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +151,7 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     try:
         attempt = _first_good_export(loaded, plan, example, options, workdir / target.name, verify, watch)
         current, verification = attempt.path, attempt.verification
-        passes: list[_Pass] = []
+        passes: list[OptimizePass] = []
         if verify is not None and verification is not None and steps:
             options.on_step("optimising")
             memory = _PassMemory.for_export(loaded, attempt, example) if options.optimize == "auto" else None
@@ -290,23 +302,6 @@ def _identity(inputs: dict[str, Any]) -> tuple[tuple[str, int], ...]:
 PassFunction = Callable[[Path, Path], None]  # (source, destination)
 
 
-@dataclass(frozen=True)
-class _Pass:
-    name: str
-    nodes_before: int
-    nodes_after: int | None
-    accepted: bool
-    reason: str
-    seconds: float
-    report: ParityReport | None
-    latency: tuple[float, float] | None = None  # (before, after) median ms
-
-    def public(self) -> OptimizePass:
-        before, after = self.latency or (None, None)
-        return OptimizePass(self.name, self.nodes_before, self.nodes_after, self.accepted, self.reason, self.seconds,
-                            before, after)
-
-
 def _pass_steps(loaded: LoadedModel, optimize: str) -> list[tuple[str, PassFunction]]:
     """The passes `--optimize` names, in order. `auto`: ONNX Runtime's transformer fusions for the model types
     it knows, nothing otherwise; `all`: those fusions (where known), onnxslim, ONNX Runtime's offline pass."""
@@ -326,20 +321,20 @@ def _pass_steps(loaded: LoadedModel, optimize: str) -> list[tuple[str, PassFunct
 
 
 def _optimize(current: Path, steps: list[tuple[str, PassFunction]], verify: Verify, baseline: ParityReport,
-              example: InputSet, memory: _PassMemory | None) -> tuple[Path, list[_Pass]]:
+              example: InputSet, memory: _PassMemory | None) -> tuple[Path, list[OptimizePass]]:
     """Run the passes in order; keep each one only if its graph runs faster than the graph before it on the export
     example AND still passes verification (a pass that does not speed the model up is reported, not applied; it
     is timed first, so a pass that is not faster costs no verification). With a `memory` (--optimize auto), a
     pass measured no faster on an earlier export of the same architecture is not run again."""
-    passes: list[_Pass] = []
+    passes: list[OptimizePass] = []
     for name, function in steps:
         started = time.perf_counter()
         before = graph_info(current).nodes
         recalled = memory.recall(name) if memory is not None else None
         if recalled is not None:
-            passes.append(_Pass(name, before, None, False, f"{_judge(None, baseline, recalled, example)[1]}, "
-                                f"measured on an earlier export of this architecture (--optimize {_option(name)} "
-                                "measures again)", time.perf_counter() - started, None, recalled))
+            passes.append(OptimizePass.measured(
+                name, before, None, False, f"{_judge(None, baseline, recalled, example)[1]}, measured on an earlier "
+                f"export of this architecture (--optimize {_option(name)} measures again)", started, None, recalled))
             continue
         candidate = current.parent / f"pass-{name}" / current.name
         candidate.parent.mkdir()
@@ -352,12 +347,12 @@ def _optimize(current: Path, steps: list[tuple[str, PassFunction]], verify: Veri
             elif memory is not None:
                 memory.store(name, latency)
         except Exception as exc:
-            passes.append(_Pass(name, before, None, False, f"pass failed: {exporter_failure(exc)}",
-                                time.perf_counter() - started, None))
+            passes.append(OptimizePass.measured(name, before, None, False, f"pass failed: {exporter_failure(exc)}",
+                                                started))
             continue
         accepted, reason = _judge(report, baseline, latency, example)
-        passes.append(_Pass(name, before, graph_info(candidate).nodes, accepted, reason,
-                            time.perf_counter() - started, report, latency))
+        passes.append(OptimizePass.measured(name, before, graph_info(candidate).nodes, accepted, reason, started,
+                                            report, latency))
         if accepted:
             current = candidate
     return current, passes
@@ -505,7 +500,7 @@ def _ort_offline(source: Path, destination: Path) -> None:
 
 
 def _report(ref: ModelRef, target: Path, files: dict[str, int], attempt: _Attempt, example: InputSet,
-            passes: list[_Pass], verification: ParityReport | None, stages: dict[str, float],
+            passes: list[OptimizePass], verification: ParityReport | None, stages: dict[str, float],
             warnings: list[str], notes: list[str]) -> ExportOnnxReport:
     info = graph_info(target)
     written = attempt.written
@@ -525,7 +520,7 @@ def _report(ref: ModelRef, target: Path, files: dict[str, int], attempt: _Attemp
         model=str(ref), output=str(target), files=files, exporter_used=written.exporter_used,
         fallback_reason=fallback, opset=info.opset, dynamic_dims=tuple(dims),
         external_data=data_file(target).name in files, inputs=info.inputs, outputs=info.outputs, nodes=info.nodes,
-        checker=attempt.checker, optimize_passes=tuple(p.public() for p in passes), verification=verification,
+        checker=attempt.checker, optimize_passes=tuple(passes), verification=verification,
         stages={k: round(v, 4) for k, v in stages.items()}, passed=passed, verdict=verdict,
         export_sizes=dict(example.sizes), notes=tuple(notes), warnings=tuple(warnings))
 

@@ -34,7 +34,7 @@ from mlops_cli.services.onnx_lm import (
 )
 from mlops_cli.services.onnx_lm.export_with_past import export_with_past
 from mlops_cli.services.onnx_lm.generate_onnx import encode_prompts
-from mlops_cli.services.onnx_lm.quality import sliding_windows
+from mlops_cli.services.perplexity import EvaluationText, sliding_windows
 
 PROMPTS = ("The model", "Hello there, how are you doing today", "a")
 FAMILIES = ("gpt2", "llama")

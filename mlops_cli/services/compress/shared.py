@@ -1,5 +1,5 @@
 """What `compress half` and `compress int8` share: refusals made before any work, the drift check's inputs,
-the weight files of a folder, and sizes on disk.
+the perplexity probe of a causal LM, the weight files of a folder, and sizes on disk.
 
 Refusals come first so that a usage error never leaves an output behind: a built-in model (compression writes
 the kind of file it reads), an input already quantised to int8, and a drift check whose inputs cannot be told.
@@ -17,6 +17,7 @@ from mlops_cli.core.formats import Format, detect_format, torch_load_weights
 from mlops_cli.core.inputs import InputPlan, InputRequest, plan_inputs
 from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar
+from mlops_cli.services.perplexity import EvaluationText, PerplexityProbe, probe_for
 
 # Ops of a graph that is already quantised (ONNX Runtime's dynamic and QDQ/QOperator formats).
 QUANTISED_ONNX_OPS = frozenset({
@@ -153,6 +154,19 @@ def output_load_options(reference_loaded: Any, options: LoadOptions) -> LoadOpti
     if reference_loaded.arch:
         return replace(options, arch=reference_loaded.arch, arch_kwargs=dict(reference_loaded.arch_kwargs))
     return options
+
+
+def perplexity_probe(original: Any, evaluation: EvaluationText | None, tokenizer: Path | None, check: bool,
+                     on_step: Any) -> tuple[PerplexityProbe | None, str | None]:
+    """A causal LM's original scored on the evaluation text, before anything is written (the text is read even
+    when there is nothing to score, so a bad --eval-text fails first); None without the check or an LM."""
+    if evaluation is None:
+        return None, None
+    evaluation.read()
+    if not check or original is None:
+        return None, None
+    on_step("measuring perplexity")
+    return probe_for(evaluation, original, folder=tokenizer)
 
 
 def loader_warnings(*loaded: Any) -> tuple[str, ...]:

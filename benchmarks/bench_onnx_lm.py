@@ -144,18 +144,21 @@ def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:
     from mlops_cli.core.contract import ModelRef
     from mlops_cli.services.onnx_lm.int4 import Int4Options
     from mlops_cli.services.onnx_lm.int4 import run as int4_run
+    from mlops_cli.services.perplexity import EvaluationText
 
     zoo.gpt2_tokenizer().save_pretrained(path.parent / "tokenizer")
     start = time.perf_counter()
     report = int4_run(ModelRef.parse(str(path)), Int4Options(
         output=path.with_name("decoder.int4.onnx"), block_size=block_size, accuracy_level=accuracy_level,
-        tokenizer=path.parent / "tokenizer", max_tokens=512, window=128, stride=64))
+        tokenizer=path.parent / "tokenizer", evaluation=EvaluationText(max_tokens=512, window=128, stride=64)))
+    quality = report.perplexity
+    assert quality is not None
     print(f"int4: {time.perf_counter() - start:.1f} s (quantisation + 2 perplexity runs), "
           f"{report.quantized_matmuls} MatMulNBits, block {block_size}, "
           f"{report.size_before / 1e6:.0f} MB -> {report.size_after / 1e6:.0f} MB "
-          f"({report.size_after / report.size_before:.2f}x); perplexity {report.perplexity_before:.1f} -> "
-          f"{report.perplexity_after:.1f} ({100 * (report.relative_change or 0):+.2f}%), greedy agreement "
-          f"{100 * (report.greedy_agreement or 0):.1f}%")
+          f"({report.size_after / report.size_before:.2f}x); perplexity {quality.before:.1f} -> "
+          f"{quality.after:.1f} ({100 * quality.relative_change:+.2f}%), greedy agreement "
+          f"{100 * quality.greedy_agreement:.1f}%")
     return Path(report.output)
 
 

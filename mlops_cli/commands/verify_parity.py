@@ -14,6 +14,8 @@ from mlops_cli.commands.common import (
     BatchSizeOpt,
     Device,
     DeviceOpt,
+    EvalOpt,
+    EvalTextOpt,
     IncludePaddingOpt,
     InputOpt,
     JsonOpt,
@@ -26,6 +28,7 @@ from mlops_cli.commands.common import (
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
+    evaluation_text,
     model_options,
     progress_steps,
 )
@@ -75,6 +78,8 @@ def verify_parity_command(
         help="A file of prompts for --generate, one per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", rich_help_panel="Causal LMs", min=1, help="Greedy tokens per prompt for --generate.")] = 16,
+    eval_text: EvalTextOpt = None,
+    evaluate: EvalOpt = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -86,7 +91,8 @@ def verify_parity_command(
     weights, int8 layers, else fp32) scales atol with each output's magnitude and adds criteria: cosine, top-1
     and greedy next-token agreement of logits, each shown with its threshold; --atol/--rtol are used as given.
     Latency of both sides. Exit 6 on mismatch, NaN/inf or a non-deterministic side, naming the worst output and
-    the failing criterion. Loading options apply to both sides.
+    the failing criterion. Loading options apply to both sides. When both are causal LMs (HF, or ONNX decoders
+    with KV cache), the perplexity of both on --eval-text and their greedy next-token agreement are reported too.
 
     Example: mlops verify-parity builtin:tiny-bert bert.onnx --atol logits=1e-4 --json
     """
@@ -110,7 +116,7 @@ def verify_parity_command(
             candidate=ModelRef.parse(candidate), inputs=request,
             tolerances=ToleranceRequest.parse(atol, rtol, preset.value),
             include_padding=include_padding, device=device.value, repeats=repeats if timing else 0, load=load,
-            on_step=on_step)
+            on_step=on_step, evaluation=evaluation_text(eval_text, evaluate))
         report = run(ModelRef.parse(reference), options)
     render.emit(report, as_json, verify_parity_tables, quiet)
     if not report.passed:

@@ -216,8 +216,8 @@ class PerplexityProbe:
             greedy_agreement=float((self.baseline.predictions == after.predictions).mean()), compute=compute)
 
 
-def probe_for(text: EvaluationText | None, reference: LoadedModel, *others: LoadedModel,
-              folder: Path | None = None) -> tuple[PerplexityProbe | None, str | None]:
+def probe_for(text: EvaluationText | None, reference: LoadedModel, *others: LoadedModel, folder: Path | None = None,
+              on_step: Callable[[str], None] | None = None) -> tuple[PerplexityProbe | None, str | None]:
     """The probe for a causal LM, or (None, why not) when it cannot be measured; (None, None) when the model is
     not a causal LM or measuring was switched off. `others` may lend their tokenizer."""
     if text is None or not is_causal_lm(reference):
@@ -226,5 +226,7 @@ def probe_for(text: EvaluationText | None, reference: LoadedModel, *others: Load
     if tokenizer is None:
         return None, ("perplexity not measured: no tokenizer with the model nor beside it (save the tokenizer "
                       "files beside the model)")
+    if on_step is not None:
+        on_step("measuring perplexity")
     window = window_for(reference.module, text.window)
     return PerplexityProbe.of(text, logits_fn_for(reference), tokenizer, window), None

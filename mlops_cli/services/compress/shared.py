@@ -165,8 +165,7 @@ def perplexity_probe(original: Any, evaluation: EvaluationText | None, tokenizer
     evaluation.read()
     if not check or original is None:
         return None, None
-    on_step("measuring perplexity")
-    return probe_for(evaluation, original, folder=tokenizer)
+    return probe_for(evaluation, original, folder=tokenizer, on_step=on_step)
 
 
 def loader_warnings(*loaded: Any) -> tuple[str, ...]:

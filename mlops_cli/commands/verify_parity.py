@@ -36,6 +36,7 @@ from mlops_cli.commands.common import (
 if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
     from mlops_cli.core.parity import ToleranceRequest
+    from mlops_cli.services.perplexity import EvaluationText
 
 __all__ = ["IncludePaddingOpt", "Preset", "PresetOpt", "RepeatsOpt", "register"]  # still imported from here
 
@@ -106,7 +107,8 @@ def verify_parity_command(
 
     if generate:
         _verify_generation(reference, candidate, prompts, prompts_file, max_new_tokens,
-                           ToleranceRequest.parse(atol, rtol, preset.value), load, as_json, quiet)
+                           ToleranceRequest.parse(atol, rtol, preset.value), load, as_json, quiet,
+                           evaluation_text(eval_text, evaluate))
         return
     request = InputRequest(specs=tuple(inputs or ()), texts=tuple(texts or ()),
                            file=str(inputs_file) if inputs_file else None, batch_size=batch_size, seq_len=seq_len,
@@ -126,7 +128,7 @@ def verify_parity_command(
 
 def _verify_generation(reference: str, candidate: str, prompts: list[str] | None, prompts_file: Path | None,
                        max_new_tokens: int, tolerances: "ToleranceRequest", load: "LoadOptions", as_json: bool,
-                       quiet: bool) -> None:
+                       quiet: bool, evaluation: "EvaluationText | None") -> None:
     """`--generate`: greedy generation of an HF causal LM against its ONNX export with KV cache."""
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
@@ -146,7 +148,7 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
     with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
         options = GenerationParityOptions(
             load=load, on_step=on_step, candidate=candidate_ref.path, max_new_tokens=max_new_tokens,
-            tolerances=tolerances.resolve(precision), prompts=chosen)
+            tolerances=tolerances.resolve(precision), prompts=chosen, evaluation=evaluation)
         report = parity_run(ModelRef.parse(reference), options)
     render.emit(report, as_json, generation_parity_tables, quiet)
     if not report.passed:

@@ -131,7 +131,7 @@ def verify_parity_tables(report: VerifyParityReport) -> Iterator[RenderableType]
     yield from parity_tables(parity, title="Per output and input set", with_verdict=False)
     if report.worst_output:
         yield note(f"worst output: {report.worst_output}")
-    yield from perplexity_tables(report.perplexity, after="candidate")
+    yield from perplexity_tables(report.perplexity, "reference", "candidate")
     yield verdict(report.passed, report.verdict)
 
 
@@ -163,4 +163,5 @@ def generation_parity_tables(report: GenerationParityReport) -> Iterator[Rendera
                        f"({divergence.reference_text!r}) vs candidate {divergence.candidate_token} "
                        f"({divergence.candidate_text!r}); logit gap {divergence.reference_gap:.3g} (reference), "
                        f"{divergence.candidate_gap:.3g} (candidate)")
+    yield from perplexity_tables(report.perplexity, "reference", "candidate")
     yield verdict(report.passed, report.verdict)

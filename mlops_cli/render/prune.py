@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from rich.console import RenderableType
 from rich.text import Text
@@ -177,7 +178,7 @@ def _perplexity_sweep(results: list[AmountResult]) -> Iterator[RenderableType]:
     assert first is not None
     rows = [(f"{r.amount:g}", fmt_float(r.perplexity.after), f"{r.perplexity.relative_change:+.2%}",
              f"{r.perplexity.greedy_agreement:.1%}") for r in results if r.perplexity]
-    yield table(f"Perplexity per amount on {first.text} (unpruned: {fmt_float(first.before)})",
+    yield table(f"Perplexity per amount on {Path(first.text).name} (unpruned: {fmt_float(first.before)})",
                 ("amount", "perplexity", "change", "greedy agreement"), rows,
                 numeric=("perplexity", "change", "greedy agreement"),
                 caption=f"{first.tokens} tokens ({first.scored_tokens} scored) in windows of {first.window} moving "

@@ -29,7 +29,14 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.parity import Tolerances
 from mlops_cli.services.decoding import DecodingParams, decode
 from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side, onnx_decode
-from mlops_cli.services.perplexity import EvaluationText, PerplexityProbe, onnx_logits_fn, torch_logits_fn, window_for
+from mlops_cli.services.perplexity import (
+    EvaluationText,
+    PerplexityComparison,
+    PerplexityProbe,
+    onnx_logits_fn,
+    torch_logits_fn,
+    window_for,
+)
 
 DEFAULT_PROMPTS = ("The model", "Once upon a time", "In the beginning")
 
@@ -84,6 +91,7 @@ class GenerationParityOptions(ServiceOptions):
     max_new_tokens: int = 16
     tolerances: Tolerances = field(default_factory=lambda: Tolerances.for_preset("fp32"))  # scale-aware fp32
     tokenizer: Path | None = None  # default: the reference's tokenizer
+    evaluation: EvaluationText | None = field(default_factory=EvaluationText)  # perplexity of both; None: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +105,7 @@ class GenerationParityReport(Report):
     prompts: tuple[PromptParity, ...]
     passed: bool
     verdict: str
+    perplexity: PerplexityComparison | None = None  # the ONNX decoder's perplexity against the model's
 
 
 def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts: Sequence[str],
@@ -209,16 +218,24 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
     """`verify-parity MODEL model.onnx --generate`: the PyTorch model is the reference."""
     if options.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    if options.evaluation is not None:
+        options.evaluation.read()  # a bad --eval-text fails before any model is loaded
     model, tokenizer, warnings = _reference(ref, options.load, options.tokenizer)
     decoder = OnnxDecoder(options.candidate)
     options.on_step("generating")
     prompts = compare_generation(model, decoder, tokenizer, options.prompts, options.max_new_tokens,
                                  options.tolerances)
+    perplexity = None
+    if options.evaluation is not None:
+        options.on_step("measuring perplexity")
+        probe = PerplexityProbe.of(options.evaluation, torch_logits_fn(model), tokenizer,
+                                   window_for(model, options.evaluation.window))
+        perplexity = probe.compare(onnx_logits_fn(decoder))
     return GenerationParityReport(
         reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
         atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
         prompts=prompts, passed=all(p.passed for p in prompts),
-        verdict=generation_verdict(prompts), warnings=tuple(warnings))
+        verdict=generation_verdict(prompts), warnings=tuple(warnings), perplexity=perplexity)
 
 
 def _reference(ref: ModelRef, load: Any, tokenizer_folder: Path | None) -> tuple[Any, Any, list[str]]:

@@ -88,7 +88,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--int4", action="store_true", help="also the int4 (MatMulNBits) decoder")
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits compute type (4: int8)")
+    parser.add_argument("--accuracy-level", type=int, default=4,
+                        help="MatMulNBits compute type (4: int8, the CLI's default on CPU; 0: ONNX Runtime's default)")
+    parser.add_argument("--accuracy-levels", default=None,
+                        help="compare int4 decoders at these accuracy levels, e.g. 0,4 (one side each; implies --int4)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -106,7 +109,10 @@ def main() -> None:
         decoder = OnnxDecoder(written.path, threads=1)
         sides = {"onnxruntime": lambda: onnx_run(decoder, input_ids, args.new_tokens),
                  "torch generate": lambda: torch_run(model, input_ids, args.new_tokens)}
-        if args.int4:
+        if args.accuracy_levels:
+            sides.update(int4_level_sides(written.path, args.block_size, args.accuracy_levels, input_ids,
+                                          args.new_tokens))
+        elif args.int4:
             int4 = OnnxDecoder(quantize(written.path, args.block_size, args.accuracy_level), threads=1)
             sides["onnxruntime int4"] = lambda: onnx_run(int4, input_ids, args.new_tokens)
         records: dict[str, list[RunRecord]] = {name: [] for name in sides}
@@ -149,17 +155,30 @@ def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:
     zoo.gpt2_tokenizer().save_pretrained(path.parent / "tokenizer")
     start = time.perf_counter()
     report = int4_run(ModelRef.parse(str(path)), Int4Options(
-        output=path.with_name("decoder.int4.onnx"), block_size=block_size, accuracy_level=accuracy_level,
+        output=path.with_name(f"decoder.int4.level{accuracy_level or 0}.onnx"), force=True, block_size=block_size,
+        accuracy_level=accuracy_level,
         tokenizer=path.parent / "tokenizer", evaluation=EvaluationText(max_tokens=512, window=128, stride=64)))
     quality = report.perplexity
     assert quality is not None
-    print(f"int4: {time.perf_counter() - start:.1f} s (quantisation + 2 perplexity runs), "
+    print(f"int4 (accuracy level {accuracy_level or 'default'}): {time.perf_counter() - start:.1f} s "
+          "(quantisation + 2 perplexity runs), "
           f"{report.quantized_matmuls} MatMulNBits, block {block_size}, "
           f"{report.size_before / 1e6:.0f} MB -> {report.size_after / 1e6:.0f} MB "
           f"({report.size_after / report.size_before:.2f}x); perplexity {quality.before:.1f} -> "
           f"{quality.after:.1f} ({100 * quality.relative_change:+.2f}%), greedy agreement "
           f"{100 * quality.greedy_agreement:.1f}%")
     return Path(report.output)
+
+
+def int4_level_sides(path: Path, block_size: int, levels: str, input_ids: torch.Tensor, new_tokens: int
+                     ) -> dict[str, Any]:
+    """One int4 decoder per MatMulNBits accuracy level (0: ONNX Runtime's default, float compute; 4: int8
+    compute), each with its perplexity change printed, as sides decoding interleaved with the others."""
+    sides = {}
+    for level in (int(part) for part in levels.split(",")):
+        decoder = OnnxDecoder(quantize(path, block_size, level), threads=1)
+        sides[f"int4 level {level}"] = (lambda d: lambda: onnx_run(d, input_ids, new_tokens))(decoder)
+    return sides
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def probe_for(text: EvaluationText | None, reference: LoadedModel, *others: Load
         return None, None
     tokenizer = find_tokenizer(reference, *others, folder=folder)
     if tokenizer is None:
-        return None, ("perplexity not measured: no tokenizer with the model nor beside it (save the tokenizer "
+        return None, ("perplexity not measured: no usable tokenizer with the model nor beside it (save the tokenizer "
                       "files beside the model)")
     if on_step is not None:
         on_step("measuring perplexity")

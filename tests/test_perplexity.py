@@ -138,3 +138,18 @@ def test_int8_weight_only_shrinks_the_decoder_which_still_decodes(cli, gpt2: Pat
     refused = cli("compress", "int8", decoder, "--weight-only", "-o", tmp_path / "x.onnx", "--exclude", "lm_head")
     assert refused.exit_code == 2 and not (tmp_path / "x.onnx").exists()
     assert np.isfinite(data["perplexity"]["after"])
+
+
+def test_compress_of_an_onnx_kv_decoder_is_checked_by_its_perplexity(cli, gpt2: Path, decoder: Path,
+                                                                     tmp_path: Path) -> None:
+    """Generated inputs cannot drive a KV decoder (no drift check): with a tokenizer its perplexity is the check;
+    without one it is refused before writing, as before."""
+    for command in ("half", "int8"):
+        out = tmp_path / f"{command}.onnx"
+        result = cli("compress", command, decoder, "-o", out, "--tokenizer", gpt2, "--repeats", "0", "--json")
+        assert result.exit_code == 0, result.output
+        data = result.json()
+        assert data["drift"] is None and any("KV cache" in line for line in data["notes"])
+        assert abs(_figures(data)["relative_change"]) < 0.02
+    refused = cli("compress", "half", decoder, "-o", tmp_path / "none.onnx")
+    assert refused.exit_code == 2 and "--tokenizer" in refused.stderr and not (tmp_path / "none.onnx").exists()

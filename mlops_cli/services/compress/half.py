@@ -45,6 +45,7 @@ from mlops_cli.services.compress.drift import PerLayerReport, compare_layers
 from mlops_cli.services.compress.half_onnx import OVERFLOW_ACTION, UNDERFLOW_ACTION, convert_onnx, save_onnx
 from mlops_cli.services.compress.keep import KeepRules
 from mlops_cli.services.compress.shared import (
+    KV_DECODER_NOTE,
     can_build_model,
     loader_warnings,
     output_load_options,
@@ -171,9 +172,10 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
         original = load_model(ref, options.load)
     keep = KeepRules.build(options.keep_fp32, options.default_keep, original.module if original else None,
                            options.load.strip_prefix)
-    plan = plan_check_inputs(original, options.inputs) if options.check and original is not None else None
     probe, unmeasured = perplexity_probe(original, options.evaluation, options.tokenizer, options.check,
                                          options.on_step)
+    plan = (plan_check_inputs(original, options.inputs, evaluated=probe is not None)
+            if options.check and original is not None else None)
 
     options.on_step(f"converting to {target}")
     started = time.perf_counter()
@@ -181,9 +183,14 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     seconds = time.perf_counter() - started
     totals = safety_totals(conversion.tensors)
     notes = list(conversion.notes) + sentinel_notes(conversion.tensors, target)
-    drift = None
+    drift = perplexity = None
     if conversion.written and original is not None and plan is not None:
         drift = _measure_drift(original, plan, options, target, probe)
+        perplexity = drift.perplexity
+    elif conversion.written and original is not None and probe is not None:  # a KV decoder: perplexity only
+        candidate = load_model(str(options.output), output_load_options(original, options.load))
+        perplexity = _perplexity(probe, candidate, options, None)
+        notes.append(KV_DECODER_NOTE)
     elif conversion.written and options.check:
         notes.append("drift not measured: this file holds only weights; pass --arch (and --input) to build the model")
     preset = preset_label(options.preset, options.dtype, overridden=options.tolerances is not None)
@@ -201,7 +208,7 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
         checkpoint_keys_kept=tuple(conversion.checkpoint_keys_kept), config_dtype=conversion.config_dtype,
         drift=drift.report if drift else None, drift_mode=drift.mode if drift else None,
         preset=preset if drift else None, per_layer=drift.per_layer if drift else None, notes=tuple(notes),
-        perplexity=drift.perplexity if drift else None)
+        perplexity=perplexity)
 
 
 def _check_supported(fmt: Format, options: HalfOptions) -> None:

@@ -46,6 +46,7 @@ from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing, measure_interleaved
 from mlops_cli.services.compress.shared import (
+    KV_DECODER_NOTE,
     disk_size,
     loader_warnings,
     perplexity_probe,
@@ -144,9 +145,9 @@ def run(ref: ModelRef, options: Int8Options) -> Int8Report:
     options.on_step("loading the original")
     original = load_model(ref, options.load)
     # Settled before quantising, so a model whose inputs are unknown writes nothing.
-    plan = plan_check_inputs(original, options.inputs) if options.check else None
     probe, unmeasured = perplexity_probe(original, options.evaluation, options.tokenizer, options.check,
                                          options.on_step)
+    plan = plan_check_inputs(original, options.inputs, evaluated=probe is not None) if options.check else None
     if fmt == Format.ONNX:
         report = _onnx_int8(source, original, plan, probe, options)
     else:
@@ -190,13 +191,14 @@ def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, prob
     quantized = onnx.load(str(output), load_external_data=False).graph
     kinds = _onnx_kinds(weighted, quantized, op_types, options)
     skipped = tuple((name, "matches --exclude") for name in excluded)
-    candidate = load_model(str(output), options.load) if plan is not None else None
+    candidate = load_model(str(output), options.load) if plan is not None or probe is not None else None
     drift, latency = _drift(original, candidate, plan, options) if candidate and plan else (None, ())
+    notes = (KV_DECODER_NOTE,) if plan is None and probe is not None else ()
     weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}"
                f"{', 7-bit range (reduce_range)' if reduce_range else ''}), activations uint8 per call")
     return _report(source, Format.ONNX.value, Format.ONNX.value, "onnxruntime.quantization.quantize_dynamic",
                    weights, options, kinds, skipped, drift, latency, warnings=loader_warnings(original, candidate),
-                   perplexity=_perplexity(probe, candidate, options))
+                   perplexity=_perplexity(probe, candidate, options), notes=notes)
 
 
 def _weighted_nodes(graph: Any) -> list[tuple[Any, list[str]]]:

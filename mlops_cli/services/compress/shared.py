@@ -83,16 +83,29 @@ def _packed_layer(path: Path) -> str | None:
 # ---------------------------------------------------------------- the drift check's inputs
 
 
-def plan_check_inputs(loaded: Any, request: InputRequest) -> InputPlan:
+KV_DECODER_NOTE = ("drift not measured: generated inputs cannot drive a decoder with a KV cache (its attention mask "
+                   "must cover the past and the new tokens); its perplexity on the evaluation text is the check")
+
+
+def plan_check_inputs(loaded: Any, request: InputRequest, evaluated: bool = False) -> InputPlan | None:
     """The drift check's inputs, resolved once, before anything is converted or written.
 
     `--input` first, then what the model knows (mlops.json, HF config, ONNX graph); a plain state_dict
     loaded with `--arch` naming a built-in architecture (mlops_cli.core.zoo:ConvNet) gets that zoo entry's inputs.
-    A model whose inputs cannot be told fails here (exit 2), so the usage error leaves no output behind.
+    A model whose inputs cannot be told fails here (exit 2), so the usage error leaves no output behind. A decoder
+    with a KV cache has no drift check: None when its perplexity is `evaluated` instead (a probe is ready), else
+    refused.
     """
     if request.specs or request.texts or request.file:
         return plan_inputs(loaded, request)  # a malformed --input fails with its own message
-    _refuse_kv_decoder(loaded)
+    if _is_kv_decoder(loaded):
+        if evaluated:
+            return None
+        raise UsageError(f"{loaded.reference} is a decoder with a KV cache: the drift check's generated inputs "
+                         "cannot drive it (its attention mask must cover the past and the new tokens)",
+                         hint="Let its perplexity be the check: name the tokenizer's folder with --tokenizer (and "
+                              "drop --no-eval); or pass --no-check and compare generation afterwards with "
+                              "`mlops verify-parity MODEL OUT.onnx --generate`.")
     if not loaded.input_specs and zoo_inputs(loaded.arch):
         request = replace(request, specs=zoo_inputs(loaded.arch))
     try:
@@ -102,17 +115,13 @@ def plan_check_inputs(loaded: Any, request: InputRequest) -> InputPlan:
         raise UsageError(exc.message, hint=hint) from exc
 
 
-def _refuse_kv_decoder(loaded: Any) -> None:
+def _is_kv_decoder(loaded: Any) -> bool:
     """A decoder exported with its KV cache needs a mask covering past + sequence: random inputs cannot drive it."""
     from mlops_cli.core.inputs import onnx_input_specs
 
     if loaded.path is None or loaded.kind.value != "onnx":
-        return
-    if any(spec.name.startswith("past_key_values.") for spec in onnx_input_specs(loaded.path)):
-        raise UsageError(f"{loaded.reference} is a decoder with a KV cache: the drift check's generated inputs "
-                         "cannot drive it (its attention mask must cover the past and the new tokens)",
-                         hint="Pass --no-check and compare generation afterwards with `mlops verify-parity MODEL "
-                              "OUT.onnx --generate`, or use `mlops compress int4` (it measures perplexity).")
+        return False
+    return any(spec.name.startswith("past_key_values.") for spec in onnx_input_specs(loaded.path))
 
 
 def preset_label(chosen: str | None, auto: str, overridden: bool) -> str:

@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--accuracy-level", type=int, default=4,
                         help="MatMulNBits compute type (4: int8, the CLI's default on CPU; 0: ONNX Runtime's default)")
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8),
+                        help="MatMulNBits weight bits for --accuracy-levels (8: `compress int8 --weight-only`)")
     parser.add_argument("--accuracy-levels", default=None,
                         help="compare int4 decoders at these accuracy levels, e.g. 0,4 (one side each; implies --int4)")
     args = parser.parse_args()
@@ -111,7 +113,7 @@ def main() -> None:
                  "torch generate": lambda: torch_run(model, input_ids, args.new_tokens)}
         if args.accuracy_levels:
             sides.update(int4_level_sides(written.path, args.block_size, args.accuracy_levels, input_ids,
-                                          args.new_tokens))
+                                          args.new_tokens, args.bits))
         elif args.int4:
             int4 = OnnxDecoder(quantize(written.path, args.block_size, args.accuracy_level), threads=1)
             sides["onnxruntime int4"] = lambda: onnx_run(int4, input_ids, args.new_tokens)
@@ -144,7 +146,7 @@ def main() -> None:
     print(f"onnxruntime and torch generated the same tokens: {same}")
 
 
-def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:
+def quantize(path: Path, block_size: int, accuracy_level: int | None, bits: int = 4) -> Path:
     """The int4 decoder beside `path`; prints sizes and perplexities (see the module docstring)."""
     from mlops_cli.core import zoo
     from mlops_cli.core.contract import ModelRef
@@ -155,12 +157,13 @@ def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:
     zoo.gpt2_tokenizer().save_pretrained(path.parent / "tokenizer")
     start = time.perf_counter()
     report = int4_run(ModelRef.parse(str(path)), Int4Options(
-        output=path.with_name(f"decoder.int4.level{accuracy_level or 0}.onnx"), force=True, block_size=block_size,
+        output=path.with_name(f"decoder.int{bits}.level{accuracy_level or 0}.onnx"), force=True, bits=bits,
+        block_size=block_size,
         accuracy_level=accuracy_level,
         tokenizer=path.parent / "tokenizer", evaluation=EvaluationText(max_tokens=512, window=128, stride=64)))
     quality = report.perplexity
     assert quality is not None
-    print(f"int4 (accuracy level {accuracy_level or 'default'}): {time.perf_counter() - start:.1f} s "
+    print(f"int{bits} (accuracy level {accuracy_level or 'default'}): {time.perf_counter() - start:.1f} s "
           "(quantisation + 2 perplexity runs), "
           f"{report.quantized_matmuls} MatMulNBits, block {block_size}, "
           f"{report.size_before / 1e6:.0f} MB -> {report.size_after / 1e6:.0f} MB "
@@ -170,14 +173,14 @@ def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:
     return Path(report.output)
 
 
-def int4_level_sides(path: Path, block_size: int, levels: str, input_ids: torch.Tensor, new_tokens: int
-                     ) -> dict[str, Any]:
+def int4_level_sides(path: Path, block_size: int, levels: str, input_ids: torch.Tensor, new_tokens: int,
+                     bits: int = 4) -> dict[str, Any]:
     """One int4 decoder per MatMulNBits accuracy level (0: ONNX Runtime's default, float compute; 4: int8
     compute), each with its perplexity change printed, as sides decoding interleaved with the others."""
     sides = {}
     for level in (int(part) for part in levels.split(",")):
-        decoder = OnnxDecoder(quantize(path, block_size, level), threads=1)
-        sides[f"int4 level {level}"] = (lambda d: lambda: onnx_run(d, input_ids, new_tokens))(decoder)
+        decoder = OnnxDecoder(quantize(path, block_size, level, bits), threads=1)
+        sides[f"int{bits} level {level}"] = (lambda d: lambda: onnx_run(d, input_ids, new_tokens))(decoder)
     return sides
 
 

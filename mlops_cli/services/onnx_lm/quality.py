@@ -285,6 +285,7 @@ class PerplexityReport(Report):
 def perplexity_run(ref: ModelRef, options: PerplexityOptions) -> PerplexityReport:
     """Perplexity of the PyTorch model (and of `candidate`, an ONNX export of it) on a text
     (the machinery every command shares: services/perplexity.py)."""
+    options.read()  # bad --window/--stride or an unreadable text fail before the model is loaded
     model, tokenizer, warnings = _reference(ref, options.load, None)
     options.on_step("scoring")
     probe = PerplexityProbe.of(options, torch_logits_fn(model), tokenizer, window_for(model, options.window))

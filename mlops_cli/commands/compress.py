@@ -227,7 +227,7 @@ def int4_command(
     accuracy_level: Annotated[int, typer.Option(
         "--accuracy-level", min=0, max=4,
         help="ONNX Runtime's MatMulNBits compute type on CPU: 4 (int8 activations inside the kernel) is the "
-             "fastest, measured at the same perplexity; 0: ONNX Runtime's default (float compute).")] = 4,
+             "fastest, at practically the same perplexity; 0: ONNX Runtime's default (float compute).")] = 4,
     tokenizer: TokenizerOpt = None,
     eval_text: EvalTextOpt = None,
     evaluate: EvalOpt = True,

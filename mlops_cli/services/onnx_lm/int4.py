@@ -3,9 +3,10 @@
 Each MatMul with a constant weight becomes a `MatMulNBits` node holding 4-bit (or, `bits=8`, 8-bit) weights in
 blocks of `block_size` along the input dim, one scale (and, asymmetric, one zero point) per block; activations
 stay in float. `accuracy_level` picks the CPU kernel's compute type: 4 (int8 activations inside the kernel) is
-the default on CPU, measured 3.06x PyTorch fp32 decode against 2.04x for ONNX Runtime's own default (fp32 compute)
-on a SmolLM-135M-shaped model, for a perplexity change of the same size (benchmarks/bench_onnx_lm.py); 0 asks for
-ONNX Runtime's default. The report gives the file sizes before and after and, when a tokenizer is found, the
+the default, measured 2.99x (3.06x on an earlier run) PyTorch fp32 decode against 2.19x (2.04x) for ONNX Runtime's
+own default (float compute) on a SmolLM-135M-shaped model, for a perplexity change of +1.18% against +1.13%
+(benchmarks/bench_onnx_lm.py --accuracy-levels 0,4); 0 asks for ONNX Runtime's default. Other execution providers
+ignore it. The report gives the file sizes before and after and, when a tokenizer is found, the
 perplexity of both graphs on a text and the share of positions where their greedy predictions agree
 (services/perplexity.py, the figure every compressing command reports).
 """

@@ -156,8 +156,8 @@ def int8_command(
                            "slower than float on CPU).")] = "MatMul,Gemm,Attention,LSTM",
     weight_only: Annotated[bool, typer.Option(
         "--weight-only", rich_help_panel="Causal LMs",
-        help="ONNX decoder with KV cache: int8 weights only (ONNX Runtime's MatMulNBits, 8 bits, blocks of 32), "
-             "activations in float; reports size and perplexity like `compress int4`.")] = False,
+        help="ONNX decoder with KV cache: int8 weights only (ONNX Runtime's MatMulNBits, 8 bits, blocks of 32, "
+             "accuracy level 4), activations in float; reports size and perplexity like `compress int4`.")] = False,
     check: CheckOpt = True,
     inputs: InputOpt = None,
     seed: SeedOpt = 0,

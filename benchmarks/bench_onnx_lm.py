@@ -17,6 +17,8 @@ nothing, its change says how much the quantisation moved the logits).
     .venv/bin/python benchmarks/bench_onnx_lm.py            # SmolLM-135M shape
     .venv/bin/python benchmarks/bench_onnx_lm.py --small    # 4 layers, hidden 256: a quick run
     .venv/bin/python benchmarks/bench_onnx_lm.py --int4 --block-size 32
+    .venv/bin/python benchmarks/bench_onnx_lm.py --accuracy-levels 0,4 --repeat 3   # int4 per accuracy level
+    .venv/bin/python benchmarks/bench_onnx_lm.py --accuracy-levels 0,4 --bits 8     # int8 weight-only
 
 Measured (2026-12-01, 2 shared CPU cores, 1 thread per side, 32-token prompt, 64 new tokens, fp32, onnxruntime
 1.32, torch 2.13, transformers 5.24; medians of 3-5 interleaved runs): export 11-53 s (load-dependent), 653 MB
@@ -26,6 +28,15 @@ Measured (2026-12-01, 2 shared CPU cores, 1 thread per side, 32-token prompt, 64
 - int4 (block 32, 211 MatMulNBits): 653 MB -> 199 MB (0.30x; the fp32 embedding stays); perplexity on the
   corpus +1.1% (random weights: only the change means something); decode 2.04x torch (accuracy level
   default), 3.06x with --accuracy-level 4 (int8 compute), 22.7 / 35.6 tokens/s.
+- `--accuracy-levels 0,4 --repeat 3` (2026-12-01, same machine, heavily shared: load average 5-6 on 2 cores):
+  perplexity change +1.13% (level 0, ONNX Runtime's default) vs +1.18% (level 4), greedy agreement 44.6% on both
+  (random weights); decode 2.19x vs 2.99x torch (12.4 / 17.0 tokens/s against 5.7), CPU time per token 2.14x vs
+  2.67x less. Level 4 is therefore `compress int4`'s default.
+- `--accuracy-levels 0,4 --bits 8 --repeat 3` (int8 weight-only, `compress int8 --weight-only`; same day, same
+  load): 653 MB -> 266 MB (0.41x; the fp32 embedding stays), perplexity -0.02% (level 0) / -0.08% (level 4),
+  greedy agreement 94.7% / 93.7%; decode 0.14x torch at level 0 (1.3 tokens/s: no fast 8-bit kernel with float
+  compute) and 2.12x at level 4 (19.5 against 9.2 tokens/s; CPU time per token 2.71x less). Level 4 is not optional
+  for 8 bits: `--weight-only` always uses it.
 """
 
 from __future__ import annotations
@@ -88,7 +99,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--int4", action="store_true", help="also the int4 (MatMulNBits) decoder")
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits compute type (4: int8)")
+    parser.add_argument("--accuracy-level", type=int, default=4,
+                        help="MatMulNBits compute type (4: int8, the CLI's default on CPU; 0: ONNX Runtime's default)")
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8),
+                        help="MatMulNBits weight bits for --accuracy-levels (8: `compress int8 --weight-only`)")
+    parser.add_argument("--accuracy-levels", default=None,
+                        help="compare int4 decoders at these accuracy levels, e.g. 0,4 (one side each; implies --int4)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -106,7 +122,10 @@ def main() -> None:
         decoder = OnnxDecoder(written.path, threads=1)
         sides = {"onnxruntime": lambda: onnx_run(decoder, input_ids, args.new_tokens),
                  "torch generate": lambda: torch_run(model, input_ids, args.new_tokens)}
-        if args.int4:
+        if args.accuracy_levels:
+            sides.update(int4_level_sides(written.path, args.block_size, args.accuracy_levels, input_ids,
+                                          args.new_tokens, args.bits))
+        elif args.int4:
             int4 = OnnxDecoder(quantize(written.path, args.block_size, args.accuracy_level), threads=1)
             sides["onnxruntime int4"] = lambda: onnx_run(int4, input_ids, args.new_tokens)
         records: dict[str, list[RunRecord]] = {name: [] for name in sides}
@@ -138,25 +157,42 @@ def main() -> None:
     print(f"onnxruntime and torch generated the same tokens: {same}")
 
 
-def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:
+def quantize(path: Path, block_size: int, accuracy_level: int | None, bits: int = 4) -> Path:
     """The int4 decoder beside `path`; prints sizes and perplexities (see the module docstring)."""
     from mlops_cli.core import zoo
     from mlops_cli.core.contract import ModelRef
     from mlops_cli.services.onnx_lm.int4 import Int4Options
     from mlops_cli.services.onnx_lm.int4 import run as int4_run
+    from mlops_cli.services.perplexity import EvaluationText
 
     zoo.gpt2_tokenizer().save_pretrained(path.parent / "tokenizer")
     start = time.perf_counter()
     report = int4_run(ModelRef.parse(str(path)), Int4Options(
-        output=path.with_name("decoder.int4.onnx"), block_size=block_size, accuracy_level=accuracy_level,
-        tokenizer=path.parent / "tokenizer", max_tokens=512, window=128, stride=64))
-    print(f"int4: {time.perf_counter() - start:.1f} s (quantisation + 2 perplexity runs), "
+        output=path.with_name(f"decoder.int{bits}.level{accuracy_level or 0}.onnx"), force=True, bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        tokenizer=path.parent / "tokenizer", evaluation=EvaluationText(max_tokens=512, window=128, stride=64)))
+    quality = report.perplexity
+    assert quality is not None
+    print(f"int{bits} (accuracy level {accuracy_level or 'default'}): {time.perf_counter() - start:.1f} s "
+          "(quantisation + 2 perplexity runs), "
           f"{report.quantized_matmuls} MatMulNBits, block {block_size}, "
           f"{report.size_before / 1e6:.0f} MB -> {report.size_after / 1e6:.0f} MB "
-          f"({report.size_after / report.size_before:.2f}x); perplexity {report.perplexity_before:.1f} -> "
-          f"{report.perplexity_after:.1f} ({100 * (report.relative_change or 0):+.2f}%), greedy agreement "
-          f"{100 * (report.greedy_agreement or 0):.1f}%")
+          f"({report.size_after / report.size_before:.2f}x); perplexity {quality.before:.1f} -> "
+          f"{quality.after:.1f} ({100 * quality.relative_change:+.2f}%), greedy agreement "
+          f"{100 * quality.greedy_agreement:.1f}%")
     return Path(report.output)
+
+
+def int4_level_sides(path: Path, block_size: int, levels: str, input_ids: torch.Tensor, new_tokens: int,
+                     bits: int = 4) -> dict[str, Any]:
+    """One int4 decoder per MatMulNBits accuracy level (0: ONNX Runtime's default, float compute; 4: int8
+    compute), each with its perplexity change printed, as sides decoding interleaved with the others."""
+    sides = {}
+    for level in (int(part) for part in levels.split(",")):
+        decoder = OnnxDecoder(quantize(path, block_size, level, bits), threads=1)
+        sides[f"int{bits} level {level}"] = (lambda d: lambda: onnx_run(d, input_ids, new_tokens))(decoder)
+    return sides
 
 
 if __name__ == "__main__":

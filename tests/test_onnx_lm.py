@@ -34,7 +34,7 @@ from mlops_cli.services.onnx_lm import (
 )
 from mlops_cli.services.onnx_lm.export_with_past import export_with_past
 from mlops_cli.services.onnx_lm.generate_onnx import encode_prompts
-from mlops_cli.services.onnx_lm.quality import sliding_windows
+from mlops_cli.services.perplexity import EvaluationText, sliding_windows
 
 PROMPTS = ("The model", "Hello there, how are you doing today", "a")
 FAMILIES = ("gpt2", "llama")
@@ -265,13 +265,14 @@ def test_int4_matmulnbits_shrinks_the_decoder_which_still_generates(folders: dic
 
     target = tmp_path / "llama.int4.onnx"
     report = int4_run(ModelRef.parse(exported["llama"].output),
-                      Int4Options(output=target, block_size=32, tokenizer=folders["llama"], max_tokens=200, window=64))
+                      Int4Options(output=target, block_size=32, tokenizer=folders["llama"],
+                                  evaluation=EvaluationText(max_tokens=200, window=64)))
     assert report.quantized_matmuls == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the LM head
     assert sum(n.op_type == "MatMulNBits" for n in onnx.load(target).graph.node) == report.quantized_matmuls
     assert report.size_after < 0.6 * report.size_before
-    assert report.perplexity_before is not None and report.perplexity_after is not None
-    assert math.isfinite(report.perplexity_after) and report.relative_change is not None
-    assert report.greedy_agreement is not None and 0 <= report.greedy_agreement <= 1
+    assert report.perplexity is not None and report.perplexity.tokens == 200 and report.accuracy_level == 4
+    assert math.isfinite(report.perplexity.after) and math.isfinite(report.perplexity.relative_change)
+    assert 0 <= report.perplexity.greedy_agreement <= 1
     generated = generate_run(ModelRef.parse(str(target)),
                              GenerateOptions(prompts=PROMPTS[:1], tokenizer=folders["llama"], max_new_tokens=4,
                                                  fixed_length=True, warmup=0))
@@ -377,7 +378,7 @@ def test_compress_int4_command(cli, folders: dict[str, Path], exported: dict[str
     assert result.exit_code == 0, result.output
     data = result.json()
     assert data["quantized_matmuls"] > 0 and data["size_after"] < data["size_before"]
-    assert data["perplexity_before"] is not None and data["perplexity_after"] is not None
+    assert data["perplexity"]["before"] > 0 and data["perplexity"]["after"] > 0 and data["bits"] == 4
     again = cli("compress", "int4", exported["gpt2"].output, "-o", out)
     assert again.exit_code == 5  # never over an existing output without --force
     human = cli("compress", "int4", exported["gpt2"].output, "-o", out, "--force", "--tokenizer", folders["gpt2"])

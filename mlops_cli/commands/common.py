@@ -79,6 +79,26 @@ AtolOpt = Annotated[list[str] | None, typer.Option(
 RtolOpt = Annotated[list[str] | None, typer.Option(
     "--rtol", show_default=False, help=f"Relative tolerance, or NAME=VALUE for one output. {TOLERANCE_HELP}")]
 
+# Perplexity of causal LMs (services/perplexity.py): the same options wherever a command changes a causal LM.
+EvalTextOpt = Annotated[Path | None, typer.Option(
+    "--eval-text", rich_help_panel="Causal LMs", show_default=False,
+    help="Causal LMs: UTF-8 text whose sliding-window perplexity (and greedy next-token agreement) is measured on "
+         "the original and the result (default: the bundled corpus; its first 512 tokens).")]
+EvalOpt = Annotated[bool, typer.Option(
+    "--eval/--no-eval", rich_help_panel="Causal LMs",
+    help="Causal LMs: measure the perplexity change (a dozen forward passes per model); --no-eval skips it.")]
+
+
+def evaluation_text(eval_text: Path | None, evaluate: bool) -> Any:
+    """`EvaluationText` for --eval-text (the bundled corpus by default), or None for --no-eval."""
+    from mlops_cli.services.perplexity import EvaluationText
+
+    if not evaluate:
+        if eval_text is not None:
+            raise UsageError("--eval-text and --no-eval contradict each other", hint="Drop one of them.")
+        return None
+    return EvaluationText(text_file=eval_text) if eval_text is not None else EvaluationText()
+
 
 # Loading options shared by every command that takes a MODEL (added by @model_options).
 _LOAD_PARAMETERS: list[tuple[str, Any, Any]] = [

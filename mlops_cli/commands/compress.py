@@ -12,6 +12,8 @@ import typer
 from mlops_cli.commands.common import (
     AtolOpt,
     DeviceOpt,
+    EvalOpt,
+    EvalTextOpt,
     ForceOpt,
     HalfPrecision,
     InputOpt,
@@ -25,6 +27,7 @@ from mlops_cli.commands.common import (
     RtolOpt,
     SeedOpt,
     ThreadsOpt,
+    evaluation_text,
     model_options,
     parse_tolerances,
     progress_steps,
@@ -34,6 +37,7 @@ from mlops_cli.commands.common import Device as DeviceChoice
 if TYPE_CHECKING:
     from mlops_cli.core.contract import LoadOptions
     from mlops_cli.core.parity import Tolerances
+    from mlops_cli.services.perplexity import EvaluationText
 
 compress_app = typer.Typer(help="Make checkpoints smaller (fp16/bf16, dynamic int8, int4 for ONNX LMs), with "
                                 "the drift or perplexity measured.",
@@ -41,7 +45,11 @@ compress_app = typer.Typer(help="Make checkpoints smaller (fp16/bf16, dynamic in
 
 
 CheckOpt = Annotated[bool, typer.Option(
-    "--check/--no-check", help="Measure the drift of the result against the original (loads both models).")]
+    "--check/--no-check", help="Measure the drift of the result against the original (loads both models; causal "
+                               "LMs: also the perplexity, see --eval).")]
+TokenizerOpt = Annotated[Path | None, typer.Option(
+    "--tokenizer", rich_help_panel="Causal LMs", show_default=False,
+    help="Folder with the tokenizer for the perplexity of an ONNX decoder (default: the .onnx file's folder).")]
 
 
 def _tolerances(atol: list[str] | None, rtol: list[str] | None, preset: str) -> "Tolerances | None":
@@ -87,6 +95,9 @@ def half_command(
     rtol: RtolOpt = None,
     repeats: RepeatsOpt = 10,
     threads: ThreadsOpt = None,
+    eval_text: EvalTextOpt = None,
+    evaluate: EvalOpt = True,
+    tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -99,7 +110,9 @@ def half_command(
     state_dict or training checkpoint (other entries kept), ONNX. Integer tensors never change. Reports
     per tensor the values that overflow, flush to zero or become subnormal (overflow fails, exit 6, unless
     --allow-overflow), the size before/after, and the drift against the original (tolerances of the fp16/bf16
-    preset unless --preset/--atol/--rtol say otherwise).
+    preset unless --preset/--atol/--rtol say otherwise). A causal LM (HF, or ONNX decoder with KV cache) also gets
+    its perplexity before/after on --eval-text and the greedy next-token agreement (on CPU: fp16 weights computed
+    in float32, as the drift check runs them).
 
     Example: mlops compress half tiny-bert/ -o tiny-bert-fp16/ --per-layer
     """
@@ -117,7 +130,8 @@ def half_command(
             keep_fp32=tuple(keep_fp32 or ()), default_keep=default_keep, allow_overflow=allow_overflow,
             keep_io_types=keep_io_types, check=check, per_layer=per_layer, device=device.value,
             inputs=InputRequest(specs=tuple(inputs or ()), seed=seed), preset=chosen,
-            tolerances=_tolerances(atol, rtol, chosen or dtype.value), repeats=repeats))
+            tolerances=_tolerances(atol, rtol, chosen or dtype.value), repeats=repeats,
+            evaluation=evaluation_text(eval_text, evaluate), tokenizer=tokenizer))
     render.emit(report, as_json, half_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=half_failure_hint(report))
@@ -140,6 +154,10 @@ def int8_command(
     op_types: Annotated[str, typer.Option(
         "--op-types", help="ONNX: comma-separated op types to quantise (Conv is possible: ConvInteger is often "
                            "slower than float on CPU).")] = "MatMul,Gemm,Attention,LSTM",
+    weight_only: Annotated[bool, typer.Option(
+        "--weight-only", rich_help_panel="Causal LMs",
+        help="ONNX decoder with KV cache: int8 weights only (ONNX Runtime's MatMulNBits, 8 bits, blocks of 32, "
+             "accuracy level 4), activations in float; reports size and perplexity like `compress int4`.")] = False,
     check: CheckOpt = True,
     inputs: InputOpt = None,
     seed: SeedOpt = 0,
@@ -148,6 +166,9 @@ def int8_command(
     rtol: RtolOpt = None,
     repeats: RepeatsOpt = 20,
     threads: ThreadsOpt = None,
+    eval_text: EvalTextOpt = None,
+    evaluate: EvalOpt = True,
+    tokenizer: TokenizerOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -158,7 +179,11 @@ def int8_command(
 
     int8 weights, activations quantised per call: ONNX files through ONNX Runtime, torch models through
     torch.ao (written as a torch file of the quantised state_dict). Drift beyond the int8 preset's tolerances
-    (or --preset/--atol/--rtol) fails (exit 6); the output is kept to inspect.
+    (or --preset/--atol/--rtol) fails (exit 6); the output is kept to inspect. A causal LM also gets its
+    perplexity before/after on --eval-text and the greedy next-token agreement.
+
+    --weight-only (ONNX decoders exported with `export onnx --task causal-lm`): int8 weights in MatMulNBits
+    blocks, float activations, the LLM recipe (as `compress int4`, 8 bits); size and perplexity reported.
 
     Example: mlops compress int8 model.onnx -o model-int8.onnx --quantize-embeddings
     """
@@ -169,6 +194,11 @@ def int8_command(
     from mlops_cli.render.compress import int8_failure_hint, int8_tables
     from mlops_cli.services.compress import int8
 
+    evaluation = evaluation_text(eval_text, evaluate)
+    if weight_only:
+        _refuse_dynamic_options(quantize_embeddings, per_channel, exclude, op_types)
+        _weight_only(model, output, tokenizer, evaluation, force, as_json, quiet, bits=8)
+        return
     chosen = _chosen(preset)
     with progress_steps(f"compress int8 {model}", quiet=quiet or as_json) as on_step:
         report = int8.run(ModelRef.parse(model), int8.Int8Options(threads=threads,
@@ -176,7 +206,8 @@ def int8_command(
             per_channel=per_channel, exclude=tuple(exclude or ()),
             op_types=tuple(op.strip() for op in op_types.split(",") if op.strip()),
             inputs=InputRequest(specs=tuple(inputs or ()), seed=seed), preset=chosen,
-            tolerances=_tolerances(atol, rtol, chosen or "int8"), repeats=repeats, check=check))
+            tolerances=_tolerances(atol, rtol, chosen or "int8"), repeats=repeats, check=check,
+            evaluation=evaluation, tokenizer=tokenizer))
     render.emit(report, as_json, int8_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=int8_failure_hint(report))
@@ -193,16 +224,13 @@ def int4_command(
                              "larger file.")] = 32,
     symmetric: Annotated[bool, typer.Option(
         "--symmetric/--asymmetric", help="Symmetric int4 (no zero point) or with a zero point per block.")] = True,
-    accuracy_level: Annotated[int | None, typer.Option(
-        "--accuracy-level", min=0, max=4, show_default=False,
-        help="ONNX Runtime's MatMulNBits compute type: 4 (int8 activations) is the fastest on CPU.")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(
-        "--tokenizer", show_default=False,
-        help="Folder with the tokenizer for the perplexity check (default: the .onnx file's folder).")] = None,
-    eval_text: Annotated[Path | None, typer.Option(
-        "--eval-text", show_default=False,
-        help="UTF-8 text whose sliding-window perplexity is measured before and after (default: the bundled "
-             "corpus).")] = None,
+    accuracy_level: Annotated[int, typer.Option(
+        "--accuracy-level", min=0, max=4,
+        help="ONNX Runtime's MatMulNBits compute type on CPU: 4 (int8 activations inside the kernel) is the "
+             "fastest, at practically the same perplexity; 0: ONNX Runtime's default (float compute).")] = 4,
+    tokenizer: TokenizerOpt = None,
+    eval_text: EvalTextOpt = None,
+    evaluate: EvalOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -214,18 +242,38 @@ def int4_command(
 
     Example: mlops compress int4 lm.onnx -o lm-int4.onnx --block-size 32 --accuracy-level 4
     """
+    _weight_only(model, output, tokenizer, evaluation_text(eval_text, evaluate), force, as_json, quiet, bits=4,
+                 block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level)
+
+
+def _weight_only(model: str, output: Path, tokenizer: Path | None, evaluation: "EvaluationText | None", force: bool,
+                 as_json: bool, quiet: bool, bits: int, block_size: int = 32, symmetric: bool = True,
+                 accuracy_level: int = 4) -> None:
+    """`compress int4` and `compress int8 --weight-only`: one MatMulNBits service, 4 or 8 bits."""
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
     from mlops_cli.render.compress import int4_tables
     from mlops_cli.services.onnx_lm import Int4Options, int4_run
-    from mlops_cli.services.onnx_lm.quality import CORPUS
 
-    with progress_steps(f"compress int4 {model}", quiet=quiet or as_json) as on_step:
-        options = Int4Options(output=output, force=force, on_step=on_step, block_size=block_size,
+    with progress_steps(f"compress int{bits} {model}", quiet=quiet or as_json) as on_step:
+        options = Int4Options(output=output, force=force, on_step=on_step, bits=bits, block_size=block_size,
                               symmetric=symmetric, accuracy_level=accuracy_level, tokenizer=tokenizer,
-                              text_file=eval_text or CORPUS)
+                              evaluation=evaluation)
         report = int4_run(ModelRef.parse(model), options)
     render.emit(report, as_json, int4_tables, quiet)
+
+
+def _refuse_dynamic_options(quantize_embeddings: bool, per_channel: bool, exclude: list[str] | None,
+                            op_types: str) -> None:
+    """Options of dynamic int8 that mean nothing to --weight-only: refused rather than silently dropped."""
+    from mlops_cli.core.errors import UsageError
+
+    given = [name for name, used in (("--quantize-embeddings", quantize_embeddings), ("--per-tensor", not per_channel),
+                                     ("--exclude", bool(exclude)),
+                                     ("--op-types", op_types != "MatMul,Gemm,Attention,LSTM")) if used]
+    if given:
+        raise UsageError(f"{', '.join(given)}: dynamic int8 options, not for --weight-only",
+                         hint="--weight-only quantises every MatMul weight of the decoder in blocks; drop them.")
 
 
 def register(app: typer.Typer) -> None:

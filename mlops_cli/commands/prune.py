@@ -15,6 +15,8 @@ from mlops_cli.commands.common import (
     BatchSizeOpt,
     Device,
     DeviceOpt,
+    EvalOpt,
+    EvalTextOpt,
     ForceOpt,
     InputOpt,
     JsonOpt,
@@ -27,6 +29,7 @@ from mlops_cli.commands.common import (
     SeqLenOpt,
     ThreadsOpt,
     WarmupOpt,
+    evaluation_text,
     model_options,
     progress_steps,
 )
@@ -92,6 +95,8 @@ def prune_command(
     warmup: WarmupOpt = 3,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
+    eval_text: EvalTextOpt = None,
+    evaluate: EvalOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -102,7 +107,8 @@ def prune_command(
     sparsity per layer, raw vs compressed size, drift against the unpruned model and latency before/after. Zeros
     alone do not shrink a dense file or speed up dense kernels; --structured-shrink removes channels for real.
     Drift is reported, not checked, unless --max-drift, --min-top1, --preset or --atol/--rtol is given (then
-    exit 6).
+    exit 6). A Hugging Face causal LM also gets its perplexity per amount on --eval-text (the pruned model in
+    PyTorch) and the greedy next-token agreement with the unpruned one.
 
     Example: mlops prune builtin:convnet -o pruned --method l1 --amount 0.1,0.3,0.5
     """
@@ -129,7 +135,8 @@ def prune_command(
             dim=dim, include=tuple(include or ()), exclude=tuple(exclude or ()), structured_shrink=structured_shrink,
             seed=seed, device=device.value, tolerances=tolerances, max_drift=max_drift, min_top1=min_top1,
             inputs=InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed),
-            repeats=repeats, warmup=warmup, size_estimate=size_estimate)
+            repeats=repeats, warmup=warmup, size_estimate=size_estimate,
+            evaluation=evaluation_text(eval_text, evaluate))
         report = run(ModelRef.parse(model), options)
     render.emit(report, as_json, prune_tables, quiet)
     if report.enforced and not report.passed:

@@ -14,6 +14,8 @@ from mlops_cli.commands.common import (
     BatchSizeOpt,
     Device,
     DeviceOpt,
+    EvalOpt,
+    EvalTextOpt,
     IncludePaddingOpt,
     InputOpt,
     JsonOpt,
@@ -26,6 +28,7 @@ from mlops_cli.commands.common import (
     SeqLenOpt,
     TextOpt,
     ThreadsOpt,
+    evaluation_text,
     model_options,
     progress_steps,
 )
@@ -33,6 +36,7 @@ from mlops_cli.commands.common import (
 if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
     from mlops_cli.core.parity import ToleranceRequest
+    from mlops_cli.services.perplexity import EvaluationText
 
 __all__ = ["IncludePaddingOpt", "Preset", "PresetOpt", "RepeatsOpt", "register"]  # still imported from here
 
@@ -75,6 +79,8 @@ def verify_parity_command(
         help="A file of prompts for --generate, one per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", rich_help_panel="Causal LMs", min=1, help="Greedy tokens per prompt for --generate.")] = 16,
+    eval_text: EvalTextOpt = None,
+    evaluate: EvalOpt = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -86,7 +92,8 @@ def verify_parity_command(
     weights, int8 layers, else fp32) scales atol with each output's magnitude and adds criteria: cosine, top-1
     and greedy next-token agreement of logits, each shown with its threshold; --atol/--rtol are used as given.
     Latency of both sides. Exit 6 on mismatch, NaN/inf or a non-deterministic side, naming the worst output and
-    the failing criterion. Loading options apply to both sides.
+    the failing criterion. Loading options apply to both sides. When both are causal LMs (HF, or ONNX decoders
+    with KV cache), the perplexity of both on --eval-text and their greedy next-token agreement are reported too.
 
     Example: mlops verify-parity builtin:tiny-bert bert.onnx --atol logits=1e-4 --json
     """
@@ -100,7 +107,8 @@ def verify_parity_command(
 
     if generate:
         _verify_generation(reference, candidate, prompts, prompts_file, max_new_tokens,
-                           ToleranceRequest.parse(atol, rtol, preset.value), load, as_json, quiet)
+                           ToleranceRequest.parse(atol, rtol, preset.value), load, as_json, quiet,
+                           evaluation_text(eval_text, evaluate))
         return
     request = InputRequest(specs=tuple(inputs or ()), texts=tuple(texts or ()),
                            file=str(inputs_file) if inputs_file else None, batch_size=batch_size, seq_len=seq_len,
@@ -110,7 +118,7 @@ def verify_parity_command(
             candidate=ModelRef.parse(candidate), inputs=request,
             tolerances=ToleranceRequest.parse(atol, rtol, preset.value),
             include_padding=include_padding, device=device.value, repeats=repeats if timing else 0, load=load,
-            on_step=on_step)
+            on_step=on_step, evaluation=evaluation_text(eval_text, evaluate))
         report = run(ModelRef.parse(reference), options)
     render.emit(report, as_json, verify_parity_tables, quiet)
     if not report.passed:
@@ -120,7 +128,7 @@ def verify_parity_command(
 
 def _verify_generation(reference: str, candidate: str, prompts: list[str] | None, prompts_file: Path | None,
                        max_new_tokens: int, tolerances: "ToleranceRequest", load: "LoadOptions", as_json: bool,
-                       quiet: bool) -> None:
+                       quiet: bool, evaluation: "EvaluationText | None") -> None:
     """`--generate`: greedy generation of an HF causal LM against its ONNX export with KV cache."""
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
@@ -140,7 +148,7 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
     with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
         options = GenerationParityOptions(
             load=load, on_step=on_step, candidate=candidate_ref.path, max_new_tokens=max_new_tokens,
-            tolerances=tolerances.resolve(precision), prompts=chosen)
+            tolerances=tolerances.resolve(precision), prompts=chosen, evaluation=evaluation)
         report = parity_run(ModelRef.parse(reference), options)
     render.emit(report, as_json, generation_parity_tables, quiet)
     if not report.passed:

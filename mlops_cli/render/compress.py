@@ -10,6 +10,7 @@ from rich.text import Text
 
 from mlops_cli.render import fmt_bytes, fmt_float, fmt_ms, key_values, note, table, verdict
 from mlops_cli.render.parity import parity_tables
+from mlops_cli.render.perplexity import perplexity_summary, perplexity_tables
 from mlops_cli.services.compress.cast import TensorSafety
 from mlops_cli.services.compress.drift import PerLayerReport
 from mlops_cli.services.compress.half import HalfReport
@@ -121,6 +122,7 @@ def half_tables(report: HalfReport) -> Iterator[RenderableType]:
         yield from parity_tables(report.drift, title=f"Drift: {report.output} vs {report.source}")
     if report.per_layer is not None:
         yield from per_layer_tables(report.per_layer)
+    yield from perplexity_tables(report.perplexity, after=report.dtype)
     for line in report.notes:
         yield note(line)
     yield verdict(report.passed, report.verdict)
@@ -225,32 +227,27 @@ def int8_tables(report: Int8Report) -> Iterator[RenderableType]:
                     caption=f"{repeats} repeats after 2 warm-up calls each; {report.timing_setup}")
     if report.drift is not None:
         yield from parity_tables(report.drift, title=f"Drift: {report.output} vs {report.source}")
+    yield from perplexity_tables(report.perplexity, after="int8")
     for line in report.notes:
         yield note(line)
     yield verdict(report.passed, report.verdict)
 
 
 def int4_tables(report: Int4Report) -> Iterator[RenderableType]:
-    """`compress int4`: what was written, the size, and the quality it cost (perplexity, greedy agreement)."""
-    yield key_values(f"int4 (MatMulNBits): {report.model}", [
+    """`compress int4` (and `int8 --weight-only`): what was written, the size, and the quality it cost."""
+    ratio = f"{report.size_after / report.size_before:.2f}x" if report.size_before else "-"
+    yield key_values(f"int{report.bits} weight-only (MatMulNBits): {report.model}", [
         ("output", report.output),
         ("MatMuls quantised", report.quantized_matmuls),
         ("block size", report.block_size),
         ("scheme", "symmetric" if report.symmetric else "asymmetric (zero point per block)"),
-        ("accuracy level", "ONNX Runtime's default" if report.accuracy_level is None else report.accuracy_level),
-        ("size", f"{fmt_bytes(report.size_before)} -> {fmt_bytes(report.size_after)} "
-                 f"({report.size_after / report.size_before:.2f}x)" if report.size_before else "-"),
+        ("accuracy level", "ONNX Runtime's default (float compute)" if report.accuracy_level is None
+         else f"{report.accuracy_level}" + (" (int8 compute on CPU)" if report.accuracy_level == 4 else "")),
+        ("size", f"{fmt_bytes(report.size_before)} -> {fmt_bytes(report.size_after)} ({ratio})"),
     ])
-    if report.perplexity_before is not None:
-        change = "-" if report.relative_change is None else f"{report.relative_change:+.1%}"
-        yield table("Quality on the evaluation text", ("measure", "before", "after", "change"), [
-            ("perplexity (sliding window)", fmt_float(report.perplexity_before), fmt_float(report.perplexity_after),
-             change),
-            ("greedy next-token agreement", "", "-" if report.greedy_agreement is None
-             else f"{report.greedy_agreement:.1%}", ""),
-        ], numeric=("before", "after", "change"))
-    else:
-        yield note("perplexity not measured (no tokenizer found: pass --tokenizer)")
-    ratio = f"{report.size_after / report.size_before:.2f}x the size" if report.size_before else "written"
-    quality = f", perplexity {report.relative_change:+.1%}" if report.relative_change is not None else ""
-    yield verdict(True, f"{report.quantized_matmuls} MatMul(s) to int4, {ratio}{quality}")
+    yield from perplexity_tables(report.perplexity, after=f"int{report.bits}")
+    if report.perplexity is None and not report.warnings:
+        yield note("perplexity not measured (--no-eval)")
+    size = f"{ratio} the size" if report.size_before else "written"
+    yield verdict(True, f"{report.quantized_matmuls} MatMul(s) to int{report.bits}, {size}"
+                        f"{perplexity_summary(report.perplexity)}")

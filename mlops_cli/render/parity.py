@@ -14,6 +14,7 @@ from rich.text import Text
 from mlops_cli.core.compare import AGREEMENT, COSINE, ELEMENTWISE, Criterion
 from mlops_cli.core.parity import ParityReport
 from mlops_cli.render import fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
+from mlops_cli.render.perplexity import perplexity_tables
 from mlops_cli.services.onnx_lm import GenerationParityReport
 from mlops_cli.services.verify_parity import VerifyParityReport
 
@@ -130,6 +131,7 @@ def verify_parity_tables(report: VerifyParityReport) -> Iterator[RenderableType]
     yield from parity_tables(parity, title="Per output and input set", with_verdict=False)
     if report.worst_output:
         yield note(f"worst output: {report.worst_output}")
+    yield from perplexity_tables(report.perplexity, "reference", "candidate")
     yield verdict(report.passed, report.verdict)
 
 
@@ -161,4 +163,5 @@ def generation_parity_tables(report: GenerationParityReport) -> Iterator[Rendera
                        f"({divergence.reference_text!r}) vs candidate {divergence.candidate_token} "
                        f"({divergence.candidate_text!r}); logit gap {divergence.reference_gap:.3g} (reference), "
                        f"{divergence.candidate_gap:.3g} (candidate)")
+    yield from perplexity_tables(report.perplexity, "reference", "candidate")
     yield verdict(report.passed, report.verdict)

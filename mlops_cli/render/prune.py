@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from rich.console import RenderableType
 from rich.text import Text
 
 from mlops_cli.render import fmt_bytes, fmt_count, fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
 from mlops_cli.render.parity import parity_tables
+from mlops_cli.render.perplexity import perplexity_tables
 from mlops_cli.services.prune import AmountResult, LatencyFigures, PruneReport, SizeFigures
 
 DRIFT_COLUMNS = ("input set", "output", "max |diff|", "mean |diff|", "cosine", "top-1")
@@ -74,6 +76,7 @@ def _single_tables(report: PruneReport, result: AmountResult) -> Iterator[Render
     yield table("Before / after", ("figure", "before", "after", "change"), _before_after(report, result),
                 numeric=("before", "after", "change"))
     yield from _drift_tables(report, result)
+    yield from perplexity_tables(result.perplexity, after="pruned")
     if result.output:
         yield key_values("Output", [("written", result.output),
                                     *((name, fmt_bytes(size)) for name, size in result.output_files.items()),
@@ -161,9 +164,25 @@ def _sweep_tables(report: PruneReport) -> Iterator[RenderableType]:
     if timed:
         yield table(f"Latency per amount (A/B interleaved, {timed[0].latency.input_set})",  # type: ignore[union-attr]
                     LATENCY_COLUMNS, (_latency_row(r) for r in timed), numeric=LATENCY_COLUMNS[1:])
+    scored = [r for r in report.results if r.perplexity]
+    if scored:
+        yield from _perplexity_sweep(scored)
     written = [r.output for r in report.results if r.output]
     if written:
         yield note("written: " + ", ".join(written))
+
+
+def _perplexity_sweep(results: list[AmountResult]) -> Iterator[RenderableType]:
+    """A causal LM's perplexity per amount, against the unpruned model's."""
+    first = results[0].perplexity
+    assert first is not None
+    rows = [(f"{r.amount:g}", fmt_float(r.perplexity.after), f"{r.perplexity.relative_change:+.2%}",
+             f"{r.perplexity.greedy_agreement:.1%}") for r in results if r.perplexity]
+    yield table(f"Perplexity per amount on {Path(first.text).name} (unpruned: {fmt_float(first.before)})",
+                ("amount", "perplexity", "change", "greedy agreement"), rows,
+                numeric=("perplexity", "change", "greedy agreement"),
+                caption=f"{first.tokens} tokens ({first.scored_tokens} scored) in windows of {first.window} moving "
+                        f"by {first.stride}")
 
 
 LATENCY_COLUMNS = ("amount", "before p50", "before p90", "after p50", "after p90", "speed-up")

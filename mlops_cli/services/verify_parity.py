@@ -15,6 +15,7 @@ from mlops_cli.core.errors import UsageError
 from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.loading import LoadedModel, ModelKind
 from mlops_cli.core.parity import ParityReport, ToleranceRequest, Tolerances
+from mlops_cli.services.perplexity import EvaluationText, PerplexityComparison
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,7 @@ class VerifyOptions(ServiceOptions):
     include_padding: bool = False
     device: str = "auto"
     repeats: int = 10  # 0 skips timing
+    evaluation: EvaluationText | None = field(default_factory=EvaluationText)  # two causal LMs; None: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +45,7 @@ class VerifyParityReport(Report):
     verdict: str
     worst_output: str | None  # the output (and input set) furthest from passing, named for CI logs
     hint: str | None = None  # what to do about a failure
+    perplexity: PerplexityComparison | None = None  # both sides causal LMs: the candidate's perplexity change
 
 
 def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
@@ -54,6 +57,8 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
     if options.repeats < 0:
         raise UsageError("--repeats must be 0 (no timing) or more")
     use_threads(options.threads)
+    if options.evaluation is not None:
+        options.evaluation.read()  # a bad --eval-text fails before any model is loaded
     options.on_step("loading both models")
     ref_model = load_model(ref, options.load)
     cand_model = load_model(options.candidate, options.load)
@@ -66,12 +71,26 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
     report = check_parity(ref_runner, cand_runner, list(plan.sets), tolerances,
                           include_masked=options.include_padding, time_runs=options.repeats > 0,
                           repeats=options.repeats)
+    perplexity, unmeasured = compare_perplexity(ref_model, cand_model, options)
     return VerifyParityReport(
         reference=str(ref), candidate=str(options.candidate), preset=preset, preset_source=preset_source,
         tolerances=describe_tolerances(tolerances), input_source=plan.source,
         input_sets=len(plan.sets), parity=report, passed=report.passed, verdict=report.verdict,
         worst_output=None if report.passed else worst_output(report), hint=failure_hint(report),
-        warnings=(*ref_model.warnings, *cand_model.warnings))
+        warnings=(*ref_model.warnings, *cand_model.warnings, *([unmeasured] if unmeasured else [])),
+        perplexity=perplexity)
+
+
+def compare_perplexity(ref_model: LoadedModel, cand_model: LoadedModel, options: VerifyOptions
+                       ) -> tuple[PerplexityComparison | None, str | None]:
+    """Two causal LMs (PyTorch or ONNX decoders with a KV cache) scored on the evaluation text (services/
+    perplexity.py); (None, why not) when there is no tokenizer; nothing for other models."""
+    from mlops_cli.services.perplexity import is_causal_lm, probe_for
+
+    if options.evaluation is None or not is_causal_lm(cand_model):
+        return None, None
+    probe, unmeasured = probe_for(options.evaluation, ref_model, cand_model, on_step=options.on_step)
+    return (probe.compare(cand_model) if probe is not None else None), unmeasured
 
 
 def choose_preset(request: ToleranceRequest, ref_model: LoadedModel, cand_model: LoadedModel) -> tuple[str, str]:

@@ -45,9 +45,11 @@ from mlops_cli.services.compress.drift import PerLayerReport, compare_layers
 from mlops_cli.services.compress.half_onnx import OVERFLOW_ACTION, UNDERFLOW_ACTION, convert_onnx, save_onnx
 from mlops_cli.services.compress.keep import KeepRules
 from mlops_cli.services.compress.shared import (
+    KV_DECODER_NOTE,
     can_build_model,
     loader_warnings,
     output_load_options,
+    perplexity_probe,
     plan_check_inputs,
     preset_label,
     refuse_quantised,
@@ -55,6 +57,7 @@ from mlops_cli.services.compress.shared import (
     weight_files,
 )
 from mlops_cli.services.compress.stream import stream_convert
+from mlops_cli.services.perplexity import EvaluationText, PerplexityComparison, PerplexityProbe
 
 INDEX_SUFFIX = ".index.json"
 CPU_DRIFT_MODE = ("weights rounded to {dtype} and computed in float32 on CPU (CPU {dtype} compute is 10-100x "
@@ -82,6 +85,8 @@ class HalfOptions(OutputOptions):
     preset: str | None = None  # tolerance preset (core/compare.py PRESETS); None: the target dtype's (auto)
     tolerances: Tolerances | None = None  # --atol/--rtol; None: the preset's
     repeats: int = 10  # timed runs per input set on CUDA; 0 skips timing
+    evaluation: EvaluationText | None = field(default_factory=EvaluationText)  # causal LMs; None: not measured
+    tokenizer: Path | None = None  # for the perplexity of an ONNX decoder; default: beside the file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +118,7 @@ class HalfReport(Report):
     preset: str | None = None  # the tolerance preset of the drift check, e.g. "fp16 (auto)"
     per_layer: PerLayerReport | None = None
     notes: tuple[str, ...] = ()
+    perplexity: PerplexityComparison | None = None  # causal LMs, measured with the drift check
 
 
 @dataclass
@@ -137,6 +143,7 @@ class _Drift:
     mode: str
     per_layer: PerLayerReport | None
     candidate: LoadedModel
+    perplexity: PerplexityComparison | None = None
 
 
 class _Discard(Exception):
@@ -165,7 +172,10 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
         original = load_model(ref, options.load)
     keep = KeepRules.build(options.keep_fp32, options.default_keep, original.module if original else None,
                            options.load.strip_prefix)
-    plan = plan_check_inputs(original, options.inputs) if options.check and original is not None else None
+    probe, unmeasured = perplexity_probe(original, options.evaluation, options.tokenizer, options.check,
+                                         options.on_step)
+    plan = (plan_check_inputs(original, options.inputs, evaluated=probe is not None)
+            if options.check and original is not None else None)
 
     options.on_step(f"converting to {target}")
     started = time.perf_counter()
@@ -173,15 +183,20 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     seconds = time.perf_counter() - started
     totals = safety_totals(conversion.tensors)
     notes = list(conversion.notes) + sentinel_notes(conversion.tensors, target)
-    drift = None
+    drift = perplexity = None
     if conversion.written and original is not None and plan is not None:
-        drift = _measure_drift(original, plan, options, target)
+        drift = _measure_drift(original, plan, options, target, probe)
+        perplexity = drift.perplexity
+    elif conversion.written and original is not None and probe is not None:  # a KV decoder: perplexity only
+        candidate = load_model(str(options.output), output_load_options(original, options.load))
+        perplexity = _perplexity(probe, candidate, options, None)
+        notes.append(KV_DECODER_NOTE)
     elif conversion.written and options.check:
         notes.append("drift not measured: this file holds only weights; pass --arch (and --input) to build the model")
     preset = preset_label(options.preset, options.dtype, overridden=options.tolerances is not None)
     passed, verdict = _verdict(conversion, totals, drift.report if drift else None, options, target, preset)
     return HalfReport(
-        warnings=loader_warnings(original, drift.candidate if drift else None),
+        warnings=loader_warnings(original, drift.candidate if drift else None) + ((unmeasured,) if unmeasured else ()),
         source=str(source), output=str(options.output), input_format=fmt.value,
         output_format=conversion.output_format, dtype=target, keep_patterns=keep.patterns,
         default_keep=keep.defaults_used, keep_rule=keep.describe(), written=conversion.written,
@@ -192,7 +207,8 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
         verdict=verdict, files_copied=tuple(conversion.files_copied),
         checkpoint_keys_kept=tuple(conversion.checkpoint_keys_kept), config_dtype=conversion.config_dtype,
         drift=drift.report if drift else None, drift_mode=drift.mode if drift else None,
-        preset=preset if drift else None, per_layer=drift.per_layer if drift else None, notes=tuple(notes))
+        preset=preset if drift else None, per_layer=drift.per_layer if drift else None, notes=tuple(notes),
+        perplexity=perplexity)
 
 
 def _check_supported(fmt: Format, options: HalfOptions) -> None:
@@ -346,8 +362,10 @@ def _update_index(index: Path, folder: Path) -> None:
 # ---------------------------------------------------------------- drift
 
 
-def _measure_drift(original: LoadedModel, plan: InputPlan, options: HalfOptions, target: str) -> _Drift:
-    """The written artefact against the original, through the parity engine (and hooks for --per-layer)."""
+def _measure_drift(original: LoadedModel, plan: InputPlan, options: HalfOptions, target: str,
+                   probe: PerplexityProbe | None) -> _Drift:
+    """The written artefact against the original, through the parity engine (and hooks for --per-layer), and
+    for a causal LM its perplexity, run the way the drift check runs it."""
     from mlops_cli.core.runtimes import resolve_device, runner_for
 
     options.on_step("measuring drift")
@@ -358,7 +376,8 @@ def _measure_drift(original: LoadedModel, plan: InputPlan, options: HalfOptions,
     if original.module is None:  # ONNX
         report = check_parity(runner_for(original, device), runner_for(candidate, device), input_sets, tolerances,
                               time_runs=False)
-        return _Drift(report, ONNX_DRIFT_MODE.format(device=device, dtype=target), None, candidate)
+        mode = ONNX_DRIFT_MODE.format(device=device, dtype=target)
+        return _Drift(report, mode, None, candidate, _perplexity(probe, candidate, options, None))
     if device == "cpu":
         candidate.module.float()  # the rounded weights (kept tensors as they are), computed in float32
         mode = CPU_DRIFT_MODE.format(dtype=target)
@@ -374,7 +393,15 @@ def _measure_drift(original: LoadedModel, plan: InputPlan, options: HalfOptions,
         first = plan.example
         per_layer = compare_layers(original.module, candidate.module, lambda: reference_runner(first.tensors),
                                    lambda: candidate_runner(first.tensors), first.label, target)
-    return _Drift(report, mode, per_layer, candidate)
+    return _Drift(report, mode, per_layer, candidate, _perplexity(probe, candidate, options, mode))
+
+
+def _perplexity(probe: PerplexityProbe | None, candidate: LoadedModel, options: HalfOptions, mode: str | None
+                ) -> PerplexityComparison | None:
+    if probe is None:
+        return None
+    options.on_step("measuring perplexity")
+    return probe.compare(candidate, compute=mode)
 
 
 def _run_in_dtype(module: Any, target: str) -> None:

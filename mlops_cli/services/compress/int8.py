@@ -46,14 +46,17 @@ from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing, measure_interleaved
 from mlops_cli.services.compress.shared import (
+    KV_DECODER_NOTE,
     disk_size,
     loader_warnings,
+    perplexity_probe,
     plan_check_inputs,
     preset_label,
     refuse_quantised,
     source_path,
     weight_files,
 )
+from mlops_cli.services.perplexity import EvaluationText, PerplexityComparison, PerplexityProbe
 
 ONNX_DEFAULT_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
 ONNX_EMBEDDING_OPS = ("Gather",)
@@ -75,6 +78,8 @@ class Int8Options(OutputOptions):
     tolerances: Tolerances | None = None  # --atol/--rtol; None: the preset's
     repeats: int = 20  # timed runs per model and input set; 0 skips timing
     check: bool = True
+    evaluation: EvaluationText | None = field(default_factory=EvaluationText)  # causal LMs; None: not measured
+    tokenizer: Path | None = None  # for the perplexity of an ONNX decoder; default: beside the file
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class Int8Report(Report):
     notes: tuple[str, ...] = ()
     written: bool = True  # the output stays even when the drift check fails (to inspect it)
     preset: str | None = None  # the tolerance preset of the drift check, e.g. "int8 (auto)"
+    perplexity: PerplexityComparison | None = None  # causal LMs, measured with the drift check
 
 
 def run(ref: ModelRef, options: Int8Options) -> Int8Report:
@@ -139,10 +145,14 @@ def run(ref: ModelRef, options: Int8Options) -> Int8Report:
     options.on_step("loading the original")
     original = load_model(ref, options.load)
     # Settled before quantising, so a model whose inputs are unknown writes nothing.
-    plan = plan_check_inputs(original, options.inputs) if options.check else None
+    probe, unmeasured = perplexity_probe(original, options.evaluation, options.tokenizer, options.check,
+                                         options.on_step)
+    plan = plan_check_inputs(original, options.inputs, evaluated=probe is not None) if options.check else None
     if fmt == Format.ONNX:
-        return _onnx_int8(source, original, plan, options)
-    return _torch_int8(source, fmt, original, plan, options)
+        report = _onnx_int8(source, original, plan, probe, options)
+    else:
+        report = _torch_int8(source, fmt, original, plan, probe, options)
+    return replace(report, warnings=(*report.warnings, unmeasured)) if unmeasured else report
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -159,7 +169,8 @@ def _excluded(name: str, options: Int8Options) -> str | None:
 # ---------------------------------------------------------------- ONNX
 
 
-def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, options: Int8Options) -> Int8Report:
+def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, probe: PerplexityProbe | None,
+               options: Int8Options) -> Int8Report:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -180,12 +191,14 @@ def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, opti
     quantized = onnx.load(str(output), load_external_data=False).graph
     kinds = _onnx_kinds(weighted, quantized, op_types, options)
     skipped = tuple((name, "matches --exclude") for name in excluded)
-    candidate = load_model(str(output), options.load) if plan is not None else None
+    candidate = load_model(str(output), options.load) if plan is not None or probe is not None else None
     drift, latency = _drift(original, candidate, plan, options) if candidate and plan else (None, ())
+    notes = (KV_DECODER_NOTE,) if plan is None and probe is not None else ()
     weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}"
                f"{', 7-bit range (reduce_range)' if reduce_range else ''}), activations uint8 per call")
     return _report(source, Format.ONNX.value, Format.ONNX.value, "onnxruntime.quantization.quantize_dynamic",
-                   weights, options, kinds, skipped, drift, latency, warnings=loader_warnings(original, candidate))
+                   weights, options, kinds, skipped, drift, latency, warnings=loader_warnings(original, candidate),
+                   perplexity=_perplexity(probe, candidate, options), notes=notes)
 
 
 def _weighted_nodes(graph: Any) -> list[tuple[Any, list[str]]]:
@@ -235,8 +248,8 @@ def _onnx_kinds(weighted: list[tuple[Any, list[str]]], quantized: Any, op_types:
 # ---------------------------------------------------------------- torch
 
 
-def _torch_int8(source: Path, fmt: Format, original: LoadedModel, plan: InputPlan | None, options: Int8Options
-                ) -> Int8Report:
+def _torch_int8(source: Path, fmt: Format, original: LoadedModel, plan: InputPlan | None,
+                probe: PerplexityProbe | None, options: Int8Options) -> Int8Report:
     output = options.output
     layout = plan_torch_quantization(original.module, options)
     options.on_step("quantising")
@@ -257,16 +270,19 @@ def _torch_int8(source: Path, fmt: Format, original: LoadedModel, plan: InputPla
             notes.append("safetensors cannot hold quantised tensors: written as a torch file (weights_only-loadable)")
     drift: ParityReport | None = None
     latency: tuple[LatencyRow, ...] = ()
+    perplexity = None
     if plan is not None:
         reloaded = load_int8_state(copy.deepcopy(original.module), _read_state(weights_file, original.state_key))
         candidate = replace(original, module=reloaded, reference=str(output), path=output, warnings=[])
         drift, latency = _drift(original, candidate, plan, options)
+        perplexity = _perplexity(probe, candidate, options)
     reload = (f"build the model, then mlops_cli.core.int8_state.load_int8_state(model, state_dict of "
               f"{weights_file.name}); or by hand: quantize_dynamic with the same layers, then load_state_dict")
     weights = (f"int8 ({'per-channel' if options.per_channel else 'per-tensor'}), activations quantised per call"
                + ("; embeddings: uint8 per row, weight-only" if options.quantize_embeddings else ""))
     return _report(source, fmt.value, output_format, TORCH_ENGINE, weights, options, layout.kinds, layout.skipped,
-                   drift, latency, reload=reload, notes=tuple(notes), warnings=loader_warnings(original))
+                   drift, latency, reload=reload, notes=tuple(notes), warnings=loader_warnings(original),
+                   perplexity=perplexity)
 
 
 @dataclass(frozen=True)
@@ -404,7 +420,7 @@ def _drift(original: LoadedModel, candidate: LoadedModel, plan: InputPlan, optio
 def _report(source: Path, input_format: str, output_format: str, engine: str, weights: str, options: Int8Options,
             kinds: tuple[QuantizedKind, ...], skipped: tuple[tuple[str, str], ...], drift: ParityReport | None,
             latency: tuple[LatencyRow, ...], *, warnings: tuple[str, ...], reload: str | None = None,
-            notes: tuple[str, ...] = ()) -> Int8Report:
+            notes: tuple[str, ...] = (), perplexity: PerplexityComparison | None = None) -> Int8Report:
     before, after = disk_size(source), disk_size(options.output)
     quantized = sum(kind.quantized for kind in kinds)
     preset = preset_label(options.preset, "int8", overridden=options.tolerances is not None)
@@ -423,7 +439,16 @@ def _report(source: Path, input_format: str, output_format: str, engine: str, we
         kinds=kinds, skipped=skipped, bytes_before=before, bytes_after=after,
         size_ratio=after / before if before else None, drift=drift, latency=latency,
         timing_setup=_timing_setup(input_format), passed=passed, verdict=verdict, reload=reload, notes=notes,
-        preset=preset if drift else None)
+        preset=preset if drift else None, perplexity=perplexity)
+
+
+def _perplexity(probe: PerplexityProbe | None, candidate: LoadedModel | None, options: Int8Options
+                ) -> PerplexityComparison | None:
+    """The quantised causal LM scored like the original (on this CPU, as the drift check runs it)."""
+    if probe is None or candidate is None:
+        return None
+    options.on_step("measuring perplexity")
+    return probe.compare(candidate)
 
 
 def _timing_setup(input_format: str) -> str:

@@ -1,5 +1,5 @@
 """What `compress half` and `compress int8` share: refusals made before any work, the drift check's inputs,
-the weight files of a folder, and sizes on disk.
+the perplexity probe of a causal LM, the weight files of a folder, and sizes on disk.
 
 Refusals come first so that a usage error never leaves an output behind: a built-in model (compression writes
 the kind of file it reads), an input already quantised to int8, and a drift check whose inputs cannot be told.
@@ -17,6 +17,7 @@ from mlops_cli.core.formats import Format, detect_format, torch_load_weights
 from mlops_cli.core.inputs import InputPlan, InputRequest, plan_inputs
 from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar
+from mlops_cli.services.perplexity import EvaluationText, PerplexityProbe, probe_for
 
 # Ops of a graph that is already quantised (ONNX Runtime's dynamic and QDQ/QOperator formats).
 QUANTISED_ONNX_OPS = frozenset({
@@ -82,16 +83,29 @@ def _packed_layer(path: Path) -> str | None:
 # ---------------------------------------------------------------- the drift check's inputs
 
 
-def plan_check_inputs(loaded: Any, request: InputRequest) -> InputPlan:
+KV_DECODER_NOTE = ("drift not measured: generated inputs cannot drive a decoder with a KV cache (its attention mask "
+                   "must cover the past and the new tokens); its perplexity on the evaluation text is the check")
+
+
+def plan_check_inputs(loaded: Any, request: InputRequest, evaluated: bool = False) -> InputPlan | None:
     """The drift check's inputs, resolved once, before anything is converted or written.
 
     `--input` first, then what the model knows (mlops.json, HF config, ONNX graph); a plain state_dict
     loaded with `--arch` naming a built-in architecture (mlops_cli.core.zoo:ConvNet) gets that zoo entry's inputs.
-    A model whose inputs cannot be told fails here (exit 2), so the usage error leaves no output behind.
+    A model whose inputs cannot be told fails here (exit 2), so the usage error leaves no output behind. A decoder
+    with a KV cache has no drift check: None when its perplexity is `evaluated` instead (a probe is ready), else
+    refused.
     """
     if request.specs or request.texts or request.file:
         return plan_inputs(loaded, request)  # a malformed --input fails with its own message
-    _refuse_kv_decoder(loaded)
+    if _is_kv_decoder(loaded):
+        if evaluated:
+            return None
+        raise UsageError(f"{loaded.reference} is a decoder with a KV cache: the drift check's generated inputs "
+                         "cannot drive it (its attention mask must cover the past and the new tokens)",
+                         hint="Let its perplexity be the check: name the tokenizer's folder with --tokenizer (and "
+                              "drop --no-eval); or pass --no-check and compare generation afterwards with "
+                              "`mlops verify-parity MODEL OUT.onnx --generate`.")
     if not loaded.input_specs and zoo_inputs(loaded.arch):
         request = replace(request, specs=zoo_inputs(loaded.arch))
     try:
@@ -101,17 +115,13 @@ def plan_check_inputs(loaded: Any, request: InputRequest) -> InputPlan:
         raise UsageError(exc.message, hint=hint) from exc
 
 
-def _refuse_kv_decoder(loaded: Any) -> None:
+def _is_kv_decoder(loaded: Any) -> bool:
     """A decoder exported with its KV cache needs a mask covering past + sequence: random inputs cannot drive it."""
     from mlops_cli.core.inputs import onnx_input_specs
 
     if loaded.path is None or loaded.kind.value != "onnx":
-        return
-    if any(spec.name.startswith("past_key_values.") for spec in onnx_input_specs(loaded.path)):
-        raise UsageError(f"{loaded.reference} is a decoder with a KV cache: the drift check's generated inputs "
-                         "cannot drive it (its attention mask must cover the past and the new tokens)",
-                         hint="Pass --no-check and compare generation afterwards with `mlops verify-parity MODEL "
-                              "OUT.onnx --generate`, or use `mlops compress int4` (it measures perplexity).")
+        return False
+    return any(spec.name.startswith("past_key_values.") for spec in onnx_input_specs(loaded.path))
 
 
 def preset_label(chosen: str | None, auto: str, overridden: bool) -> str:
@@ -153,6 +163,18 @@ def output_load_options(reference_loaded: Any, options: LoadOptions) -> LoadOpti
     if reference_loaded.arch:
         return replace(options, arch=reference_loaded.arch, arch_kwargs=dict(reference_loaded.arch_kwargs))
     return options
+
+
+def perplexity_probe(original: Any, evaluation: EvaluationText | None, tokenizer: Path | None, check: bool,
+                     on_step: Any) -> tuple[PerplexityProbe | None, str | None]:
+    """A causal LM's original scored on the evaluation text, before anything is written (the text is read even
+    when there is nothing to score, so a bad --eval-text fails first); None without the check or an LM."""
+    if evaluation is None:
+        return None, None
+    evaluation.read()
+    if not check or original is None:
+        return None, None
+    return probe_for(evaluation, original, folder=tokenizer, on_step=on_step)
 
 
 def loader_warnings(*loaded: Any) -> tuple[str, ...]:

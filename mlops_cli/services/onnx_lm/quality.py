@@ -29,9 +29,16 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.parity import Tolerances
 from mlops_cli.services.decoding import DecodingParams, decode
 from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side, onnx_decode
+from mlops_cli.services.perplexity import (
+    EvaluationText,
+    PerplexityComparison,
+    PerplexityProbe,
+    onnx_logits_fn,
+    torch_logits_fn,
+    window_for,
+)
 
 DEFAULT_PROMPTS = ("The model", "Once upon a time", "In the beginning")
-CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus.txt"
 
 
 # ---------------------------------------------------------------- generation parity
@@ -84,6 +91,7 @@ class GenerationParityOptions(ServiceOptions):
     max_new_tokens: int = 16
     tolerances: Tolerances = field(default_factory=lambda: Tolerances.for_preset("fp32"))  # scale-aware fp32
     tokenizer: Path | None = None  # default: the reference's tokenizer
+    evaluation: EvaluationText | None = field(default_factory=EvaluationText)  # perplexity of both; None: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +105,7 @@ class GenerationParityReport(Report):
     prompts: tuple[PromptParity, ...]
     passed: bool
     verdict: str
+    perplexity: PerplexityComparison | None = None  # the ONNX decoder's perplexity against the model's
 
 
 def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts: Sequence[str],
@@ -209,16 +218,24 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
     """`verify-parity MODEL model.onnx --generate`: the PyTorch model is the reference."""
     if options.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    if options.evaluation is not None:
+        options.evaluation.read()  # a bad --eval-text fails before any model is loaded
     model, tokenizer, warnings = _reference(ref, options.load, options.tokenizer)
     decoder = OnnxDecoder(options.candidate)
     options.on_step("generating")
     prompts = compare_generation(model, decoder, tokenizer, options.prompts, options.max_new_tokens,
                                  options.tolerances)
+    perplexity = None
+    if options.evaluation is not None:
+        options.on_step("measuring perplexity")
+        probe = PerplexityProbe.of(options.evaluation, torch_logits_fn(model), tokenizer,
+                                   window_for(model, options.evaluation.window))
+        perplexity = probe.compare(onnx_logits_fn(decoder))
     return GenerationParityReport(
         reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
         atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
         prompts=prompts, passed=all(p.passed for p in prompts),
-        verdict=generation_verdict(prompts), warnings=tuple(warnings))
+        verdict=generation_verdict(prompts), warnings=tuple(warnings), perplexity=perplexity)
 
 
 def _reference(ref: ModelRef, load: Any, tokenizer_folder: Path | None) -> tuple[Any, Any, list[str]]:
@@ -247,16 +264,6 @@ class Perplexity:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluationText:
-    """The text a causal LM's perplexity is measured on, and the sliding window it is scored with."""
-
-    text_file: Path = CORPUS
-    window: int = 128
-    stride: int = 64
-    max_tokens: int = 512
-
-
-@dataclass(frozen=True, kw_only=True)
 class PerplexityOptions(ServiceOptions, EvaluationText):
     candidate: Path | None = None  # an ONNX decoder to score beside the PyTorch model
     max_tokens: int = 1024
@@ -275,85 +282,21 @@ class PerplexityReport(Report):
     relative_change: float | None  # candidate perplexity / reference perplexity - 1
 
 
-LogitsFn = Callable[[np.ndarray], np.ndarray]  # token ids [1, L] -> logits [1, L, vocab]
-
-
-def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window: every token after the first is scored exactly once,
-    each window moving on by `stride` new tokens and carrying the rest as context (at least one token, which
-    predicts the window's first scored token, so a stride as long as the window moves by `window - 1`)."""
-    step = max(1, min(stride, window - 1))
-    end = min(window, length)
-    spans = [(0, end, 1)]
-    while end < length:
-        first, end = end, min(end + step, length)
-        spans.append((max(0, end - window), end, first))
-    return spans
-
-
-def score(logits_fn: LogitsFn, tokens: np.ndarray, window: int, stride: int) -> tuple[float, np.ndarray]:
-    """(mean negative log-likelihood per scored token, greedy prediction at each scored position)."""
-    total, predictions = 0.0, []
-    for begin, end, first in sliding_windows(len(tokens), window, stride):
-        logits = logits_fn(tokens[None, begin:end])[0].astype(np.float64)
-        rows = logits[first - begin - 1:end - begin - 1]  # position p predicts token p + 1
-        targets = tokens[first:end]
-        shifted = rows - rows.max(axis=-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        total -= float(log_probs[np.arange(len(targets)), targets].sum())
-        predictions.append(rows.argmax(-1))
-    count = len(tokens) - 1
-    return total / count, np.concatenate(predictions)
-
-
-def torch_logits_fn(model: Any) -> LogitsFn:
-    def logits(ids: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
-
-    return logits
-
-
-def onnx_logits_fn(decoder: OnnxDecoder) -> LogitsFn:
-    def logits(ids: np.ndarray) -> np.ndarray:
-        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-        return decoder(ids, np.ones_like(ids), positions, decoder.empty_past(1))[0]
-
-    return logits
-
-
-def text_tokens(path: Path, tokenizer: Any, max_tokens: int) -> np.ndarray:
-    """The evaluation text's first `max_tokens` token ids (InputError, exit 3, when unreadable or too short)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"the evaluation text {path} could not be read: {exc}",
-                         hint="Give a UTF-8 text file with --eval-text.") from exc
-    tokens = np.asarray(tokenizer(text)["input_ids"][:max_tokens], dtype=np.int64)
-    if len(tokens) < 2:
-        raise InputError(f"the evaluation text {path} holds fewer than 2 tokens: nothing to score")
-    return tokens
-
-
 def perplexity_run(ref: ModelRef, options: PerplexityOptions) -> PerplexityReport:
-    """Perplexity of the PyTorch model (and of `candidate`, an ONNX export of it) on a text."""
-    if options.window < 2 or not 0 < options.stride <= options.window or options.max_tokens < 2:
-        raise UsageError("need --window >= 2, 0 < --stride <= --window and --max-tokens >= 2")
+    """Perplexity of the PyTorch model (and of `candidate`, an ONNX export of it) on a text
+    (the machinery every command shares: services/perplexity.py)."""
+    options.read()  # bad --window/--stride or an unreadable text fail before the model is loaded
     model, tokenizer, warnings = _reference(ref, options.load, None)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    window = min(options.window, limit) if isinstance(limit, int) else options.window
-    tokens = text_tokens(options.text_file, tokenizer, options.max_tokens)
-    stride = min(options.stride, window)
     options.on_step("scoring")
-    nll, predictions = score(torch_logits_fn(model), tokens, window, stride)
-    results = [Perplexity("torch", math.exp(nll), nll)]
+    probe = PerplexityProbe.of(options, torch_logits_fn(model), tokenizer, window_for(model, options.window))
+    results = [Perplexity("torch", probe.baseline.perplexity, probe.baseline.nll)]
     agreement = change = None
     if options.candidate is not None:
-        cand_nll, cand_predictions = score(onnx_logits_fn(OnnxDecoder(options.candidate)), tokens, window, stride)
-        results.append(Perplexity("onnxruntime", math.exp(cand_nll), cand_nll))
-        agreement = float((predictions == cand_predictions).mean())
-        change = math.exp(cand_nll - nll) - 1
+        comparison = probe.compare(onnx_logits_fn(OnnxDecoder(options.candidate)))
+        results.append(Perplexity("onnxruntime", comparison.after, math.log(comparison.after)))
+        agreement, change = comparison.greedy_agreement, comparison.relative_change
     return PerplexityReport(
-        model=str(ref), text=str(options.text_file), tokens=len(tokens), scored_tokens=len(tokens) - 1,
-        window=window, stride=stride, results=tuple(results), greedy_agreement=agreement,
+        model=str(ref), text=str(options.text_file), tokens=len(probe.tokens), scored_tokens=len(probe.tokens) - 1,
+        window=probe.window, stride=probe.stride, results=tuple(results), greedy_agreement=agreement,
         relative_change=change, warnings=tuple(warnings))
+

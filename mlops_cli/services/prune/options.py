@@ -11,6 +11,7 @@ from mlops_cli.core.contract import ServiceOptions
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.inputs import InputRequest
 from mlops_cli.core.parity import Tolerances
+from mlops_cli.services.perplexity import EvaluationText
 
 METHODS = ("l1", "random", "ln-structured", "global")
 
@@ -41,6 +42,7 @@ class PruneOptions(ServiceOptions):
     repeats: int = 20  # 0: no latency figures
     warmup: int = 3
     size_estimate: bool = True  # the compressed-size figure (what zeros buy); off saves its time
+    evaluation: EvaluationText | None = field(default_factory=EvaluationText)  # causal LMs; None: not measured
 
     @property
     def enforced(self) -> bool:
@@ -64,6 +66,8 @@ def validate_options(options: PruneOptions) -> None:
             raise UsageError(f"--include/--exclude {pattern!r} is not a valid regular expression: {exc}") from exc
     if options.repeats < 0 or options.warmup < 0:
         raise UsageError("--repeats and --warmup must be 0 or more")
+    if options.evaluation is not None:
+        options.evaluation.read()  # a bad --eval-text fails before any model is loaded
     _check_thresholds(options)
 
 

@@ -13,6 +13,7 @@ from mlops_cli.core.errors import InputError
 from mlops_cli.core.inputs import InputPlan
 from mlops_cli.core.loading import LoadedModel
 from mlops_cli.core.parity import Tolerances
+from mlops_cli.services.perplexity import probe_for, torch_logits_fn
 from mlops_cli.services.prune import artefact, verdict
 from mlops_cli.services.prune.options import PruneOptions
 from mlops_cli.services.prune.report import AmountResult, LatencyFigures, LayerChange, PruneReport, SizeFigures
@@ -34,6 +35,8 @@ class Pruner:
         self.reference = runner_for(loaded, device)  # moves the module to the device
         heads = head_modules(loaded, loaded.module, self.example.tensors)
         self.targets, self.skipped = select_targets(loaded.module, heads, options.include, options.exclude)
+        self.probe, unmeasured = probe_for(options.evaluation, loaded, on_step=options.on_step)
+        self.warnings = (*loaded.warnings, *([unmeasured] if unmeasured else []))
 
     def run(self, outputs: dict[float, Path]) -> PruneReport:
         options, module = self.options, self.loaded.module
@@ -50,7 +53,7 @@ class Pruner:
             macs_before=macs_before, results=tuple(results), enforced=options.enforced,
             thresholds=verdict.thresholds(options), passed=passed, verdict=verdict.verdict(options, results, passed),
             notes=tuple(verdict.notes(self.loaded, options.load, options, self.targets, results)),
-            warnings=tuple(self.loaded.warnings))
+            warnings=self.warnings)
 
     def _dim(self) -> int | None:
         if self.options.method == "ln-structured" and not self.options.structured_shrink:
@@ -86,6 +89,10 @@ class Pruner:
             reloaded = artefact.reload_check(self.loaded, options.load, output, cand_runner, self.example.tensors,
                                              self.device)
         latency = self._latency(cand_runner, amount)
+        perplexity = None
+        if self.probe is not None:
+            step(f"measuring perplexity {amount:g}")
+            perplexity = self.probe.compare(torch_logits_fn(candidate))
         size = self._sizes(state, f"at {amount:g}")
         return AmountResult(
             amount=amount, layers=tuple(layers),
@@ -93,7 +100,7 @@ class Pruner:
             model_zeros=zeros, parameters=parameters, size=size, drift=drift, parity=parity,
             latency=latency, macs=self._macs(candidate) if options.structured_shrink else None,
             passed=failure is None, failure=failure, output=str(output) if output else None, output_files=written,
-            reloaded=reloaded)
+            reloaded=reloaded, perplexity=perplexity)
 
     def _pruned_copy(self, amount: float) -> tuple[Any, list[LayerChange]]:
         """A pruned (or shrunk) copy of the model, and what changed in it; the original stays the reference."""

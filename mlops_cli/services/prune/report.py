@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mlops_cli.core.contract import Report
 from mlops_cli.core.parity import ParityReport
 from mlops_cli.core.timing import SpeedRatio, Timing, speed_ratio
+from mlops_cli.services.perplexity import PerplexityComparison
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class AmountResult:
     output: str | None = None
     output_files: dict[str, int] = dataclasses.field(default_factory=dict)
     reloaded: str | None = None  # what loading the output back showed
+    perplexity: PerplexityComparison | None = None  # a causal LM's perplexity before/after pruning
 
     target_sparsity: float = dataclasses.field(init=False)  # zeros (or removed share) of the pruned tensors
     model_sparsity: float = dataclasses.field(init=False)  # zeros over all parameters

@@ -79,6 +79,40 @@ def torch_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> RunRecord
     return RunRecord(sequences, clock.start, clock.ticks, time.perf_counter(), None)
 
 
+def genai_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> RunRecord:
+    """ONNX Runtime GenAI's own greedy search (EOS ignored through min_length), ticking after each token."""
+    from mlops_cli.services.onnx_lm.genai import new_generator, token_array
+
+    prompt = input_ids[0].tolist()
+    total = len(prompt) + new_tokens
+    clock = StepClock(cuda=False)
+    clock.begin()
+    generator = new_generator(model, total, do_sample=False, min_length=total)
+    generator.append_tokens(token_array([prompt]))
+    while not generator.is_done():
+        generator.generate_next_token()
+        clock.tick()
+    end = time.perf_counter()
+    return RunRecord(torch.tensor([[int(t) for t in generator.get_sequence(0)]]), clock.start, clock.ticks, end, None)
+
+
+def build_genai(model: Any, scratch: Path, precision: str) -> Any:
+    """The genai folder of `model` (saved as an HF folder first), opened with one intra-op thread."""
+    from mlops_cli.core import zoo
+    from mlops_cli.services.onnx_lm.genai import open_model, read_genai_folder
+    from mlops_cli.services.onnx_lm.genai_export import build
+
+    source = scratch / "hf"
+    model.save_pretrained(source)
+    zoo.gpt2_tokenizer().save_pretrained(source)  # the builder copies a tokenizer; its ids are valid here
+    start = time.perf_counter()
+    folder = scratch / f"genai-{precision}"
+    build(source, folder, precision, "llama", "LlamaForCausalLM", scratch / "cache")
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data"))
+    print(f"genai build ({precision}): {time.perf_counter() - start:.1f} s, {size / 1e6:.0f} MB")
+    return open_model(read_genai_folder(folder), threads=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a 4-layer model instead of SmolLM-135M's shape")
@@ -89,6 +123,8 @@ def main() -> None:
     parser.add_argument("--int4", action="store_true", help="also the int4 (MatMulNBits) decoder")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits compute type (4: int8)")
+    parser.add_argument("--genai", action="store_true", help="also ONNX Runtime GenAI's builder folder + og.Generator")
+    parser.add_argument("--genai-int4", action="store_true", help="also the builder's int4 folder")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -106,6 +142,12 @@ def main() -> None:
         decoder = OnnxDecoder(written.path, threads=1)
         sides = {"onnxruntime": lambda: onnx_run(decoder, input_ids, args.new_tokens),
                  "torch generate": lambda: torch_run(model, input_ids, args.new_tokens)}
+        if args.genai:
+            genai = build_genai(model, Path(scratch), "fp32")
+            sides["genai"] = lambda: genai_run(genai, input_ids, args.new_tokens)
+        if args.genai_int4:
+            genai4 = build_genai(model, Path(scratch), "int4")
+            sides["genai int4"] = lambda: genai_run(genai4, input_ids, args.new_tokens)
         if args.int4:
             int4 = OnnxDecoder(quantize(written.path, args.block_size, args.accuracy_level), threads=1)
             sides["onnxruntime int4"] = lambda: onnx_run(int4, input_ids, args.new_tokens)
@@ -120,22 +162,29 @@ def main() -> None:
                     cpu_seconds[name].append(time.process_time() - cpu)
     rates: dict[str, float] = {}
     cpu_per_token: dict[str, float] = {}
+    ttfts: dict[str, float] = {}
     for name, runs in records.items():
         metrics = [run_metrics(r, args.new_tokens, 1) for r in runs]
         tps = [m.decode_tokens_per_s for m in metrics if m.decode_tokens_per_s]
         ttft = [m.ttft_ms for m in metrics if m.ttft_ms is not None]
         rates[name] = statistics.median(tps)
+        ttfts[name] = statistics.median(ttft)
         cpu_ms = 1000 * statistics.median(cpu_seconds[name]) / args.new_tokens
         print(f"{name:16s} decode {rates[name]:7.1f} tokens/s (min {min(tps):.1f}, max {max(tps):.1f}), "
               f"TTFT {statistics.median(ttft):7.1f} ms ({args.prompt_tokens}-token prompt), "
               f"CPU {cpu_ms:6.1f} ms per token (whole call)")
         cpu_per_token[name] = cpu_ms
-    same = torch.equal(records["onnxruntime"][0].sequences, records["torch generate"][0].sequences)
     for name in rates:
         if name != "torch generate":
             print(f"ratio {name} / torch: decode tokens/s {rates[name] / rates['torch generate']:.2f}, "
                   f"CPU time per token {cpu_per_token['torch generate'] / cpu_per_token[name]:.2f}x less")
-    print(f"onnxruntime and torch generated the same tokens: {same}")
+    if "genai" in rates:
+        print(f"ratio genai / onnxruntime (our loop on the torch export): decode tokens/s "
+              f"{rates['genai'] / rates['onnxruntime']:.2f}, TTFT {ttfts['onnxruntime'] / ttfts['genai']:.2f}x less")
+    reference = records["torch generate"][0].sequences
+    for name in rates:
+        if name != "torch generate" and "int4" not in name:
+            print(f"{name} and torch generated the same tokens: {torch.equal(records[name][0].sequences, reference)}")
 
 
 def quantize(path: Path, block_size: int, accuracy_level: int | None) -> Path:

@@ -24,7 +24,8 @@ import numpy as np
 from mlops_cli.core.errors import InputError, UsageError
 
 GENAI_CONFIG = "genai_config.json"
-INSTALL_HINT = "Install it: pip install 'onnxruntime-genai>=0.18' (or the project's extras: pip install 'mlops-cli[extras]')."
+INSTALL_HINT = ("Install it: pip install 'onnxruntime-genai>=0.18' (or the project's extras: "
+                "pip install 'mlops-cli[extras]').")
 
 
 def require_genai() -> ModuleType:

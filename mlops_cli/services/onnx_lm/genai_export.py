@@ -40,6 +40,7 @@ class GenaiExportOptions(OutputOptions):
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 8
     engine_reason: str = "--engine genai"  # why this engine ran (shown in the report)
+    keep_unverified: bool = True  # an fp32 build that does not match is kept for inspection (False: discarded)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,10 @@ class GenaiUnsupported(InputError):
     """The builder has no recipe for this architecture (`--engine auto` then uses the torch exporter)."""
 
 
+class GenaiUnverified(InputError):
+    """An fp32 build did not match the model and was discarded (`keep_unverified=False`)."""
+
+
 def run(ref: ModelRef, options: GenaiExportOptions) -> GenaiExportReport:
     """Load MODEL as a causal LM, build its genai folder, verify it, move it into place."""
     from mlops_cli.core.io import atomic_dir, check_output
@@ -82,6 +87,9 @@ def run(ref: ModelRef, options: GenaiExportOptions) -> GenaiExportReport:
             seconds = time.perf_counter() - start
             options.on_step("verifying the folder against the model")
             prompts = verify(temp, loaded.module, loaded.tokenizer, options)
+            if not options.keep_unverified and options.precision == "fp32" and not all(p.passed for p in prompts):
+                raise GenaiUnverified(f"the genai build of {ref} does not match the model: "
+                                      f"{generation_verdict(prompts)}")
             files = {p.name: p.stat().st_size for p in sorted(temp.iterdir()) if p.is_file()}
     passed = options.precision != "fp32" or all(p.passed for p in prompts)
     warnings = list(loaded.warnings)
@@ -100,8 +108,9 @@ def _check(options: GenaiExportOptions) -> None:
         raise UsageError(f"--precision {options.precision!r} with --engine genai: the builder makes "
                          f"{', '.join(GENAI_PRECISIONS)} models for the CPU", hint="Use one of them.")
     if Path(options.output).suffix == ".onnx":
-        raise UsageError(f"--engine genai writes a folder (model.onnx, genai_config.json, tokenizer), not the file "
-                         f"{options.output}", hint="Give -o a folder name, e.g. -o lm-genai.")
+        raise UsageError(f"the genai builder writes a folder (model.onnx, genai_config.json, tokenizer), not the file "
+                         f"{options.output}", hint="Give -o a folder name, e.g. -o lm-genai (or export a .onnx file "
+                                                   "with --engine torch and quantise it with `mlops compress int4`).")
 
 
 def _load(ref: ModelRef, options: GenaiExportOptions) -> Any:
@@ -162,3 +171,37 @@ def verify(folder: Path, model: Any, tokenizer: Any, options: GenaiExportOptions
     genai_model = open_model(read_genai_folder(folder), options.threads or 1)
     return compare_genai_generation(model, genai_model, tokenizer, options.prompts, options.max_new_tokens,
                                     tolerances)
+
+
+# ---------------------------------------------------------------- --engine auto
+
+# Measured with benchmarks/bench_onnx_lm.py --genai (SmolLM-135M's shape, fp32, one thread, 64 new tokens):
+# see docs/commands/export.md for the figures.
+AUTO_GENAI_REASON = "auto: the family is supported and ONNX Runtime GenAI decodes faster than the torch export"
+
+
+def run_auto(ref: ModelRef, options: GenaiExportOptions, torch_options: Any) -> GenaiExportReport | Any:
+    """`--engine auto`: the genai folder when -o names a folder, the runtime is installed, the builder supports
+    the family and the fp32 build verifies; otherwise the torch exporter's single file (`torch_options`, an
+    `ExportWithPastOptions` with the same output), the reason said in the report."""
+    if options.precision != "fp32":  # only the builder quantises while exporting
+        return run(ref, replace(options, engine_reason=f"auto: --precision {options.precision} is the builder's"))
+    if Path(options.output).suffix == ".onnx":
+        return _torch_export(ref, torch_options, "auto: -o names a .onnx file (the genai builder writes a folder)")
+    try:
+        require_genai()
+    except InputError:
+        return _torch_export(ref, torch_options, "auto: onnxruntime-genai is not installed")
+    try:
+        return run(ref, replace(options, engine_reason=AUTO_GENAI_REASON, keep_unverified=False))
+    except GenaiUnsupported as exc:
+        return _torch_export(ref, torch_options, f"auto: {exc.message}")
+    except GenaiUnverified as exc:
+        report = _torch_export(ref, torch_options, "auto: the genai build did not verify")
+        return replace(report, warnings=(*report.warnings, f"{exc.message} (discarded; the torch export was used)"))
+
+
+def _torch_export(ref: ModelRef, options: Any, reason: str) -> Any:
+    from mlops_cli.services.onnx_lm.export_with_past import run as export_run
+
+    return replace(export_run(ref, options), engine_reason=reason)

@@ -66,4 +66,4 @@ def genai_parity_run(ref: ModelRef, options: GenerationParityOptions) -> Generat
         reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
         atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
         prompts=prompts, passed=all(p.passed for p in prompts), verdict=generation_verdict(prompts),
-        warnings=tuple(warnings))
+        runtime="onnxruntime-genai", warnings=tuple(warnings))

@@ -97,6 +97,7 @@ class GenerationParityReport(Report):
     prompts: tuple[PromptParity, ...]
     passed: bool
     verdict: str
+    runtime: str = "onnxruntime"  # what ran the candidate: "onnxruntime" (our loop) or "onnxruntime-genai"
 
 
 def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts: Sequence[str],

@@ -123,7 +123,9 @@ def export_onnx_command(
     outputs logits and present.N.key/value, dynamic batch/sequence/past dims, Optimum's names): one file for the
     prompt and every next token, run at other sizes (the empty past included) and compared with the model before
     it is written (opset at most 17). Then `mlops generate model.onnx --tokenizer MODEL` and
-    `mlops verify-parity MODEL model.onnx --generate`.
+    `mlops verify-parity MODEL model.onnx --generate`. --engine genai writes ONNX Runtime GenAI's folder instead
+    (its model builder; model.onnx, genai_config.json, tokenizer), verified the same way; --engine auto (default)
+    does so when -o names a folder and the builder supports the family.
 
     Example: mlops export onnx builtin:tiny-bert -o bert.onnx --optimize all --json
     """

@@ -125,6 +125,23 @@ def build_genai(model: Any, scratch: Path, precision: str) -> Any:
     return open_model(read_genai_folder(folder), threads=1)
 
 
+def genai_perplexity(fp32: Any, int4: Any) -> None:
+    """Perplexity of the genai fp32 and int4 folders on the bundled corpus (window 128, stride 64, 512 tokens)."""
+    import functools
+    import math
+
+    from mlops_cli.core import zoo
+    from mlops_cli.services.onnx_lm.genai import pass_logits
+    from mlops_cli.services.onnx_lm.quality import CORPUS, score, text_tokens
+
+    tokens = text_tokens(CORPUS, zoo.gpt2_tokenizer(), 512)
+    before, predicted = score(functools.partial(pass_logits, fp32), tokens, 128, 64)
+    after, predicted4 = score(functools.partial(pass_logits, int4), tokens, 128, 64)
+    print(f"genai int4: perplexity {math.exp(before):.1f} -> {math.exp(after):.1f} "
+          f"({100 * (math.exp(after - before) - 1):+.2f}%), greedy agreement "
+          f"{100 * float((predicted == predicted4).mean()):.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a 4-layer model instead of SmolLM-135M's shape")
@@ -160,6 +177,8 @@ def main() -> None:
         if args.genai_int4:
             genai4 = build_genai(model, Path(scratch), "int4")
             sides["genai int4"] = lambda: genai_run(genai4, input_ids, args.new_tokens)
+            if args.genai:
+                genai_perplexity(genai, genai4)
         if args.int4:
             int4 = OnnxDecoder(quantize(written.path, args.block_size, args.accuracy_level), threads=1)
             sides["onnxruntime int4"] = lambda: onnx_run(int4, input_ids, args.new_tokens)

@@ -80,16 +80,20 @@ def _copy(folder: Path, target: Path, **config_changes: Any) -> Path:
 
 
 def _tamper(folder: Path, target: Path) -> Path:
-    """A copy whose largest weight matrix has a quarter of its columns scaled by 1.5."""
+    """`target` (a copy of `folder`, or `folder` itself) with the largest weight matrix of the decoder having a
+    quarter of its columns scaled by 1.5."""
     import onnx
     from onnx import numpy_helper
 
-    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("model.onnx*"))
+    if target != folder:
+        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("model.onnx*"))
     model = onnx.load(folder / "model.onnx")
     weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
     values = numpy_helper.to_array(weight).copy()
     values[:, : values.shape[1] // 4] *= 1.5
     weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    for old in target.glob("model.onnx*"):
+        old.unlink()
     onnx.save(model, target / "model.onnx", save_as_external_data=True, location="model.onnx.data")
     return target
 
@@ -175,10 +179,10 @@ def test_a_folder_without_genai_config_is_refused(cli: Any, built: tuple[Path, d
         read_genai_folder(folder)
 
 
-def test_an_unsupported_family_exits_3_naming_it_and_leaves_nothing(cli: Any, zoo_dir: Path,
-                                                                    tmp_path: Path) -> None:
-    out = tmp_path / "gpt2-genai"
-    result = cli("export", "onnx", zoo_dir / "tiny-gpt2", "--task", "causal-lm", "--engine", "genai", "-o", out)
+@pytest.mark.slow  # the built-in GPT-2 trains for a few seconds on first use
+def test_an_unsupported_family_exits_3_naming_it_and_leaves_nothing(cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "gpt2-genai"  # a built-in model: saved as an HF folder in a scratch folder, then refused
+    result = cli("export", "onnx", "builtin:tiny-gpt2", "--task", "causal-lm", "--engine", "genai", "-o", out)
     assert result.exit_code == 3 and "'gpt2'" in result.stderr and "--engine torch" in result.stderr
     assert not list(tmp_path.iterdir())  # nothing half-written
 
@@ -205,14 +209,14 @@ def test_missing_runtime_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.slow
 def test_engine_auto_picks_genai_for_a_folder_and_torch_for_a_file_or_an_unsupported_family(
-        cli: Any, llama: Path, zoo_dir: Path, tmp_path: Path) -> None:
+        cli: Any, llama: Path, tmp_path: Path) -> None:
     folder = cli("export", "onnx", llama, "--task", "causal-lm", "-o", tmp_path / "auto", "--json")
     assert folder.exit_code == 0, folder.output
     assert folder.json()["engine"] == "genai" and folder.json()["engine_reason"].startswith("auto:")
     single = cli("export", "onnx", llama, "--task", "causal-lm", "-o", tmp_path / "auto.onnx", "--json")
     assert single.exit_code == 0, single.output
     assert single.json()["engine"] == "torch" and ".onnx file" in single.json()["engine_reason"]
-    gpt2 = cli("export", "onnx", zoo_dir / "tiny-gpt2", "--task", "causal-lm", "-o", tmp_path / "gpt2", "--json")
+    gpt2 = cli("export", "onnx", "builtin:tiny-gpt2", "--task", "causal-lm", "-o", tmp_path / "gpt2", "--json")
     assert gpt2.exit_code == 0, gpt2.output
     assert gpt2.json()["engine"] == "torch" and "'gpt2'" in gpt2.json()["engine_reason"]
     assert (tmp_path / "gpt2").is_file()
@@ -230,3 +234,22 @@ def test_int4_build_is_smaller_and_reported_not_judged(llama: Path, tmp_path: Pa
     assert int4.passed and int4.precision == "int4"
     assert int4.files["model.onnx.data"] < 0.6 * fp32.files["model.onnx.data"]
     assert "MatMulNBits" in {n.op_type for n in onnx.load(tmp_path / "int4" / "model.onnx").graph.node}
+
+
+@pytest.mark.slow
+def test_a_build_that_does_not_match_exits_6_or_makes_auto_use_torch(cli: Any, llama: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build tampered with before its verification: --engine genai keeps it and exits 6 naming the divergence;
+    --engine auto discards it and exports with torch, saying so."""
+    from mlops_cli.services.onnx_lm import genai_export
+
+    verify = genai_export.verify
+    monkeypatch.setattr(genai_export, "verify", lambda folder, *rest: verify(_tamper(folder, folder), *rest))
+    kept = tmp_path / "kept"
+    bad = cli("export", "onnx", llama, "--task", "causal-lm", "--engine", "genai", "-o", kept)
+    assert bad.exit_code == 6 and "does not match" in bad.stderr and (kept / GENAI_CONFIG).is_file()
+    auto = cli("export", "onnx", llama, "--task", "causal-lm", "-o", tmp_path / "auto", "--json")
+    assert auto.exit_code == 0, auto.output
+    data = auto.json()
+    assert data["engine"] == "torch" and "did not verify" in data["engine_reason"]
+    assert any("discarded" in w for w in data["warnings"]) and (tmp_path / "auto").is_file()

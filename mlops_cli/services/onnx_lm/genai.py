@@ -159,3 +159,11 @@ def teacher_forced_passes(model: Any, prompt: Sequence[int], tokens: Sequence[in
         generator.append_tokens(token_array([[token]]))
         results.append(np.asarray(generator.get_output("logits"), dtype=np.float32))
     return results
+
+
+def pass_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    """Logits of one pass over `ids` [1, L] from an empty cache, every position: a `quality.LogitsFn` for the
+    sliding-window perplexity of a genai folder."""
+    generator = new_generator(model, int(ids.shape[1]) + 1)
+    generator.append_tokens(ids.astype(np.int32))
+    return np.asarray(generator.get_output("logits"), dtype=np.float32)

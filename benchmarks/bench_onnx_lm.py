@@ -31,13 +31,16 @@ Measured (2026-12-01, 2 shared CPU cores, 1 thread per side, 32-token prompt, 64
 - int4 (block 32, 211 MatMulNBits): 653 MB -> 199 MB (0.30x; the fp32 embedding stays); perplexity on the
   corpus +1.1% (random weights: only the change means something); decode 2.04x torch (accuracy level
   default), 3.06x with --accuracy-level 4 (int8 compute), 22.7 / 35.6 tokens/s.
-- ONNX Runtime GenAI (onnxruntime-genai 0.18; `--genai --genai-int4 --repeat 3`, then `--genai --repeat 5`;
-  load average 4-4.5 on the 2 cores): build 1.7-1.9 s (539 MB, tied head stored once) against the torch export's
-  23-56 s; same greedy tokens as torch. fp32 decode vs our loop on the torch export: 0.88x and 1.38x wall clock
-  (6.6 vs 7.5, 10.6 vs 7.7 tokens/s), CPU time per token 1.09x and 1.34x less (43.9 vs 47.8, 40.2 vs 53.9 ms);
-  vs torch generate 1.83x and 1.68x; TTFT 354 vs 247 ms, then 245 vs 287 ms. `--small` (4.9M parameters):
-  1.85x our loop, 4.28x torch. The builder's int4: 85 MB, 32.6 tokens/s = 9.0x torch fp32 decode (4.6x less
-  CPU per token). Hence `--engine auto` builds the genai folder for the families the builder supports.
+- ONNX Runtime GenAI (onnxruntime-genai 0.18; three runs: `--genai --genai-int4 --repeat 3`, `--genai --repeat 5`,
+  `--genai --genai-int4 --repeat 3`; load average 4-4.5 on the 2 cores, other benchmarks running): build 1.7-6.9 s
+  (539 MB, the tied head stored once) against the torch export's 23-56 s; same greedy tokens as torch. fp32
+  decode vs our loop on the torch export: 0.88x, 1.38x, 1.46x wall clock (6.6 vs 7.5, 10.6 vs 7.7, 11.9 vs 8.2
+  tokens/s), CPU time per token 1.09x, 1.34x, 1.28x less (43.9 vs 47.8, 40.2 vs 53.9, 42.1 vs 53.9 ms); vs torch
+  generate 1.83x, 1.68x, 1.72x; TTFT 354 vs 247, 245 vs 287, 220 vs 258 ms. `--small` (4.9M parameters): 1.59-1.85x
+  our loop, 4.2-4.3x torch. The builder's int4 (85 MB): 32.6 and 41.8 tokens/s = 9.0x and 6.0x torch fp32 decode
+  (4.4-4.6x less CPU per token); perplexity on the corpus +1.25% against the genai fp32 folder (random weights:
+  only the change means something). Hence `--engine auto` builds the genai folder for the families the builder
+  supports.
 """
 
 from __future__ import annotations

@@ -123,6 +123,17 @@ def test_generate_on_the_folder_equals_pytorch_greedy(cli: Any, built: tuple[Pat
     assert metrics["token_latency"]["p90_ms"] >= metrics["token_latency"]["median_ms"] > 0
 
 
+def test_a_batch_generates_what_each_prompt_generates_alone(cli: Any, built: tuple[Path, dict[str, Any]],
+                                                            llama: Path, tmp_path: Path) -> None:
+    prompts = ("Hello there, how are you doing today", "a", "The model")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    result = cli("generate", built[0], "--prompts", tmp_path / "prompts.txt", "--max-new-tokens", "6",
+                 "--fixed-length", "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.output
+    outputs = result.json()["results"][0]["outputs"]
+    assert [list(o["new_token_ids"]) for o in outputs] == [_torch_greedy(llama, p, 6) for p in prompts]
+
+
 def test_generate_sampling_is_seeded_and_beams_run(cli: Any, built: tuple[Path, dict[str, Any]]) -> None:
     out, _ = built
 

@@ -4,9 +4,9 @@ The runtime's own search runs (greedy, seeded sampling with temperature/top-k/to
 penalty and no-repeat n-grams), one `generate_next_token` per step so the step clock ticks when each token is
 known: TTFT, decode tokens/s, per-token latency p50/p90 and peak memory mean what they mean for the PyTorch and
 ONNX paths (`services/generate_measure.py`). The prompts are encoded with the transformers tokenizer of the
-folder (or `--tokenizer`), the same ids the PyTorch model sees; a batch is left-padded with the folder's pad id,
-from which the runtime builds the attention mask. Sampling draws from the runtime's generator seeded with
-`--seed`: reproducible, but not the PyTorch path's tokens.
+folder (or `--tokenizer`), the same ids the PyTorch model sees; a batch is right-padded with the folder's pad id,
+from which the runtime builds the attention mask (see `padded_rows`). Sampling draws from the runtime's
+generator seeded with `--seed`: reproducible, but not the PyTorch path's tokens.
 """
 
 from __future__ import annotations
@@ -63,13 +63,17 @@ def search_options(strategy: str, options: GenerateOptions, batch: int, max_leng
     return search
 
 
-def left_padded(text: TextSide, prompts: Sequence[str]) -> tuple[list[list[int]], int]:
-    """Each prompt's ids, left-padded with the pad id to the longest, and the number of real prompt tokens."""
+def padded_rows(text: TextSide, prompts: Sequence[str]) -> tuple[list[list[int]], int]:
+    """Each prompt's ids, right-padded with the pad id to the longest, and the number of real prompt tokens.
+
+    Right, not left: the runtime builds the attention mask from the pad id, and its GroupQueryAttention places
+    each row's next token after that row's own length (measured: left-padded rows generate other tokens than
+    the same prompts alone, right-padded ones the same). The new tokens follow the padded width."""
     rows = [list(text.tokenizer(prompt)["input_ids"]) for prompt in prompts]
     if not all(rows):
         raise UsageError("a prompt encodes to no tokens")
     width = max(len(row) for row in rows)
-    return [[text.pad_token_id] * (width - len(row)) + row for row in rows], sum(len(row) for row in rows)
+    return [row + [text.pad_token_id] * (width - len(row)) for row in rows], sum(len(row) for row in rows)
 
 
 def timed_run(model: Any, rows: list[list[int]], max_length: int, search: dict[str, Any], pad: int) -> RunRecord:
@@ -122,7 +126,7 @@ def generate(path: Path, options: GenerateOptions) -> GenerateReport:
     model = open_model(folder, options.threads or torch.get_num_threads(), device)
     text = replace(load_text_side(options.tokenizer or folder.folder), eos_token_ids=folder.eos_token_ids,
                    pad_token_id=folder.pad_token_id)
-    rows, prompt_tokens = left_padded(text, options.prompts)
+    rows, prompt_tokens = padded_rows(text, options.prompts)
     if folder.context_length is not None and len(rows[0]) + options.max_new_tokens > folder.context_length:
         raise UsageError(f"prompt ({len(rows[0])} tokens) + --max-new-tokens exceed the model's context length "
                          f"({folder.context_length})", hint="Shorten the prompt or lower --max-new-tokens.")

@@ -19,6 +19,11 @@ nothing, its change says how much the quantisation moved the logits).
     .venv/bin/python benchmarks/bench_onnx_lm.py --int4 --block-size 32
     .venv/bin/python benchmarks/bench_onnx_lm.py --accuracy-levels 0,4 --repeat 3   # int4 per accuracy level
     .venv/bin/python benchmarks/bench_onnx_lm.py --accuracy-levels 0,4 --bits 8     # int8 weight-only
+    .venv/bin/python benchmarks/bench_onnx_lm.py --genai --genai-int4 --repeat 3
+
+`--genai` adds ONNX Runtime GenAI (`export onnx --engine genai`): the model saved as an HF folder, built by the
+runtime's model builder (fp32; `--genai-int4`: its weight-only int4), run by `og.Generator`'s own greedy search
+with one intra-op thread (EOS ignored through min_length), interleaved with the other sides.
 
 Measured (2026-12-01, 2 shared CPU cores, 1 thread per side, 32-token prompt, 64 new tokens, fp32, onnxruntime
 1.32, torch 2.13, transformers 5.24; medians of 3-5 interleaved runs): export 11-53 s (load-dependent), 653 MB
@@ -37,6 +42,16 @@ Measured (2026-12-01, 2 shared CPU cores, 1 thread per side, 32-token prompt, 64
   greedy agreement 94.7% / 93.7%; decode 0.14x torch at level 0 (1.3 tokens/s: no fast 8-bit kernel with float
   compute) and 2.12x at level 4 (19.5 against 9.2 tokens/s; CPU time per token 2.71x less). Level 4 is not optional
   for 8 bits: `--weight-only` always uses it.
+- ONNX Runtime GenAI (onnxruntime-genai 0.18; three runs: `--genai --genai-int4 --repeat 3`, `--genai --repeat 5`,
+  `--genai --genai-int4 --repeat 3`; load average 4-4.5 on the 2 cores, other benchmarks running): build 1.7-6.9 s
+  (539 MB, the tied head stored once) against the torch export's 23-56 s; same greedy tokens as torch. fp32
+  decode vs our loop on the torch export: 0.88x, 1.38x, 1.46x wall clock (6.6 vs 7.5, 10.6 vs 7.7, 11.9 vs 8.2
+  tokens/s), CPU time per token 1.09x, 1.34x, 1.28x less (43.9 vs 47.8, 40.2 vs 53.9, 42.1 vs 53.9 ms); vs torch
+  generate 1.83x, 1.68x, 1.72x; TTFT 354 vs 247, 245 vs 287, 220 vs 258 ms. `--small` (4.9M parameters): 1.59-1.85x
+  our loop, 4.2-4.3x torch. The builder's int4 (85 MB): 32.6 and 41.8 tokens/s = 9.0x and 6.0x torch fp32 decode
+  (4.4-4.6x less CPU per token); perplexity on the corpus +1.25% against the genai fp32 folder (random weights:
+  only the change means something). Hence `--engine auto` builds the genai folder for the families the builder
+  supports.
 """
 
 from __future__ import annotations
@@ -90,6 +105,57 @@ def torch_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> RunRecord
     return RunRecord(sequences, clock.start, clock.ticks, time.perf_counter(), None)
 
 
+def genai_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> RunRecord:
+    """ONNX Runtime GenAI's own greedy search (EOS ignored through min_length), ticking after each token."""
+    from mlops_cli.services.onnx_lm.genai import new_generator, token_array
+
+    prompt = input_ids[0].tolist()
+    total = len(prompt) + new_tokens
+    clock = StepClock(cuda=False)
+    clock.begin()
+    generator = new_generator(model, total, do_sample=False, min_length=total)
+    generator.append_tokens(token_array([prompt]))
+    while not generator.is_done():
+        generator.generate_next_token()
+        clock.tick()
+    end = time.perf_counter()
+    return RunRecord(torch.tensor([[int(t) for t in generator.get_sequence(0)]]), clock.start, clock.ticks, end, None)
+
+
+def build_genai(model: Any, scratch: Path, precision: str) -> Any:
+    """The genai folder of `model` (saved as an HF folder first), opened with one intra-op thread."""
+    from mlops_cli.core import zoo
+    from mlops_cli.services.onnx_lm.genai import open_model, read_genai_folder
+    from mlops_cli.services.onnx_lm.genai_export import build
+
+    source = scratch / "hf"
+    model.save_pretrained(source)
+    zoo.gpt2_tokenizer().save_pretrained(source)  # the builder copies a tokenizer; its ids are valid here
+    start = time.perf_counter()
+    folder = scratch / f"genai-{precision}"
+    build(source, folder, precision, "llama", "LlamaForCausalLM", scratch / "cache")
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data"))
+    print(f"genai build ({precision}): {time.perf_counter() - start:.1f} s, {size / 1e6:.0f} MB")
+    return open_model(read_genai_folder(folder), threads=1)
+
+
+def genai_perplexity(fp32: Any, int4: Any) -> None:
+    """Perplexity of the genai fp32 and int4 folders on the bundled corpus (window 128, stride 64, 512 tokens)."""
+    import functools
+    import math
+
+    from mlops_cli.core import zoo
+    from mlops_cli.services.onnx_lm.genai import pass_logits
+    from mlops_cli.services.onnx_lm.quality import CORPUS, score, text_tokens
+
+    tokens = text_tokens(CORPUS, zoo.gpt2_tokenizer(), 512)
+    before, predicted = score(functools.partial(pass_logits, fp32), tokens, 128, 64)
+    after, predicted4 = score(functools.partial(pass_logits, int4), tokens, 128, 64)
+    print(f"genai int4: perplexity {math.exp(before):.1f} -> {math.exp(after):.1f} "
+          f"({100 * (math.exp(after - before) - 1):+.2f}%), greedy agreement "
+          f"{100 * float((predicted == predicted4).mean()):.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a 4-layer model instead of SmolLM-135M's shape")
@@ -105,6 +171,8 @@ def main() -> None:
                         help="MatMulNBits weight bits for --accuracy-levels (8: `compress int8 --weight-only`)")
     parser.add_argument("--accuracy-levels", default=None,
                         help="compare int4 decoders at these accuracy levels, e.g. 0,4 (one side each; implies --int4)")
+    parser.add_argument("--genai", action="store_true", help="also ONNX Runtime GenAI's builder folder + og.Generator")
+    parser.add_argument("--genai-int4", action="store_true", help="also the builder's int4 folder")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -122,6 +190,14 @@ def main() -> None:
         decoder = OnnxDecoder(written.path, threads=1)
         sides = {"onnxruntime": lambda: onnx_run(decoder, input_ids, args.new_tokens),
                  "torch generate": lambda: torch_run(model, input_ids, args.new_tokens)}
+        if args.genai:
+            genai = build_genai(model, Path(scratch), "fp32")
+            sides["genai"] = lambda: genai_run(genai, input_ids, args.new_tokens)
+        if args.genai_int4:
+            genai4 = build_genai(model, Path(scratch), "int4")
+            sides["genai int4"] = lambda: genai_run(genai4, input_ids, args.new_tokens)
+            if args.genai:
+                genai_perplexity(genai, genai4)
         if args.accuracy_levels:
             sides.update(int4_level_sides(written.path, args.block_size, args.accuracy_levels, input_ids,
                                           args.new_tokens, args.bits))
@@ -139,22 +215,29 @@ def main() -> None:
                     cpu_seconds[name].append(time.process_time() - cpu)
     rates: dict[str, float] = {}
     cpu_per_token: dict[str, float] = {}
+    ttfts: dict[str, float] = {}
     for name, runs in records.items():
         metrics = [run_metrics(r, args.new_tokens, 1) for r in runs]
         tps = [m.decode_tokens_per_s for m in metrics if m.decode_tokens_per_s]
         ttft = [m.ttft_ms for m in metrics if m.ttft_ms is not None]
         rates[name] = statistics.median(tps)
+        ttfts[name] = statistics.median(ttft)
         cpu_ms = 1000 * statistics.median(cpu_seconds[name]) / args.new_tokens
         print(f"{name:16s} decode {rates[name]:7.1f} tokens/s (min {min(tps):.1f}, max {max(tps):.1f}), "
               f"TTFT {statistics.median(ttft):7.1f} ms ({args.prompt_tokens}-token prompt), "
               f"CPU {cpu_ms:6.1f} ms per token (whole call)")
         cpu_per_token[name] = cpu_ms
-    same = torch.equal(records["onnxruntime"][0].sequences, records["torch generate"][0].sequences)
     for name in rates:
         if name != "torch generate":
             print(f"ratio {name} / torch: decode tokens/s {rates[name] / rates['torch generate']:.2f}, "
                   f"CPU time per token {cpu_per_token['torch generate'] / cpu_per_token[name]:.2f}x less")
-    print(f"onnxruntime and torch generated the same tokens: {same}")
+    if "genai" in rates:
+        print(f"ratio genai / onnxruntime (our loop on the torch export): decode tokens/s "
+              f"{rates['genai'] / rates['onnxruntime']:.2f}, TTFT {ttfts['onnxruntime'] / ttfts['genai']:.2f}x less")
+    reference = records["torch generate"][0].sequences
+    for name in rates:
+        if name != "torch generate" and "int4" not in name:
+            print(f"{name} and torch generated the same tokens: {torch.equal(records[name][0].sequences, reference)}")
 
 
 def quantize(path: Path, block_size: int, accuracy_level: int | None, bits: int = 4) -> Path:

@@ -36,6 +36,9 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)  # type: ignore[misc]
 HalfPrecision = Enum("HalfPrecision", {name: name for name in ("fp16", "bf16")}, type=str)  # type: ignore[misc]
 Preset = Enum("Preset", {name: name for name in ("auto", *PRECISIONS)}, type=str)  # type: ignore[misc]
+# Weight precisions of an exported LLM (ONNX Runtime GenAI's builder on CPU: fp32, weight-only int8/int4).
+WEIGHT_PRECISIONS = ("fp32", "int8", "int4")
+WeightPrecision = Enum("WeightPrecision", {name: name for name in WEIGHT_PRECISIONS}, type=str)  # type: ignore[misc]
 
 
 ModelArg = Annotated[str, typer.Argument(

@@ -27,6 +27,7 @@ from mlops_cli.commands.common import (
     RtolOpt,
     SeedOpt,
     SeqLenOpt,
+    WeightPrecision,
     model_options,
     parse_tolerances,
     progress_steps,
@@ -41,6 +42,12 @@ class Exporter(str, Enum):
     auto = "auto"
     dynamo = "dynamo"
     legacy = "legacy"
+
+
+class LmEngine(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    genai = "genai"
 
 
 class Optimize(str, Enum):
@@ -93,6 +100,16 @@ def export_onnx_command(
     keep_metadata: Annotated[bool, typer.Option(
         "--keep-metadata", help="Keep the dynamo exporter's per-node debugging metadata (source stack traces with "
                                 "local paths, module names): about twice the file size.")] = False,
+    engine: Annotated[LmEngine, typer.Option(
+        "--engine", rich_help_panel="Causal LMs (--task causal-lm)",
+        help="torch: our KV-cache export, one .onnx file; genai: ONNX Runtime GenAI's model builder, a folder "
+             "(model.onnx, genai_config.json, tokenizer) for Llama, Mistral, Qwen, Phi, Gemma... families; auto: "
+             "genai when -o names a folder, the family is supported and the build verifies (it decodes faster), "
+             "else torch. The report says which ran and why.")] = LmEngine.auto,
+    precision: Annotated[WeightPrecision, typer.Option(
+        "--precision", rich_help_panel="Causal LMs (--task causal-lm)",
+        help="Weights of a genai build: fp32, or the builder's weight-only int8/int4 (CPU). For a .onnx file use "
+             "`mlops compress int4`.")] = WeightPrecision("fp32"),
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -106,7 +123,9 @@ def export_onnx_command(
     outputs logits and present.N.key/value, dynamic batch/sequence/past dims, Optimum's names): one file for the
     prompt and every next token, run at other sizes (the empty past included) and compared with the model before
     it is written (opset at most 17). Then `mlops generate model.onnx --tokenizer MODEL` and
-    `mlops verify-parity MODEL model.onnx --generate`.
+    `mlops verify-parity MODEL model.onnx --generate`. --engine genai writes ONNX Runtime GenAI's folder instead
+    (its model builder; model.onnx, genai_config.json, tokenizer), verified the same way; --engine auto (default)
+    does so when -o names a folder and the builder supports the family.
 
     Example: mlops export onnx builtin:tiny-bert -o bert.onnx --optimize all --json
     """
@@ -128,8 +147,10 @@ def export_onnx_command(
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task causal-lm (the KV-cache export is "
                              "checked against the model at its own sizes)", hint="Drop them.")
-        _export_with_past(model, output, force, opset, external_data, load, as_json, quiet)
+        _export_lm(model, output, force, opset, external_data, engine, precision.value, load, as_json, quiet)
         return
+    if engine != LmEngine.auto or precision.value != "fp32":
+        raise UsageError("--engine and --precision apply to --task causal-lm", hint="Add --task causal-lm.")
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value])
     request = InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)
     with progress_steps(f"exporting {model} to ONNX", quiet) as on_step:
@@ -144,19 +165,41 @@ def export_onnx_command(
         raise ValidationFailed(report.verdict, hint=f"{report.output} was kept for inspection.")
 
 
-def _export_with_past(model: str, output: Path, force: bool, opset: int, external_data: bool, load: "LoadOptions",
-                      as_json: bool, quiet: bool) -> None:
-    """`--task causal-lm`: the decoder with its KV cache (services/onnx_lm)."""
+def _export_lm(model: str, output: Path, force: bool, opset: int, external_data: bool, engine: LmEngine,
+               precision: str, load: "LoadOptions", as_json: bool, quiet: bool) -> None:
+    """`--task causal-lm`: the decoder with its KV cache (torch), or ONNX Runtime GenAI's folder (genai)."""
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.errors import UsageError, ValidationFailed
     from mlops_cli.render.export_onnx import export_with_past_tables
-    from mlops_cli.services.onnx_lm import ExportWithPastOptions, export_run
+    from mlops_cli.render.genai import genai_export_tables
+    from mlops_cli.services.onnx_lm import ExportWithPastOptions, ExportWithPastReport, export_run
+    from mlops_cli.services.onnx_lm.genai_export import GenaiExportOptions, GenaiExportReport, run_auto
+    from mlops_cli.services.onnx_lm.genai_export import run as genai_run
 
+    if engine == LmEngine.torch and precision != "fp32":
+        raise UsageError(f"--precision {precision} is the genai builder's; --engine torch exports fp32",
+                         hint="Use --engine genai, or quantise the .onnx file with `mlops compress int4`.")
+    ref = ModelRef.parse(model)
     with progress_steps(f"exporting {model} to ONNX with its KV cache", quiet) as on_step:
-        options = ExportWithPastOptions(load=load, on_step=on_step, output=output, force=force,
-                                        opset=min(opset, 17), external_data=external_data or None)
-        report = export_run(ModelRef.parse(model), options)
-    render.emit(report, as_json, export_with_past_tables, quiet)
+        torch_options = ExportWithPastOptions(load=load, on_step=on_step, output=output, force=force,
+                                              opset=min(opset, 17), external_data=external_data or None)
+        genai_options = GenaiExportOptions(load=load, on_step=on_step, output=output, force=force,
+                                           precision=precision)
+        report: GenaiExportReport | ExportWithPastReport
+        if engine == LmEngine.torch:
+            report = export_run(ref, torch_options)
+        else:
+            report = genai_run(ref, genai_options) if engine == LmEngine.genai else run_auto(ref, genai_options,
+                                                                                              torch_options)
+    if not isinstance(report, GenaiExportReport):
+        render.emit(report, as_json, export_with_past_tables, quiet)
+        return
+    render.emit(report, as_json, genai_export_tables, quiet)
+    if not report.passed:
+        raise ValidationFailed(f"the genai build does not match the model: {report.verdict}",
+                               hint=f"{report.output} was kept for inspection; --engine torch exports the model "
+                                    "with our exporter.")
 
 
 def register(app: typer.Typer) -> None:

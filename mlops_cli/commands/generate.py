@@ -138,7 +138,9 @@ def generate_command(
     set during the run. CUDA timings are synchronised.
 
     An ONNX decoder exported with its KV cache (`mlops export onnx MODEL --task causal-lm`) generates on ONNX
-    Runtime (greedy or sample) with the same figures; its tokenizer comes from its folder or --tokenizer.
+    Runtime (greedy or sample) with the same figures; its tokenizer comes from its folder or --tokenizer. An ONNX
+    Runtime GenAI folder (genai_config.json; `export onnx --engine genai`) runs on that runtime: greedy, sample
+    and beam, the same figures.
 
     Example: mlops generate builtin:tiny-gpt2 --prompt "The model" --strategy all --max-new-tokens 20
     """

@@ -68,7 +68,8 @@ def verify_parity_command(
         "--timing/--no-timing", help="Time both sides on every input set (--no-timing is --repeats 0).")] = True,
     generate: Annotated[bool, typer.Option(
         "--generate", rich_help_panel="Causal LMs",
-        help="REFERENCE an HF causal LM, CANDIDATE its ONNX export with KV cache: greedy generation from several "
+        help="REFERENCE an HF causal LM, CANDIDATE its ONNX export with KV cache (or its ONNX Runtime GenAI folder, "
+             "run by that runtime): greedy generation from several "
              "prompts on both, tokens compared (the first divergence named: prompt, step, both tokens, their logit "
              "gap), and the logits of the prompt pass and of every cached step.")] = False,
     prompts: Annotated[list[str] | None, typer.Option(
@@ -137,19 +138,23 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
     from mlops_cli.render.parity import generation_parity_tables
     from mlops_cli.services.generate import read_prompts
     from mlops_cli.services.onnx_lm import GenerationParityOptions, parity_run
+    from mlops_cli.services.onnx_lm.genai import looks_like_genai_folder, read_genai_folder
+    from mlops_cli.services.onnx_lm.genai_parity import genai_parity_run
     from mlops_cli.services.onnx_lm.quality import DEFAULT_PROMPTS
 
     chosen = tuple(prompts or ()) + (read_prompts(prompts_file) if prompts_file else ()) or DEFAULT_PROMPTS
     candidate_ref = ModelRef.parse(candidate)
-    if candidate_ref.path is None or not candidate_ref.path.is_file():
-        raise UsageError("--generate compares with an ONNX file exported with --task causal-lm",
+    genai = looks_like_genai_folder(candidate_ref.path)  # ONNX Runtime GenAI's folder: run by its runtime
+    if candidate_ref.path is None or not (genai or candidate_ref.path.is_file()):
+        raise UsageError("--generate compares with an ONNX file exported with --task causal-lm (or a genai folder)",
                          hint="mlops export onnx MODEL --task causal-lm -o lm.onnx")
-    precision = tolerances.preset if tolerances.preset != "auto" else onnx_precision(candidate_ref.path)[0]
+    graph = read_genai_folder(candidate_ref.path).model_file if genai else candidate_ref.path
+    precision = tolerances.preset if tolerances.preset != "auto" else onnx_precision(graph)[0]
     with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
         options = GenerationParityOptions(
             load=load, on_step=on_step, candidate=candidate_ref.path, max_new_tokens=max_new_tokens,
             tolerances=tolerances.resolve(precision), prompts=chosen, evaluation=evaluation)
-        report = parity_run(ModelRef.parse(reference), options)
+        report = (genai_parity_run if genai else parity_run)(ModelRef.parse(reference), options)
     render.emit(report, as_json, generation_parity_tables, quiet)
     if not report.passed:
         hint = ("An fp32 export must generate what the model generates: re-export it." if precision == "fp32" else

@@ -59,6 +59,7 @@ def export_with_past_tables(report: ExportWithPastReport) -> Iterator[Renderable
     """`export onnx --task causal-lm`: the decoder written, its cache layout, and the sizes it was checked at."""
     yield key_values(f"ONNX export with KV cache: {report.model}", [
         ("output", report.output),
+        ("engine", f"{report.engine}: the KV-cache exporter ({report.engine_reason})"),
         *((f"file {name}", fmt_bytes(size)) for name, size in report.files.items()),
         ("family", report.family),
         ("cache", f"{report.layers} layer(s) x {report.kv_heads} KV head(s) x head dim {report.head_dim}"),

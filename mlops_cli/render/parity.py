@@ -6,7 +6,7 @@ so they line up and never wrap.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from rich.console import RenderableType
 from rich.text import Text
@@ -16,6 +16,7 @@ from mlops_cli.core.parity import ParityReport
 from mlops_cli.render import fmt_float, fmt_ms, fmt_pct, key_values, note, table, verdict
 from mlops_cli.render.perplexity import perplexity_tables
 from mlops_cli.services.onnx_lm import GenerationParityReport
+from mlops_cli.services.onnx_lm.quality import PromptParity
 from mlops_cli.services.verify_parity import VerifyParityReport
 
 PARITY_COLUMNS = ("input set", "output", "max |diff|", "max rel", "mean |diff|", "p99 |diff|", "cosine",
@@ -140,22 +141,9 @@ def generation_parity_tables(report: GenerationParityReport) -> Iterator[Rendera
     tolerance = (f"preset {report.preset} (scale-aware)" if report.preset
                  else f"atol {report.atol:g}, rtol {report.rtol:g} (as given)")
     yield key_values("Generation parity", [
-        ("reference", report.reference), ("candidate", f"{report.candidate} (onnxruntime, KV cache)"),
+        ("reference", report.reference), ("candidate", f"{report.candidate} ({report.runtime}, KV cache)"),
         ("greedy tokens per prompt", report.max_new_tokens), ("logits tolerance", tolerance)])
-    rows = []
-    for prompt in report.prompts:
-        worst = max(prompt.passes, key=lambda p: p.diff.max_abs or 0.0, default=None)
-        failing = prompt.first_failing_pass
-        where = "-" if failing is None else ("prompt pass" if failing.step == 0 else f"cached step {failing.step}")
-        same = sum(1 for a, b in zip(prompt.reference_tokens, prompt.candidate_tokens, strict=False) if a == b)
-        diverged = f"step {prompt.divergence.step}" if prompt.divergence else "-"
-        rows.append((prompt.prompt, f"{same}/{len(prompt.reference_tokens)}", diverged, len(prompt.passes),
-                     fmt_float(worst.diff.max_abs if worst else None), where,
-                     Text("PASS", style="green") if prompt.passed else Text("FAIL", style="red")))
-    yield table("Per prompt: greedy tokens and the logits of every pass",
-                ("prompt", "same tokens", "first divergence", "passes", "worst max |diff|", "first failing pass",
-                 "result"), rows, numeric=("same tokens", "passes", "worst max |diff|"),
-                caption="pass 0 is the prompt pass, pass k the k-th token through the KV cache")
+    yield prompt_parity_table(report.prompts)
     for prompt in report.prompts:
         divergence = prompt.divergence
         if divergence is not None:
@@ -165,3 +153,21 @@ def generation_parity_tables(report: GenerationParityReport) -> Iterator[Rendera
                        f"{divergence.candidate_gap:.3g} (candidate)")
     yield from perplexity_tables(report.perplexity, "reference", "candidate")
     yield verdict(report.passed, report.verdict)
+
+
+def prompt_parity_table(prompts: Sequence[PromptParity]) -> RenderableType:
+    """One row per prompt: greedy tokens in common, the first divergence, the worst pass and the first failing one."""
+    rows = []
+    for prompt in prompts:
+        worst = max(prompt.passes, key=lambda p: p.diff.max_abs or 0.0, default=None)
+        failing = prompt.first_failing_pass
+        where = "-" if failing is None else ("prompt pass" if failing.step == 0 else f"cached step {failing.step}")
+        same = sum(1 for a, b in zip(prompt.reference_tokens, prompt.candidate_tokens, strict=False) if a == b)
+        diverged = f"step {prompt.divergence.step}" if prompt.divergence else "-"
+        rows.append((prompt.prompt, f"{same}/{len(prompt.reference_tokens)}", diverged, len(prompt.passes),
+                     fmt_float(worst.diff.max_abs if worst else None), where,
+                     Text("PASS", style="green") if prompt.passed else Text("FAIL", style="red")))
+    return table("Per prompt: greedy tokens and the logits of every pass",
+                 ("prompt", "same tokens", "first divergence", "passes", "worst max |diff|", "first failing pass",
+                  "result"), rows, numeric=("same tokens", "passes", "worst max |diff|"),
+                 caption="pass 0 is the prompt pass, pass k the k-th token through the KV cache")

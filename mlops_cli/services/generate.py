@@ -659,9 +659,15 @@ def explain_greedy(session: Session, greedy: StrategyResult | None = None) -> Ex
 def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
     """Load the model `ref` names and generate (options are checked before anything loads)."""
     from mlops_cli.core.runtimes import use_threads
+    from mlops_cli.services.onnx_lm.genai import looks_like_genai_folder
 
     check_options(options)
     use_threads(options.threads)
+    if looks_like_genai_folder(ref.path):  # ONNX Runtime GenAI's folder (export onnx --engine genai)
+        from mlops_cli.services.onnx_lm import genai_generate
+
+        assert ref.path is not None
+        return genai_generate.generate(ref.path, options)
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
     if loaded.kind == ModelKind.ONNX:  # an ONNX decoder exported with its KV cache (export onnx --task causal-lm)

@@ -295,6 +295,8 @@ class ExportWithPastReport(Report):
     external_data: bool
     files: dict[str, int]  # file name -> bytes (the .onnx, and its .data when external)
     checked_passes: tuple[tuple[int, int, int], ...]  # (batch, sequence, past) run and compared with the model
+    engine: str = "torch"  # `--engine`: torch (this exporter) or genai (services/onnx_lm/genai_export.py)
+    engine_reason: str = "--engine torch"  # why this engine ran (`--engine auto` says what it decided)
 
 
 def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:

@@ -106,6 +106,7 @@ class GenerationParityReport(Report):
     passed: bool
     verdict: str
     perplexity: PerplexityComparison | None = None  # the ONNX decoder's perplexity against the model's
+    runtime: str = "onnxruntime"  # what ran the candidate: "onnxruntime" (our loop) or "onnxruntime-genai"
 
 
 def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts: Sequence[str],
@@ -122,14 +123,19 @@ def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts
         prompt_length = int(input_ids.shape[1])
         ref_new, cand_new = reference[0, prompt_length:].tolist(), candidate[0, prompt_length:].tolist()
         divergence = _first_divergence(ref_new, cand_new, ref_scores, cand_scores, tokenizer)
-        ref_logits = torch_passes(model, input_ids, ref_new)
-        cand_logits = onnx_passes(decoder, input_ids, ref_new)
-        atol, rtol = tolerances.for_output("logits")
-        passes = tuple(PassDiff(step, compare_arrays(f"logits (pass {step})", r, c, atol, rtol,
-                                                     agreement=tolerances.agreement))
-                       for step, (r, c) in enumerate(zip(ref_logits, cand_logits, strict=True)))
+        passes = pass_diffs(torch_passes(model, input_ids, ref_new), onnx_passes(decoder, input_ids, ref_new),
+                            tolerances)
         results.append(PromptParity(prompt, tuple(ref_new), tuple(cand_new), divergence, passes))
     return tuple(results)
+
+
+def pass_diffs(ref_logits: Sequence[np.ndarray], cand_logits: Sequence[np.ndarray],
+               tolerances: Tolerances) -> tuple[PassDiff, ...]:
+    """Each pass's logits compared (pass 0: the prompt pass, pass k: the k-th cached single-token pass)."""
+    atol, rtol = tolerances.for_output("logits")
+    return tuple(PassDiff(step, compare_arrays(f"logits (pass {step})", r, c, atol, rtol,
+                                               agreement=tolerances.agreement))
+                 for step, (r, c) in enumerate(zip(ref_logits, cand_logits, strict=True)))
 
 
 def _greedy(decoder_loop: Callable[..., torch.Tensor], side: Any, input_ids: torch.Tensor,

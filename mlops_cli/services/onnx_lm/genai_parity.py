@@ -1,0 +1,69 @@
+"""`verify-parity HF_FOLDER GENAI_FOLDER --generate`: does a genai folder generate what its PyTorch model does?
+
+The same checks as for an ONNX decoder (`quality.py`), the candidate side run by ONNX Runtime GenAI: greedy
+tokens of each prompt (the argmax of the runtime's logits, fed back into its own cache) against our PyTorch
+loop, the first divergence named with both tokens and their logit gaps; then logit-level parity with the cache:
+the reference's greedy tokens appended one by one to the runtime's cache, and the logits of the prompt pass and
+of every cached pass (`generator.get_output("logits")`) compared with PyTorch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlops_cli.core.contract import ModelRef
+from mlops_cli.core.errors import UsageError
+from mlops_cli.core.parity import Tolerances
+from mlops_cli.services.decoding import DecodingParams, decode
+from mlops_cli.services.onnx_lm.genai import greedy_with_scores, open_model, read_genai_folder, teacher_forced_passes
+from mlops_cli.services.onnx_lm.quality import (
+    GenerationParityOptions,
+    GenerationParityReport,
+    PromptParity,
+    _first_divergence,
+    _greedy,
+    _reference,
+    generation_verdict,
+    pass_diffs,
+    torch_passes,
+)
+
+
+def compare_genai_generation(model: Any, genai_model: Any, tokenizer: Any, prompts: Sequence[str],
+                             max_new_tokens: int, tolerances: Tolerances) -> tuple[PromptParity, ...]:
+    """Greedy tokens and per-pass logits of the PyTorch model and the genai model, prompt by prompt (batch 1)."""
+    params = DecodingParams(max_new_tokens=max_new_tokens)  # no EOS: every prompt runs all its steps
+    results = []
+    for prompt in prompts:
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        if input_ids.shape[1] == 0:
+            raise UsageError(f"the prompt {prompt!r} encodes to no tokens")
+        prompt_ids = input_ids[0].tolist()
+        reference, ref_scores = _greedy(decode, model, input_ids, params)
+        ref_new = reference[0, len(prompt_ids):].tolist()
+        cand_new, cand_scores = greedy_with_scores(genai_model, prompt_ids, max_new_tokens)
+        divergence = _first_divergence(ref_new, cand_new, ref_scores, cand_scores, tokenizer)  # type: ignore[arg-type]
+        passes = pass_diffs(torch_passes(model, input_ids, ref_new),
+                            teacher_forced_passes(genai_model, prompt_ids, ref_new), tolerances)
+        results.append(PromptParity(prompt, tuple(ref_new), tuple(cand_new), divergence, passes))
+    return tuple(results)
+
+
+def genai_parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationParityReport:
+    """`verify-parity MODEL GENAI_FOLDER --generate`: the PyTorch model is the reference, `options.candidate`
+    the genai folder."""
+    if options.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    folder = read_genai_folder(Path(options.candidate))
+    model, tokenizer, warnings = _reference(ref, options.load, options.tokenizer)
+    genai_model = open_model(folder, options.threads)
+    options.on_step("generating")
+    prompts = compare_genai_generation(model, genai_model, tokenizer, options.prompts, options.max_new_tokens,
+                                       options.tolerances)
+    return GenerationParityReport(
+        reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
+        atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
+        prompts=prompts, passed=all(p.passed for p in prompts), verdict=generation_verdict(prompts),
+        runtime="onnxruntime-genai", warnings=tuple(warnings))

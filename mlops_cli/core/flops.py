@@ -305,6 +305,10 @@ def to_tensors(inputs: Mapping[str, Any], device: Any = None) -> dict[str, torch
 
 
 def module_device(module: Any) -> torch.device:
+    if getattr(module, "hf_device_map", None):  # placed by accelerate (--device-map): its weights may be on meta
+        from mlops_cli.core.runtimes import input_device
+
+        return torch.device(input_device(module))
     for tensor in _module_tensors(module):
         return tensor.device
     return torch.device("cpu")

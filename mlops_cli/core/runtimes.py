@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.loading import LoadedModel, ModelKind
+from mlops_cli.core.errors import InputError, ResourceError, UsageError
+from mlops_cli.core.loading import OFFLOAD_WARNING, LoadedModel, ModelKind
 
 
 def resolve_device(device: str) -> str:
@@ -39,6 +39,92 @@ def device_for(loaded: LoadedModel, device: str) -> str:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "cpu"
     return resolve_device(device)
+
+
+def device_map_of(module: Any) -> dict[str, str] | None:
+    """Where accelerate placed a model's parts (`--device-map`): {module name: "cpu" | "disk" | "cuda:N"}, or
+    None for a model that was not dispatched (then it lives on one device and may be moved)."""
+    placement = getattr(module, "hf_device_map", None)
+    if not placement:
+        return None
+    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in placement.items()}
+
+
+def is_dispatched(module: Any) -> bool:
+    """A model accelerate placed: it must never be `.to(device)`-ed (its hooks move weights in and out)."""
+    return device_map_of(module) is not None
+
+
+def input_device(module: Any, default: str = "cpu") -> str:
+    """Where a model's inputs go: the execution device of its input embeddings (a disk- or CPU-offloaded
+    embedding's weight is on `meta` or `cpu` while accelerate computes it elsewhere), else that weight's device,
+    else the first device of its map, else `default`."""
+    import torch
+
+    embeddings = module.get_input_embeddings() if callable(getattr(module, "get_input_embeddings", None)) else None
+    hook = getattr(embeddings, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return str(torch.device(execution))
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return str(weight.device)
+    placement = device_map_of(module)
+    if placement:
+        first = next(iter(placement.values()))
+        return "cpu" if first == "disk" else first
+    return default
+
+
+def offloaded_parts(module: Any) -> list[str]:
+    """The parts of a dispatched model whose weights are not in memory on a device (offloaded to disk, or
+    kept on CPU while computed on a GPU): code that needs every weight at once (export) cannot read them."""
+    placement = device_map_of(module) or {}
+    on_gpu = any(where.startswith("cuda") for where in placement.values())
+    return [name or "(all)" for name, where in placement.items() if where == "disk" or (on_gpu and where == "cpu")]
+
+
+def gather_on_cpu(loaded: LoadedModel, purpose: str) -> None:
+    """Make a model placed by `--device-map` whole again on CPU, for work that needs every weight at once
+    (`purpose`: export, compression, pruning): offloaded weights are read back through accelerate's hooks, the
+    hooks are removed and the model is an ordinary CPU module afterwards. Refused (exit 7) when the offloaded
+    weights do not fit the memory available. The loaded model's warnings say what was done."""
+    module = loaded.module
+    placement = device_map_of(module)
+    if placement is None:
+        return
+    import psutil  # accelerate's own dependency: a dispatched model implies it is installed
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    offloaded = {name: tensor for name, tensor in [*module.named_parameters(remove_duplicate=False),
+                                                   *module.named_buffers(remove_duplicate=False)]
+                 if tensor.device.type == "meta"}
+    needed = sum(t.numel() * t.element_size() for t in {id(t): t for t in offloaded.values()}.values())
+    available = psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        raise ResourceError(f"{purpose} needs every weight in memory at once, and the {needed / 2**30:.1f} GiB "
+                            f"--device-map offloaded to disk do not fit the {available / 2**30:.1f} GiB available",
+                            hint="Run it on a machine with more memory (placement spreads computing, not "
+                                 "exporting); summarize, generate and verify-parity work as placed.")
+    stores = {path: sub._hf_hook.weights_map for path, sub in module.named_modules()
+              if getattr(getattr(sub, "_hf_hook", None), "weights_map", None) is not None}
+    for name in offloaded:
+        owner, _, leaf = name.rpartition(".")
+        store_path = max((path for path in stores if owner == path or owner.startswith(f"{path}.") or not path),
+                         key=len)
+        key = name[len(store_path) + 1:] if store_path else name
+        if key in stores[store_path]:  # a tied weight is stored once, under its first name (tie_weights below)
+            set_module_tensor_to_device(module.get_submodule(owner), leaf, "cpu", value=stores[store_path][key])
+    remove_hook_from_module(module, recurse=True)
+    del module.hf_device_map
+    if callable(getattr(module, "tie_weights", None)):
+        module.tie_weights()
+    module.to("cpu")
+    where = ", ".join(sorted(set(placement.values())))
+    loaded.warnings[:] = [w for w in loaded.warnings if not w.startswith(OFFLOAD_WARNING)]
+    loaded.warnings.append(f"{purpose} needs the whole model on one device: the model --device-map placed on "
+                           f"{where} was gathered on CPU ({needed / 2**20:.1f} MiB of offloaded weights loaded)")
 
 
 _ort_threads: int | None = None  # what use_threads() set: ONNX Runtime sessions made afterwards use it
@@ -199,7 +285,9 @@ def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
     import torch
 
     module = loaded.module
-    if loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
+    if is_dispatched(module):  # accelerate placed it (--device-map): inputs go where its first layer computes
+        device = input_device(module, device)
+    elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
         module.to(device)
     names = forward_parameter_names(module)
     extra = call_options(loaded, names)

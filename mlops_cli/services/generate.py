@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
+from mlops_cli.core.loading import LoadedModel, ModelKind, load_model, wants_placement
 from mlops_cli.services.decoding import DecodingParams, decode, logits_processors
 from mlops_cli.services.generate_measure import (
     ClockCriterion,
@@ -69,7 +69,6 @@ class GenerateOptions(ServiceOptions):
     compile: bool = False
     device: str = "auto"
     dtype: str = "fp32"
-    device_map: str | None = None
     explain: bool = False
     candidates: int = 5
     stream: bool = False
@@ -178,7 +177,6 @@ def check_options(options: GenerateOptions) -> None:
         (options.repeat < 1, "--repeat must be at least 1"),
         (options.warmup < 0, "--warmup must be >= 0"),
         (options.candidates < 1, "--candidates must be at least 1"),
-        (options.device_map not in (None, "auto"), "--device-map accepts only 'auto'"),
     ]
     for failed, message in problems:
         if failed:
@@ -258,9 +256,8 @@ def prepare(loaded: LoadedModel, options: GenerateOptions) -> Session:
                          hint="Use --engine generate, without --explain, for seq2seq models.")
     input_ids, attention_mask = _encode(tokenizer, model, options)
     _check_context(model, int(input_ids.shape[1]), options.max_new_tokens)
-    input_device = _input_device(model, device)
-    return Session(loaded, model, tokenizer, options, device, input_ids.to(input_device),
-                   attention_mask.to(input_device), cache, compiled, notes, warnings)
+    return Session(loaded, model, tokenizer, options, device, input_ids.to(_input_device(model, device)),
+                   attention_mask.to(_input_device(model, device)), cache, compiled, notes, warnings)
 
 
 def _can_generate(model: Any) -> bool:
@@ -270,24 +267,17 @@ def _can_generate(model: Any) -> bool:
 
 def _place_model(model: Any, options: GenerateOptions, notes: list[str],
                  warnings: list[str]) -> tuple[str, str, bool]:
-    """Device, dtype and `--device-map auto`; returns (device, cache, compiled) actually in effect."""
-    from mlops_cli.core.runtimes import resolve_device
+    """Device and dtype (a model placed by `--device-map` stays where it was loaded, in the --dtype it was loaded
+    in); returns (device, cache, compiled) actually in effect."""
+    from mlops_cli.core.runtimes import device_map_of, input_device, resolve_device
 
     dtype = DTYPES[options.dtype]
-    if options.device_map:
-        if options.device == "cpu":
-            raise UsageError("--device-map auto spreads a model over GPUs; it contradicts --device cpu")
-        if not torch.cuda.is_available():
-            raise UsageError("--device-map auto needs CUDA GPUs and none is visible",
-                             hint="Drop --device-map (it is for models larger than one GPU).")
-        from accelerate import dispatch_model, infer_auto_device_map
-
-        model.to(dtype)
-        device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None),
-                                           dtype=dtype)
-        dispatch_model(model, device_map=device_map)
-        device = "cuda"
-        notes.append(f"--device-map auto placed the model on: {', '.join(sorted(set(map(str, device_map.values()))))}")
+    placement = device_map_of(model)
+    if placement is not None:
+        device = input_device(model)
+        notes.append(f"--device-map placed the model on: {', '.join(sorted(set(placement.values())))}")
+        if options.device not in ("auto", device):
+            warnings.append(f"--device {options.device} was not used: --device-map placed the model")
     else:
         device = resolve_device(options.device)
         model.to(device=device, dtype=dtype)
@@ -305,10 +295,9 @@ def _place_model(model: Any, options: GenerateOptions, notes: list[str],
 
 
 def _input_device(model: Any, device: str) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return torch.device(device)
+    from mlops_cli.core.runtimes import input_device
+
+    return torch.device(input_device(model, device))
 
 
 def _encode(tokenizer: Any, model: Any, options: GenerateOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -663,7 +652,8 @@ def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
     check_options(options)
     use_threads(options.threads)
     options.on_step("loading the model")
-    loaded = load_model(ref, options.load)
+    placed = wants_placement(options.load)  # a placed model is loaded in --dtype, never converted after
+    loaded = load_model(ref, replace(options.load, dtype=options.dtype) if placed else options.load)
     if loaded.kind == ModelKind.ONNX:  # an ONNX decoder exported with its KV cache (export onnx --task causal-lm)
         from mlops_cli.services.onnx_lm import generate_onnx
 

@@ -20,6 +20,7 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import WEIGHT_SUFFIXES
 from mlops_cli.core.inputs import InputRequest, InputSet, plan_inputs, text_properties
 from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
+from mlops_cli.core.runtimes import input_device, is_dispatched
 from mlops_cli.core.timing import Timing, measure
 
 
@@ -182,9 +183,14 @@ def describe_inputs(inputs: InputSet | None) -> dict[str, str]:
 
 def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str) -> SummaryReport:
     module = loaded.module
-    if loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module stays on its export device
+    if is_dispatched(module):  # placed by --device-map: never moved, fed where its first layer computes
+        device = input_device(module, device)
+    elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module stays on its export device
         module.to(device)
     notes: list[str] = []
+    if is_dispatched(module):
+        notes.append("placed by --device-map: offloaded weights are brought in during the forward pass, so the "
+                     "activation memory includes them")
     parameters = parameter_summary(module)
     packed = packed_layers(module)
     if packed:

@@ -230,7 +230,7 @@ def skip_reason(runtime: str, dtype: str, device: str) -> str | None:
 def build_candidate(ref: ModelRef, model: LoadedModel, runtime: str, dtype: str, options: BenchOptions,
                     device: str, threads: int, folder: Path) -> Candidate | BenchRow:
     """One runtime at one precision, ready to time (or a row saying the export's verification failed)."""
-    from mlops_cli.core.loading import load_model, placement_for
+    from mlops_cli.core.loading import load_model
     from mlops_cli.services.bench.exports import export_artefact
 
     if runtime in (EAGER, COMPILE):

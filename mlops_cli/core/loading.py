@@ -197,6 +197,9 @@ def placement_kwargs(options: LoadOptions) -> tuple[dict[str, Any], Path | None]
     `--device-map auto` (a memory budget is only meaningful to a planner)."""
     if not wants_placement(options):
         return {}, None
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--device-map/--max-memory/--tp-plan need the accelerate package",
+                         hint="pip install 'mlops-cli[extras]' (or accelerate).")
     if options.tp_plan:
         return _tensor_parallel_kwargs(options), None
     device_map = options.device_map or "auto"

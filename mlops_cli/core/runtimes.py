@@ -7,6 +7,7 @@ timing and summaries treat every backend the same way.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,9 +51,29 @@ def device_map_of(module: Any) -> dict[str, str] | None:
     return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in placement.items()}
 
 
-def is_dispatched(module: Any) -> bool:
-    """A model accelerate placed: it must never be `.to(device)`-ed (its hooks move weights in and out)."""
-    return device_map_of(module) is not None
+def tensor_parallel_size(module: Any) -> int:
+    """How many processes share each layer of a model loaded with `--tp-plan auto` (1: not split)."""
+    return int(getattr(module, "_tp_size", None) or 1)
+
+
+def is_placed(module: Any) -> bool:
+    """A model accelerate placed (`--device-map`) or split by tensor parallelism (`--tp-plan`): it must never be
+    `.to(device)`-ed (accelerate's hooks move weights in and out; each process holds its own shard)."""
+    return device_map_of(module) is not None or tensor_parallel_size(module) > 1
+
+
+def placement_note(module: Any) -> str | None:
+    """Where the placement options put the model, for a report's notes (None: an ordinary model)."""
+    placement = device_map_of(module)
+    if placement is not None:
+        where = ", ".join(sorted(set(placement.values())))
+        offloaded = " (offloaded weights are loaded during each forward pass)" if "disk" in where else ""
+        return f"--device-map placed the model on: {where}{offloaded}"
+    size = tensor_parallel_size(module)
+    if size > 1:
+        return (f"--tp-plan auto: each layer is split over {size} processes; this report is rank "
+                f"{os.environ.get('RANK', '?')}'s (MACs, memory and timings are its share)")
+    return None
 
 
 def input_device(module: Any, default: str = "cpu") -> str:
@@ -76,20 +97,15 @@ def input_device(module: Any, default: str = "cpu") -> str:
     return default
 
 
-def offloaded_parts(module: Any) -> list[str]:
-    """The parts of a dispatched model whose weights are not in memory on a device (offloaded to disk, or
-    kept on CPU while computed on a GPU): code that needs every weight at once (export) cannot read them."""
-    placement = device_map_of(module) or {}
-    on_gpu = any(where.startswith("cuda") for where in placement.values())
-    return [name or "(all)" for name, where in placement.items() if where == "disk" or (on_gpu and where == "cpu")]
-
-
 def gather_on_cpu(loaded: LoadedModel, purpose: str) -> None:
     """Make a model placed by `--device-map` whole again on CPU, for work that needs every weight at once
     (`purpose`: export, compression, pruning): offloaded weights are read back through accelerate's hooks, the
     hooks are removed and the model is an ordinary CPU module afterwards. Refused (exit 7) when the offloaded
     weights do not fit the memory available. The loaded model's warnings say what was done."""
     module = loaded.module
+    if tensor_parallel_size(module) > 1:
+        raise UsageError(f"{purpose} needs the whole model in one process, and --tp-plan split it over "
+                         f"{tensor_parallel_size(module)}", hint="Run it without torchrun and --tp-plan.")
     placement = device_map_of(module)
     if placement is None:
         return
@@ -285,7 +301,7 @@ def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
     import torch
 
     module = loaded.module
-    if is_dispatched(module):  # accelerate placed it (--device-map): inputs go where its first layer computes
+    if is_placed(module):  # --device-map or --tp-plan: inputs go where its first layer computes
         device = input_device(module, device)
     elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
         module.to(device)

@@ -269,15 +269,14 @@ def _place_model(model: Any, options: GenerateOptions, notes: list[str],
                  warnings: list[str]) -> tuple[str, str, bool]:
     """Device and dtype (a model placed by `--device-map` stays where it was loaded, in the --dtype it was loaded
     in); returns (device, cache, compiled) actually in effect."""
-    from mlops_cli.core.runtimes import device_map_of, input_device, resolve_device
+    from mlops_cli.core.runtimes import input_device, is_placed, placement_note, resolve_device
 
     dtype = DTYPES[options.dtype]
-    placement = device_map_of(model)
-    if placement is not None:
+    if is_placed(model):
         device = input_device(model)
-        notes.append(f"--device-map placed the model on: {', '.join(sorted(set(placement.values())))}")
+        notes.extend(filter(None, [placement_note(model)]))
         if options.device not in ("auto", device):
-            warnings.append(f"--device {options.device} was not used: --device-map placed the model")
+            warnings.append(f"--device {options.device} was not used: the placement options placed the model")
     else:
         device = resolve_device(options.device)
         model.to(device=device, dtype=dtype)

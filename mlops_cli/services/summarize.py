@@ -20,7 +20,7 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import WEIGHT_SUFFIXES
 from mlops_cli.core.inputs import InputRequest, InputSet, plan_inputs, text_properties
 from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
-from mlops_cli.core.runtimes import input_device, is_dispatched
+from mlops_cli.core.runtimes import input_device, is_placed, placement_note
 from mlops_cli.core.timing import Timing, measure
 
 
@@ -183,14 +183,12 @@ def describe_inputs(inputs: InputSet | None) -> dict[str, str]:
 
 def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str) -> SummaryReport:
     module = loaded.module
-    if is_dispatched(module):  # placed by --device-map: never moved, fed where its first layer computes
+    if is_placed(module):  # placed by --device-map/--tp-plan: never moved, fed where its first layer computes
         device = input_device(module, device)
     elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module stays on its export device
         module.to(device)
     notes: list[str] = []
-    if is_dispatched(module):
-        notes.append("placed by --device-map: offloaded weights are brought in during the forward pass, so the "
-                     "activation memory includes them")
+    notes.extend(filter(None, [placement_note(module)]))  # offloaded weights loaded in count as activations
     parameters = parameter_summary(module)
     packed = packed_layers(module)
     if packed:
@@ -238,7 +236,7 @@ def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str)
 
 def _tensor_key(tensor: Any) -> tuple:
     """Two names hold the same tensor when they view the same memory the same way (tied weights)."""
-    if tensor.device.type == "meta":
+    if tensor.device.type == "meta" or hasattr(tensor, "to_local"):  # offloaded, or a tensor-parallel shard
         return (id(tensor),)
     return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
 

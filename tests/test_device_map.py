@@ -84,6 +84,7 @@ def test_bad_placement_options_exit_2_naming_why(cli, models: dict[str, Path], t
         (("estimate", llama, "--device-map", "auto"), "reads no weights"),
         (("summarize", llama, "--tp-plan", "auto"), "torchrun"),
         (("summarize", llama, "--tp-plan", "auto", "--device-map", "auto"), "pick one"),
+        (("summarize", models["gpt2"], "--tp-plan", "auto"), "no tensor-parallel plan for GPT2Config"),
     ]
     if not torch.cuda.is_available():
         cases.append((("summarize", llama, "--max-memory", "0=1GB,cpu=1GB"), "no CUDA GPU is visible"))

@@ -191,7 +191,7 @@ def refuse_placement(options: LoadOptions, why: str, hint: str) -> None:
         raise UsageError(f"--device-map/--max-memory/--tp-plan place Hugging Face models: {why}", hint=hint)
 
 
-def placement_kwargs(options: LoadOptions) -> tuple[dict[str, Any], Path | None]:
+def placement_kwargs(options: LoadOptions, config: Any = None) -> tuple[dict[str, Any], Path | None]:
     """`from_pretrained` keyword arguments for the placement options, and the private offload folder made for
     this load (None when the user named one or nothing is placed). `--max-memory` alone implies
     `--device-map auto` (a memory budget is only meaningful to a planner)."""
@@ -201,7 +201,7 @@ def placement_kwargs(options: LoadOptions) -> tuple[dict[str, Any], Path | None]
         raise UsageError("--device-map/--max-memory/--tp-plan need the accelerate package",
                          hint="pip install 'mlops-cli[extras]' (or accelerate).")
     if options.tp_plan:
-        return _tensor_parallel_kwargs(options), None
+        return _tensor_parallel_kwargs(options, config), None
     device_map = options.device_map or "auto"
     _check_cuda_devices(device_map, options.max_memory or {})
     kwargs: dict[str, Any] = {"device_map": device_map, "low_cpu_mem_usage": True}
@@ -216,12 +216,17 @@ def placement_kwargs(options: LoadOptions) -> tuple[dict[str, Any], Path | None]
     return kwargs, private
 
 
-def _tensor_parallel_kwargs(options: LoadOptions) -> dict[str, Any]:
-    """`--tp-plan auto`: transformers shards each layer over the processes torchrun started (docs/scaling.md)."""
+def _tensor_parallel_kwargs(options: LoadOptions, config: Any) -> dict[str, Any]:
+    """`--tp-plan auto`: transformers shards each layer over the processes torchrun started (docs/scaling.md),
+    following the plan its model class declares."""
     if options.tp_plan != "auto":
         raise UsageError(f"--tp-plan {options.tp_plan!r} is not supported", hint="Use --tp-plan auto.")
     if options.device_map or options.max_memory:
         raise UsageError("--tp-plan and --device-map/--max-memory are two ways to split a model; pick one")
+    if config is not None and not getattr(config, "base_model_tp_plan", None):
+        raise UsageError(f"transformers has no tensor-parallel plan for {type(config).__name__}",
+                         hint="Use --device-map auto instead (see docs/scaling.md); Llama, Mistral, Qwen and most "
+                              "recent decoder families have a plan.")
     if not os.environ.get("WORLD_SIZE"):
         raise UsageError("--tp-plan auto splits the model over processes started by torchrun, and this process "
                          "was not (WORLD_SIZE is not set)",
@@ -326,7 +331,7 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
                                    "cannot place", "Run it without --device-map/--max-memory/--tp-plan.")
         return _load_hf_int8_folder(folder, config, model_class, options)
     use_safetensors, ignored = _hf_weights(folder)
-    placement, offload_folder = placement_kwargs(options)
+    placement, offload_folder = placement_kwargs(options, config)
     try:
         with _quiet_dispatch():
             model, info = model_class.from_pretrained(

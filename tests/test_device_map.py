@@ -168,6 +168,8 @@ def test_generate_placed_gives_the_same_tokens(cli, models: dict[str, Path]) -> 
     placed = _cli_json(cli, *args, *PLACED)
     assert placed["results"][0]["outputs"][0]["new_token_ids"] == plain["results"][0]["outputs"][0]["new_token_ids"]
     assert placed["device"] == "cpu" and any("placed the model on: cpu, disk" in n for n in placed["notes"])
+    assert placed["device_map"]["model.embed_tokens"] == "cpu" and placed["device_map"]["lm_head"] == "disk"
+    assert plain["device_map"] is None
 
 
 def test_summarize_placed_counts_what_the_whole_model_counts(cli, models: dict[str, Path]) -> None:
@@ -177,6 +179,7 @@ def test_summarize_placed_counts_what_the_whole_model_counts(cli, models: dict[s
     assert placed["parameters"] == plain["parameters"]
     assert placed["compute"]["macs"] == plain["compute"]["macs"]
     assert any("placed the model on: cpu, disk" in n for n in placed["notes"])
+    assert set(placed["device_map"].values()) == {"cpu", "disk"}
 
 
 @pytest.mark.slow

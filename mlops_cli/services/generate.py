@@ -143,6 +143,7 @@ class GenerateReport(Report):
     results: tuple[StrategyResult, ...]
     explanation: Explanation | None
     notes: tuple[str, ...] = ()  # how the run was set up (e.g. where --device-map put the model)
+    device_map: dict[str, str] | None = None  # where --device-map put each part (accelerate's hf_device_map)
 
 
 # ---------------------------------------------------------------- options
@@ -664,6 +665,8 @@ def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
 
 def generate(loaded: LoadedModel, options: GenerateOptions) -> GenerateReport:
     """Run every requested strategy (and `--explain`) on the prompts of a loaded model; figures per strategy."""
+    from mlops_cli.core.runtimes import device_map_of
+
     session = prepare(loaded, options)
     results = []
     for strategy in options.strategies:
@@ -683,4 +686,4 @@ def generate(loaded: LoadedModel, options: GenerateOptions) -> GenerateReport:
         dtype=options.dtype, engine=options.engine, cache=session.cache, compiled=session.compiled,
         batch_size=session.batch_size, max_new_tokens=options.max_new_tokens, seed=options.seed,
         memory_measure=session.memory.kind, results=tuple(results), explanation=explanation,
-        notes=tuple(session.notes), warnings=tuple(warnings))
+        notes=tuple(session.notes), warnings=tuple(warnings), device_map=device_map_of(session.model))

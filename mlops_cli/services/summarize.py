@@ -20,7 +20,7 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import WEIGHT_SUFFIXES
 from mlops_cli.core.inputs import InputRequest, InputSet, plan_inputs, text_properties
 from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
-from mlops_cli.core.runtimes import input_device, is_placed, placement_note
+from mlops_cli.core.runtimes import device_map_of, input_device, is_placed, placement_note
 from mlops_cli.core.timing import Timing, measure
 
 
@@ -115,6 +115,7 @@ class SummaryReport(Report):
     inputs: dict[str, str] = field(default_factory=dict)  # the forward pass's inputs: name -> dtype[shape]
     onnx: OnnxSummary | None = None
     notes: tuple[str, ...] = ()
+    device_map: dict[str, str] | None = None  # where --device-map put each part (accelerate's hf_device_map)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,7 +232,7 @@ def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str)
     return SummaryReport(
         reference=loaded.reference, kind=loaded.kind.value, model_class=_type_name(module), device=device,
         parameters=parameters, stored=stored, compute=compute, layers=layers, depth=options.depth, timing=timing,
-        inputs=describe_inputs(inputs), notes=tuple(notes))
+        inputs=describe_inputs(inputs), notes=tuple(notes), device_map=device_map_of(module))
 
 
 def _tensor_key(tensor: Any) -> tuple:

@@ -129,6 +129,26 @@ def test_the_private_offload_folder_goes_with_the_model(models: dict[str, Path],
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_placed_load_leaves_no_offload_folder(models: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    from mlops_cli.core.errors import InputError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["llama"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))  # weights are 128 wide
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(InputError, match=r"do not (fit|match)"):
+        load_model(str(broken), LoadOptions(device_map="auto", max_memory={"cpu": 600_000}))
+    gc.collect()
+    assert list(scratch.iterdir()) == []
+
+
 def test_gathering_on_cpu_restores_every_weight_and_the_tie(models: dict[str, Path]) -> None:
     whole = load_model(str(models["gpt2"]))
     placed = load_model(str(models["gpt2"]), LoadOptions(device_map="auto", max_memory={"cpu": 100_000}))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.contract import BUILTIN_PREFIX, LoadOptions, ModelRef
-from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
+from mlops_cli.core.errors import InputError, ResourceError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import (
     SIDECAR,
     WEIGHT_FORMATS,
@@ -338,19 +338,25 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
                 folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code,
                 use_safetensors=use_safetensors, **placement)
     except Exception as exc:
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, raised by CUDA allocations
+            raise ResourceError(f"{folder}: out of memory while loading: {message}",
+                                hint="Let accelerate spread it: --device-map auto, with --max-memory below each "
+                                     "device's free memory (see docs/scaling.md).") from exc
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise UnsafeInputError(f"{folder}: weights hold Python objects a safe load refuses: {message}") from exc
         raise InputError(f"{folder}: the weights do not fit {model_class.__name__}: {message}",
                          hint="Check --task and that config.json matches the weights.") from exc
+    if offload_folder is not None:
+        weakref.finalize(model, shutil.rmtree, offload_folder, True)  # when the model goes, or at exit
     problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
         raise InputError(
             f"{folder}: weights do not match {model_class.__name__}: {_describe_key_problems(problems)}",
             hint="The checkpoint belongs to another architecture or head; pass --task to pick the class.")
-    if offload_folder is not None:
-        weakref.finalize(model, shutil.rmtree, offload_folder, True)  # when the model goes, or at exit
     loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=model.eval(), path=folder,
                          config=config)
     loaded.warnings.extend(_offload_warnings(model))

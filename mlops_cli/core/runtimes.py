@@ -113,14 +113,14 @@ def gather_on_cpu(loaded: LoadedModel, purpose: str) -> None:
     from accelerate.hooks import remove_hook_from_module
     from accelerate.utils import set_module_tensor_to_device
 
-    offloaded = {name: tensor for name, tensor in [*module.named_parameters(remove_duplicate=False),
-                                                   *module.named_buffers(remove_duplicate=False)]
-                 if tensor.device.type == "meta"}
-    needed = sum(t.numel() * t.element_size() for t in {id(t): t for t in offloaded.values()}.values())
+    tensors = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+    offloaded = {name: tensor for name, tensor in tensors.items() if tensor.device.type == "meta"}
+    elsewhere = {id(t): t for t in tensors.values() if t.device.type != "cpu"}  # offloaded, or on a GPU
+    needed = sum(t.numel() * t.element_size() for t in elsewhere.values())
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
-        raise ResourceError(f"{purpose} needs every weight in memory at once, and the {needed / 2**30:.1f} GiB "
-                            f"--device-map offloaded to disk do not fit the {available / 2**30:.1f} GiB available",
+        raise ResourceError(f"{purpose} needs every weight in CPU memory at once, and the {needed / 2**30:.1f} GiB "
+                            f"--device-map put elsewhere do not fit the {available / 2**30:.1f} GiB available",
                             hint="Run it on a machine with more memory (placement spreads computing, not "
                                  "exporting); summarize, generate and verify-parity work as placed.")
     stores = {path: sub._hf_hook.weights_map for path, sub in module.named_modules()
@@ -140,7 +140,7 @@ def gather_on_cpu(loaded: LoadedModel, purpose: str) -> None:
     where = ", ".join(sorted(set(placement.values())))
     loaded.warnings[:] = [w for w in loaded.warnings if not w.startswith(OFFLOAD_WARNING)]
     loaded.warnings.append(f"{purpose} needs the whole model on one device: the model --device-map placed on "
-                           f"{where} was gathered on CPU ({needed / 2**20:.1f} MiB of offloaded weights loaded)")
+                           f"{where} was gathered on CPU ({needed / 2**20:.1f} MiB brought into CPU memory)")
 
 
 _ort_threads: int | None = None  # what use_threads() set: ONNX Runtime sessions made afterwards use it

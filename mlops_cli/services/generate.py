@@ -257,8 +257,9 @@ def prepare(loaded: LoadedModel, options: GenerateOptions) -> Session:
                          hint="Use --engine generate, without --explain, for seq2seq models.")
     input_ids, attention_mask = _encode(tokenizer, model, options)
     _check_context(model, int(input_ids.shape[1]), options.max_new_tokens)
-    return Session(loaded, model, tokenizer, options, device, input_ids.to(_input_device(model, device)),
-                   attention_mask.to(_input_device(model, device)), cache, compiled, notes, warnings)
+    input_device = _input_device(model, device)
+    return Session(loaded, model, tokenizer, options, device, input_ids.to(input_device),
+                   attention_mask.to(input_device), cache, compiled, notes, warnings)
 
 
 def _can_generate(model: Any) -> bool:

@@ -128,6 +128,23 @@ _LOAD_PARAMETERS: list[tuple[str, Any, Any]] = [
     ("trust_remote_code", Annotated[bool, typer.Option(
         "--trust-remote-code", rich_help_panel="Loading",
         help="Allow Hugging Face models whose repository ships custom code.")], False),
+    ("device_map", Annotated[str | None, typer.Option(
+        "--device-map", rich_help_panel="Placement", show_default=False,
+        help="Hugging Face folders: let accelerate place the model: auto, balanced, balanced_low_0, sequential "
+             "(spread over GPUs, then CPU, then disk), or all of it on cpu, cuda or cuda:N. See docs/scaling.md.")],
+     None),
+    ("max_memory", Annotated[str | None, typer.Option(
+        "--max-memory", rich_help_panel="Placement", show_default=False,
+        help="Most memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB; what does not fit is "
+             "offloaded to disk. Implies --device-map auto when given alone.")], None),
+    ("offload_folder", Annotated[Path | None, typer.Option(
+        "--offload-folder", rich_help_panel="Placement", show_default=False,
+        help="Where disk-offloaded weights go (default: a private temporary folder removed after the run).")],
+     None),
+    ("tp_plan", Annotated[str | None, typer.Option(
+        "--tp-plan", rich_help_panel="Placement", show_default=False,
+        help="auto: transformers' tensor parallelism over the processes of `torchrun --nproc-per-node N` "
+             "(exit 2 when not launched by torchrun). See docs/scaling.md.")], None),
 ]
 
 
@@ -169,10 +186,12 @@ def model_options(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mlops_cli.core.loading import LoadOptions
+        from mlops_cli.core.loading import LoadOptions, parse_device_map, parse_max_memory
 
         values = {name: kwargs.pop(name) for name in names}
         values["arch_kwargs"] = parse_arch_kwargs(values["arch_kwargs"])
+        values["device_map"] = parse_device_map(values["device_map"])
+        values["max_memory"] = parse_max_memory(values["max_memory"])
         return fn(*args, load=LoadOptions(**values), **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=kept + extra)  # type: ignore[attr-defined]

@@ -103,9 +103,6 @@ def generate_command(
     dtype: Annotated[DType, _opt(
         "--dtype", panel=MEASURING, help="Weights and compute precision; fp16/bf16 are meant for CUDA.")] = DType.fp32,
     device: DeviceOpt = Device.auto,
-    device_map: Annotated[str | None, _opt(
-        "--device-map", panel=MEASURING, show_default=False,
-        help="auto: spread a model too large for one GPU over all visible GPUs (accelerate). CUDA only.")] = None,
     cache: Annotated[Cache, _opt(
         "--cache", panel=MEASURING, help="KV cache: dynamic, or static (fixed size; CUDA, with --compile).")]
         = Cache.dynamic,
@@ -162,7 +159,7 @@ def generate_command(
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
             stop=tuple(stop or ()), chat=chat, fixed_length=fixed_length, repeat=repeat, warmup=warmup,
             engine=engine.value, cache=cache.value, compile=compile_, device=device.value, dtype=dtype.value,
-            device_map=device_map, explain=explain, candidates=candidates, stream=stream, threads=threads,
+            explain=explain, candidates=candidates, stream=stream, threads=threads,
             tokenizer=tokenizer,
             on_text=TextPrinter() if stream else None)
         report = run(ModelRef.parse(model), options)

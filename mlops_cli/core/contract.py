@@ -71,6 +71,14 @@ class LoadOptions:
     task: str | None = None
     trust_code: bool = False
     trust_remote_code: bool = False
+    # Placement of a Hugging Face model by accelerate (core/loading.py, docs/scaling.md): a strategy (auto,
+    # balanced, balanced_low_0, sequential) or one device (cpu, cuda, cuda:N); bytes per device (GPU index or
+    # "cpu"); where layers that fit nowhere go (None: a private temporary folder removed after the run).
+    device_map: str | None = None
+    max_memory: dict[int | str, int] | None = None
+    offload_folder: Path | None = None
+    dtype: str | None = None  # fp32/fp16/bf16 for a device-mapped load (None: the checkpoint's own)
+    tp_plan: str | None = None  # "auto": transformers' tensor parallelism, under torchrun
 
 
 StepCallback = Callable[[str], None]

@@ -194,10 +194,14 @@ class _ActivationTracker:
                 self.track(item)
 
     def _add(self, tensor: torch.Tensor) -> None:
+        tensor = _local(tensor)
         if tensor.is_nested or tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
+        try:
+            pointer = storage.data_ptr()
+        except RuntimeError:  # a pending collective's result (tensor parallelism) has no storage yet
+            return
         if pointer == 0 or pointer in self.excluded:
             return
         if pointer not in self.refs:
@@ -305,14 +309,24 @@ def to_tensors(inputs: Mapping[str, Any], device: Any = None) -> dict[str, torch
 
 
 def module_device(module: Any) -> torch.device:
+    if getattr(module, "hf_device_map", None):  # placed by accelerate (--device-map): its weights may be on meta
+        from mlops_cli.core.runtimes import input_device
+
+        return torch.device(input_device(module))
     for tensor in _module_tensors(module):
         return tensor.device
     return torch.device("cpu")
 
 
 def _module_tensors(module: Any) -> Iterator[torch.Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        yield _local(tensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a tensor-parallel DTensor (`--tp-plan`), which has no storage of its own."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def module_caller(module: Any) -> Callable[[Mapping[str, torch.Tensor]], Any]:

@@ -8,17 +8,25 @@ runs only when the user names it with `--arch` or it is one of mlops' built-ins.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib
 import importlib.util
 import json
+import logging
+import os
+import re
+import shutil
 import sys
-from dataclasses import dataclass, field
+import tempfile
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.contract import BUILTIN_PREFIX, LoadOptions, ModelRef
-from mlops_cli.core.errors import InputError, UnsafeInputError, UsageError
+from mlops_cli.core.errors import InputError, ResourceError, UnsafeInputError, UsageError
 from mlops_cli.core.formats import (
     SIDECAR,
     WEIGHT_FORMATS,
@@ -87,12 +95,16 @@ def load_model(reference: str | ModelRef, options: LoadOptions | None = None) ->
     options = options or LoadOptions()
     ref = ModelRef.parse(reference)
     if ref.builtin is not None:
+        refuse_placement(options, f"{ref} is a built-in model, built in memory rather than read from a folder",
+                          f"Save it with `mlops zoo save {ref} DIR` and pass DIR.")
         return _load_builtin(ref.builtin)
     path = Path(ref.text)
     reference = ref.text
     fmt = detect_format(path)
     if fmt == Format.HF_FOLDER:
         return _load_hf_folder(path, options)
+    refuse_placement(options, f"{path} is {fmt.value}, not a Hugging Face model folder",
+                      "Placement by accelerate needs a folder with config.json and its weights; drop the option.")
     if fmt == Format.WEIGHTS_FOLDER:
         return _load_weights_folder(path, options)
     if fmt in WEIGHT_FORMATS:
@@ -106,6 +118,174 @@ def load_model(reference: str | ModelRef, options: LoadOptions | None = None) ->
         return LoadedModel(reference, ModelKind.ONNX, fmt, path=path)
     raise InputError(f"{path} is {fmt.value}, which cannot be run as a model",
                      hint="Pass a weights file with --arch, a model folder, a TorchScript, .pt2 or .onnx file.")
+
+
+# ---------------------------------------------------------------- placement: accelerate device maps, tensor parallelism
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_EXAMPLE = "--device-map auto --max-memory 0=20GiB,cpu=60GiB"
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
+LOAD_DTYPES = ("fp32", "fp16", "bf16")
+OFFLOAD_WARNING = "--device-map: "  # how the warning about disk-offloaded parts begins
+
+
+def parse_device_map(text: str | None) -> str | None:
+    """`--device-map`: a strategy accelerate spreads the model with, or one device to put all of it on."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value in DEVICE_MAP_STRATEGIES or value == "cpu" or _CUDA_DEVICE.match(value):
+        return value
+    raise UsageError(f"--device-map {text!r} is not a placement",
+                     hint=f"Use one of {', '.join(DEVICE_MAP_STRATEGIES)}, cpu, cuda or cuda:N. "
+                          f"Example: {DEVICE_MAP_EXAMPLE}")
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
+    """`--max-memory 0=20GiB,cpu=60GiB` -> {0: bytes, "cpu": bytes}: the most accelerate may put on each device
+    (GPU index or cuda:N, and cpu); what fits nowhere is offloaded to disk."""
+    if text is None:
+        return None
+    limits: dict[int | str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, size = part.partition("=")
+        device = _memory_device(name.strip().lower())
+        amount = _SIZE.match(size)
+        if not sep or device is None or amount is None or amount.group(2).lower() not in _SIZE_UNITS:
+            raise UsageError(f"--max-memory: {part!r} is not DEVICE=SIZE",
+                             hint="DEVICE is a GPU index (0, cuda:1) or cpu; SIZE is bytes or a number with "
+                                  f"KB/MB/GB/KiB/MiB/GiB. Example: {DEVICE_MAP_EXAMPLE}")
+        limits[device] = int(float(amount.group(1)) * _SIZE_UNITS[amount.group(2).lower()])
+    if not limits:
+        raise UsageError("--max-memory is empty", hint=f"Example: {DEVICE_MAP_EXAMPLE}")
+    return limits
+
+
+def _memory_device(name: str) -> int | str | None:
+    if name == "cpu":
+        return name
+    if name.isdigit():
+        return int(name)
+    cuda = _CUDA_DEVICE.match(name)
+    return int(cuda.group(1)) if cuda and cuda.group(1) else None
+
+
+def wants_placement(options: LoadOptions) -> bool:
+    return bool(options.device_map or options.max_memory or options.tp_plan)
+
+
+def placement_for(ref: str | ModelRef, options: LoadOptions) -> LoadOptions:
+    """The options for a second model a command loads (verify-parity's candidate): placed like the first when it
+    is a Hugging Face folder too, else loaded without placement (an ONNX candidate of a placed model)."""
+    path = ModelRef.parse(ref).path
+    if not wants_placement(options) or (path is not None and detect_format(path) == Format.HF_FOLDER):
+        return options
+    return replace(options, device_map=None, max_memory=None, offload_folder=None, tp_plan=None, dtype=None)
+
+
+def refuse_placement(options: LoadOptions, why: str, hint: str) -> None:
+    if wants_placement(options):
+        raise UsageError(f"--device-map/--max-memory/--tp-plan place Hugging Face models: {why}", hint=hint)
+
+
+def placement_kwargs(options: LoadOptions, config: Any = None) -> tuple[dict[str, Any], Path | None]:
+    """`from_pretrained` keyword arguments for the placement options, and the private offload folder made for
+    this load (None when the user named one or nothing is placed). `--max-memory` alone implies
+    `--device-map auto` (a memory budget is only meaningful to a planner)."""
+    if not wants_placement(options):
+        return {}, None
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--device-map/--max-memory/--tp-plan need the accelerate package",
+                         hint="pip install 'mlops-cli[extras]' (or accelerate).")
+    if options.tp_plan:
+        return _tensor_parallel_kwargs(options, config), None
+    device_map = options.device_map or "auto"
+    _check_cuda_devices(device_map, options.max_memory or {})
+    kwargs: dict[str, Any] = {"device_map": device_map, "low_cpu_mem_usage": True}
+    if options.max_memory:
+        kwargs["max_memory"] = dict(options.max_memory)
+    if options.dtype:
+        kwargs["dtype"] = _torch_dtype(options.dtype)
+    private = None
+    if options.offload_folder is None:
+        private = Path(tempfile.mkdtemp(prefix="mlops-offload-"))
+    kwargs["offload_folder"] = str(options.offload_folder or private)
+    return kwargs, private
+
+
+def _tensor_parallel_kwargs(options: LoadOptions, config: Any) -> dict[str, Any]:
+    """`--tp-plan auto`: transformers shards each layer over the processes torchrun started (docs/scaling.md),
+    following the plan its model class declares."""
+    if options.tp_plan != "auto":
+        raise UsageError(f"--tp-plan {options.tp_plan!r} is not supported", hint="Use --tp-plan auto.")
+    if options.device_map or options.max_memory:
+        raise UsageError("--tp-plan and --device-map/--max-memory are two ways to split a model; pick one")
+    if config is not None and not getattr(config, "base_model_tp_plan", None):
+        raise UsageError(f"transformers has no tensor-parallel plan for {type(config).__name__}",
+                         hint="Use --device-map auto instead (see docs/scaling.md); Llama, Mistral, Qwen and most "
+                              "recent decoder families have a plan.")
+    if not os.environ.get("WORLD_SIZE"):
+        raise UsageError("--tp-plan auto splits the model over processes started by torchrun, and this process "
+                         "was not (WORLD_SIZE is not set)",
+                         hint="Launch with: torchrun --nproc-per-node N -m mlops_cli ... --tp-plan auto "
+                              "(see docs/scaling.md).")
+    from transformers import DistributedConfig
+
+    kwargs: dict[str, Any] = {"distributed_config": DistributedConfig(tp_plan="auto")}
+    if options.dtype:
+        kwargs["dtype"] = _torch_dtype(options.dtype)
+    return kwargs
+
+
+def _check_cuda_devices(device_map: str, max_memory: dict[int | str, int]) -> None:
+    """A placement naming GPUs that are not there is the user's mistake (exit 2), not a loading failure."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    cuda = _CUDA_DEVICE.match(device_map)
+    wanted = [int(cuda.group(1) or 0)] if cuda else []
+    wanted += [key for key in max_memory if isinstance(key, int)]
+    missing = sorted({index for index in wanted if index >= visible})
+    if missing:
+        seen = f"{visible} CUDA GPU(s) are visible" if visible else "no CUDA GPU is visible"
+        raise UsageError(f"the placement names GPU {', '.join(map(str, missing))} but {seen}",
+                         hint="On CPU use --device-map auto --max-memory cpu=SIZE (the rest is offloaded to disk).")
+
+
+@contextlib.contextmanager
+def _quiet_dispatch() -> Iterator[None]:
+    """accelerate logs "Some parameters are on the meta device..." itself; the report says it (`_offload_warnings`)."""
+    logger = logging.getLogger("accelerate.big_modeling")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _offload_warnings(model: Any) -> list[str]:
+    """Parts of the model the placement left on disk: every forward pass reads them back, which is slow."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    on_disk = [name for name, where in placement.items() if where == "disk"]
+    if not on_disk:
+        return []
+    what = "the whole model is" if on_disk == [""] else (
+        f"{len(on_disk)} of {len(placement)} parts of the model ({', '.join(on_disk[:3])}"
+        f"{' ...' if len(on_disk) > 3 else ''}) are")
+    return [f"{OFFLOAD_WARNING}{what} offloaded to disk and read back on every forward pass (slow); raise "
+            "--max-memory to keep more in memory"]
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in LOAD_DTYPES:
+        raise UsageError(f"unknown dtype {name!r}", hint=f"Use one of: {', '.join(LOAD_DTYPES)}.")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 # ---------------------------------------------------------------- builtin
@@ -147,18 +327,30 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
                                hint="Review the code, then pass --trust-remote-code.")
     model_class = _hf_model_class(config, options.task, folder)
     if (folder / QUANTIZATION_INFO).is_file():
+        refuse_placement(options, f"{folder} holds int8 weights written by `mlops compress int8`, which accelerate "
+                                   "cannot place", "Run it without --device-map/--max-memory/--tp-plan.")
         return _load_hf_int8_folder(folder, config, model_class, options)
     use_safetensors, ignored = _hf_weights(folder)
+    placement, offload_folder = placement_kwargs(options, config)
     try:
-        model, info = model_class.from_pretrained(
-            folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code,
-            use_safetensors=use_safetensors)
+        with _quiet_dispatch():
+            model, info = model_class.from_pretrained(
+                folder, local_files_only=True, output_loading_info=True, trust_remote_code=options.trust_remote_code,
+                use_safetensors=use_safetensors, **placement)
     except Exception as exc:
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, raised by CUDA allocations
+            raise ResourceError(f"{folder}: out of memory while loading: {message}",
+                                hint="Let accelerate spread it: --device-map auto, with --max-memory below each "
+                                     "device's free memory (see docs/scaling.md).") from exc
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise UnsafeInputError(f"{folder}: weights hold Python objects a safe load refuses: {message}") from exc
         raise InputError(f"{folder}: the weights do not fit {model_class.__name__}: {message}",
                          hint="Check --task and that config.json matches the weights.") from exc
+    if offload_folder is not None:
+        weakref.finalize(model, shutil.rmtree, offload_folder, True)  # when the model goes, or at exit
     problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
@@ -167,6 +359,7 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
             hint="The checkpoint belongs to another architecture or head; pass --task to pick the class.")
     loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=model.eval(), path=folder,
                          config=config)
+    loaded.warnings.extend(_offload_warnings(model))
     loaded.warnings.extend(f"{folder / name} was not read: the folder's safetensors weights were loaded instead"
                            for name in ignored)
     loaded.tokenizer = _load_hf_tokenizer(folder, options, loaded.warnings)

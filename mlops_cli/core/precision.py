@@ -46,7 +46,8 @@ def module_precision(module: Any) -> tuple[str, str]:
     total = sum(w.numel() for w in weights)
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         stored = sum(w.numel() for w in weights if w.dtype == dtype)
-        rounded = sum(w.numel() for w in weights if w.dtype != dtype and torch.equal(w, w.to(dtype).to(w.dtype)))
+        rounded = sum(w.numel() for w in weights if w.dtype != dtype and w.device.type != "meta"  # offloaded
+                      and torch.equal(w, w.to(dtype).to(w.dtype)))
         if total and 2 * stored > total:
             return name, f"{str(dtype).removeprefix('torch.')} weights"
         if total and 2 * (stored + rounded) > total:

@@ -7,14 +7,15 @@ timing and summaries treat every backend the same way.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.loading import LoadedModel, ModelKind
+from mlops_cli.core.errors import InputError, ResourceError, UsageError
+from mlops_cli.core.loading import OFFLOAD_WARNING, LoadedModel, ModelKind
 
 
 def resolve_device(device: str) -> str:
@@ -39,6 +40,107 @@ def device_for(loaded: LoadedModel, device: str) -> str:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "cpu"
     return resolve_device(device)
+
+
+def device_map_of(module: Any) -> dict[str, str] | None:
+    """Where accelerate placed a model's parts (`--device-map`): {module name: "cpu" | "disk" | "cuda:N"}, or
+    None for a model that was not dispatched (then it lives on one device and may be moved)."""
+    placement = getattr(module, "hf_device_map", None)
+    if not placement:
+        return None
+    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in placement.items()}
+
+
+def tensor_parallel_size(module: Any) -> int:
+    """How many processes share each layer of a model loaded with `--tp-plan auto` (1: not split)."""
+    return int(getattr(module, "_tp_size", None) or 1)
+
+
+def is_placed(module: Any) -> bool:
+    """A model accelerate placed (`--device-map`) or split by tensor parallelism (`--tp-plan`): it must never be
+    `.to(device)`-ed (accelerate's hooks move weights in and out; each process holds its own shard)."""
+    return device_map_of(module) is not None or tensor_parallel_size(module) > 1
+
+
+def placement_note(module: Any) -> str | None:
+    """Where the placement options put the model, for a report's notes (None: an ordinary model)."""
+    placement = device_map_of(module)
+    if placement is not None:
+        where = ", ".join(sorted(set(placement.values())))
+        offloaded = " (offloaded weights are loaded during each forward pass)" if "disk" in where else ""
+        return f"--device-map placed the model on: {where}{offloaded}"
+    size = tensor_parallel_size(module)
+    if size > 1:
+        return (f"--tp-plan auto: each layer is split over {size} processes; this report is rank "
+                f"{os.environ.get('RANK', '?')}'s (MACs, memory and timings are its share)")
+    return None
+
+
+def input_device(module: Any, default: str = "cpu") -> str:
+    """Where a model's inputs go: the execution device of its input embeddings (a disk- or CPU-offloaded
+    embedding's weight is on `meta` or `cpu` while accelerate computes it elsewhere), else that weight's device,
+    else the first device of its map, else `default`."""
+    import torch
+
+    embeddings = module.get_input_embeddings() if callable(getattr(module, "get_input_embeddings", None)) else None
+    hook = getattr(embeddings, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return str(torch.device(execution))
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return str(weight.device)
+    placement = device_map_of(module)
+    if placement:
+        first = next(iter(placement.values()))
+        return "cpu" if first == "disk" else first
+    return default
+
+
+def gather_on_cpu(loaded: LoadedModel, purpose: str) -> None:
+    """Make a model placed by `--device-map` whole again on CPU, for work that needs every weight at once
+    (`purpose`: export, compression, pruning): offloaded weights are read back through accelerate's hooks, the
+    hooks are removed and the model is an ordinary CPU module afterwards. Refused (exit 7) when the offloaded
+    weights do not fit the memory available. The loaded model's warnings say what was done."""
+    module = loaded.module
+    if tensor_parallel_size(module) > 1:
+        raise UsageError(f"{purpose} needs the whole model in one process, and --tp-plan split it over "
+                         f"{tensor_parallel_size(module)}", hint="Run it without torchrun and --tp-plan.")
+    placement = device_map_of(module)
+    if placement is None:
+        return
+    import psutil  # accelerate's own dependency: a dispatched model implies it is installed
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    tensors = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+    offloaded = {name: tensor for name, tensor in tensors.items() if tensor.device.type == "meta"}
+    elsewhere = {id(t): t for t in tensors.values() if t.device.type != "cpu"}  # offloaded, or on a GPU
+    needed = sum(t.numel() * t.element_size() for t in elsewhere.values())
+    available = psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        raise ResourceError(f"{purpose} needs every weight in CPU memory at once, and the {needed / 2**30:.1f} GiB "
+                            f"--device-map put elsewhere do not fit the {available / 2**30:.1f} GiB available",
+                            hint="Run it on a machine with more memory (placement spreads computing, not "
+                                 "exporting); summarize, generate and verify-parity work as placed.")
+    stores = {path: sub._hf_hook.weights_map for path, sub in module.named_modules()
+              if getattr(getattr(sub, "_hf_hook", None), "weights_map", None) is not None}
+    for name in offloaded:
+        owner, _, leaf = name.rpartition(".")
+        store_path = max((path for path in stores if owner == path or owner.startswith(f"{path}.") or not path),
+                         key=len)
+        key = name[len(store_path) + 1:] if store_path else name
+        if key in stores[store_path]:  # a tied weight is stored once, under its first name (tie_weights below)
+            set_module_tensor_to_device(module.get_submodule(owner), leaf, "cpu", value=stores[store_path][key])
+    remove_hook_from_module(module, recurse=True)
+    del module.hf_device_map
+    if callable(getattr(module, "tie_weights", None)):
+        module.tie_weights()
+    module.to("cpu")
+    where = ", ".join(sorted(set(placement.values())))
+    loaded.warnings[:] = [w for w in loaded.warnings if not w.startswith(OFFLOAD_WARNING)]
+    loaded.warnings.append(f"{purpose} needs the whole model on one device: the model --device-map placed on "
+                           f"{where} was gathered on CPU ({needed / 2**20:.1f} MiB brought into CPU memory)")
 
 
 _ort_threads: int | None = None  # what use_threads() set: ONNX Runtime sessions made afterwards use it
@@ -199,7 +301,9 @@ def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
     import torch
 
     module = loaded.module
-    if loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
+    if is_placed(module):  # --device-map or --tp-plan: inputs go where its first layer computes
+        device = input_device(module, device)
+    elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
         module.to(device)
     names = forward_parameter_names(module)
     extra = call_options(loaded, names)

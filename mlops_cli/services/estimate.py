@@ -132,8 +132,12 @@ class EstimateReport(Report):
 
 def run(ref: ModelRef, options: EstimateOptions) -> EstimateReport:
     """Build the model on the meta device and estimate what running and training it takes."""
+    from mlops_cli.core.loading import refuse_placement
+
     if options.context < 1 or options.batch < 1:
         raise UsageError("--context and --batch must be at least 1")
+    refuse_placement(options.load, "estimate reads no weights and places nothing", "Drop the option; the GPU "
+                     "table says what fits, and summarize/generate take --device-map to run the model placed.")
     options.on_step("building on the meta device")
     meta = build_meta_model(ref, options.load)
     parameters = count_parameters(meta.module)

@@ -134,6 +134,7 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.io import scratch_dir_beside
     from mlops_cli.core.loading import load_model
+    from mlops_cli.core.runtimes import gather_on_cpu
     from mlops_cli.core.timing import Stopwatch
 
     _check_options(options)
@@ -141,6 +142,7 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
     watch = Stopwatch()
     with watch.stage("load"):
         loaded = load_model(ref, options.load)
+        gather_on_cpu(loaded, "export")
         check_exportable(loaded, options.exporter, options.opset)
         plan = plan_inputs(loaded, options.inputs)
     steps = _pass_steps(loaded, options.optimize) if options.verify else []

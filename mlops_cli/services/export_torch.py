@@ -39,7 +39,14 @@ from mlops_cli.core.inputs import InputRequest, InputSet, InputSpec, plan_inputs
 from mlops_cli.core.io import atomic_file, check_output
 from mlops_cli.core.loading import LoadedModel, LoadOptions, ModelKind, load_model
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
-from mlops_cli.core.runtimes import Runner, flatten_outputs, forward_parameter_names, resolve_device, runner_for
+from mlops_cli.core.runtimes import (
+    Runner,
+    flatten_outputs,
+    forward_parameter_names,
+    gather_on_cpu,
+    resolve_device,
+    runner_for,
+)
 from mlops_cli.core.timing import Stopwatch
 
 METADATA_FILE = "mlops.json"  # stored inside both archives: input order, dtypes, dims, output names
@@ -226,6 +233,7 @@ def _prepare(ref: ModelRef, options: TorchExportOptions, watch: Stopwatch) -> _J
     device = resolve_device(options.device)
     with watch.stage("load"), _quiet_torch():
         loaded = load_model(ref, options.load)
+    gather_on_cpu(loaded, "export")
     reference = loaded.reference
     if loaded.kind == ModelKind.ONNX or not loaded.is_torch:
         raise InputError(f"{reference} is an ONNX model: there is no PyTorch code to export",

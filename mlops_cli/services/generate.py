@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from mlops_cli.core.contract import ModelRef, Report, ServiceOptions
 from mlops_cli.core.errors import InputError, UsageError
-from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
+from mlops_cli.core.loading import LoadedModel, ModelKind, load_model, wants_placement
 from mlops_cli.services.decoding import DecodingParams, decode, logits_processors
 from mlops_cli.services.generate_measure import (
     ClockCriterion,
@@ -69,7 +69,6 @@ class GenerateOptions(ServiceOptions):
     compile: bool = False
     device: str = "auto"
     dtype: str = "fp32"
-    device_map: str | None = None
     explain: bool = False
     candidates: int = 5
     stream: bool = False
@@ -144,6 +143,7 @@ class GenerateReport(Report):
     results: tuple[StrategyResult, ...]
     explanation: Explanation | None
     notes: tuple[str, ...] = ()  # how the run was set up (e.g. where --device-map put the model)
+    device_map: dict[str, str] | None = None  # where --device-map put each part (accelerate's hf_device_map)
 
 
 # ---------------------------------------------------------------- options
@@ -178,7 +178,6 @@ def check_options(options: GenerateOptions) -> None:
         (options.repeat < 1, "--repeat must be at least 1"),
         (options.warmup < 0, "--warmup must be >= 0"),
         (options.candidates < 1, "--candidates must be at least 1"),
-        (options.device_map not in (None, "auto"), "--device-map accepts only 'auto'"),
     ]
     for failed, message in problems:
         if failed:
@@ -270,24 +269,16 @@ def _can_generate(model: Any) -> bool:
 
 def _place_model(model: Any, options: GenerateOptions, notes: list[str],
                  warnings: list[str]) -> tuple[str, str, bool]:
-    """Device, dtype and `--device-map auto`; returns (device, cache, compiled) actually in effect."""
-    from mlops_cli.core.runtimes import resolve_device
+    """Device and dtype (a model placed by `--device-map` stays where it was loaded, in the --dtype it was loaded
+    in); returns (device, cache, compiled) actually in effect."""
+    from mlops_cli.core.runtimes import input_device, is_placed, placement_note, resolve_device
 
     dtype = DTYPES[options.dtype]
-    if options.device_map:
-        if options.device == "cpu":
-            raise UsageError("--device-map auto spreads a model over GPUs; it contradicts --device cpu")
-        if not torch.cuda.is_available():
-            raise UsageError("--device-map auto needs CUDA GPUs and none is visible",
-                             hint="Drop --device-map (it is for models larger than one GPU).")
-        from accelerate import dispatch_model, infer_auto_device_map
-
-        model.to(dtype)
-        device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None),
-                                           dtype=dtype)
-        dispatch_model(model, device_map=device_map)
-        device = "cuda"
-        notes.append(f"--device-map auto placed the model on: {', '.join(sorted(set(map(str, device_map.values()))))}")
+    if is_placed(model):
+        device = input_device(model)
+        notes.extend(filter(None, [placement_note(model)]))
+        if options.device not in ("auto", device):
+            warnings.append(f"--device {options.device} was not used: the placement options placed the model")
     else:
         device = resolve_device(options.device)
         model.to(device=device, dtype=dtype)
@@ -305,10 +296,9 @@ def _place_model(model: Any, options: GenerateOptions, notes: list[str],
 
 
 def _input_device(model: Any, device: str) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return torch.device(device)
+    from mlops_cli.core.runtimes import input_device
+
+    return torch.device(input_device(model, device))
 
 
 def _encode(tokenizer: Any, model: Any, options: GenerateOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -669,7 +659,8 @@ def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
         assert ref.path is not None
         return genai_generate.generate(ref.path, options)
     options.on_step("loading the model")
-    loaded = load_model(ref, options.load)
+    placed = wants_placement(options.load)  # a placed model is loaded in --dtype, never converted after
+    loaded = load_model(ref, replace(options.load, dtype=options.dtype) if placed else options.load)
     if loaded.kind == ModelKind.ONNX:  # an ONNX decoder exported with its KV cache (export onnx --task causal-lm)
         from mlops_cli.services.onnx_lm import generate_onnx
 
@@ -681,6 +672,8 @@ def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
 
 def generate(loaded: LoadedModel, options: GenerateOptions) -> GenerateReport:
     """Run every requested strategy (and `--explain`) on the prompts of a loaded model; figures per strategy."""
+    from mlops_cli.core.runtimes import device_map_of
+
     session = prepare(loaded, options)
     results = []
     for strategy in options.strategies:
@@ -700,4 +693,4 @@ def generate(loaded: LoadedModel, options: GenerateOptions) -> GenerateReport:
         dtype=options.dtype, engine=options.engine, cache=session.cache, compiled=session.compiled,
         batch_size=session.batch_size, max_new_tokens=options.max_new_tokens, seed=options.seed,
         memory_measure=session.memory.kind, results=tuple(results), explanation=explanation,
-        notes=tuple(session.notes), warnings=tuple(warnings))
+        notes=tuple(session.notes), warnings=tuple(warnings), device_map=device_map_of(session.model))

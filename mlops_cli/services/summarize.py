@@ -20,6 +20,7 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import WEIGHT_SUFFIXES
 from mlops_cli.core.inputs import InputRequest, InputSet, plan_inputs, text_properties
 from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
+from mlops_cli.core.runtimes import device_map_of, input_device, is_placed, placement_note
 from mlops_cli.core.timing import Timing, measure
 
 
@@ -114,6 +115,7 @@ class SummaryReport(Report):
     inputs: dict[str, str] = field(default_factory=dict)  # the forward pass's inputs: name -> dtype[shape]
     onnx: OnnxSummary | None = None
     notes: tuple[str, ...] = ()
+    device_map: dict[str, str] | None = None  # where --device-map put each part (accelerate's hf_device_map)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,9 +184,12 @@ def describe_inputs(inputs: InputSet | None) -> dict[str, str]:
 
 def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str) -> SummaryReport:
     module = loaded.module
-    if loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module stays on its export device
+    if is_placed(module):  # placed by --device-map/--tp-plan: never moved, fed where its first layer computes
+        device = input_device(module, device)
+    elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module stays on its export device
         module.to(device)
     notes: list[str] = []
+    notes.extend(filter(None, [placement_note(module)]))  # offloaded weights loaded in count as activations
     parameters = parameter_summary(module)
     packed = packed_layers(module)
     if packed:
@@ -227,12 +232,12 @@ def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str)
     return SummaryReport(
         reference=loaded.reference, kind=loaded.kind.value, model_class=_type_name(module), device=device,
         parameters=parameters, stored=stored, compute=compute, layers=layers, depth=options.depth, timing=timing,
-        inputs=describe_inputs(inputs), notes=tuple(notes))
+        inputs=describe_inputs(inputs), notes=tuple(notes), device_map=device_map_of(module))
 
 
 def _tensor_key(tensor: Any) -> tuple:
     """Two names hold the same tensor when they view the same memory the same way (tied weights)."""
-    if tensor.device.type == "meta":
+    if tensor.device.type == "meta" or hasattr(tensor, "to_local"):  # offloaded, or a tensor-parallel shard
         return (id(tensor),)
     return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
 

@@ -50,7 +50,7 @@ class VerifyParityReport(Report):
 
 def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
     """Load both sides, plan the inputs once, and run the parity engine."""
-    from mlops_cli.core.loading import load_model
+    from mlops_cli.core.loading import load_model, placement_for
     from mlops_cli.core.parity import check_parity
     from mlops_cli.core.runtimes import device_for, runner_for, use_threads
 
@@ -61,7 +61,7 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
         options.evaluation.read()  # a bad --eval-text fails before any model is loaded
     options.on_step("loading both models")
     ref_model = load_model(ref, options.load)
-    cand_model = load_model(options.candidate, options.load)
+    cand_model = load_model(options.candidate, placement_for(options.candidate, options.load))
     plan = plan_for(ref_model, cand_model, options.inputs)
     preset, preset_source = choose_preset(options.tolerances, ref_model, cand_model)
     tolerances = options.tolerances.resolve(preset)

@@ -115,9 +115,11 @@ def _stage_export(ref: ModelRef, options: ViewOptions, folder: Path) -> StagedMo
     from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.loading import load_model
     from mlops_cli.core.onnx_export import write_onnx
+    from mlops_cli.core.runtimes import gather_on_cpu
 
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
+    gather_on_cpu(loaded, "viewing (an ONNX export)")
     plan = plan_inputs(loaded, options.inputs)
     name = f"{_model_name(ref)}.onnx"
     options.on_step("exporting to ONNX")

@@ -93,8 +93,8 @@ class BenchReport(Report):
 def run(ref: ModelRef, options: BenchOptions) -> BenchReport:
     """Load, prepare every candidate (export, compile, cast, quantise), verify them, then sweep the shapes."""
     from mlops_cli.core.io import check_output
-    from mlops_cli.core.loading import load_model
-    from mlops_cli.core.runtimes import resolve_device
+    from mlops_cli.core.loading import load_model, placement_for
+    from mlops_cli.core.runtimes import gather_on_cpu, resolve_device
     from mlops_cli.core.timing import default_threads, trust_warnings
     from mlops_cli.services.bench.plot import check_plot_path, write_plot
 
@@ -106,7 +106,8 @@ def run(ref: ModelRef, options: BenchOptions) -> BenchReport:
     threads = options.threads or default_threads()
     options.on_step("loading")
     model = load_model(ref, options.load)
-    original = load_model(options.against, options.load) if options.against is not None else None
+    gather_on_cpu(model, "bench")  # each runtime it compares gets the whole model
+    original = load_model(options.against, placement_for(options.against, options.load)) if options.against else None
     notes: list[str] = []
     with torch_threads(threads):
         plan = plan_inputs_for(original or model, options)

@@ -130,7 +130,7 @@ class Int8Report(Report):
 
 def run(ref: ModelRef, options: Int8Options) -> Int8Report:
     """Quantise a model to dynamic int8 and measure size, latency and drift against the original."""
-    from mlops_cli.core.runtimes import use_threads
+    from mlops_cli.core.runtimes import gather_on_cpu, use_threads
 
     source = source_path(ref)
     use_threads(options.threads)
@@ -144,6 +144,7 @@ def run(ref: ModelRef, options: Int8Options) -> Int8Report:
                          hint="Quantise the checkpoint the program was made from, or its ONNX export.")
     options.on_step("loading the original")
     original = load_model(ref, options.load)
+    gather_on_cpu(original, "int8 quantisation")
     # Settled before quantising, so a model whose inputs are unknown writes nothing.
     probe, unmeasured = perplexity_probe(original, options.evaluation, options.tokenizer, options.check,
                                          options.on_step)

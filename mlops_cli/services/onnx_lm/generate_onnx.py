@@ -200,7 +200,7 @@ def _check(options: GenerateOptions) -> None:
                    (options.chat, "--chat applies to PyTorch models"),
                    (options.stream, "--stream applies to PyTorch models"),
                    (options.dtype != "fp32", "--dtype: an ONNX graph runs in the precision it was exported in"),
-                   (options.cache != "dynamic" or options.compile or options.device_map is not None,
+                   (options.cache != "dynamic" or options.compile or options.load.device_map is not None,
                     "--cache/--compile/--device-map apply to PyTorch models")]
     for failed, message in unsupported:
         if failed:

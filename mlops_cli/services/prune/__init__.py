@@ -33,7 +33,7 @@ def run(ref: ModelRef, options: PruneOptions) -> PruneReport:
     from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.io import check_output
     from mlops_cli.core.loading import load_model
-    from mlops_cli.core.runtimes import resolve_device, use_threads
+    from mlops_cli.core.runtimes import gather_on_cpu, resolve_device, use_threads
     from mlops_cli.services.prune.artefact import output_paths
     from mlops_cli.services.prune.options import validate_options
     from mlops_cli.services.prune.pipeline import Pruner
@@ -47,6 +47,7 @@ def run(ref: ModelRef, options: PruneOptions) -> PruneReport:
         check_output(path, options.force, ref.sources)
     options.on_step("loading")
     loaded = load_model(ref, options.load)
+    gather_on_cpu(loaded, "pruning")
     loaded.reference = ref.text  # a weights folder loads as its weights file; the report names the folder
     check_prunable(loaded)
     plan = plan_inputs(loaded, options.inputs)

@@ -40,7 +40,7 @@ def _check(options: GenerateOptions) -> tuple[str, ...]:
                    (options.chat, "--chat applies to PyTorch models"),
                    (options.stream, "--stream applies to PyTorch models"),
                    (options.dtype != "fp32", "--dtype: a genai folder runs in the precision it was built in"),
-                   (options.cache != "dynamic" or options.compile or options.device_map is not None,
+                   (options.cache != "dynamic" or options.compile or options.load.device_map is not None,
                     "--cache/--compile/--device-map apply to PyTorch models")]
     for failed, message in unsupported:
         if failed:

@@ -662,6 +662,10 @@ def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
 
     check_options(options)
     use_threads(options.threads)
+    from mlops_cli.services.onnx_lm import seq2seq_generate
+
+    if seq2seq_generate.is_seq2seq_folder(ref.path):  # an encoder-decoder exported with --task seq2seq-lm
+        return seq2seq_generate.generate(ref, options)
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
     if loaded.kind == ModelKind.ONNX:  # an ONNX decoder exported with its KV cache (export onnx --task causal-lm)

@@ -209,6 +209,10 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
     """`verify-parity MODEL model.onnx --generate`: the PyTorch model is the reference."""
     if options.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    from mlops_cli.services.onnx_lm import seq2seq_generate, seq2seq_quality
+
+    if seq2seq_generate.is_seq2seq_folder(options.candidate):  # written by export onnx --task seq2seq-lm
+        return seq2seq_quality.parity_run(ref, options)
     model, tokenizer, warnings = _reference(ref, options.load, options.tokenizer)
     decoder = OnnxDecoder(options.candidate)
     options.on_step("generating")

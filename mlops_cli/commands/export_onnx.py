@@ -108,6 +108,11 @@ def export_onnx_command(
     it is written (opset at most 17). Then `mlops generate model.onnx --tokenizer MODEL` and
     `mlops verify-parity MODEL model.onnx --generate`.
 
+    With --task seq2seq-lm (the default for an encoder-decoder LM such as T5, BART or Marian when -o names a
+    folder, not a .onnx file) OUTPUT is a folder in Optimum's layout: encoder_model.onnx, decoder_model.onnx (first
+    pass) and decoder_with_past_model.onnx (past_key_values.N.decoder/encoder.key/value), with the config and
+    tokenizer, each graph checked against the model at several sizes; `mlops generate FOLDER` runs it.
+
     Example: mlops export onnx builtin:tiny-bert -o bert.onnx --optimize all --json
     """
     from mlops_cli import render
@@ -118,17 +123,21 @@ def export_onnx_command(
     from mlops_cli.render.export_onnx import export_onnx_tables
     from mlops_cli.services.export_onnx import ExportOnnxOptions, run
 
-    if load.task == "causal-lm":
+    seq2seq = load.task == "seq2seq-lm" or (load.task is None and output.suffix != ".onnx"
+                                            and _is_seq2seq_lm(model))
+    if load.task == "causal-lm" or seq2seq:
         ignored = [name for name, value, default in (
             ("--static", static, False), ("--exporter", exporter, Exporter.auto), ("--no-verify", verify, True),
             ("--optimize", optimize, Optimize.auto), ("--input", inputs, None), ("--batch-size", batch_size, None),
             ("--seq-len", seq_len, None), ("--atol", atol, None), ("--rtol", rtol, None),
             ("--preset", preset.value, "auto"), ("--include-padding", include_padding, False),
             ("--repeats", repeats, 0), ("--keep-metadata", keep_metadata, False)) if value != default]
+        task = "seq2seq-lm" if seq2seq else "causal-lm"
         if ignored:
-            raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task causal-lm (the KV-cache export is "
+            raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task {task} (the KV-cache export is "
                              "checked against the model at its own sizes)", hint="Drop them.")
-        _export_with_past(model, output, force, opset, external_data, load, as_json, quiet)
+        export = _export_seq2seq if seq2seq else _export_with_past
+        export(model, output, force, opset, external_data, load, as_json, quiet)
         return
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value])
     request = InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)
@@ -157,6 +166,28 @@ def _export_with_past(model: str, output: Path, force: bool, opset: int, externa
                                         opset=min(opset, 17), external_data=external_data or None)
         report = export_run(ModelRef.parse(model), options)
     render.emit(report, as_json, export_with_past_tables, quiet)
+
+
+def _is_seq2seq_lm(model: str) -> bool:
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.loading import is_seq2seq_lm_folder
+
+    return is_seq2seq_lm_folder(ModelRef.parse(model).path)
+
+
+def _export_seq2seq(model: str, output: Path, force: bool, opset: int, external_data: bool, load: "LoadOptions",
+                    as_json: bool, quiet: bool) -> None:
+    """`--task seq2seq-lm` (or an encoder-decoder LM exported to a folder): Optimum's encoder + decoders layout."""
+    from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.render.seq2seq_export import seq2seq_export_tables
+    from mlops_cli.services.onnx_lm.seq2seq_export import Seq2SeqExportOptions, run
+
+    with progress_steps(f"exporting {model} to ONNX (encoder, decoders with KV cache)", quiet) as on_step:
+        options = Seq2SeqExportOptions(load=load, on_step=on_step, output=output, force=force, opset=min(opset, 17),
+                                       external_data=external_data or None)
+        report = run(ModelRef.parse(model), options)
+    render.emit(report, as_json, seq2seq_export_tables, quiet)
 
 
 def register(app: typer.Typer) -> None:

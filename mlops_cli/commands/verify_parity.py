@@ -64,9 +64,10 @@ def verify_parity_command(
         "--timing/--no-timing", help="Time both sides on every input set (--no-timing is --repeats 0).")] = True,
     generate: Annotated[bool, typer.Option(
         "--generate", rich_help_panel="Causal LMs",
-        help="REFERENCE an HF causal LM, CANDIDATE its ONNX export with KV cache: greedy generation from several "
-             "prompts on both, tokens compared (the first divergence named: prompt, step, both tokens, their logit "
-             "gap), and the logits of the prompt pass and of every cached step.")] = False,
+        help="REFERENCE an HF causal LM, CANDIDATE its ONNX export with KV cache (or an encoder-decoder LM and its "
+             "exported folder): greedy generation from several prompts on both, tokens compared (the first "
+             "divergence named: prompt, step, both tokens, their logit gap), and the logits of the prompt pass and "
+             "of every cached step.")] = False,
     prompts: Annotated[list[str] | None, typer.Option(
         "--prompt", "-p", rich_help_panel="Causal LMs", show_default=False,
         help="A prompt for --generate (repeatable; default: a few built-in prompts).")] = None,
@@ -132,11 +133,17 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
     from mlops_cli.services.onnx_lm.quality import DEFAULT_PROMPTS
 
     chosen = tuple(prompts or ()) + (read_prompts(prompts_file) if prompts_file else ()) or DEFAULT_PROMPTS
+    from mlops_cli.services.onnx_lm.seq2seq_export import DECODER_FILE
+    from mlops_cli.services.onnx_lm.seq2seq_generate import is_seq2seq_folder
+
     candidate_ref = ModelRef.parse(candidate)
-    if candidate_ref.path is None or not candidate_ref.path.is_file():
-        raise UsageError("--generate compares with an ONNX file exported with --task causal-lm",
-                         hint="mlops export onnx MODEL --task causal-lm -o lm.onnx")
-    precision = tolerances.preset if tolerances.preset != "auto" else onnx_precision(candidate_ref.path)[0]
+    seq2seq = is_seq2seq_folder(candidate_ref.path)
+    if candidate_ref.path is None or not (candidate_ref.path.is_file() or seq2seq):
+        raise UsageError("--generate compares with an ONNX file exported with --task causal-lm, or a folder "
+                         "exported with --task seq2seq-lm",
+                         hint="mlops export onnx MODEL --task causal-lm -o lm.onnx (seq2seq: -o FOLDER)")
+    graph = candidate_ref.path / DECODER_FILE if seq2seq else candidate_ref.path
+    precision = tolerances.preset if tolerances.preset != "auto" else onnx_precision(graph)[0]
     with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
         options = GenerationParityOptions(
             load=load, on_step=on_step, candidate=candidate_ref.path, max_new_tokens=max_new_tokens,

@@ -114,13 +114,13 @@ def seq2seq_layout(model: Any) -> Seq2SeqLayout:
     except Exception as exc:
         raise _unsupported(family, f"a forward pass with use_cache=True failed: {exc}") from exc
     cache = output.cache
-    parts = (cache.self_attention_cache, cache.cross_attention_cache) if type(cache) is EncoderDecoderCache else ()
-    plain = len(parts) == 2 and all(type(part) is DynamicCache and part.layers
-                                    and all(type(layer) is DynamicLayer for layer in part.layers) for part in parts)
-    if not plain:
+    parts: list[Any] = [cache.self_attention_cache, cache.cross_attention_cache] \
+        if type(cache) is EncoderDecoderCache else []
+    if not parts or any(type(part) is not DynamicCache or not part.layers
+                        or any(type(layer) is not DynamicLayer for layer in part.layers) for part in parts):
         raise _unsupported(family, f"its cache ({type(cache).__name__}) is not an EncoderDecoderCache of plain "
                                    "per-layer key/value caches")
-    keys = parts[0].layers[0].keys
+    keys: Any = parts[0].layers[0].keys
     return Seq2SeqLayout(len(parts[0].layers), int(keys.shape[1]), int(keys.shape[3]),
                          int(output.encoder_last_hidden_state.shape[-1]), int(output.logits.shape[-1]))
 
@@ -146,6 +146,7 @@ def decoder_wrapper(model: Any, layout: Seq2SeqLayout, with_past: bool) -> Any:
     model (decoder, LM head and its scaling) run from the encoder's output with an `EncoderDecoderCache`."""
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
 
     class Decoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -159,7 +160,8 @@ def decoder_wrapper(model: Any, layout: Seq2SeqLayout, with_past: bool) -> Any:
             for index in range(layout.layers if with_past else 0):
                 own.update(past[4 * index], past[4 * index + 1], index)
                 cross.update(past[4 * index + 2], past[4 * index + 3], index)
-            output = self.model(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
+            encoded = BaseModelOutput(last_hidden_state=encoder_hidden_states)
+            output = self.model(encoder_outputs=encoded, attention_mask=encoder_attention_mask,
                                 decoder_input_ids=input_ids, cache=EncoderDecoderCache(own, cross), use_cache=True,
                                 return_dict=True)
             cache = output.cache
@@ -190,7 +192,7 @@ def decoder_feed(layout: Seq2SeqLayout, batch: int, encoder: int, decoder: int, 
             "input_ids": rng.integers(0, layout.vocab_size, (batch, decoder), dtype=np.int64),
             "encoder_hidden_states": rng.standard_normal((batch, encoder, layout.hidden_size)).astype(np.float32)}
     for name in layout.past_names() if past is not None else []:
-        length = past if ".decoder." in name else encoder
+        length = past if past is not None and ".decoder." in name else encoder
         feed[name] = rng.standard_normal((batch, layout.heads, length, layout.head_dim)).astype(np.float32)
     return feed
 
@@ -214,7 +216,8 @@ def _graphs(model: Any, layout: Seq2SeqLayout) -> list[_Graph]:
 
     def decoder_graph(file: str, with_past: bool, checks: tuple[tuple[int, ...], ...]) -> _Graph:
         def feed(sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
-            return decoder_feed(layout, *sizes[:3], sizes[3] if with_past else None, seed=sum(sizes))
+            past_length = sizes[3] if with_past else None
+            return decoder_feed(layout, sizes[0], sizes[1], sizes[2], past_length, seed=sum(sizes))
 
         trace = (batch, encoder, decoder, past) if with_past else (batch, encoder, decoder)
         return _Graph(file, lambda: decoder_wrapper(model, layout, with_past), layout.decoder_inputs(with_past),
@@ -222,7 +225,8 @@ def _graphs(model: Any, layout: Seq2SeqLayout) -> list[_Graph]:
 
     return [
         _Graph(ENCODER_FILE, lambda: encoder_wrapper(model), ENCODER_INPUTS, ENCODER_OUTPUTS, ENCODER_AXES,
-               lambda sizes: encoder_feed(layout, *sizes, seed=sum(sizes)), (batch, encoder), ((1, 7), (3, 2))),
+               lambda sizes: encoder_feed(layout, sizes[0], sizes[1], seed=sum(sizes)), (batch, encoder),
+               ((1, 7), (3, 2))),
         decoder_graph(DECODER_FILE, False, ((1, 4, 1), (3, 2, 4))),
         decoder_graph(DECODER_WITH_PAST_FILE, True, ((1, 6, 1, 1), (3, 3, 1, 4), (2, 4, 2, 3))),
     ]

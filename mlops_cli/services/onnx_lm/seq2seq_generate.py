@@ -55,7 +55,8 @@ class OnnxSeq2Seq:
     """The three graphs of an exported folder, in ONNX Runtime."""
 
     def __init__(self, folder: Path, device: str = "cpu", threads: int | None = None) -> None:
-        missing = [name for name in (ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE) if not (folder / name).is_file()]
+        graphs = (ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE)
+        missing = [name for name in graphs if not (folder / name).is_file()]
         if missing:
             raise InputError(f"{folder} lacks {', '.join(missing)}",
                              hint="Export the model again: mlops export onnx MODEL --task seq2seq-lm -o FOLDER")

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops_cli.core.contract import ModelRef, OutputOptions, Report
+from mlops_cli.core.contract import LoadOptions, ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError
 from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, _save, family_of
 
@@ -368,6 +368,14 @@ class Seq2SeqExportReport(Report):
     tokenizer: bool  # whether the tokenizer was saved beside the graphs
 
 
+def seq2seq_load_options(ref: ModelRef, load: LoadOptions) -> LoadOptions:
+    """The class config.json names when it names an encoder-decoder LM (the exact one: MarianMTModel, and speech
+    models the probe then refuses by name), else AutoModelForSeq2SeqLM unless --task says otherwise."""
+    from mlops_cli.core.loading import is_seq2seq_lm_folder
+
+    return load if load.task or is_seq2seq_lm_folder(ref.path) else replace(load, task="seq2seq-lm")
+
+
 def run(ref: ModelRef, options: Seq2SeqExportOptions) -> Seq2SeqExportReport:
     """Load MODEL as an encoder-decoder LM and export it to a folder of three graphs with their caches."""
     import torch
@@ -376,7 +384,7 @@ def run(ref: ModelRef, options: Seq2SeqExportOptions) -> Seq2SeqExportReport:
     from mlops_cli.core.loading import ModelKind, load_model
 
     check_output(options.output, options.force, ref.sources)  # before loading: an existing output fails fast
-    load = options.load if options.load.task else replace(options.load, task="seq2seq-lm")
+    load = seq2seq_load_options(ref, options.load)
     loaded = load_model(ref, load)
     if loaded.kind != ModelKind.HF or loaded.module is None:
         raise InputError(f"{ref} is not a transformers model ({loaded.kind.value}); the seq2seq export needs one",

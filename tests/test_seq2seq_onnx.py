@@ -266,3 +266,20 @@ def test_only_encoder_decoder_lm_folders_are_detected(folders: dict[str, Path], 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     assert is_seq2seq_lm_folder(folders["bart"]) and not is_seq2seq_lm_folder(tmp_path)
     assert not is_seq2seq_lm_folder(tmp_path / "missing") and not is_seq2seq_lm_folder(None)
+
+
+def test_generation_defaults_the_loop_does_not_apply_are_named(exported: dict[str, Any], tmp_path: Path) -> None:
+    """BART and Marian checkpoints ship generation configs (forced EOS, beams, banned pad token) that
+    `model.generate` applies by default: the ONNX loop says which it leaves out rather than differing silently."""
+    import shutil
+
+    folder = shutil.copytree(exported["bart"].output, tmp_path / "bart")
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "num_beams": 4, "forced_eos_token_id": 2,
+                                                               "min_length": 0}))
+    report = generate_run(ModelRef.parse(str(folder)), GenerateOptions(prompts=("a",), max_new_tokens=2, warmup=0))
+    warning = next(w for w in report.warnings if "generation config" in w)
+    assert "num_beams=4, forced_eos_token_id=2" in warning and "min_length" not in warning
+    plain = generate_run(ModelRef.parse(exported["bart"].output),
+                         GenerateOptions(prompts=("a",), max_new_tokens=2, warmup=0))
+    assert not plain.warnings

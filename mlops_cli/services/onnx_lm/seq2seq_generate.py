@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -158,6 +158,27 @@ def decoder_start_token(folder: Path) -> int:
                      hint="Export the model again (the export saves its config beside the graphs).")
 
 
+# Generation-config settings `model.generate` applies by default and this loop does not (their neutral values).
+_GENERATE_DEFAULTS: dict[str, Any] = {
+    "num_beams": 1, "forced_bos_token_id": None, "forced_eos_token_id": None, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": None,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "repetition_penalty": 1.0,
+}
+
+
+def ignored_generation_defaults(folder: Path) -> list[str]:
+    """`name=value` for each setting of the folder's generation config that `model.generate` would apply by
+    default and this loop does not (only the command line's options are applied)."""
+    import json
+
+    try:
+        values = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [f"{name}={values[name]}" for name, neutral in _GENERATE_DEFAULTS.items()
+            if name in values and values[name] not in (neutral, None)]
+
+
 def encode_sources(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and mask of the encoder's input; several prompts are right-padded (the mask hides the padding,
     and absolute-position encoders such as BART's keep the positions they were trained with)."""
@@ -204,9 +225,15 @@ def generate(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
                                    tokenizer=text.text.tokenizer, observers=[lambda *_: clock.tick()])
         return RunRecord(sequences, clock.start, clock.ticks, time.perf_counter(), None)
 
-    return measured_report(OnnxGeneration(
+    report = measured_report(OnnxGeneration(
         model=str(ref), architecture=f"ONNX encoder-decoder with KV cache ({folder.name}: encoder, decoder, "
                                      "decoder with past)",
         cache="the decoders' past_key_values (self- and cross-attention)", device=device, text=text.text,
         params=params, prompt_length=1, prompt_tokens=int(attention_mask.sum()), batch=int(input_ids.shape[0]),
         run_once=run_once), options)
+    ignored = ignored_generation_defaults(folder)
+    if not ignored:
+        return report
+    return replace(report, warnings=(*report.warnings, f"the folder's generation config sets {', '.join(ignored)}: "
+                                     "model.generate applies these by default, this loop only the options given "
+                                     "(--repetition-penalty, --no-repeat-ngram-size...), so texts may differ"))

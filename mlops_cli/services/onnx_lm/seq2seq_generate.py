@@ -62,14 +62,12 @@ class OnnxSeq2Seq:
                              hint="Export the model again: mlops export onnx MODEL --task seq2seq-lm -o FOLDER")
         self.folder = folder
         self.encoder = generation_session(folder / ENCODER_FILE, device, threads)
-        self.first = generation_session(folder / DECODER_FILE, device, threads)
-        self.next = generation_session(folder / DECODER_WITH_PAST_FILE, device, threads)
-        first_outputs = [o.name for o in self.first.get_outputs()]
-        self.own_names = [n for n in first_outputs if n.startswith("present.") and ".decoder." in n]
-        self.cross_names = [n for n in first_outputs if n.startswith("present.") and ".encoder." in n]
-        self.next_inputs = {i.name for i in self.next.get_inputs()}
-        expected = {n.replace("present.", "past_key_values.") for n in self.own_names + self.cross_names}
-        if "logits" not in first_outputs or not self.own_names or not expected <= self.next_inputs:
+        self.first = _Session(generation_session(folder / DECODER_FILE, device, threads))
+        self.next = _Session(generation_session(folder / DECODER_WITH_PAST_FILE, device, threads))
+        self.own_names = [n for n in self.first.outputs if n.startswith("present.") and ".decoder." in n]
+        self.cross_names = [n for n in self.first.outputs if n.startswith("present.") and ".encoder." in n]
+        expected = {_past_name(n) for n in self.own_names + self.cross_names}
+        if "logits" not in self.first.outputs or not self.own_names or not expected <= self.next.inputs:
             raise InputError(f"the decoders in {folder} do not carry a KV cache with Optimum's names "
                              "(present.N.decoder/encoder.key/value, past_key_values.N...)",
                              hint="Export the model again: mlops export onnx MODEL --task seq2seq-lm -o FOLDER")
@@ -78,20 +76,33 @@ class OnnxSeq2Seq:
         mask = attention_mask.numpy().astype(np.int64)
         hidden = self.encoder.run(None, {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": mask})[0]
         context = {"encoder_attention_mask": mask, "encoder_hidden_states": hidden}
-        past: dict[str, np.ndarray] = {}
+        past: dict[str, np.ndarray] = {}  # empty until the first pass has filled both caches
 
         def decoder_pass(ids: torch.Tensor) -> torch.Tensor:
-            feed = {"input_ids": ids.numpy().astype(np.int64), **context, **past}
-            session = self.next if past else self.first
-            names = [o.name for o in session.get_outputs()]
-            takes = self.next_inputs if past else {i.name for i in self.first.get_inputs()}
-            outputs = dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in takes}),
-                               strict=True))
+            graph = self.next if past else self.first
+            outputs = graph({"input_ids": ids.numpy().astype(np.int64), **context, **past})
             for name in self.own_names + ([] if past else self.cross_names):
-                past[name.replace("present.", "past_key_values.")] = outputs[name]
+                past[_past_name(name)] = outputs[name]
             return torch.from_numpy(outputs["logits"].astype(np.float32, copy=False))
 
         return decoder_pass
+
+
+class _Session:
+    """A session fed only the inputs its graph kept (the exporter drops inputs a graph does not read)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = {i.name for i in session.get_inputs()}
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        taken = {name: value for name, value in feed.items() if name in self.inputs}
+        return dict(zip(self.outputs, self.session.run(self.outputs, taken), strict=True))
+
+
+def _past_name(present: str) -> str:
+    return present.replace("present.", "past_key_values.", 1)
 
 
 class TorchSeq2Seq:

@@ -181,12 +181,12 @@ def _export_seq2seq(model: str, output: Path, force: bool, opset: int, external_
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
     from mlops_cli.render.seq2seq_export import seq2seq_export_tables
-    from mlops_cli.services.onnx_lm.seq2seq_export import Seq2SeqExportOptions, run
+    from mlops_cli.services.onnx_lm import Seq2SeqExportOptions, seq2seq_export_run
 
     with progress_steps(f"exporting {model} to ONNX (encoder, decoders with KV cache)", quiet) as on_step:
         options = Seq2SeqExportOptions(load=load, on_step=on_step, output=output, force=force, opset=min(opset, 17),
                                        external_data=external_data or None)
-        report = run(ModelRef.parse(model), options)
+        report = seq2seq_export_run(ModelRef.parse(model), options)
     render.emit(report, as_json, seq2seq_export_tables, quiet)
 
 

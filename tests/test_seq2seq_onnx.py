@@ -113,6 +113,7 @@ def test_export_writes_optimum_layout_with_dynamic_dims_and_runs_alone(exported:
     assert inputs["past_key_values.0.encoder.key"] == ["batch_size", 2, "encoder_sequence_length_out", 16]
     assert inputs["input_ids"] == ["batch_size", "decoder_sequence_length"]
     assert _dims(with_past.output[1])[2] == "past_decoder_sequence_length + decoder_sequence_length"
+    assert report.graphs["decoder_with_past_model.onnx"]["inputs"] == tuple(inputs)  # the names as written
     assert report.checked["decoder_with_past_model.onnx"] and report.family == family and not report.warnings
 
 

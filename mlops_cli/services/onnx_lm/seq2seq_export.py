@@ -234,7 +234,8 @@ def _graphs(model: Any, layout: Seq2SeqLayout) -> list[_Graph]:
 
 @dataclass(frozen=True)
 class Seq2SeqExport:
-    """What was written: the folder, the three graphs' names, and the sizes each graph was checked at."""
+    """What was written: the folder, the three graphs' input and output names (as written), and the sizes each
+    graph was checked at."""
 
     folder: Path
     family: str
@@ -268,6 +269,7 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     external = weights > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     graphs = _graphs(model, layout)
+    names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     with atomic_dir(output, force, sources or []) as folder:
         scratch = folder / ".scratch"
         for graph in graphs:
@@ -275,14 +277,12 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
             written.parent.mkdir(parents=True)
             _export_graph(graph, written, opset, family)
             _save(written, external)
-            _check_graph(graph, written, family)
+            names[graph.file] = _check_graph(graph, written, family)
             for file in written.parent.iterdir():
                 file.rename(folder / file.name)
         shutil.rmtree(scratch)
         _save_text_side(model, tokenizer, folder)
-    return Seq2SeqExport(Path(output), family, layout,
-                         {g.file: (tuple(g.inputs), tuple(g.outputs)) for g in graphs},
-                         {g.file: g.checks for g in graphs}, opset, external)
+    return Seq2SeqExport(Path(output), family, layout, names, {g.file: g.checks for g in graphs}, opset, external)
 
 
 def _export_graph(graph: _Graph, written: Path, opset: int, family: str) -> None:
@@ -304,9 +304,10 @@ def _export_graph(graph: _Graph, written: Path, opset: int, family: str) -> None
                                    f"{str(exc).strip().splitlines()[0]}") from exc
 
 
-def _check_graph(graph: _Graph, written: Path, family: str) -> None:
+def _check_graph(graph: _Graph, written: Path, family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Run the written graph at sizes other than the traced ones and compare every output with the wrapped model
-    in eager mode (a padded encoder row, one and several decoder tokens, short and long pasts)."""
+    in eager mode (a padded encoder row, one and several decoder tokens, short and long pasts). Returns the
+    graph's input and output names (the exporter drops an input the graph does not read)."""
     import torch
 
     from mlops_cli.core.compare import AGREEMENT, PRESETS, compare_arrays
@@ -316,7 +317,7 @@ def _check_graph(graph: _Graph, written: Path, family: str) -> None:
         session = onnx_session(written)
     except InputError as exc:
         raise _unsupported(family, f"ONNX Runtime cannot load {graph.file}: {exc.message}") from exc
-    takes = {i.name for i in session.get_inputs()}  # the exporter drops inputs the graph does not read
+    takes = {i.name for i in session.get_inputs()}
     module = graph.module()
     for sizes in graph.checks:
         feed = graph.feed(sizes)
@@ -333,6 +334,7 @@ def _check_graph(graph: _Graph, written: Path, family: str) -> None:
             if not diff.passed:
                 problem = diff.problem or f"max |diff| {diff.max_abs:.3g}"
                 raise _unsupported(family, f"{where}: {name} differs from the model's: {problem}")
+    return tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs())
 
 
 def _save_text_side(model: Any, tokenizer: Any, folder: Path) -> None:

@@ -284,3 +284,16 @@ def test_generation_defaults_the_loop_does_not_apply_are_named(exported: dict[st
     plain = generate_run(ModelRef.parse(exported["bart"].output),
                          GenerateOptions(prompts=("a",), max_new_tokens=2, warmup=0))
     assert not plain.warnings
+
+
+def test_the_decoder_starts_from_decoder_start_token_id_before_any_bos(tmp_path: Path) -> None:
+    from mlops_cli.services.onnx_lm.seq2seq_generate import decoder_start_token
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0}))
+    (tmp_path / "config.json").write_text(json.dumps({"decoder_start_token_id": 2, "bos_token_id": 0}))
+    assert decoder_start_token(tmp_path) == 2
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    assert decoder_start_token(tmp_path) == 0
+    (tmp_path / "generation_config.json").unlink()
+    with pytest.raises(InputError, match="no decoder_start_token_id"):
+        decoder_start_token(tmp_path)

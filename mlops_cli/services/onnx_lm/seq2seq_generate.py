@@ -157,13 +157,15 @@ def decoder_start_token(folder: Path) -> int:
     config: decoder_start_token_id, else bos_token_id)."""
     import json
 
+    configs = []
     for name in ("generation_config.json", "config.json"):
         try:
-            values = json.loads((folder / name).read_text(encoding="utf-8"))
+            configs.append(json.loads((folder / name).read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue
-        for key in ("decoder_start_token_id", "bos_token_id"):
-            if isinstance(values.get(key), int):
+    for key in ("decoder_start_token_id", "bos_token_id"):
+        for values in configs:
+            if isinstance(values, dict) and isinstance(values.get(key), int):
                 return int(values[key])
     raise InputError(f"no decoder_start_token_id in {folder}'s generation_config.json or config.json",
                      hint="Export the model again (the export saves its config beside the graphs).")

@@ -127,6 +127,11 @@ def export_onnx_command(
     (its model builder; model.onnx, genai_config.json, tokenizer), verified the same way; --engine auto (default)
     does so when -o names a folder and the builder supports the family.
 
+    With --task seq2seq-lm (the default for an encoder-decoder LM such as T5, BART or Marian when -o names a
+    folder, not a .onnx file) OUTPUT is a folder in Optimum's layout: encoder_model.onnx, decoder_model.onnx (first
+    pass) and decoder_with_past_model.onnx (past_key_values.N.decoder/encoder.key/value), with the config and
+    tokenizer, each graph checked against the model at several sizes; `mlops generate FOLDER` runs it.
+
     Example: mlops export onnx builtin:tiny-bert -o bert.onnx --optimize all --json
     """
     from mlops_cli import render
@@ -137,17 +142,26 @@ def export_onnx_command(
     from mlops_cli.render.export_onnx import export_onnx_tables
     from mlops_cli.services.export_onnx import ExportOnnxOptions, run
 
-    if load.task == "causal-lm":
+    seq2seq = load.task == "seq2seq-lm" or (load.task is None and output.suffix != ".onnx"
+                                            and _is_seq2seq_lm(model))
+    if load.task == "causal-lm" or seq2seq:
         ignored = [name for name, value, default in (
             ("--static", static, False), ("--exporter", exporter, Exporter.auto), ("--no-verify", verify, True),
             ("--optimize", optimize, Optimize.auto), ("--input", inputs, None), ("--batch-size", batch_size, None),
             ("--seq-len", seq_len, None), ("--atol", atol, None), ("--rtol", rtol, None),
             ("--preset", preset.value, "auto"), ("--include-padding", include_padding, False),
             ("--repeats", repeats, 0), ("--keep-metadata", keep_metadata, False)) if value != default]
+        task = "seq2seq-lm" if seq2seq else "causal-lm"
         if ignored:
-            raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task causal-lm (the KV-cache export is "
+            raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task {task} (the KV-cache export is "
                              "checked against the model at its own sizes)", hint="Drop them.")
-        _export_lm(model, output, force, opset, external_data, engine, precision.value, load, as_json, quiet)
+        if seq2seq:
+            if engine != LmEngine.auto or precision.value != "fp32":
+                raise UsageError("--engine and --precision apply to --task causal-lm",
+                                 hint="An encoder-decoder is exported by the torch exporter, in fp32.")
+            _export_seq2seq(model, output, force, opset, external_data, load, as_json, quiet)
+        else:
+            _export_lm(model, output, force, opset, external_data, engine, precision.value, load, as_json, quiet)
         return
     if engine != LmEngine.auto or precision.value != "fp32":
         raise UsageError("--engine and --precision apply to --task causal-lm", hint="Add --task causal-lm.")
@@ -200,6 +214,28 @@ def _export_lm(model: str, output: Path, force: bool, opset: int, external_data:
         raise ValidationFailed(f"the genai build does not match the model: {report.verdict}",
                                hint=f"{report.output} was kept for inspection; --engine torch exports the model "
                                     "with our exporter.")
+
+
+def _is_seq2seq_lm(model: str) -> bool:
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.loading import is_seq2seq_lm_folder
+
+    return is_seq2seq_lm_folder(ModelRef.parse(model).path)
+
+
+def _export_seq2seq(model: str, output: Path, force: bool, opset: int, external_data: bool, load: "LoadOptions",
+                    as_json: bool, quiet: bool) -> None:
+    """`--task seq2seq-lm` (or an encoder-decoder LM exported to a folder): Optimum's encoder + decoders layout."""
+    from mlops_cli import render
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.render.seq2seq_export import seq2seq_export_tables
+    from mlops_cli.services.onnx_lm import Seq2SeqExportOptions, seq2seq_export_run
+
+    with progress_steps(f"exporting {model} to ONNX (encoder, decoders with KV cache)", quiet) as on_step:
+        options = Seq2SeqExportOptions(load=load, on_step=on_step, output=output, force=force, opset=min(opset, 17),
+                                       external_data=external_data or None)
+        report = seq2seq_export_run(ModelRef.parse(model), options)
+    render.emit(report, as_json, seq2seq_export_tables, quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -69,7 +69,7 @@ def verify_parity_command(
     generate: Annotated[bool, typer.Option(
         "--generate", rich_help_panel="Causal LMs",
         help="REFERENCE an HF causal LM, CANDIDATE its ONNX export with KV cache (or its ONNX Runtime GenAI folder, "
-             "run by that runtime): greedy generation from several "
+             "run by that runtime; or an encoder-decoder LM and its exported folder): greedy generation from several "
              "prompts on both, tokens compared (the first divergence named: prompt, step, both tokens, their logit "
              "gap), and the logits of the prompt pass and of every cached step.")] = False,
     prompts: Annotated[list[str] | None, typer.Option(
@@ -143,12 +143,20 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
     from mlops_cli.services.onnx_lm.quality import DEFAULT_PROMPTS
 
     chosen = tuple(prompts or ()) + (read_prompts(prompts_file) if prompts_file else ()) or DEFAULT_PROMPTS
+    from mlops_cli.services.onnx_lm.seq2seq_export import DECODER_FILE
+    from mlops_cli.services.onnx_lm.seq2seq_generate import is_seq2seq_folder
+
     candidate_ref = ModelRef.parse(candidate)
     genai = looks_like_genai_folder(candidate_ref.path)  # ONNX Runtime GenAI's folder: run by its runtime
-    if candidate_ref.path is None or not (genai or candidate_ref.path.is_file()):
-        raise UsageError("--generate compares with an ONNX file exported with --task causal-lm (or a genai folder)",
-                         hint="mlops export onnx MODEL --task causal-lm -o lm.onnx")
-    graph = read_genai_folder(candidate_ref.path).model_file if genai else candidate_ref.path
+    seq2seq = is_seq2seq_folder(candidate_ref.path)  # an encoder-decoder exported with --task seq2seq-lm
+    if candidate_ref.path is None or not (genai or seq2seq or candidate_ref.path.is_file()):
+        raise UsageError("--generate compares with an ONNX file exported with --task causal-lm, a genai folder, or "
+                         "a folder exported with --task seq2seq-lm",
+                         hint="mlops export onnx MODEL --task causal-lm -o lm.onnx (seq2seq: -o FOLDER)")
+    if genai:
+        graph = read_genai_folder(candidate_ref.path).model_file
+    else:
+        graph = candidate_ref.path / DECODER_FILE if seq2seq else candidate_ref.path
     precision = tolerances.preset if tolerances.preset != "auto" else onnx_precision(graph)[0]
     with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
         options = GenerationParityOptions(

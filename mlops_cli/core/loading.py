@@ -404,6 +404,23 @@ def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
                      hint=f"Pass --task, one of: {', '.join(TASK_CLASSES)}.")
 
 
+SEQ2SEQ_LM_ARCHITECTURES = ("ForConditionalGeneration", "MTModel")  # T5, BART, mBART, Pegasus...; Marian
+
+
+def is_seq2seq_lm_folder(path: Path | None) -> bool:
+    """An HF folder whose config.json describes an encoder-decoder LM (read as JSON: nothing is loaded), the
+    models `export onnx` exports with `--task seq2seq-lm` when the output is a folder."""
+    if path is None or not (path / "config.json").is_file():
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return bool(config.get("is_encoder_decoder")) and any(
+        isinstance(name, str) and name.endswith(SEQ2SEQ_LM_ARCHITECTURES) for name in architectures or [])
+
+
 def hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(the weight files transformers loads from an HF folder, the pytorch_model*.bin weights it then skips).
 

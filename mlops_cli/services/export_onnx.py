@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, MlopsError, UsageError
 from mlops_cli.core.inputs import InputPlan, InputRequest, InputSet
-from mlops_cli.core.loading import LoadedModel, ModelKind
+from mlops_cli.core.loading import SEQ2SEQ_LM_ARCHITECTURES, LoadedModel, ModelKind
 from mlops_cli.core.onnx_export import (
     DYNAMIC_DIM_NAMES,
     EXPORTERS,
@@ -174,6 +174,11 @@ def _generation_advice(loaded: LoadedModel) -> list[str]:
     if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
         return ["this graph has no KV cache: generating with it re-runs the whole sequence for every token; "
                 "export with --task causal-lm for generation (past_key_values in, present out)"]
+    if getattr(loaded.config, "is_encoder_decoder", False) and any(
+            name.endswith(SEQ2SEQ_LM_ARCHITECTURES) for name in architectures):
+        return ["this graph has no KV cache: generating with it re-runs the encoder and the whole decoder sequence "
+                "for every token; export to a folder (-o DIR, or --task seq2seq-lm) for Optimum's encoder + "
+                "decoders with their caches"]
     return []
 
 

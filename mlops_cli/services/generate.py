@@ -658,6 +658,10 @@ def run(ref: ModelRef, options: GenerateOptions) -> GenerateReport:
 
         assert ref.path is not None
         return genai_generate.generate(ref.path, options)
+    from mlops_cli.services.onnx_lm import seq2seq_generate
+
+    if seq2seq_generate.is_seq2seq_folder(ref.path):  # an encoder-decoder exported with --task seq2seq-lm
+        return seq2seq_generate.generate(ref, options)
     options.on_step("loading the model")
     placed = wants_placement(options.load)  # a placed model is loaded in --dtype, never converted after
     loaded = load_model(ref, replace(options.load, dtype=options.dtype) if placed else options.load)

@@ -6,7 +6,10 @@ Entry points, each following the service contract `run(ref, options) -> report`:
   on ONNX Runtime with the cache, reported like a PyTorch generation;
 - `parity_run` (`verify-parity MODEL model.onnx --generate`): greedy tokens and per-pass logits compared;
 - `perplexity_run`: sliding-window perplexity of the PyTorch model and its ONNX export, greedy agreement;
-- `int4_run`: weight-only int4 (MatMulNBits) of an exported decoder, sizes and perplexity before/after.
+- `int4_run`: weight-only int4 (MatMulNBits) of an exported decoder, sizes and perplexity before/after;
+- `seq2seq_export_run` (`export onnx --task seq2seq-lm`): an encoder-decoder LM as Optimum's folder (encoder,
+  decoder, decoder with past); `generate FOLDER` and `verify-parity MODEL FOLDER --generate` dispatch to
+  `seq2seq_generate` and `seq2seq_quality`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from mlops_cli.services.onnx_lm.quality import (
     parity_run,
     perplexity_run,
 )
+from mlops_cli.services.onnx_lm.seq2seq_export import Seq2SeqExportOptions, Seq2SeqExportReport
+from mlops_cli.services.onnx_lm.seq2seq_export import run as seq2seq_export_run
 
 __all__ = [
     "ExportWithPastOptions", "ExportWithPastReport", "GenerationParityOptions", "GenerationParityReport",
-    "Int4Options", "Int4Report", "PerplexityOptions", "PerplexityReport", "export_run", "int4_run", "parity_run",
-    "perplexity_run",
+    "Int4Options", "Int4Report", "PerplexityOptions", "PerplexityReport", "Seq2SeqExportOptions",
+    "Seq2SeqExportReport", "export_run", "int4_run", "parity_run", "perplexity_run", "seq2seq_export_run",
 ]

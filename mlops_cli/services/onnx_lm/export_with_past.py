@@ -93,7 +93,8 @@ def kv_layout(model: Any) -> KvLayout:
     family = family_of(model)
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
-        raise _unsupported(family, "it is an encoder-decoder model (two graphs would be needed)")
+        raise _unsupported(family, "it is an encoder-decoder model: export it with --task seq2seq-lm (a folder "
+                                   "holding the encoder and the decoders with their caches)")
     accepted = inspect.signature(model.forward).parameters
     if "cache" not in accepted and "past_key_values" not in accepted:
         raise _unsupported(family, f"{type(model).__name__} takes no KV cache (is it a causal LM?)")

@@ -38,17 +38,8 @@ class OnnxDecoder:
     """An ONNX decoder graph with KV-cache inputs, run one pass at a time."""
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from mlops_cli.core.runtimes import onnx_session
-
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         self.path = Path(path)
-        self.session = onnx_session(path, device, options)
+        self.session = generation_session(path, device, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = sorted((n for n in inputs if _PAST.match(n)), key=_past_order)
         if not self.past_names or "input_ids" not in inputs:
@@ -80,6 +71,20 @@ class OnnxDecoder:
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
         present = {name: outputs[out] for name, out in zip(self.past_names, self.present_names, strict=True)}
         return outputs["logits"], present
+
+
+def generation_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> Any:
+    """An ONNX Runtime session for a generation loop: `threads` intra-op threads, no spinning between passes."""
+    import onnxruntime as ort
+
+    from mlops_cli.core.runtimes import onnx_session
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return onnx_session(path, device, options)
 
 
 def _past_order(name: str) -> tuple[int, int]:
@@ -229,31 +234,56 @@ def generate(loaded: LoadedModel, options: GenerateOptions, tokenizer: Path | No
     text = load_text_side(tokenizer or loaded.path.parent)
     input_ids, attention_mask = encode_prompts(text.tokenizer, options.prompts)
     params = decoding_params(options, text)
+    run = OnnxGeneration(
+        model=loaded.reference, architecture=f"ONNX decoder with KV cache ({loaded.path.name})",
+        cache="the graph's past_key_values", device=device, text=text, params=params,
+        prompt_length=int(input_ids.shape[1]), prompt_tokens=int(attention_mask.sum()), batch=int(input_ids.shape[0]),
+        run_once=lambda: timed_run(decoder, input_ids, attention_mask, params, options.seed, text.tokenizer))
+    return measured_report(run, options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxGeneration:
+    """One generation on ONNX Runtime, ready to be run and measured (a decoder-only or an encoder-decoder)."""
+
+    model: str
+    architecture: str
+    cache: str
+    device: str
+    text: TextSide
+    params: DecodingParams
+    prompt_length: int  # tokens at the start of each returned sequence that are not new
+    prompt_tokens: int  # the prompts' tokens, padding excluded
+    batch: int
+    run_once: Callable[[], RunRecord]
+
+
+def measured_report(run: OnnxGeneration, options: GenerateOptions) -> GenerateReport:
+    """Warm-up runs, then `repeat` measured ones (peak memory of each), reported like a PyTorch generation."""
     records: list[RunRecord] = []
     memory = PeakMemory()
     for index in range(options.warmup + options.repeat):
         options.on_step(f"{options.strategy} decoding on ONNX Runtime")
         with memory:
-            record = timed_run(decoder, input_ids, attention_mask, params, options.seed, text.tokenizer)
+            record = run.run_once()
         if index >= options.warmup:
             records.append(replace(record, peak_memory_bytes=memory.growth_bytes))
-    outputs = generated_texts(options.prompts, records[0].sequences, int(input_ids.shape[1]), params, text)
+    outputs = generated_texts(options.prompts, records[0].sequences, run.prompt_length, run.params, run.text)
     new_tokens = sum(o.new_tokens for o in outputs)
-    batch = int(input_ids.shape[0])
-    metrics = summarize_runs([run_metrics(r, new_tokens, batch) for r in records], int(attention_mask.sum()),
+    metrics = summarize_runs([run_metrics(r, new_tokens, run.batch) for r in records], run.prompt_tokens,
                              options.warmup)
     reproducible = all(torch.equal(r.sequences, records[0].sequences) for r in records)
-    settings = {name: value for name, value in dataclasses.asdict(params).items() if name != "eos_token_ids"}
+    settings = {name: value for name, value in dataclasses.asdict(run.params).items() if name != "eos_token_ids"}
     result = StrategyResult(options.strategy, "onnxruntime", settings, outputs, metrics, reproducible,
                             all(o.new_tokens == options.max_new_tokens for o in outputs) if options.fixed_length
                             else None)
     return GenerateReport(
-        model=loaded.reference, architecture=f"ONNX decoder with KV cache ({loaded.path.name})", device=device,
-        dtype="as exported", engine="onnxruntime", cache="the graph's past_key_values", compiled=False,
-        batch_size=batch, max_new_tokens=options.max_new_tokens, seed=options.seed,
-        memory_measure="RSS growth on CPU, sampled every 2 ms during the run" if device == "cpu"
+        model=run.model, architecture=run.architecture, device=run.device,
+        dtype="as exported", engine="onnxruntime", cache=run.cache, compiled=False,
+        batch_size=run.batch, max_new_tokens=options.max_new_tokens, seed=options.seed,
+        memory_measure="RSS growth on CPU, sampled every 2 ms during the run" if run.device == "cpu"
         else "RSS growth of the process (ONNX Runtime's CUDA memory is not counted)",
-        results=(result,), explanation=None, notes=(f"tokenizer: {text.folder}",),
+        results=(result,), explanation=None, notes=(f"tokenizer: {run.text.folder}",),
         warnings=() if reproducible else ("some runs with the same seed produced different tokens",))
 
 

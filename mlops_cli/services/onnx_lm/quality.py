@@ -226,6 +226,10 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
         raise UsageError("--max-new-tokens must be at least 1")
     if options.evaluation is not None:
         options.evaluation.read()  # a bad --eval-text fails before any model is loaded
+    from mlops_cli.services.onnx_lm import seq2seq_generate, seq2seq_quality
+
+    if seq2seq_generate.is_seq2seq_folder(options.candidate):  # written by export onnx --task seq2seq-lm
+        return seq2seq_quality.parity_run(ref, options)
     model, tokenizer, warnings = _reference(ref, options.load, options.tokenizer)
     decoder = OnnxDecoder(options.candidate)
     options.on_step("generating")

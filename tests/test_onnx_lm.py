@@ -393,11 +393,11 @@ def test_export_onnx_task_causal_lm_command_and_the_whole_path(cli, folders: dic
     data = result.json()
     assert "past_key_values.0.key" in data["input_names"] and "present.0.value" in data["output_names"]
     assert any(past == 0 for _, _, past in data["checked_passes"])  # the empty past (prompt pass) ran
-    human = cli("export", "onnx", folders["llama"], "--task", "causal-lm", "-o", out, "--force")
+    human = cli("export", "onnx", folders["llama"], "-o", out, "--force")  # a causal LM: the cache by default
     assert human.exit_code == 0 and "KV cache" in human.stdout
-    ignored = cli("export", "onnx", folders["llama"], "--task", "causal-lm", "-o", out, "--force", "--static",
-                  "--optimize", "all")
+    ignored = cli("export", "onnx", folders["llama"], "-o", out, "--force", "--static", "--optimize", "all")
     assert ignored.exit_code == 2 and "--static, --optimize" in ignored.stderr  # never silently dropped
+    assert "--no-kv-cache" in ignored.stderr  # ... and the hint names the plain graph's option
     generated = cli("generate", out, "--tokenizer", folders["llama"], "--prompt", "The model", "--max-new-tokens",
                     "3", "--fixed-length")
     assert generated.exit_code == 0, generated.output
@@ -447,3 +447,17 @@ def test_compress_refuses_to_drift_check_a_kv_decoder_before_writing(cli, export
     assert result.exit_code == 2 and "KV cache" in result.stderr and "--generate" in result.stderr
     assert not out.exists()
     assert cli("compress", "half", exported["gpt2"].output, "-o", out, "--no-check").exit_code == 0
+
+
+def test_causal_lms_are_told_from_their_config_without_loading(folders: dict[str, Path], tmp_path: Path) -> None:
+    """`export onnx` gives a causal LM its KV cache by default: decided from config.json (or the zoo entry)."""
+    from mlops_cli.core.loading import is_causal_lm
+
+    assert is_causal_lm(ModelRef.parse(str(folders["llama"]))) and is_causal_lm(ModelRef.parse(str(folders["gpt2"])))
+    assert is_causal_lm(ModelRef.parse("builtin:tiny-gpt2"))
+    assert not is_causal_lm(ModelRef.parse("builtin:tiny-bert"))
+    encoder_decoder = tmp_path / "t5"
+    encoder_decoder.mkdir()
+    (encoder_decoder / "config.json").write_text('{"architectures": ["T5WithLMHeadModel"], "is_encoder_decoder": true}')
+    assert not is_causal_lm(ModelRef.parse(str(encoder_decoder)))
+    assert not is_causal_lm(ModelRef.parse(str(tmp_path / "missing")))

@@ -100,6 +100,11 @@ def export_onnx_command(
     keep_metadata: Annotated[bool, typer.Option(
         "--keep-metadata", help="Keep the dynamo exporter's per-node debugging metadata (source stack traces with "
                                 "local paths, module names): about twice the file size.")] = False,
+    kv_cache: Annotated[bool, typer.Option(
+        "--kv-cache/--no-kv-cache", rich_help_panel="Causal LMs (--task causal-lm)",
+        help="A causal LM (an HF decoder-only LM, or builtin:tiny-gpt2) is exported with its KV cache by default, "
+             "as with --task causal-lm; --no-kv-cache exports the plain graph instead (logits for the whole "
+             "sequence, re-run for every generated token). No effect on other models.")] = True,
     engine: Annotated[LmEngine, typer.Option(
         "--engine", rich_help_panel="Causal LMs (--task causal-lm)",
         help="torch: our KV-cache export, one .onnx file; genai: ONNX Runtime GenAI's model builder, a folder "
@@ -119,10 +124,11 @@ def export_onnx_command(
     """Export a model to ONNX with named inputs/outputs and dynamic batch/sequence dims, run onnx.checker, and
     verify the file with ONNX Runtime at shapes other than the example's. Exit 6 (file kept) when it does not match.
 
-    With --task causal-lm a causal LM is exported as a decoder with its KV cache (inputs past_key_values.N.key/value,
-    outputs logits and present.N.key/value, dynamic batch/sequence/past dims, Optimum's names): one file for the
-    prompt and every next token, run at other sizes (the empty past included) and compared with the model before
-    it is written (opset at most 17). Then `mlops generate model.onnx --tokenizer MODEL` and
+    A causal LM (an HF decoder-only LM, or any model with --task causal-lm; --no-kv-cache: the plain graph) is
+    exported as a decoder with its KV cache (inputs past_key_values.N.key/value, outputs logits and
+    present.N.key/value, dynamic batch/sequence/past dims, Optimum's names): one file for the prompt and every next
+    token, run at other sizes (the empty past included) and compared with the model before it is written (opset at
+    most 17). Then `mlops generate model.onnx --tokenizer MODEL` and
     `mlops verify-parity MODEL model.onnx --generate`. --engine genai writes ONNX Runtime GenAI's folder instead
     (its model builder; model.onnx, genai_config.json, tokenizer), verified the same way; --engine auto (default)
     does so when -o names a folder and the builder supports the family.
@@ -144,7 +150,8 @@ def export_onnx_command(
 
     seq2seq = load.task == "seq2seq-lm" or (load.task is None and output.suffix != ".onnx"
                                             and _is_seq2seq_lm(model))
-    if load.task == "causal-lm" or seq2seq:
+    causal = kv_cache and (load.task == "causal-lm" or (load.task is None and _is_causal_lm(model)))
+    if causal or seq2seq:
         ignored = [name for name, value, default in (
             ("--static", static, False), ("--exporter", exporter, Exporter.auto), ("--no-verify", verify, True),
             ("--optimize", optimize, Optimize.auto), ("--input", inputs, None), ("--batch-size", batch_size, None),
@@ -154,7 +161,8 @@ def export_onnx_command(
         task = "seq2seq-lm" if seq2seq else "causal-lm"
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task {task} (the KV-cache export is "
-                             "checked against the model at its own sizes)", hint="Drop them.")
+                             "checked against the model at its own sizes)",
+                             hint="Drop them" + ("." if seq2seq else ", or add --no-kv-cache for the plain graph."))
         if seq2seq:
             if engine != LmEngine.auto or precision.value != "fp32":
                 raise UsageError("--engine and --precision apply to --task causal-lm",
@@ -164,7 +172,8 @@ def export_onnx_command(
             _export_lm(model, output, force, opset, external_data, engine, precision.value, load, as_json, quiet)
         return
     if engine != LmEngine.auto or precision.value != "fp32":
-        raise UsageError("--engine and --precision apply to --task causal-lm", hint="Add --task causal-lm.")
+        raise UsageError("--engine and --precision apply to the KV-cache export of a causal LM",
+                         hint="Drop them, or drop --no-kv-cache / add --task causal-lm.")
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value])
     request = InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)
     with progress_steps(f"exporting {model} to ONNX", quiet) as on_step:
@@ -214,6 +223,13 @@ def _export_lm(model: str, output: Path, force: bool, opset: int, external_data:
         raise ValidationFailed(f"the genai build does not match the model: {report.verdict}",
                                hint=f"{report.output} was kept for inspection; --engine torch exports the model "
                                     "with our exporter.")
+
+
+def _is_causal_lm(model: str) -> bool:
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.loading import is_causal_lm
+
+    return is_causal_lm(ModelRef.parse(model))
 
 
 def _is_seq2seq_lm(model: str) -> bool:

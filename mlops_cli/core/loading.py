@@ -405,20 +405,40 @@ def _hf_model_class(config: Any, task: str | None, folder: Path) -> Any:
 
 
 SEQ2SEQ_LM_ARCHITECTURES = ("ForConditionalGeneration", "MTModel")  # T5, BART, mBART, Pegasus...; Marian
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")  # Llama, Qwen2, Mistral...; GPT-2, GPT-J
 
 
-def is_seq2seq_lm_folder(path: Path | None) -> bool:
-    """An HF folder whose config.json describes an encoder-decoder LM (read as JSON: nothing is loaded), the
-    models `export onnx` exports with `--task seq2seq-lm` when the output is a folder."""
+def _folder_config(path: Path | None) -> dict[str, Any]:
+    """An HF folder's config.json read as JSON (nothing is loaded or imported); {} when there is none."""
     if path is None or not (path / "config.json").is_file():
-        return False
+        return {}
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    architectures = config.get("architectures") if isinstance(config, dict) else None
-    return bool(config.get("is_encoder_decoder")) and any(
-        isinstance(name, str) and name.endswith(SEQ2SEQ_LM_ARCHITECTURES) for name in architectures or [])
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _architectures_end_with(config: dict[str, Any], suffixes: tuple[str, ...]) -> bool:
+    return any(isinstance(name, str) and name.endswith(suffixes) for name in config.get("architectures") or [])
+
+
+def is_seq2seq_lm_folder(path: Path | None) -> bool:
+    """An HF folder whose config.json describes an encoder-decoder LM, the models `export onnx` exports with
+    `--task seq2seq-lm` when the output is a folder."""
+    config = _folder_config(path)
+    return bool(config.get("is_encoder_decoder")) and _architectures_end_with(config, SEQ2SEQ_LM_ARCHITECTURES)
+
+
+def is_causal_lm(ref: ModelRef) -> bool:
+    """A decoder-only LM, told by its built-in entry or its HF folder's config.json (nothing is loaded): the models
+    `export onnx` exports with their KV cache unless told otherwise."""
+    if ref.builtin is not None:
+        from mlops_cli.core import zoo
+
+        return zoo.entry(ref.builtin).task == "causal-lm"
+    config = _folder_config(ref.path)
+    return not config.get("is_encoder_decoder") and _architectures_end_with(config, CAUSAL_LM_ARCHITECTURES)
 
 
 def hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:

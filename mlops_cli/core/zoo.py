@@ -46,6 +46,7 @@ class ZooEntry:
     kind: str  # "hf" or "module"
     description: str
     inputs: tuple[str, ...]  # --input specs for plain modules; empty for HF models (derived from config)
+    task: str | None = None  # "causal-lm" for the LM (export onnx gives it a KV cache by default)
 
 
 def corpus_lines() -> list[str]:
@@ -239,7 +240,7 @@ ENTRIES: dict[str, ZooEntry] = {
         ZooEntry("tiny-bert", "hf", "BERT classifier telling English from Chinese (2 layers, hidden 32, trained on "
                  "the bundled corpus) + WordPiece tokenizer", ()),
         ZooEntry("tiny-gpt2", "hf", "GPT-2 causal LM (2 layers, hidden 32) that learned the bundled corpus + "
-                 "byte-level BPE tokenizer", ()),
+                 "byte-level BPE tokenizer", (), task="causal-lm"),
         ZooEntry("tiny-vit", "hf", "ViT image classifier (32x32 images, patch 8, 2 layers)", ()),
         ZooEntry("convnet", "module", "The tips' MNIST ConvNet (1x28x28 -> 10 classes)",
                  ("x:float32[batch=2,1,28,28]",)),

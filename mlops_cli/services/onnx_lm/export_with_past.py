@@ -306,6 +306,7 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
 
     from mlops_cli.core.loading import ModelKind, load_model
     from mlops_cli.core.onnx_export import check_onnx_output, files_on_disk
+    from mlops_cli.core.runtimes import gather_on_cpu
 
     check_onnx_output(options.output, options.force, ref.sources)  # before loading: an existing output fails fast
     load = options.load if options.load.task else replace(options.load, task="causal-lm")
@@ -313,6 +314,7 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
     if loaded.kind != ModelKind.HF or loaded.module is None:
         raise InputError(f"{ref} is not a transformers model ({loaded.kind.value}); exporting with a KV cache "
                          "needs one", hint="Pass a Hugging Face folder holding a causal LM.")
+    gather_on_cpu(loaded, "export")  # a model placed by --device-map is traced whole, on CPU
     warnings = list(loaded.warnings)
     dtype = next(loaded.module.parameters()).dtype
     if dtype != torch.float32:

@@ -387,6 +387,7 @@ def run(ref: ModelRef, options: Seq2SeqExportOptions) -> Seq2SeqExportReport:
 
     from mlops_cli.core.io import check_output
     from mlops_cli.core.loading import ModelKind, load_model
+    from mlops_cli.core.runtimes import gather_on_cpu
 
     check_output(options.output, options.force, ref.sources)  # before loading: an existing output fails fast
     load = seq2seq_load_options(ref, options.load)
@@ -394,6 +395,7 @@ def run(ref: ModelRef, options: Seq2SeqExportOptions) -> Seq2SeqExportReport:
     if loaded.kind != ModelKind.HF or loaded.module is None:
         raise InputError(f"{ref} is not a transformers model ({loaded.kind.value}); the seq2seq export needs one",
                          hint="Pass a Hugging Face folder holding an encoder-decoder LM (T5, BART, Marian...).")
+    gather_on_cpu(loaded, "export")  # a model placed by --device-map is traced whole, on CPU
     warnings = list(loaded.warnings)
     dtype = next(loaded.module.parameters()).dtype
     if dtype != torch.float32:

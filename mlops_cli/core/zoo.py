@@ -217,6 +217,21 @@ def _tiny_gpt2() -> tuple[Any, Any]:
     return GPT2LMHeadModel(config), tokenizer
 
 
+def _tiny_llama() -> tuple[Any, Any]:
+    """A Llama-family LM (rotary positions, RMSNorm, SwiGLU, grouped-query attention: 4 query heads share 2
+    key/value heads), the family ONNX Runtime GenAI's model builder knows; same tokenizer and corpus as tiny-gpt2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = gpt2_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids(BPE_SPECIAL)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=eos, eos_token_id=eos, architectures=["LlamaForCausalLM"],
+    )
+    return LlamaForCausalLM(config), tokenizer
+
+
 def _tiny_vit() -> tuple[Any, Any]:
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -229,7 +244,7 @@ def _tiny_vit() -> tuple[Any, Any]:
 
 
 _HF_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
-    "tiny-bert": _tiny_bert, "tiny-gpt2": _tiny_gpt2, "tiny-vit": _tiny_vit,
+    "tiny-bert": _tiny_bert, "tiny-gpt2": _tiny_gpt2, "tiny-llama": _tiny_llama, "tiny-vit": _tiny_vit,
 }
 _MODULE_BUILDERS: dict[str, Callable[[], Any]] = {"convnet": ConvNet, "lenet": LeNet}
 ARCH_PATHS = {"convnet": "mlops_cli.core.zoo:ConvNet", "lenet": "mlops_cli.core.zoo:LeNet"}
@@ -241,6 +256,8 @@ ENTRIES: dict[str, ZooEntry] = {
                  "the bundled corpus) + WordPiece tokenizer", ()),
         ZooEntry("tiny-gpt2", "hf", "GPT-2 causal LM (2 layers, hidden 32) that learned the bundled corpus + "
                  "byte-level BPE tokenizer", (), task="causal-lm"),
+        ZooEntry("tiny-llama", "hf", "Llama causal LM (2 layers, hidden 64, grouped-query attention) that learned the "
+                 "bundled corpus + the same tokenizer", (), task="causal-lm"),
         ZooEntry("tiny-vit", "hf", "ViT image classifier (32x32 images, patch 8, 2 layers)", ()),
         ZooEntry("convnet", "module", "The tips' MNIST ConvNet (1x28x28 -> 10 classes)",
                  ("x:float32[batch=2,1,28,28]",)),
@@ -292,7 +309,7 @@ class Recipe:
     label_smoothing: float = 0.0
 
 
-RECIPES = {"tiny-gpt2": Recipe(steps=60, learning_rate=1.5e-2),
+RECIPES = {"tiny-gpt2": Recipe(steps=60, learning_rate=1.5e-2), "tiny-llama": Recipe(steps=60, learning_rate=1.5e-2),
            "tiny-bert": Recipe(steps=40, learning_rate=1e-2, label_smoothing=0.2)}
 SYNTHETIC_SENTENCES = 30  # per language, for the classifier (see classifier_batch)
 _MEMORY: dict[str, dict[str, Any]] = {}  # cache key -> trained parameters, for the builds of this process
@@ -433,4 +450,5 @@ def classifier_batch(tokenizer: Any) -> dict[str, Any]:
     return {**encoded, "labels": torch.tensor(labels)}
 
 
-_BATCHES: dict[str, Callable[[Any], dict[str, Any]]] = {"tiny-gpt2": lm_batch, "tiny-bert": classifier_batch}
+_BATCHES: dict[str, Callable[[Any], dict[str, Any]]] = {"tiny-gpt2": lm_batch, "tiny-llama": lm_batch,
+                                                        "tiny-bert": classifier_batch}

@@ -10,7 +10,8 @@ import typer
 from mlops_cli.commands.common import ForceOpt, JsonOpt
 
 zoo_app = typer.Typer(help="Built-in tiny models, built locally and deterministically (tiny-gpt2, tiny-llama "
-                           "and tiny-bert trained in seconds on the bundled corpus) for demos and tests.", no_args_is_help=True)
+                           "and tiny-bert trained in seconds on the bundled corpus) for demos and tests.",
+                      no_args_is_help=True)
 
 
 @zoo_app.command("list")

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.errors import UsageError
-from mlops_cli.core.io import atomic_file
 from mlops_cli.services.compress.cast import CastCounts, TensorPlan, TensorSafety, tensor_safety
 from mlops_cli.services.compress.keep import BY_OP_TYPE, KeepRules
 
@@ -34,14 +32,16 @@ class OnnxConversion:
     model: Any
     tensors: list[TensorSafety]
     note: str
+    external_data: bool = False  # the source kept its weights in a `.data` file: so does the output
 
 
 def convert_onnx(source: Path, keep: KeepRules, keep_io_types: bool) -> OnnxConversion:
     """Convert in memory; the caller decides whether to write (overflow may refuse it)."""
-    import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(source))
+    from mlops_cli.core.onnx_export import has_external_data, load_onnx
+
+    model = load_onnx(source, infer_shapes=True)  # the converter's own inference fails past 2 GiB
     before = _onnx_tensors(model)
     initializers = {init.name for init in model.graph.initializer}
     blocked_nodes = [node.name for node in model.graph.node if node.name and (
@@ -49,23 +49,23 @@ def convert_onnx(source: Path, keep: KeepRules, keep_io_types: bool) -> OnnxConv
     blocked_ops = list(DEFAULT_OP_BLOCK_LIST) + (list(NORM_ONNX_OPS) if keep.defaults_used else [])
     converted = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=blocked_ops,
                                          node_block_list=blocked_nodes, max_finite_val=FP16_MAX,
-                                         min_positive_val=ORT_MIN_POSITIVE)
+                                         min_positive_val=ORT_MIN_POSITIVE, disable_shape_infer=True)
     after = _onnx_tensors(converted)
     tensors = [_onnx_safety(name, array, after.get(name), keep) for name, array in before.items()]
     note = (f"nodes kept in float32: {len(blocked_nodes)} by name/initializer pattern, plus op types "
             f"{', '.join(sorted(set(blocked_ops)))}; inputs/outputs "
             f"{'kept float32 (--keep-io-types)' if keep_io_types else 'converted to float16'}")
-    return OnnxConversion(converted, tensors, note)
+    return OnnxConversion(converted, tensors, note, has_external_data(source))
 
 
-def save_onnx(model: Any, output: Path, force: bool, sources: list[Path]) -> None:
-    import onnx
+def save_onnx(conversion: OnnxConversion, output: Path, force: bool, sources: list[Path]) -> None:
+    """Write the float16 graph atomically; its weights go to `<output>.data` when the source kept them apart
+    or they pass the external-data threshold (one protobuf file cannot hold 2 GiB)."""
+    from mlops_cli.core.onnx_export import atomic_onnx, needs_external_data, save_model_proto
 
-    if model.ByteSize() > 2**31 - 1:
-        raise UsageError("the float16 ONNX model is over 2 GiB, which one protobuf file cannot hold",
-                         hint="Compress the torch checkpoint instead and export it again.")
-    with atomic_file(output, force, sources) as temp:
-        onnx.save_model(model, str(temp))
+    external = needs_external_data(conversion.model, conversion.external_data)
+    with atomic_onnx(output, force, sources) as written:
+        save_model_proto(conversion.model, written, external)
 
 
 def _onnx_tensors(model: Any) -> dict[str, Any]:

@@ -10,9 +10,9 @@ index is checked: every tensor of the source, each in a shard that exists, fp16 
 `total_size` equal to the shards' tensor bytes.
 
 Expected: inspect reads the shards' headers only (milliseconds, RSS growth near zero whatever the size);
-`compress half --no-check --no-default-keep` streams shard by shard in chunks; `--no-check` alone builds the
-model skeleton for its keep rules (norm layers by module type); summarize loads the whole model (RSS growth
-about its fp32 size).
+`compress half --no-check --no-default-keep` streams shard by shard in chunks; `--no-check` alone also loads the
+model for its keep rules (norm layers by module type), but transformers memory-maps the shards, so the weights it
+never touches stay out of RSS; summarize runs the whole model (RSS growth about its fp32 size).
 
     .venv/bin/python benchmarks/bench_sharded.py [--layers 8] [--shard-mb 16]
     .venv/bin/python benchmarks/bench_sharded.py --hidden 2048 --intermediate 5632 --layers 14 --vocab 32000 \

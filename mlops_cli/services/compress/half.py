@@ -29,7 +29,6 @@ from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, torch_load_
 from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, load_model, split_checkpoint
-from mlops_cli.core.meta import build_meta_model
 from mlops_cli.core.onnx_export import check_onnx_output
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.safetensors_file import torch_dtype
@@ -160,15 +159,12 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     _check_supported(fmt, options)
     refuse_quantised(source, fmt, "compress half")
     (check_onnx_output if fmt == Format.ONNX else check_output)(options.output, options.force, ref.sources)
-    original = skeleton = None
+    original = None
     # Built when its module types decide what to keep or the check runs it (--no-check --no-default-keep: never).
     if (options.check or options.default_keep) and can_build_model(source, fmt, options.load.arch):
-        if options.check or fmt != Format.HF_FOLDER:
-            options.on_step("loading the original")
-            original = load_model(ref, options.load)
-        else:  # only module names and types decide: built on the meta device, so the shards still stream
-            skeleton = build_meta_model(ref, options.load).module
-    keep = KeepRules.build(options.keep_fp32, options.default_keep, original.module if original else skeleton,
+        options.on_step("loading the original")
+        original = load_model(ref, options.load)
+    keep = KeepRules.build(options.keep_fp32, options.default_keep, original.module if original else None,
                            options.load.strip_prefix)
     plan = plan_check_inputs(original, options.inputs) if options.check and original is not None else None
 

@@ -721,8 +721,12 @@ def check_onnx_external_data(path: Path) -> None:
             continue
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
         resolved = (folder / location).resolve()
-        if folder not in resolved.parents:
-            raise UnsafeInputError(f"{path}: initializer {tensor.name!r} points outside the model folder: {location}")
+        if Path(location).is_absolute() or folder not in resolved.parents:
+            raise UnsafeInputError(
+                f"{path}: initializer {tensor.name!r} keeps its weights at {location!r}, "
+                f"{'an absolute path' if Path(location).is_absolute() else 'outside the model folder'}",
+                hint="External data must be a relative path inside the .onnx file's folder (e.g. model.onnx.data): "
+                     "re-export the model, or fix the location if you trust where it came from.")
         if not resolved.is_file():
             raise InputError(f"{path}: external data file missing: {location}",
                              hint="Copy the .data file(s) next to the .onnx file.")

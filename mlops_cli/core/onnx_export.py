@@ -456,12 +456,83 @@ def save_model_proto(model: Any, path: Path, external: bool) -> None:
     """Save an ONNX ModelProto as one file, or with all weights in `<name>.data` beside it."""
     import onnx
 
+    declare_op_domains(model)
     remove_stale_data(path)
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_file(path).name, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+
+
+def declare_op_domains(model: Any) -> None:
+    """Declare (version 1) every operator domain the nodes use that the model does not import.
+
+    ONNX Runtime's transformer fusions add `com.microsoft` nodes without importing that domain: ONNX Runtime
+    runs such a file, but onnx's shape inference (which the float16 converter and the int8 quantiser run
+    first) rejects it ("No opset import for domain com.microsoft").
+    """
+    import onnx
+
+    declared = {entry.domain or "ai.onnx" for entry in model.opset_import}
+    used = {node.domain or "ai.onnx" for node in _all_nodes(model.graph)}
+    for domain in sorted(used - declared):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+
+
+def load_onnx(path: Path, *, infer_shapes: bool = False) -> Any:
+    """An ONNX model with its weights, external data included (read from beside it once every location is
+    checked to stay inside the model's folder: exit 4 otherwise, where onnx would raise a bare error).
+
+    `infer_shapes`: run onnx's shape inference on the graph before its external weights are read. Inference in
+    memory serialises the model, which protobuf refuses past 2 GiB; without the weights the graph is small.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from mlops_cli.core.loading import check_onnx_external_data
+
+    check_onnx_external_data(path)
+    model = onnx.load(str(path), load_external_data=False)
+    declare_op_domains(model)
+    if infer_shapes:
+        model = onnx.shape_inference.infer_shapes(model)
+    load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def has_external_data(path: Path) -> bool:
+    """Does this ONNX file keep (some of) its weights in files beside it?"""
+    return bool(external_data_files(path))
+
+
+def needs_external_data(model: Any, source_had_it: bool) -> bool:
+    """Write a model's weights to `<name>.data` when its source did, or when they pass the threshold."""
+    return source_had_it or sum(tensor.ByteSize() for tensor in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+
+
+@contextlib.contextmanager
+def atomic_onnx(output: str | Path, force: bool = False, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield where to write an ONNX file: a path named like `output` in a private folder beside it, so that a
+    `<name>.data` written with it gets its final relative location. On success both files are fsynced and
+    moved into place (move_into_place: the .data first); on failure the folder goes and neither appears.
+    The output is checked first (check_onnx_output: a `.data` beside a new output is not ours to replace)."""
+    import shutil
+
+    from mlops_cli.core.io import scratch_dir_beside
+
+    target = check_onnx_output(output, force, sources)
+    scratch = scratch_dir_beside(target)
+    try:
+        written = scratch / target.name
+        yield written
+        for path in (written, data_file(written)):
+            if path.is_file():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        move_into_place(written, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def move_into_place(current: Path, target: Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ from mlops_cli.core.formats import HF_CONFIG, Format, detect_format, torch_load_
 from mlops_cli.core.inputs import InputPlan, InputRequest
 from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, load_model, split_checkpoint
+from mlops_cli.core.onnx_export import check_onnx_output
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.safetensors_file import torch_dtype
 from mlops_cli.services.compress.cast import (
@@ -164,7 +165,7 @@ def run(ref: ModelRef, options: HalfOptions) -> HalfReport:
     fmt = detect_format(source)
     _check_supported(fmt, options)
     refuse_quantised(source, fmt, "compress half")
-    check_output(options.output, options.force, ref.sources)
+    (check_onnx_output if fmt == Format.ONNX else check_output)(options.output, options.force, ref.sources)
     original = None
     # Built when its module types decide what to keep or the check runs it (--no-check --no-default-keep: never).
     if (options.check or options.default_keep) and can_build_model(source, fmt, options.load.arch):
@@ -265,7 +266,7 @@ def _convert_onnx(source: Path, keep: KeepRules, options: HalfOptions) -> _Conve
     conversion = _Conversion(Format.ONNX.value, converted.tensors, notes=[converted.note],
                              overflow_action=OVERFLOW_ACTION, underflow_action=UNDERFLOW_ACTION)
     if not _overflow_refused(conversion, options):
-        save_onnx(converted.model, options.output, options.force, [source])
+        save_onnx(converted, options.output, options.force, [source])
         conversion.written = True
     return conversion
 

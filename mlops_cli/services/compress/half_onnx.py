@@ -8,12 +8,11 @@ their initializers is kept by name (an ONNX graph has no module types), or when 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mlops_cli.core.errors import UsageError
-from mlops_cli.core.io import atomic_file
 from mlops_cli.services.compress.cast import CastCounts, TensorPlan, TensorSafety, tensor_safety
 from mlops_cli.services.compress.keep import BY_OP_TYPE, KeepRules
 
@@ -34,86 +33,115 @@ class OnnxConversion:
     model: Any
     tensors: list[TensorSafety]
     note: str
+    external_data: bool = False  # the source kept its weights in a `.data` file: so does the output
 
 
 def convert_onnx(source: Path, keep: KeepRules, keep_io_types: bool) -> OnnxConversion:
     """Convert in memory; the caller decides whether to write (overflow may refuse it)."""
-    import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(source))
-    before = _onnx_tensors(model)
+    from mlops_cli.core.onnx_export import has_external_data, load_onnx
+
+    model = load_onnx(source, infer_shapes=True)  # the converter's own inference fails past 2 GiB
+    # Facts and counts per tensor, not copies of the weights: the model is in memory once as it is
+    before = {name: _source_facts(array) for name, array in _onnx_tensors(model)}
     initializers = {init.name for init in model.graph.initializer}
     blocked_nodes = [node.name for node in model.graph.node if node.name and (
         keep.match(node.name) or any(keep.match(name) for name in node.input if name in initializers))]
     blocked_ops = list(DEFAULT_OP_BLOCK_LIST) + (list(NORM_ONNX_OPS) if keep.defaults_used else [])
     converted = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=blocked_ops,
                                          node_block_list=blocked_nodes, max_finite_val=FP16_MAX,
-                                         min_positive_val=ORT_MIN_POSITIVE)
-    after = _onnx_tensors(converted)
-    tensors = [_onnx_safety(name, array, after.get(name), keep) for name, array in before.items()]
+                                         min_positive_val=ORT_MIN_POSITIVE, disable_shape_infer=True)
+    after = {name: _result_facts(array) for name, array in _onnx_tensors(converted)}
+    tensors = [_onnx_safety(name, facts, after.get(name), keep) for name, facts in before.items()]
     note = (f"nodes kept in float32: {len(blocked_nodes)} by name/initializer pattern, plus op types "
             f"{', '.join(sorted(set(blocked_ops)))}; inputs/outputs "
             f"{'kept float32 (--keep-io-types)' if keep_io_types else 'converted to float16'}")
-    return OnnxConversion(converted, tensors, note)
+    return OnnxConversion(converted, tensors, note, has_external_data(source))
 
 
-def save_onnx(model: Any, output: Path, force: bool, sources: list[Path]) -> None:
-    import onnx
+def save_onnx(conversion: OnnxConversion, output: Path, force: bool, sources: list[Path]) -> None:
+    """Write the float16 graph atomically; its weights go to `<output>.data` when the source kept them apart
+    or they pass the external-data threshold (one protobuf file cannot hold 2 GiB)."""
+    from mlops_cli.core.onnx_export import atomic_onnx, needs_external_data, save_model_proto
 
-    if model.ByteSize() > 2**31 - 1:
-        raise UsageError("the float16 ONNX model is over 2 GiB, which one protobuf file cannot hold",
-                         hint="Compress the torch checkpoint instead and export it again.")
-    with atomic_file(output, force, sources) as temp:
-        onnx.save_model(model, str(temp))
+    external = needs_external_data(conversion.model, conversion.external_data)
+    with atomic_onnx(output, force, sources) as written:
+        save_model_proto(conversion.model, written, external)
 
 
-def _onnx_tensors(model: Any) -> dict[str, Any]:
-    """Initializers and Constant-node values of the main graph, as numpy arrays by name."""
+def _onnx_tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    """Initializers and Constant-node values of the main graph, as numpy arrays by name, one at a time."""
     from onnx import numpy_helper
 
-    tensors = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for init in model.graph.initializer:
+        yield init.name, numpy_helper.to_array(init)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value" and attribute.HasField("t"):
-                    tensors[f"Constant:{node.output[0]}"] = numpy_helper.to_array(attribute.t)
-    return tensors
+                    yield f"Constant:{node.output[0]}", numpy_helper.to_array(attribute.t)
 
 
-def _onnx_safety(name: str, array: Any, result: Any, keep: KeepRules) -> TensorSafety:
-    """What ONNX Runtime's converter did to one tensor, with its clamping counted instead of hidden."""
+@dataclass(frozen=True)
+class _Facts:
+    """One tensor before or after the converter: dtype, shape, and the counts that needed its values."""
+
+    dtype: Any  # numpy dtype
+    shape: tuple[int, ...]
+    counts: CastCounts | None = None
+
+
+def _source_facts(array: Any) -> _Facts:
+    """A source tensor's dtype and shape; for float32 (what the converter casts) the overflow, underflow,
+    non-finite and sentinel counts and the largest magnitude."""
     import numpy as np
 
-    source_dtype = str(array.dtype)
-    output_dtype = str(result.dtype) if result is not None else source_dtype
-    shape = tuple(array.shape)
-    sizes = (array.dtype.itemsize, result.dtype.itemsize if result is not None else array.dtype.itemsize)
-    if not (source_dtype == "float32" and output_dtype == "float16"):
-        return tensor_safety(name, shape, source_dtype, output_dtype, _unconverted(name, array, keep), sizes)
+    if array.dtype != np.float32:
+        return _Facts(array.dtype, tuple(array.shape))
     values = array.astype(np.float64).ravel()
     finite = np.isfinite(values)
     magnitude = np.abs(np.where(finite, values, 0.0))
-    out = np.abs(result.astype(np.float64).ravel())
     sentinel = int((magnitude == np.finfo(array.dtype).max).sum())  # mask fills: the converter clamps them too
     counts = CastCounts(
         overflow=int((magnitude > FP16_MAX).sum()) - sentinel,
         underflow=int(((magnitude > 0) & (magnitude < ORT_MIN_POSITIVE)).sum()),
-        subnormal=int(((out > 0) & (out < FP16_TINY)).sum()),
         nonfinite_source=int((~finite).sum()),
         max_abs=float(magnitude.max()) if magnitude.size else 0.0, sentinel=sentinel)
-    return tensor_safety(name, shape, source_dtype, output_dtype, TensorPlan(True, "converted"), sizes, counts)
+    return _Facts(array.dtype, tuple(array.shape), counts)
 
 
-def _unconverted(name: str, array: Any, keep: KeepRules) -> TensorPlan:
+def _result_facts(array: Any) -> _Facts:
+    """A converted tensor's dtype and shape; for float16 how many values became subnormal."""
+    import numpy as np
+
+    if array.dtype != np.float16:
+        return _Facts(array.dtype, tuple(array.shape))
+    out = np.abs(array.astype(np.float64).ravel())
+    return _Facts(array.dtype, tuple(array.shape), CastCounts(subnormal=int(((out > 0) & (out < FP16_TINY)).sum())))
+
+
+def _onnx_safety(name: str, source: _Facts, result: _Facts | None, keep: KeepRules) -> TensorSafety:
+    """What ONNX Runtime's converter did to one tensor, with its clamping counted instead of hidden."""
+    output = result or source
+    sizes = (source.dtype.itemsize, output.dtype.itemsize)
+    if not (source.dtype.name == "float32" and output.dtype.name == "float16"):
+        return tensor_safety(name, source.shape, source.dtype.name, output.dtype.name,
+                             _unconverted(name, source.dtype, keep), sizes)
+    assert source.counts is not None and output.counts is not None
+    counts = replace(source.counts, subnormal=output.counts.subnormal)
+    return tensor_safety(name, source.shape, "float32", "float16", TensorPlan(True, "converted"), sizes, counts)
+
+
+def _unconverted(name: str, dtype: Any, keep: KeepRules) -> TensorPlan:
     """Why the converter left a tensor as it was."""
     import numpy as np
 
-    if not np.issubdtype(array.dtype, np.floating):
+    if not np.issubdtype(dtype, np.floating):
         return TensorPlan(False, "not floating-point")
     decision = keep.match(name)
     if decision is not None:
         return TensorPlan(False, decision.reason, decision.by)
-    if array.dtype == np.float32:
+    if dtype == np.float32:
         return TensorPlan(False, "kept float32: used only by nodes that stay float32", BY_OP_TYPE)
-    return TensorPlan(False, f"left {array.dtype} by the converter")
+    return TensorPlan(False, f"left {dtype} by the converter")

@@ -39,9 +39,9 @@ from mlops_cli.core.int8_state import (
     quantizable_kind,
     quantize_torch,
 )
-from mlops_cli.core.io import atomic_dir, atomic_file, check_output, save_torch
+from mlops_cli.core.io import atomic_dir, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, load_model
-from mlops_cli.core.onnx_export import quiet_exporters
+from mlops_cli.core.onnx_export import atomic_onnx, check_onnx_output, has_external_data, quiet_exporters
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing, measure_interleaved
@@ -138,7 +138,7 @@ def run(ref: ModelRef, options: Int8Options) -> Int8Report:
     for pattern in options.exclude:
         _compile(pattern)
     refuse_quantised(source, fmt, "compress int8")
-    check_output(options.output, options.force, ref.sources)
+    (check_onnx_output if fmt == Format.ONNX else check_output)(options.output, options.force, ref.sources)
     if fmt in (Format.TORCHSCRIPT, Format.EXPORTED_PROGRAM, Format.AOTI_PACKAGE, Format.NPZ):
         raise InputError(f"compress int8 quantises ONNX files and torch checkpoints, not {fmt.value}",
                          hint="Quantise the checkpoint the program was made from, or its ONNX export.")
@@ -185,10 +185,13 @@ def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, prob
     # (measured: tiny GPT-2 drift 0.16 full range vs 0.011 reduced), so they use 7 bits unless told otherwise.
     reduce_range = options.per_channel if options.reduce_range is None else options.reduce_range
     options.on_step("quantising")
-    with atomic_file(output, options.force, [source]) as temp, quiet_exporters():
-        quantize_dynamic(str(source), str(temp), op_types_to_quantize=list(op_types), per_channel=options.per_channel,
-                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                         extra_options={"MatMulConstBOnly": True})
+    # Weights in `<output>.data` when the source kept them apart (a source under the threshold in one file
+    # quantises to an int8 file under it too); written beside the output under its name, then moved into place.
+    with atomic_onnx(output, options.force, [source]) as written, quiet_exporters():
+        quantize_dynamic(str(source), str(written), op_types_to_quantize=list(op_types),
+                         per_channel=options.per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True},
+                         use_external_data_format=has_external_data(source))
     quantized = onnx.load(str(output), load_external_data=False).graph
     kinds = _onnx_kinds(weighted, quantized, op_types, options)
     skipped = tuple((name, "matches --exclude") for name in excluded)

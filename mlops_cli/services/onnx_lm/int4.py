@@ -63,7 +63,7 @@ def run(ref: ModelRef, options: Int4Options) -> Int4Report:
     import onnx
 
     from mlops_cli.core.io import scratch_dir_beside
-    from mlops_cli.core.onnx_export import check_onnx_output, files_on_disk, move_into_place
+    from mlops_cli.core.onnx_export import check_onnx_output, files_on_disk, load_onnx, move_into_place
 
     if options.bits not in BITS:
         raise UsageError(f"{options.bits} bits: MatMulNBits quantises weights to {' or '.join(map(str, BITS))} bits")
@@ -79,7 +79,7 @@ def run(ref: ModelRef, options: Int4Options) -> Int4Report:
     scratch = scratch_dir_beside(target)
     try:
         written = scratch / target.name
-        quantized = _quantize(onnx.load(str(source)), options)
+        quantized = _quantize(load_onnx(source), options)  # .data locations checked to stay beside it
         count = sum(1 for node in quantized.graph.node if node.op_type == "MatMulNBits")
         if count == 0:
             raise InputError(f"{ref} has no MatMul with a constant weight: nothing to quantise to int{options.bits}")

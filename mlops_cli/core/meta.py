@@ -78,7 +78,7 @@ def build_meta_model(ref: ModelRef, load: LoadOptions) -> MetaModel:
 
         entry = zoo.entry(ref.builtin)
         with torch.device("meta"):
-            module, _ = zoo.build(ref.builtin)
+            module, _ = zoo.build(ref.builtin, trained=False)  # meta tensors cannot train, nor need to
         return MetaModel(ref.text, module, getattr(module, "config", None) if entry.kind == "hf" else None,
                          entry.inputs, "built-in")
     path = ref.path

@@ -273,9 +273,10 @@ def entry(name: str) -> ZooEntry:
     return ENTRIES[name]
 
 
-def build(name: str) -> tuple[Any, Any]:
+def build(name: str, trained: bool = True) -> tuple[Any, Any]:
     """Build a built-in model with seeded (and, for the trained ones, trained) weights, in eval mode:
-    (module, tokenizer or None). The caller's random stream and thread count are left as they were."""
+    (module, tokenizer or None). The caller's random stream and thread count are left as they were.
+    `trained=False`: the architecture only (what a build on the meta device wants: it has no values to train)."""
     import torch
 
     zoo_entry = entry(name)
@@ -287,7 +288,7 @@ def build(name: str) -> tuple[Any, Any]:
             model, tokenizer = _HF_BUILDERS[name]()
         else:
             model, tokenizer = _MODULE_BUILDERS[name](), None
-        if name in RECIPES:
+        if trained and name in RECIPES:
             _load_parameters(model, trained_parameters(name, model, tokenizer))
     return model.eval(), tokenizer
 

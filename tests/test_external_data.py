@@ -37,8 +37,8 @@ def ext(cli, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ext")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", LOW_THRESHOLD)
-        result = cli("export", "onnx", "builtin:tiny-gpt2", "-o", folder / "g.onnx", "--optimize", "none",
-                     "--repeats", "0", "--json")
+        result = cli("export", "onnx", "builtin:tiny-gpt2", "-o", folder / "g.onnx", "--no-kv-cache",
+                     "--optimize", "none", "--repeats", "0", "--json")
     assert result.exit_code == 0, result.stderr
     assert result.json()["external_data"]
     return folder / "g.onnx"
@@ -186,3 +186,42 @@ def test_saving_declares_the_operator_domains_the_nodes_use(tmp_path) -> None:
     saved = onnx.load(str(tmp_path / "fused.onnx"))
     assert {(o.domain, o.version) for o in saved.opset_import} == {("", 18), ("com.microsoft", 1)}
     onnx.shape_inference.infer_shapes(saved)  # no "No opset import for domain com.microsoft"
+
+
+@pytest.fixture(scope="module")
+def fused(ext, tmp_path_factory) -> Path:
+    """tiny GPT-2 after ONNX Runtime's transformer fusions (what `export onnx --optimize fusion` keeps when it is
+    faster): contrib ops (com.microsoft) whose outputs onnx's own shape inference cannot type."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = tmp_path_factory.mktemp("fused") / "fused.onnx"
+    optimized = optimize_model(str(ext), model_type="gpt2", num_heads=2, hidden_size=32, opt_level=0)
+    optimized.save_model_to_file(str(path))
+    assert any(node.domain == "com.microsoft" for node in onnx.load(str(path)).graph.node)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["half", "int8"])
+def test_compress_handles_a_fused_graph(cli, fused, tmp_path, kind) -> None:
+    """Before: half wrote a graph mixing float32 and float16 around the fused ops, which ONNX Runtime refused
+    after it was written (exit 3, the file left behind); int8 stopped on an untyped contrib-op output (exit 1)."""
+    out = tmp_path / f"{kind}.onnx"
+    result = cli("compress", kind, fused, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert result.json()["passed"] is True
+
+
+def test_a_graph_onnx_runtime_refuses_is_never_written(tmp_path) -> None:
+    """atomic_onnx loads what was written before moving it into place: a broken graph leaves nothing."""
+    from mlops_cli.core.errors import InputError
+
+    mixed = helper.make_graph(  # float32 + float16: no Add kernel takes both
+        [helper.make_node("Add", ["x", "h"], ["y"])], "mixed",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])], [helper.make_tensor_value_info(
+            "y", onnx.TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.ones(2, np.float16), "h")])
+    model = helper.make_model(mixed, opset_imports=[helper.make_opsetid("", 17)])
+    out = tmp_path / "broken.onnx"
+    with pytest.raises(InputError, match="does not load in ONNX Runtime"), onnx_export.atomic_onnx(out) as written:
+        onnx.save(model, str(written))
+    assert not out.exists() and leftovers(tmp_path) == [] and list(tmp_path.iterdir()) == []

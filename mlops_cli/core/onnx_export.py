@@ -496,9 +496,23 @@ def load_onnx(path: Path, *, infer_shapes: bool = False) -> Any:
     model = onnx.load(str(path), load_external_data=False)
     declare_op_domains(model)
     if infer_shapes:
-        model = onnx.shape_inference.infer_shapes(model)
+        model = _infer_types(model)
     load_external_data_for_model(model, str(path.parent))
     return model
+
+
+def _infer_types(model: Any) -> Any:
+    """The graph with every value's type and shape inferred. onnx's inference does not know ONNX Runtime's
+    contrib ops (the fused Attention, FastGelu, SkipLayerNormalization... of `export onnx --optimize`): their
+    outputs would stay untyped and a float16 conversion would mix float32 and float16 around them. ONNX Runtime's
+    symbolic inference knows them."""
+    import onnx
+
+    if not any(node.domain == "com.microsoft" for node in model.graph.node):
+        return onnx.shape_inference.infer_shapes(model)
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
 
 
 def has_external_data(path: Path) -> bool:
@@ -530,9 +544,24 @@ def atomic_onnx(output: str | Path, force: bool = False, sources: Iterable[str |
             if path.is_file():
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
+        _check_loads(written, target)
         move_into_place(written, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_loads(written: Path, target: Path) -> None:
+    """A graph ONNX Runtime refuses is never moved into place (nothing half-written): load it once, unoptimised."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(written), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"the graph for {target} does not load in ONNX Runtime, so it was not written: "
+                         f"{str(exc).splitlines()[0]}",
+                         hint="Rerun with MLOPS_DEBUG=1 and report it; the source graph is unchanged.") from exc
 
 
 def move_into_place(current: Path, target: Path) -> dict[str, int]:

@@ -190,7 +190,9 @@ def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, prob
     with atomic_onnx(output, options.force, [source]) as written, quiet_exporters():
         quantize_dynamic(str(source), str(written), op_types_to_quantize=list(op_types),
                          per_channel=options.per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True},
+                         nodes_to_exclude=excluded,
+                         # DefaultTensorType: the outputs of contrib ops (fused graphs) have no inferred type
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
                          use_external_data_format=has_external_data(source))
     quantized = onnx.load(str(output), load_external_data=False).graph
     kinds = _onnx_kinds(weighted, quantized, op_types, options)

@@ -8,6 +8,7 @@ comes through `MlopsGroup.main`, the one place that turns it into a message on s
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pkgutil
 import sys
@@ -173,22 +174,32 @@ def _first_sentence(text: str) -> str:
     return flat if end < 0 else flat[: end + 1]
 
 
-def _set_short_help(typer_app: typer.Typer) -> None:
-    """Listings show one sentence per command; `COMMAND --help` keeps the whole docstring."""
+def _reflowed(doc: str) -> str:
+    """The docstring with each prose paragraph on one line. Typer keeps the line breaks of every paragraph but
+    the first, so source lines wrapped at 120 columns would break raggedly on an 80- or 100-column terminal; lists
+    and indented blocks keep theirs."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(paragraph if any(line.startswith(("-", "*", " ", "\b")) for line in paragraph.splitlines())
+                       else " ".join(paragraph.splitlines()) for paragraph in paragraphs)
+
+
+def _set_help_texts(typer_app: typer.Typer) -> None:
+    """Listings show one sentence per command; `COMMAND --help` shows the whole docstring, reflowed."""
     for info in typer_app.registered_commands:
         doc = info.help or (info.callback.__doc__ if info.callback else None)
-        if info.short_help is None and doc:
-            info.short_help = _first_sentence(doc)
+        if doc:
+            info.help = _reflowed(doc)
+            info.short_help = info.short_help or _first_sentence(doc)
     for group in typer_app.registered_groups:
         if group.typer_instance is not None:
-            _set_short_help(group.typer_instance)
+            _set_help_texts(group.typer_instance)
 
 
 for _name in _command_modules():
     _module = importlib.import_module(f"mlops_cli.commands.{_name}")
     if hasattr(_module, "register"):
         _module.register(app)
-_set_short_help(app)
+_set_help_texts(app)
 
 
 def main() -> int:

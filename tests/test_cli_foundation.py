@@ -178,3 +178,22 @@ def test_tied_tensors_are_counted_once(cli, tmp_path) -> None:
     assert report["tensor_bytes"] < report["file_bytes"]
     assert report["tensor_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
+
+
+def test_help_paragraphs_are_reflowed_and_lists_kept() -> None:
+    """Typer keeps the line breaks of a docstring's later paragraphs: source lines wrapped at 120 columns broke
+    raggedly on a 100-column terminal ("... the plain\\n graph) is\\n exported ..."). Prose is joined now."""
+    from mlops_cli.app import _reflowed
+
+    doc = """First line
+    goes on.
+
+    A later paragraph
+    wrapped in the source.
+
+    - a list item
+    - another
+
+    Example: mlops zoo list"""
+    assert _reflowed(doc) == ("First line goes on.\n\nA later paragraph wrapped in the source.\n\n"
+                              "- a list item\n- another\n\nExample: mlops zoo list")

@@ -20,7 +20,14 @@ import torch
 from mlops_cli.core.contract import LoadOptions
 from mlops_cli.core.errors import ResourceError, UsageError
 from mlops_cli.core.loading import load_model, parse_device_map, parse_max_memory
-from mlops_cli.core.runtimes import device_map_of, gather_on_cpu, input_device, runner_for
+from mlops_cli.core.runtimes import (
+    device_map_of,
+    gather_on_cpu,
+    input_device,
+    run_device,
+    runner_for,
+    same_device,
+)
 
 SPLIT = "cpu=600KB"  # the Llama below is ~1 MB: embeddings and a layer fit in memory, the rest goes to disk
 PLACED = ("--device-map", "auto", "--max-memory", SPLIT)
@@ -85,6 +92,9 @@ def test_bad_placement_options_exit_2_naming_why(cli, models: dict[str, Path], t
         (("summarize", llama, "--tp-plan", "auto"), "torchrun"),
         (("summarize", llama, "--tp-plan", "auto", "--device-map", "auto"), "pick one"),
         (("summarize", models["gpt2"], "--tp-plan", "auto"), "no tensor-parallel plan for GPT2Config"),
+        (("summarize", llama, "--device-map", "cpu", "--max-memory", "cpu=1GB"), "puts the whole model on one"),
+        (("summarize", llama, "--device-map", "cpu", "--device", "cuda"), "contradicts the placement options"),
+        (("generate", llama, "-p", "hi", "--device-map", "cpu", "--device", "cuda"), "contradicts the placement"),
     ]
     if not torch.cuda.is_available():
         cases.append((("summarize", llama, "--max-memory", "0=1GB,cpu=1GB"), "no CUDA GPU is visible"))
@@ -104,6 +114,27 @@ def test_placement_of_a_weights_file_is_refused(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- loading and running a placed model
+
+
+def test_a_single_device_map_is_kept_even_where_auto_means_cuda(models: dict[str, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate dispatches nothing for a one-device map: the model looks ordinary, yet `--device auto` (CUDA on
+    a GPU machine) must not move it, and `--device cuda` contradicts it."""
+    placed = load_model(str(models["llama"]), LoadOptions(device_map="cpu"))
+    assert device_map_of(placed.module) is None and placed.placed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as --device auto knows
+    assert run_device(placed, "auto") == "cpu"
+    assert runner_for(placed, "auto")(_inputs())["logits"].shape == (2, 6, placed.config.vocab_size)
+    with pytest.raises(UsageError, match="contradicts"):
+        run_device(placed, "cuda")
+    gather_on_cpu(placed, "export")
+    assert not placed.placed and run_device(placed, "auto") == "cpu"  # gathered: auto keeps it on CPU
+    assert run_device(placed, "cpu") == "cpu"
+
+
+def test_devices_are_compared_as_devices() -> None:
+    assert same_device("cuda", "cuda:0") and same_device("cuda:0", "cuda") and same_device("cuda:1", "cuda:1")
+    assert not same_device("cuda:1", "cuda:0") and not same_device("cpu", "cuda:0")
 
 
 def test_disk_offloaded_model_computes_what_the_whole_model_computes(models: dict[str, Path]) -> None:

@@ -80,6 +80,9 @@ class LoadedModel:
     checkpoint_extras: dict[str, Any] = field(default_factory=dict)  # non-weight keys of a training checkpoint
     state_key: str | None = None
     warnings: list[str] = field(default_factory=list)  # shown by the command as hints on stderr
+    # The placement options chose where it lives (even one device, which accelerate does not dispatch): never moved.
+    placed: bool = False
+    gathered: bool = False  # a placed model made whole on CPU (runtimes.gather_on_cpu): `--device auto` keeps it there
 
     @property
     def is_torch(self) -> bool:
@@ -203,6 +206,10 @@ def placement_kwargs(options: LoadOptions, config: Any = None) -> tuple[dict[str
     if options.tp_plan:
         return _tensor_parallel_kwargs(options, config), None
     device_map = options.device_map or "auto"
+    if options.max_memory and device_map not in DEVICE_MAP_STRATEGIES:
+        raise UsageError(f"--max-memory budgets what a planner puts on each device, and --device-map {device_map} "
+                         "puts the whole model on one device",
+                         hint=f"Drop --max-memory, or let accelerate plan: {DEVICE_MAP_EXAMPLE}")
     _check_cuda_devices(device_map, options.max_memory or {})
     kwargs: dict[str, Any] = {"device_map": device_map, "low_cpu_mem_usage": True}
     if options.max_memory:
@@ -358,7 +365,7 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
             f"{folder}: weights do not match {model_class.__name__}: {_describe_key_problems(problems)}",
             hint="The checkpoint belongs to another architecture or head; pass --task to pick the class.")
     loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=model.eval(), path=folder,
-                         config=config)
+                         config=config, placed=bool(placement))
     loaded.warnings.extend(_offload_warnings(model))
     loaded.warnings.extend(f"{folder / name} was not read: the folder's safetensors weights were loaded instead"
                            for name in ignored)

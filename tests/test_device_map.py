@@ -274,3 +274,15 @@ def test_generate_under_torchrun_with_tp_plan_gives_the_same_tokens(cli, models:
     report = json.loads(run.stdout)
     assert report["results"][0]["outputs"][0]["new_token_ids"] == plain["results"][0]["outputs"][0]["new_token_ids"]
     assert any("split over 2 processes" in note for note in report["notes"])
+
+
+def test_half_rounded_weights_are_recognised_when_some_are_offloaded() -> None:
+    """Offloaded (meta) weights cannot be read: the precision is that of the weights in memory, or a half
+    candidate placed by --device-map was taken for fp32 and verify-parity applied fp32 tolerances (exit 6)."""
+    from mlops_cli.core.precision import module_precision
+
+    in_memory = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        in_memory.weight.copy_(in_memory.weight.half().float())
+    model = torch.nn.Sequential(in_memory, torch.nn.Linear(64, 128, device="meta"))
+    assert module_precision(model) == ("fp16", "weights rounded to float16")

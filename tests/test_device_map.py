@@ -95,6 +95,9 @@ def test_bad_placement_options_exit_2_naming_why(cli, models: dict[str, Path], t
         (("summarize", llama, "--device-map", "cpu", "--max-memory", "cpu=1GB"), "puts the whole model on one"),
         (("summarize", llama, "--device-map", "cpu", "--device", "cuda"), "contradicts the placement options"),
         (("generate", llama, "-p", "hi", "--device-map", "cpu", "--device", "cuda"), "contradicts the placement"),
+        (("summarize", llama, "--offload-folder", tmp_path), "alone it does nothing"),
+        (("estimate", llama, "--offload-folder", tmp_path), "reads no weights"),
+        (("summarize", llama, *PLACED, "--offload-folder", llama / "config.json"), "config.json is a file"),
     ]
     if not torch.cuda.is_available():
         cases.append((("summarize", llama, "--max-memory", "0=1GB,cpu=1GB"), "no CUDA GPU is visible"))

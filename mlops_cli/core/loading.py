@@ -96,6 +96,7 @@ class LoadedModel:
 def load_model(reference: str | ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Resolve a MODEL reference into a LoadedModel (torch modules in eval mode, on CPU)."""
     options = options or LoadOptions()
+    check_offload_folder(options)
     ref = ModelRef.parse(reference)
     if ref.builtin is not None:
         refuse_placement(options, f"{ref} is a built-in model, built in memory rather than read from a folder",
@@ -189,9 +190,24 @@ def placement_for(ref: str | ModelRef, options: LoadOptions) -> LoadOptions:
     return replace(options, device_map=None, max_memory=None, offload_folder=None, tp_plan=None, dtype=None)
 
 
+def check_offload_folder(options: LoadOptions) -> None:
+    """`--offload-folder` only says where `--device-map/--max-memory` put what fits nowhere: alone it would be
+    silently ignored, and a file there made the load fail as if the weights were wrong."""
+    folder = options.offload_folder
+    if folder is None:
+        return
+    if not (options.device_map or options.max_memory):
+        raise UsageError("--offload-folder is where --device-map/--max-memory put the weights that fit nowhere; "
+                         "alone it does nothing", hint=f"Add the placement ({DEVICE_MAP_EXAMPLE}) or drop it.")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--offload-folder {folder} is a file, not a folder",
+                         hint="Name a folder (it is created when missing).")
+
+
 def refuse_placement(options: LoadOptions, why: str, hint: str) -> None:
-    if wants_placement(options):
-        raise UsageError(f"--device-map/--max-memory/--tp-plan place Hugging Face models: {why}", hint=hint)
+    if wants_placement(options) or options.offload_folder is not None:
+        raise UsageError(f"--device-map/--max-memory/--offload-folder/--tp-plan place Hugging Face models: {why}",
+                         hint=hint)
 
 
 def placement_kwargs(options: LoadOptions, config: Any = None) -> tuple[dict[str, Any], Path | None]:

@@ -107,6 +107,20 @@ def test_bad_placement_options_exit_2_naming_why(cli, models: dict[str, Path], t
         assert message in " ".join(result.output.split()), (args, result.output)
 
 
+def test_a_second_model_is_placed_only_when_accelerate_can_place_it(models: dict[str, Path], tmp_path: Path) -> None:
+    """verify-parity's and bench --against's other model: an int8 folder of `compress int8` loads unplaced."""
+    import shutil
+
+    from mlops_cli.core.loading import placement_for
+
+    int8 = tmp_path / "int8"
+    shutil.copytree(models["llama"], int8)
+    (int8 / "quantization.json").write_text("{}")
+    placed = LoadOptions(device_map="auto", max_memory={"cpu": 600_000})
+    assert placement_for(str(models["llama"]), placed) == placed
+    assert placement_for(str(int8), placed) == LoadOptions()
+
+
 def test_placement_of_a_weights_file_is_refused(tmp_path: Path) -> None:
     from mlops_cli.core.zoo import ConvNet
 

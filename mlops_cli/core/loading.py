@@ -183,9 +183,12 @@ def wants_placement(options: LoadOptions) -> bool:
 
 def placement_for(ref: str | ModelRef, options: LoadOptions) -> LoadOptions:
     """The options for a second model a command loads (verify-parity's candidate): placed like the first when it
-    is a Hugging Face folder too, else loaded without placement (an ONNX candidate of a placed model)."""
+    is a Hugging Face folder too, else loaded without placement (an ONNX candidate of a placed model, or an int8
+    folder of `compress int8`, which accelerate cannot place)."""
     path = ModelRef.parse(ref).path
-    if not wants_placement(options) or (path is not None and detect_format(path) == Format.HF_FOLDER):
+    placeable = (path is not None and detect_format(path) == Format.HF_FOLDER
+                 and not (path / QUANTIZATION_INFO).is_file())
+    if not wants_placement(options) or placeable:
         return options
     return replace(options, device_map=None, max_memory=None, offload_folder=None, tp_plan=None, dtype=None)
 

@@ -260,10 +260,22 @@ def test_export_onnx_of_a_placed_model_gathers_it_and_verifies(cli, models: dict
     assert onnx_vs_placed["passed"] is True  # the ONNX candidate is loaded as it is, the reference placed
 
 
-def test_prune_of_a_placed_model_gathers_it(cli, models: dict[str, Path], tmp_path: Path) -> None:
+def test_prune_of_a_placed_model_gathers_it_and_keeps_it_on_cpu(cli, models: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that needed a device map will not fit one GPU: `--device auto` keeps it on CPU once gathered."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as --device auto knows
     report = _cli_json(cli, "prune", models["gpt2"], "-o", tmp_path / "pruned", "--amount", "0.3",
                        "--device-map", "auto", "--max-memory", "cpu=100KB")
     assert any("pruning needs the whole model" in w for w in report["warnings"])
+    assert report["device"] == "cpu"
+
+
+def test_cuda_out_of_memory_is_a_resource_error() -> None:
+    from mlops_cli.app import exit_code_for
+
+    code, message, hint = exit_code_for(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert (code, message) == (7, "out of GPU memory: CUDA out of memory. Tried to allocate 2 GiB")
+    assert "--device cpu" in (hint or "")
 
 
 # ---------------------------------------------------------------- tensor parallelism (torchrun, gloo on CPU)

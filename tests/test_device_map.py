@@ -240,6 +240,12 @@ def test_generate_placed_gives_the_same_tokens(cli, models: dict[str, Path]) -> 
     assert plain["device_map"] is None
 
 
+def test_verify_parity_of_two_placed_sides_says_each_thing_once(cli, models: dict[str, Path]) -> None:
+    report = _cli_json(cli, "verify-parity", models["llama"], models["llama"], "--no-eval", *PLACED)
+    offloaded = [w for w in report["warnings"] if "offloaded to disk" in w]
+    assert report["passed"] is True and len(offloaded) == 1, report["warnings"]
+
+
 def test_summarize_placed_counts_what_the_whole_model_counts(cli, models: dict[str, Path]) -> None:
     args = ("summarize", models["llama"], "--repeats", "0")
     plain = _cli_json(cli, *args)

@@ -293,9 +293,18 @@ def _quiet_dispatch() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def device_map_of(module: Any) -> dict[str, str] | None:
+    """Where accelerate placed a model's parts (`--device-map`): {module name: "cpu" | "disk" | "cuda:N"}, or
+    None for a model that was not dispatched (then it lives on one device). The one reader of `hf_device_map`."""
+    placement = getattr(module, "hf_device_map", None)
+    if not placement:
+        return None
+    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in placement.items()}
+
+
 def _offload_warnings(model: Any) -> list[str]:
     """Parts of the model the placement left on disk: every forward pass reads them back, which is slow."""
-    placement = getattr(model, "hf_device_map", None) or {}
+    placement = device_map_of(model) or {}
     on_disk = [name for name, where in placement.items() if where == "disk"]
     if not on_disk:
         return []

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mlops_cli.core.errors import InputError, ResourceError, UsageError
-from mlops_cli.core.loading import OFFLOAD_WARNING, LoadedModel, ModelKind
+from mlops_cli.core.loading import OFFLOAD_WARNING, LoadedModel, ModelKind, device_map_of
 
 
 def resolve_device(device: str) -> str:
@@ -80,15 +80,6 @@ def _parameter_device(module: Any) -> str:
     return str(parameter.device) if parameter is not None else "cpu"
 
 
-def device_map_of(module: Any) -> dict[str, str] | None:
-    """Where accelerate placed a model's parts (`--device-map`): {module name: "cpu" | "disk" | "cuda:N"}, or
-    None for a model that was not dispatched (then it lives on one device and may be moved)."""
-    placement = getattr(module, "hf_device_map", None)
-    if not placement:
-        return None
-    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in placement.items()}
-
-
 def tensor_parallel_size(module: Any) -> int:
     """How many processes share each layer of a model loaded with `--tp-plan auto` (1: not split)."""
     return int(getattr(module, "_tp_size", None) or 1)
@@ -101,12 +92,11 @@ def is_placed(module: Any) -> bool:
 
 
 def placement_note(module: Any) -> str | None:
-    """Where the placement options put the model, for a report's notes (None: an ordinary model)."""
+    """Where the placement options put the model, for a report's notes (None: an ordinary model). What went to
+    disk is the loader's warning (`loading._offload_warnings`), said once, not here again."""
     placement = device_map_of(module)
     if placement is not None:
-        where = ", ".join(sorted(set(placement.values())))
-        offloaded = " (offloaded weights are loaded during each forward pass)" if "disk" in where else ""
-        return f"--device-map placed the model on: {where}{offloaded}"
+        return f"--device-map placed the model on: {', '.join(sorted(set(placement.values())))}"
     size = tensor_parallel_size(module)
     if size > 1:
         return (f"--tp-plan auto: each layer is split over {size} processes; this report is rank "

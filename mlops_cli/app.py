@@ -33,6 +33,11 @@ def exit_code_for(exc: BaseException) -> tuple[int, str, str | None]:
         return exc.exit_code, exc.message, exc.hint
     if isinstance(exc, MemoryError):
         return ResourceError.exit_code, "out of memory", "Use a smaller batch/shape or a machine with more memory."
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA allocation failure (a RuntimeError), by name: no torch
+        first_line = next(iter(str(exc).strip().splitlines()), "")
+        return ResourceError.exit_code, f"out of GPU memory: {first_line}".rstrip(": "), \
+            "Use --device cpu or smaller inputs; a model too big for one GPU runs placed: --device-map auto " \
+            "--max-memory (docs/scaling.md)."
     if isinstance(exc, OSError):
         if exc.errno == 28:
             return ResourceError.exit_code, f"no space left on device: {exc.filename or ''}".strip(": "), \

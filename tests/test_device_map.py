@@ -20,7 +20,14 @@ import torch
 from mlops_cli.core.contract import LoadOptions
 from mlops_cli.core.errors import ResourceError, UsageError
 from mlops_cli.core.loading import load_model, parse_device_map, parse_max_memory
-from mlops_cli.core.runtimes import device_map_of, gather_on_cpu, input_device, runner_for
+from mlops_cli.core.runtimes import (
+    device_map_of,
+    gather_on_cpu,
+    input_device,
+    run_device,
+    runner_for,
+    same_device,
+)
 
 SPLIT = "cpu=600KB"  # the Llama below is ~1 MB: embeddings and a layer fit in memory, the rest goes to disk
 PLACED = ("--device-map", "auto", "--max-memory", SPLIT)
@@ -85,6 +92,12 @@ def test_bad_placement_options_exit_2_naming_why(cli, models: dict[str, Path], t
         (("summarize", llama, "--tp-plan", "auto"), "torchrun"),
         (("summarize", llama, "--tp-plan", "auto", "--device-map", "auto"), "pick one"),
         (("summarize", models["gpt2"], "--tp-plan", "auto"), "no tensor-parallel plan for GPT2Config"),
+        (("summarize", llama, "--device-map", "cpu", "--max-memory", "cpu=1GB"), "puts the whole model on one"),
+        (("summarize", llama, "--device-map", "cpu", "--device", "cuda"), "contradicts the placement options"),
+        (("generate", llama, "-p", "hi", "--device-map", "cpu", "--device", "cuda"), "contradicts the placement"),
+        (("summarize", llama, "--offload-folder", tmp_path), "alone it does nothing"),
+        (("estimate", llama, "--offload-folder", tmp_path), "reads no weights"),
+        (("summarize", llama, *PLACED, "--offload-folder", llama / "config.json"), "config.json is a file"),
     ]
     if not torch.cuda.is_available():
         cases.append((("summarize", llama, "--max-memory", "0=1GB,cpu=1GB"), "no CUDA GPU is visible"))
@@ -92,6 +105,20 @@ def test_bad_placement_options_exit_2_naming_why(cli, models: dict[str, Path], t
         result = cli(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_a_second_model_is_placed_only_when_accelerate_can_place_it(models: dict[str, Path], tmp_path: Path) -> None:
+    """verify-parity's and bench --against's other model: an int8 folder of `compress int8` loads unplaced."""
+    import shutil
+
+    from mlops_cli.core.loading import placement_for
+
+    int8 = tmp_path / "int8"
+    shutil.copytree(models["llama"], int8)
+    (int8 / "quantization.json").write_text("{}")
+    placed = LoadOptions(device_map="auto", max_memory={"cpu": 600_000})
+    assert placement_for(str(models["llama"]), placed) == placed
+    assert placement_for(str(int8), placed) == LoadOptions()
 
 
 def test_placement_of_a_weights_file_is_refused(tmp_path: Path) -> None:
@@ -104,6 +131,27 @@ def test_placement_of_a_weights_file_is_refused(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- loading and running a placed model
+
+
+def test_a_single_device_map_is_kept_even_where_auto_means_cuda(models: dict[str, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate dispatches nothing for a one-device map: the model looks ordinary, yet `--device auto` (CUDA on
+    a GPU machine) must not move it, and `--device cuda` contradicts it."""
+    placed = load_model(str(models["llama"]), LoadOptions(device_map="cpu"))
+    assert device_map_of(placed.module) is None and placed.placed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as --device auto knows
+    assert run_device(placed, "auto") == "cpu"
+    assert runner_for(placed, "auto")(_inputs())["logits"].shape == (2, 6, placed.config.vocab_size)
+    with pytest.raises(UsageError, match="contradicts"):
+        run_device(placed, "cuda")
+    gather_on_cpu(placed, "export")
+    assert not placed.placed and run_device(placed, "auto") == "cpu"  # gathered: auto keeps it on CPU
+    assert run_device(placed, "cpu") == "cpu"
+
+
+def test_devices_are_compared_as_devices() -> None:
+    assert same_device("cuda", "cuda:0") and same_device("cuda:0", "cuda") and same_device("cuda:1", "cuda:1")
+    assert not same_device("cuda:1", "cuda:0") and not same_device("cpu", "cuda:0")
 
 
 def test_disk_offloaded_model_computes_what_the_whole_model_computes(models: dict[str, Path]) -> None:
@@ -192,6 +240,12 @@ def test_generate_placed_gives_the_same_tokens(cli, models: dict[str, Path]) -> 
     assert plain["device_map"] is None
 
 
+def test_verify_parity_of_two_placed_sides_says_each_thing_once(cli, models: dict[str, Path]) -> None:
+    report = _cli_json(cli, "verify-parity", models["llama"], models["llama"], "--no-eval", *PLACED)
+    offloaded = [w for w in report["warnings"] if "offloaded to disk" in w]
+    assert report["passed"] is True and len(offloaded) == 1, report["warnings"]
+
+
 def test_summarize_placed_counts_what_the_whole_model_counts(cli, models: dict[str, Path]) -> None:
     args = ("summarize", models["llama"], "--repeats", "0")
     plain = _cli_json(cli, *args)
@@ -212,10 +266,22 @@ def test_export_onnx_of_a_placed_model_gathers_it_and_verifies(cli, models: dict
     assert onnx_vs_placed["passed"] is True  # the ONNX candidate is loaded as it is, the reference placed
 
 
-def test_prune_of_a_placed_model_gathers_it(cli, models: dict[str, Path], tmp_path: Path) -> None:
+def test_prune_of_a_placed_model_gathers_it_and_keeps_it_on_cpu(cli, models: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that needed a device map will not fit one GPU: `--device auto` keeps it on CPU once gathered."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as --device auto knows
     report = _cli_json(cli, "prune", models["gpt2"], "-o", tmp_path / "pruned", "--amount", "0.3",
                        "--device-map", "auto", "--max-memory", "cpu=100KB")
     assert any("pruning needs the whole model" in w for w in report["warnings"])
+    assert report["device"] == "cpu"
+
+
+def test_cuda_out_of_memory_is_a_resource_error() -> None:
+    from mlops_cli.app import exit_code_for
+
+    code, message, hint = exit_code_for(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert (code, message) == (7, "out of GPU memory: CUDA out of memory. Tried to allocate 2 GiB")
+    assert "--device cpu" in (hint or "")
 
 
 # ---------------------------------------------------------------- tensor parallelism (torchrun, gloo on CPU)
@@ -243,3 +309,15 @@ def test_generate_under_torchrun_with_tp_plan_gives_the_same_tokens(cli, models:
     report = json.loads(run.stdout)
     assert report["results"][0]["outputs"][0]["new_token_ids"] == plain["results"][0]["outputs"][0]["new_token_ids"]
     assert any("split over 2 processes" in note for note in report["notes"])
+
+
+def test_half_rounded_weights_are_recognised_when_some_are_offloaded() -> None:
+    """Offloaded (meta) weights cannot be read: the precision is that of the weights in memory, or a half
+    candidate placed by --device-map was taken for fp32 and verify-parity applied fp32 tolerances (exit 6)."""
+    from mlops_cli.core.precision import module_precision
+
+    in_memory = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        in_memory.weight.copy_(in_memory.weight.half().float())
+    model = torch.nn.Sequential(in_memory, torch.nn.Linear(64, 128, device="meta"))
+    assert module_precision(model) == ("fp16", "weights rounded to float16")

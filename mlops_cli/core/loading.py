@@ -80,6 +80,9 @@ class LoadedModel:
     checkpoint_extras: dict[str, Any] = field(default_factory=dict)  # non-weight keys of a training checkpoint
     state_key: str | None = None
     warnings: list[str] = field(default_factory=list)  # shown by the command as hints on stderr
+    # The placement options chose where it lives (even one device, which accelerate does not dispatch): never moved.
+    placed: bool = False
+    gathered: bool = False  # a placed model made whole on CPU (runtimes.gather_on_cpu): `--device auto` keeps it there
 
     @property
     def is_torch(self) -> bool:
@@ -93,6 +96,7 @@ class LoadedModel:
 def load_model(reference: str | ModelRef, options: LoadOptions | None = None) -> LoadedModel:
     """Resolve a MODEL reference into a LoadedModel (torch modules in eval mode, on CPU)."""
     options = options or LoadOptions()
+    check_offload_folder(options)
     ref = ModelRef.parse(reference)
     if ref.builtin is not None:
         refuse_placement(options, f"{ref} is a built-in model, built in memory rather than read from a folder",
@@ -179,16 +183,34 @@ def wants_placement(options: LoadOptions) -> bool:
 
 def placement_for(ref: str | ModelRef, options: LoadOptions) -> LoadOptions:
     """The options for a second model a command loads (verify-parity's candidate): placed like the first when it
-    is a Hugging Face folder too, else loaded without placement (an ONNX candidate of a placed model)."""
+    is a Hugging Face folder too, else loaded without placement (an ONNX candidate of a placed model, or an int8
+    folder of `compress int8`, which accelerate cannot place)."""
     path = ModelRef.parse(ref).path
-    if not wants_placement(options) or (path is not None and detect_format(path) == Format.HF_FOLDER):
+    placeable = (path is not None and detect_format(path) == Format.HF_FOLDER
+                 and not (path / QUANTIZATION_INFO).is_file())
+    if not wants_placement(options) or placeable:
         return options
     return replace(options, device_map=None, max_memory=None, offload_folder=None, tp_plan=None, dtype=None)
 
 
+def check_offload_folder(options: LoadOptions) -> None:
+    """`--offload-folder` only says where `--device-map/--max-memory` put what fits nowhere: alone it would be
+    silently ignored, and a file there made the load fail as if the weights were wrong."""
+    folder = options.offload_folder
+    if folder is None:
+        return
+    if not (options.device_map or options.max_memory):
+        raise UsageError("--offload-folder is where --device-map/--max-memory put the weights that fit nowhere; "
+                         "alone it does nothing", hint=f"Add the placement ({DEVICE_MAP_EXAMPLE}) or drop it.")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--offload-folder {folder} is a file, not a folder",
+                         hint="Name a folder (it is created when missing).")
+
+
 def refuse_placement(options: LoadOptions, why: str, hint: str) -> None:
-    if wants_placement(options):
-        raise UsageError(f"--device-map/--max-memory/--tp-plan place Hugging Face models: {why}", hint=hint)
+    if wants_placement(options) or options.offload_folder is not None:
+        raise UsageError(f"--device-map/--max-memory/--offload-folder/--tp-plan place Hugging Face models: {why}",
+                         hint=hint)
 
 
 def placement_kwargs(options: LoadOptions, config: Any = None) -> tuple[dict[str, Any], Path | None]:
@@ -203,6 +225,10 @@ def placement_kwargs(options: LoadOptions, config: Any = None) -> tuple[dict[str
     if options.tp_plan:
         return _tensor_parallel_kwargs(options, config), None
     device_map = options.device_map or "auto"
+    if options.max_memory and device_map not in DEVICE_MAP_STRATEGIES:
+        raise UsageError(f"--max-memory budgets what a planner puts on each device, and --device-map {device_map} "
+                         "puts the whole model on one device",
+                         hint=f"Drop --max-memory, or let accelerate plan: {DEVICE_MAP_EXAMPLE}")
     _check_cuda_devices(device_map, options.max_memory or {})
     kwargs: dict[str, Any] = {"device_map": device_map, "low_cpu_mem_usage": True}
     if options.max_memory:
@@ -267,9 +293,18 @@ def _quiet_dispatch() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def device_map_of(module: Any) -> dict[str, str] | None:
+    """Where accelerate placed a model's parts (`--device-map`): {module name: "cpu" | "disk" | "cuda:N"}, or
+    None for a model that was not dispatched (then it lives on one device). The one reader of `hf_device_map`."""
+    placement = getattr(module, "hf_device_map", None)
+    if not placement:
+        return None
+    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in placement.items()}
+
+
 def _offload_warnings(model: Any) -> list[str]:
     """Parts of the model the placement left on disk: every forward pass reads them back, which is slow."""
-    placement = getattr(model, "hf_device_map", None) or {}
+    placement = device_map_of(model) or {}
     on_disk = [name for name, where in placement.items() if where == "disk"]
     if not on_disk:
         return []
@@ -358,7 +393,7 @@ def _load_hf_folder(folder: Path, options: LoadOptions) -> LoadedModel:
             f"{folder}: weights do not match {model_class.__name__}: {_describe_key_problems(problems)}",
             hint="The checkpoint belongs to another architecture or head; pass --task to pick the class.")
     loaded = LoadedModel(str(folder), ModelKind.HF, Format.HF_FOLDER, module=model.eval(), path=folder,
-                         config=config)
+                         config=config, placed=bool(placement))
     loaded.warnings.extend(_offload_warnings(model))
     loaded.warnings.extend(f"{folder / name} was not read: the folder's safetensors weights were loaded instead"
                            for name in ignored)

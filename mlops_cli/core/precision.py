@@ -42,12 +42,12 @@ def module_precision(module: Any) -> tuple[str, str]:
     quantized = [type(m).__name__ for m in module.modules() if ".quantized" in type(m).__module__]
     if quantized:
         return "int8", f"quantised (int8) layers ({quantized[0]})"
-    weights = [p.detach() for p in module.parameters() if p.is_floating_point() and p.dim() >= 2]
+    weights = [p.detach() for p in module.parameters() if p.is_floating_point() and p.dim() >= 2
+               and p.device.type != "meta"]  # offloaded by --device-map: judged by the weights in memory
     total = sum(w.numel() for w in weights)
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         stored = sum(w.numel() for w in weights if w.dtype == dtype)
-        rounded = sum(w.numel() for w in weights if w.dtype != dtype and w.device.type != "meta"  # offloaded
-                      and torch.equal(w, w.to(dtype).to(w.dtype)))
+        rounded = sum(w.numel() for w in weights if w.dtype != dtype and torch.equal(w, w.to(dtype).to(w.dtype)))
         if total and 2 * stored > total:
             return name, f"{str(dtype).removeprefix('torch.')} weights"
         if total and 2 * (stored + rounded) > total:

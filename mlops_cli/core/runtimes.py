@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mlops_cli.core.errors import InputError, ResourceError, UsageError
-from mlops_cli.core.loading import OFFLOAD_WARNING, LoadedModel, ModelKind
+from mlops_cli.core.loading import OFFLOAD_WARNING, LoadedModel, ModelKind, device_map_of
 
 
 def resolve_device(device: str) -> str:
@@ -33,22 +33,51 @@ def resolve_device(device: str) -> str:
 
 def device_for(loaded: LoadedModel, device: str) -> str:
     """The device a model runs on for a --device option. For ONNX models 'auto' means CUDA only where this
-    onnxruntime has its CUDA provider (the plain `onnxruntime` wheel has none), so auto never fails."""
-    if loaded.kind == ModelKind.ONNX and device == "auto":
-        import onnxruntime as ort
+    onnxruntime has its CUDA provider (the plain `onnxruntime` wheel has none), so auto never fails; torch models
+    follow `run_device`."""
+    if loaded.kind == ModelKind.ONNX:
+        if device == "auto":
+            import onnxruntime as ort
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return "cpu"
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                return "cpu"
+        return resolve_device(device)
+    return run_device(loaded, device)
+
+
+def stays_put(loaded: LoadedModel) -> bool:
+    """A model the placement options put somewhere (`--device-map`, even onto one device, `--tp-plan`): it must
+    never be `.to(device)`-ed (accelerate's hooks move weights in and out; each process holds its own shard)."""
+    return loaded.placed or (loaded.module is not None and is_placed(loaded.module))
+
+
+def run_device(loaded: LoadedModel, device: str) -> str:
+    """THE rule for the device a torch model runs on, given `--device`: a placed model runs where the placement
+    put it (where its inputs go) and a `--device` naming another device is refused (exit 2) rather than ignored; a
+    placed model gathered on CPU stays there for `--device auto` (it needed a device map, so it will not fit one
+    GPU); any other model goes to `--device` (auto: CUDA when visible)."""
+    if stays_put(loaded):
+        where = input_device(loaded.module, _parameter_device(loaded.module))
+        if device != "auto" and not same_device(device, where):
+            raise UsageError(f"--device {device} contradicts the placement options, which put the model on {where}",
+                             hint="Drop --device (a placed model runs where it was placed), or change --device-map.")
+        return where
+    if loaded.gathered and device == "auto":
+        return "cpu"
     return resolve_device(device)
 
 
-def device_map_of(module: Any) -> dict[str, str] | None:
-    """Where accelerate placed a model's parts (`--device-map`): {module name: "cpu" | "disk" | "cuda:N"}, or
-    None for a model that was not dispatched (then it lives on one device and may be moved)."""
-    placement = getattr(module, "hf_device_map", None)
-    if not placement:
-        return None
-    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in placement.items()}
+def same_device(wanted: str, actual: str) -> bool:
+    """`--device cuda` is any GPU, `cuda:1` that one (torch.device objects compared, never strings)."""
+    import torch
+
+    asked, there = torch.device(wanted), torch.device(actual)
+    return asked.type == there.type and (asked.index is None or asked.index == (there.index or 0))
+
+
+def _parameter_device(module: Any) -> str:
+    parameter = next((p for p in module.parameters() if p.device.type != "meta"), None)
+    return str(parameter.device) if parameter is not None else "cpu"
 
 
 def tensor_parallel_size(module: Any) -> int:
@@ -63,12 +92,11 @@ def is_placed(module: Any) -> bool:
 
 
 def placement_note(module: Any) -> str | None:
-    """Where the placement options put the model, for a report's notes (None: an ordinary model)."""
+    """Where the placement options put the model, for a report's notes (None: an ordinary model). What went to
+    disk is the loader's warning (`loading._offload_warnings`), said once, not here again."""
     placement = device_map_of(module)
     if placement is not None:
-        where = ", ".join(sorted(set(placement.values())))
-        offloaded = " (offloaded weights are loaded during each forward pass)" if "disk" in where else ""
-        return f"--device-map placed the model on: {where}{offloaded}"
+        return f"--device-map placed the model on: {', '.join(sorted(set(placement.values())))}"
     size = tensor_parallel_size(module)
     if size > 1:
         return (f"--tp-plan auto: each layer is split over {size} processes; this report is rank "
@@ -107,7 +135,11 @@ def gather_on_cpu(loaded: LoadedModel, purpose: str) -> None:
         raise UsageError(f"{purpose} needs the whole model in one process, and --tp-plan split it over "
                          f"{tensor_parallel_size(module)}", hint="Run it without torchrun and --tp-plan.")
     placement = device_map_of(module)
+    if loaded.placed:  # placed, even on one device: made an ordinary CPU module that `--device auto` keeps on CPU
+        loaded.placed, loaded.gathered = False, True
     if placement is None:
+        if loaded.gathered:
+            module.to("cpu")
         return
     import psutil  # accelerate's own dependency: a dispatched model implies it is installed
     from accelerate.hooks import remove_hook_from_module
@@ -301,8 +333,8 @@ def torch_runner(loaded: LoadedModel, device: str = "cpu") -> Runner:
     import torch
 
     module = loaded.module
-    if is_placed(module):  # --device-map or --tp-plan: inputs go where its first layer computes
-        device = input_device(module, device)
+    if stays_put(loaded):  # --device-map or --tp-plan: inputs go where its first layer computes
+        device = run_device(loaded, device)
     elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module is pinned to its export device
         module.to(device)
     names = forward_parameter_names(module)

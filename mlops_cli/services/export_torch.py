@@ -44,7 +44,7 @@ from mlops_cli.core.runtimes import (
     flatten_outputs,
     forward_parameter_names,
     gather_on_cpu,
-    resolve_device,
+    run_device,
     runner_for,
 )
 from mlops_cli.core.timing import Stopwatch
@@ -230,7 +230,6 @@ class _Job:
 def _prepare(ref: ModelRef, options: TorchExportOptions, watch: Stopwatch) -> _Job:
     import torch
 
-    device = resolve_device(options.device)
     with watch.stage("load"), _quiet_torch():
         loaded = load_model(ref, options.load)
     gather_on_cpu(loaded, "export")
@@ -238,6 +237,7 @@ def _prepare(ref: ModelRef, options: TorchExportOptions, watch: Stopwatch) -> _J
     if loaded.kind == ModelKind.ONNX or not loaded.is_torch:
         raise InputError(f"{reference} is an ONNX model: there is no PyTorch code to export",
                          hint="Pass the PyTorch model (a folder, weights + --arch, or builtin:NAME).")
+    device = run_device(loaded, options.device)  # a gathered model stays on CPU for --device auto
     plan = plan_inputs(loaded, options.inputs)
     specs = _in_forward_order(list(plan.specs), forward_parameter_names(loaded.module) or [])
     example = plan.export_example(tuple(dim.name for spec in specs for dim in spec.dims if dim.name))

@@ -251,7 +251,7 @@ def prepare(loaded: LoadedModel, options: GenerateOptions) -> Session:
                          hint="Copy the tokenizer files (tokenizer.json, tokenizer_config.json...) into the folder.")
     notes: list[str] = []
     warnings: list[str] = []
-    device, cache, compiled = _place_model(model, options, notes, warnings)
+    device, cache, compiled = _place_model(loaded, options, notes, warnings)
     if getattr(model.config, "is_encoder_decoder", False) and (options.engine == "loop" or options.explain):
         raise UsageError("our decoding loop (--engine loop, --explain) handles decoder-only models",
                          hint="Use --engine generate, without --explain, for seq2seq models.")
@@ -267,21 +267,19 @@ def _can_generate(model: Any) -> bool:
     return bool(can()) if callable(can) else True
 
 
-def _place_model(model: Any, options: GenerateOptions, notes: list[str],
+def _place_model(loaded: LoadedModel, options: GenerateOptions, notes: list[str],
                  warnings: list[str]) -> tuple[str, str, bool]:
     """Device and dtype (a model placed by `--device-map` stays where it was loaded, in the --dtype it was loaded
-    in); returns (device, cache, compiled) actually in effect."""
-    from mlops_cli.core.runtimes import input_device, is_placed, placement_note, resolve_device
+    in; a --device naming another device is refused, as by every command); returns (device, cache, compiled)
+    actually in effect."""
+    from mlops_cli.core.runtimes import placement_note, run_device, stays_put
 
-    dtype = DTYPES[options.dtype]
-    if is_placed(model):
-        device = input_device(model)
+    model = loaded.module
+    device = run_device(loaded, options.device)
+    if stays_put(loaded):
         notes.extend(filter(None, [placement_note(model)]))
-        if options.device not in ("auto", device):
-            warnings.append(f"--device {options.device} was not used: the placement options placed the model")
     else:
-        device = resolve_device(options.device)
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=DTYPES[options.dtype])
     model.eval()
     on_cuda = device.startswith("cuda")
     if options.dtype != "fp32" and not on_cuda:

@@ -20,7 +20,7 @@ from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.formats import WEIGHT_SUFFIXES
 from mlops_cli.core.inputs import InputRequest, InputSet, plan_inputs, text_properties
 from mlops_cli.core.loading import LoadedModel, ModelKind, load_model
-from mlops_cli.core.runtimes import device_map_of, input_device, is_placed, placement_note
+from mlops_cli.core.runtimes import device_map_of, placement_note, stays_put
 from mlops_cli.core.timing import Timing, measure
 
 
@@ -129,14 +129,14 @@ class SummarizeOptions(ServiceOptions):
 
 def run(ref: ModelRef, options: SummarizeOptions) -> SummaryReport:
     """Load and summarize a model; the loader's warnings travel in the report."""
-    from mlops_cli.core.runtimes import resolve_device, use_threads
+    from mlops_cli.core.runtimes import device_for, use_threads
 
     if options.depth < 0:
         raise UsageError("--depth must be 0 or more")
     use_threads(options.threads)
-    device = resolve_device(options.device)
     options.on_step("loading the model")
     loaded = load_model(ref, options.load)
+    device = device_for(loaded, options.device)
     if loaded.kind == ModelKind.ONNX:
         report = summarize_onnx(loaded, options, device)
     else:
@@ -184,9 +184,7 @@ def describe_inputs(inputs: InputSet | None) -> dict[str, str]:
 
 def summarize_torch(loaded: LoadedModel, options: SummarizeOptions, device: str) -> SummaryReport:
     module = loaded.module
-    if is_placed(module):  # placed by --device-map/--tp-plan: never moved, fed where its first layer computes
-        device = input_device(module, device)
-    elif loaded.kind != ModelKind.EXPORTED:  # an ExportedProgram's module stays on its export device
+    if not stays_put(loaded) and loaded.kind != ModelKind.EXPORTED:  # placed or export-pinned: never moved
         module.to(device)
     notes: list[str] = []
     notes.extend(filter(None, [placement_note(module)]))  # offloaded weights loaded in count as activations

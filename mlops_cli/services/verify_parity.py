@@ -77,7 +77,8 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
         tolerances=describe_tolerances(tolerances), input_source=plan.source,
         input_sets=len(plan.sets), parity=report, passed=report.passed, verdict=report.verdict,
         worst_output=None if report.passed else worst_output(report), hint=failure_hint(report),
-        warnings=(*ref_model.warnings, *cand_model.warnings, *([unmeasured] if unmeasured else [])),
+        warnings=tuple(dict.fromkeys((*ref_model.warnings, *cand_model.warnings,  # two placed sides: said once
+                                      *([unmeasured] if unmeasured else [])))),
         perplexity=perplexity)
 
 

@@ -94,7 +94,7 @@ def run(ref: ModelRef, options: BenchOptions) -> BenchReport:
     """Load, prepare every candidate (export, compile, cast, quantise), verify them, then sweep the shapes."""
     from mlops_cli.core.io import check_output
     from mlops_cli.core.loading import load_model, placement_for
-    from mlops_cli.core.runtimes import gather_on_cpu, resolve_device
+    from mlops_cli.core.runtimes import gather_on_cpu, run_device
     from mlops_cli.core.timing import default_threads, trust_warnings
     from mlops_cli.services.bench.plot import check_plot_path, write_plot
 
@@ -102,12 +102,14 @@ def run(ref: ModelRef, options: BenchOptions) -> BenchReport:
     if options.plot is not None:
         check_plot_path(options.plot)
         check_output(options.plot, options.force, [*ref.sources, *(options.against.sources if options.against else ())])
-    device = resolve_device(options.device)
     threads = options.threads or default_threads()
     options.on_step("loading")
     model = load_model(ref, options.load)
     gather_on_cpu(model, "bench")  # each runtime it compares gets the whole model
+    device = run_device(model, options.device)  # a gathered model stays on CPU for --device auto
     original = load_model(options.against, placement_for(options.against, options.load)) if options.against else None
+    if original is not None:
+        gather_on_cpu(original, "bench")  # its eager runtime is moved to `device`
     notes: list[str] = []
     with torch_threads(threads):
         plan = plan_inputs_for(original or model, options)

@@ -33,7 +33,7 @@ def run(ref: ModelRef, options: PruneOptions) -> PruneReport:
     from mlops_cli.core.inputs import plan_inputs
     from mlops_cli.core.io import check_output
     from mlops_cli.core.loading import load_model
-    from mlops_cli.core.runtimes import gather_on_cpu, resolve_device, use_threads
+    from mlops_cli.core.runtimes import gather_on_cpu, run_device, use_threads
     from mlops_cli.services.prune.artefact import output_paths
     from mlops_cli.services.prune.options import validate_options
     from mlops_cli.services.prune.pipeline import Pruner
@@ -41,13 +41,13 @@ def run(ref: ModelRef, options: PruneOptions) -> PruneReport:
 
     validate_options(options)
     use_threads(options.threads)
-    device = resolve_device(options.device)
     outputs = output_paths(ref, options)
     for path in outputs.values():  # fail fast, before loading anything
         check_output(path, options.force, ref.sources)
     options.on_step("loading")
     loaded = load_model(ref, options.load)
     gather_on_cpu(loaded, "pruning")
+    device = run_device(loaded, options.device)  # a gathered model stays on CPU for --device auto
     loaded.reference = ref.text  # a weights folder loads as its weights file; the report names the folder
     check_prunable(loaded)
     plan = plan_inputs(loaded, options.inputs)

@@ -8,7 +8,7 @@
   engine's `compare_arrays`, so a graph that is right on the prompt but wrong once the cache is used is caught,
   and the first failing pass is named.
 - Perplexity: sliding-window perplexity of both sides on a text, and the share of positions where their greedy
-  next-token predictions agree.
+  next-token predictions agree (services/perplexity.py, shared with every command that changes a causal LM).
 """
 
 from __future__ import annotations
@@ -261,52 +261,3 @@ def _reference(ref: ModelRef, load: Any, tokenizer_folder: Path | None) -> tuple
     if tokenizer_folder is not None or tokenizer is None:
         tokenizer = load_text_side(tokenizer_folder or loaded.path or Path(".")).tokenizer
     return loaded.module.eval(), tokenizer, list(loaded.warnings)
-
-
-# ---------------------------------------------------------------- perplexity
-
-
-@dataclass(frozen=True)
-class Perplexity:
-    backend: str
-    perplexity: float
-    mean_nll: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class PerplexityOptions(ServiceOptions, EvaluationText):
-    candidate: Path | None = None  # an ONNX decoder to score beside the PyTorch model
-    max_tokens: int = 1024
-
-
-@dataclass(frozen=True, kw_only=True)
-class PerplexityReport(Report):
-    model: str
-    text: str
-    tokens: int
-    scored_tokens: int
-    window: int
-    stride: int
-    results: tuple[Perplexity, ...]
-    greedy_agreement: float | None  # share of positions where both sides predict the same next token
-    relative_change: float | None  # candidate perplexity / reference perplexity - 1
-
-
-def perplexity_run(ref: ModelRef, options: PerplexityOptions) -> PerplexityReport:
-    """Perplexity of the PyTorch model (and of `candidate`, an ONNX export of it) on a text
-    (the machinery every command shares: services/perplexity.py)."""
-    options.read()  # bad --window/--stride or an unreadable text fail before the model is loaded
-    model, tokenizer, warnings = _reference(ref, options.load, None)
-    options.on_step("scoring")
-    probe = PerplexityProbe.of(options, torch_logits_fn(model), tokenizer, window_for(model, options.window))
-    results = [Perplexity("torch", probe.baseline.perplexity, probe.baseline.nll)]
-    agreement = change = None
-    if options.candidate is not None:
-        comparison = probe.compare(onnx_logits_fn(OnnxDecoder(options.candidate)))
-        results.append(Perplexity("onnxruntime", comparison.after, math.log(comparison.after)))
-        agreement, change = comparison.greedy_agreement, comparison.relative_change
-    return PerplexityReport(
-        model=str(ref), text=str(options.text_file), tokens=len(probe.tokens), scored_tokens=len(probe.tokens) - 1,
-        window=probe.window, stride=probe.stride, results=tuple(results), greedy_agreement=agreement,
-        relative_change=change, warnings=tuple(warnings))
-

@@ -153,3 +153,17 @@ def test_compress_of_an_onnx_kv_decoder_is_checked_by_its_perplexity(cli, gpt2: 
         assert abs(_figures(data)["relative_change"]) < 0.02
     refused = cli("compress", "half", decoder, "-o", tmp_path / "none.onnx")
     assert refused.exit_code == 2 and "--tokenizer" in refused.stderr and not (tmp_path / "none.onnx").exists()
+
+
+def test_an_explicit_tokenizer_that_cannot_be_loaded_exits_3_before_writing(cli, decoder: Path,
+                                                                             tmp_path: Path) -> None:
+    """Review finding: int4 only warned (then PASS) and half/int8 said 'pass --tokenizer' (exit 2) when the
+    --tokenizer given did not exist; auto-discovery alone falls back to a warning."""
+    missing = tmp_path / "nonexistent"
+    for args in (("int4",), ("half",), ("int8",), ("int8", "--weight-only")):
+        out = tmp_path / "out.onnx"
+        result = cli("compress", *args, decoder, "-o", out, "--tokenizer", missing)
+        assert result.exit_code == 3 and f"--tokenizer {missing}" in result.stderr, (args, result.output)
+        assert not out.exists()
+    found_none = cli("compress", "int4", decoder, "-o", tmp_path / "auto.onnx", "--json")
+    assert found_none.exit_code == 0 and any("perplexity not measured" in w for w in found_none.json()["warnings"])

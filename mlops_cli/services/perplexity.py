@@ -162,19 +162,34 @@ def logits_fn_for(loaded: LoadedModel) -> LogitsFn:
 
 
 def find_tokenizer(*models: LoadedModel, folder: Path | None = None) -> Any:
-    """The first tokenizer loaded with a model, else the one in `folder` or beside an ONNX file (None if none)."""
-    from mlops_cli.services.onnx_lm.generate_onnx import load_text_side
-
+    """The tokenizer in `folder` (the user's --tokenizer: one that cannot be loaded is an InputError, exit 3,
+    naming it), else the first loaded with a model, else one beside an ONNX file (None if none is found there)."""
+    if folder is not None:
+        return explicit_tokenizer(folder)
     for model in models:
         if model.tokenizer is not None:
             return model.tokenizer
-    places = [folder] if folder is not None else [m.path.parent for m in models if m.path and m.path.is_file()]
-    for place in places:
+    from mlops_cli.services.onnx_lm.generate_onnx import load_text_side
+
+    for place in [m.path.parent for m in models if m.path and m.path.is_file()]:
         try:
             return load_text_side(place).tokenizer
         except InputError:
             continue
     return None
+
+
+def explicit_tokenizer(folder: Path) -> Any:
+    """The tokenizer of the folder the user named with --tokenizer: a missing or unloadable one is an error
+    (exit 3) rather than a perplexity silently not measured."""
+    from mlops_cli.services.onnx_lm.generate_onnx import load_text_side
+
+    try:
+        return load_text_side(folder).tokenizer
+    except InputError as exc:
+        raise InputError(f"--tokenizer {folder}: {exc.message}",
+                         hint="Name the HF folder holding the model's tokenizer files (tokenizer.json, "
+                              "tokenizer_config.json), or drop --tokenizer to use the one beside the model.") from exc
 
 
 def window_for(module: Any, window: int) -> int:

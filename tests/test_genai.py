@@ -158,6 +158,10 @@ def test_verify_parity_generate_on_a_genai_folder(cli: Any, built: tuple[Path, d
     data = good.json()
     assert data["passed"] and data["runtime"] == "onnxruntime-genai" and data["preset"] == "fp32"
     assert len(data["prompts"][0]["passes"]) == 5  # the prompt pass and 4 cached passes, logits compared
+    perplexity = data["perplexity"]  # review finding: the evaluation was ignored on a genai folder
+    assert perplexity is not None and abs(perplexity["relative_change"]) < 1e-3 and perplexity["window"] == 128
+    missing = cli("verify-parity", llama, out, "--generate", "--eval-text", tmp_path / "missing.txt")
+    assert missing.exit_code == 3 and "evaluation text" in missing.stderr
     bad = cli("verify-parity", llama, _tamper(out, tmp_path / "tampered"), "--generate", "--prompt", PROMPT,
               "--max-new-tokens", "5")
     assert bad.exit_code == 6 and "generation parity failed" in bad.stderr

@@ -167,3 +167,11 @@ def test_an_explicit_tokenizer_that_cannot_be_loaded_exits_3_before_writing(cli,
         assert not out.exists()
     found_none = cli("compress", "int4", decoder, "-o", tmp_path / "auto.onnx", "--json")
     assert found_none.exit_code == 0 and any("perplexity not measured" in w for w in found_none.json()["warnings"])
+
+
+def test_plain_verify_parity_of_a_kv_decoder_says_use_generate(cli, gpt2: Path, decoder: Path) -> None:
+    """Review finding: HF vs its KV-cache export exited 3 ('the models take different inputs... --input'), and two
+    KV decoders crashed in ONNX Runtime's Gather: generated inputs cannot drive such a graph."""
+    for reference, candidate in ((gpt2, decoder), (decoder, decoder)):
+        result = cli("verify-parity", reference, candidate, "--repeats", "0")
+        assert result.exit_code == 2 and "--generate" in result.stderr, result.output

@@ -95,6 +95,7 @@ def verify_parity_command(
     Latency of both sides. Exit 6 on mismatch, NaN/inf or a non-deterministic side, naming the worst output and
     the failing criterion. Loading options apply to both sides. When both are causal LMs (HF, or ONNX decoders
     with KV cache), the perplexity of both on --eval-text and their greedy next-token agreement are reported too.
+    A decoder with a KV cache is compared with --generate (without it: exit 2).
 
     Example: mlops verify-parity builtin:tiny-bert bert.onnx --atol logits=1e-4 --json
     """

@@ -143,12 +143,21 @@ def is_causal_lm(loaded: LoadedModel) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         return type(loaded.module).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if loaded.kind == ModelKind.ONNX and loaded.path is not None:
-        import onnx
+    return is_kv_decoder(loaded) and "input_ids" in _onnx_inputs(loaded)
 
-        inputs = [i.name for i in onnx.load(str(loaded.path), load_external_data=False).graph.input]
-        return "input_ids" in inputs and any(name.startswith("past_key_values.") for name in inputs)
-    return False
+
+def is_kv_decoder(loaded: LoadedModel) -> bool:
+    """An ONNX graph exported with its KV cache (`past_key_values.*` inputs): generated inputs cannot drive it
+    (its attention mask must cover the past and the new tokens); generation and perplexity check it."""
+    return any(name.startswith("past_key_values.") for name in _onnx_inputs(loaded))
+
+
+def _onnx_inputs(loaded: LoadedModel) -> list[str]:
+    if loaded.kind != ModelKind.ONNX or loaded.path is None:
+        return []
+    import onnx
+
+    return [value.name for value in onnx.load(str(loaded.path), load_external_data=False).graph.input]
 
 
 def logits_fn_for(loaded: LoadedModel) -> LogitsFn:

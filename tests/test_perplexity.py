@@ -175,3 +175,20 @@ def test_plain_verify_parity_of_a_kv_decoder_says_use_generate(cli, gpt2: Path, 
     for reference, candidate in ((gpt2, decoder), (decoder, decoder)):
         result = cli("verify-parity", reference, candidate, "--repeats", "0")
         assert result.exit_code == 2 and "--generate" in result.stderr, result.output
+
+
+def test_weight_only_refuses_drift_options_and_no_check_skips_the_perplexity(cli, gpt2: Path, decoder: Path,
+                                                                             tmp_path: Path) -> None:
+    """Review finding: --weight-only silently ignored the drift check's options, --no-check still measured the
+    perplexity, and --no-check --eval-text read a text it did not use."""
+    out = tmp_path / "w8.onnx"
+    for option in (("--atol", "1"), ("--rtol", "1"), ("--preset", "fp16"), ("--repeats", "3"),
+                   ("--input", "input_ids:1x4:int64"), ("--seed", "3"), ("--threads", "1")):
+        refused = cli("compress", "int8", decoder, "--weight-only", "-o", out, *option)
+        assert refused.exit_code == 2 and option[0] in refused.stderr, (option, refused.output)
+    assert not out.exists()
+    skipped = cli("compress", "int8", decoder, "--weight-only", "-o", out, "--tokenizer", gpt2, "--no-check", "--json")
+    assert skipped.exit_code == 0 and skipped.json()["perplexity"] is None, skipped.output
+    for command in (("int8", "--weight-only"), ("half",)):
+        both = cli("compress", *command, decoder, "-o", tmp_path / "x.onnx", "--no-check", "--eval-text", gpt2)
+        assert both.exit_code == 2 and "--no-check" in both.stderr and not (tmp_path / "x.onnx").exists()

@@ -142,18 +142,15 @@ def build_genai(model: Any, scratch: Path, precision: str) -> Any:
 def genai_perplexity(fp32: Any, int4: Any) -> None:
     """Perplexity of the genai fp32 and int4 folders on the bundled corpus (window 128, stride 64, 512 tokens)."""
     import functools
-    import math
 
     from mlops_cli.core import zoo
     from mlops_cli.services.onnx_lm.genai import pass_logits
-    from mlops_cli.services.onnx_lm.quality import CORPUS, score, text_tokens
+    from mlops_cli.services.perplexity import EvaluationText, PerplexityProbe
 
-    tokens = text_tokens(CORPUS, zoo.gpt2_tokenizer(), 512)
-    before, predicted = score(functools.partial(pass_logits, fp32), tokens, 128, 64)
-    after, predicted4 = score(functools.partial(pass_logits, int4), tokens, 128, 64)
-    print(f"genai int4: perplexity {math.exp(before):.1f} -> {math.exp(after):.1f} "
-          f"({100 * (math.exp(after - before) - 1):+.2f}%), greedy agreement "
-          f"{100 * float((predicted == predicted4).mean()):.1f}%")
+    probe = PerplexityProbe.of(EvaluationText(), functools.partial(pass_logits, fp32), zoo.gpt2_tokenizer())
+    result = probe.compare(functools.partial(pass_logits, int4))
+    print(f"genai int4: perplexity {result.before:.1f} -> {result.after:.1f} "
+          f"({100 * result.relative_change:+.2f}%), greedy agreement {100 * result.greedy_agreement:.1f}%")
 
 
 def main() -> None:

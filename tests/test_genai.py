@@ -158,6 +158,10 @@ def test_verify_parity_generate_on_a_genai_folder(cli: Any, built: tuple[Path, d
     data = good.json()
     assert data["passed"] and data["runtime"] == "onnxruntime-genai" and data["preset"] == "fp32"
     assert len(data["prompts"][0]["passes"]) == 5  # the prompt pass and 4 cached passes, logits compared
+    perplexity = data["perplexity"]  # review finding: the evaluation was ignored on a genai folder
+    assert perplexity is not None and abs(perplexity["relative_change"]) < 1e-3 and perplexity["window"] == 128
+    missing = cli("verify-parity", llama, out, "--generate", "--eval-text", tmp_path / "missing.txt")
+    assert missing.exit_code == 3 and "evaluation text" in missing.stderr
     bad = cli("verify-parity", llama, _tamper(out, tmp_path / "tampered"), "--generate", "--prompt", PROMPT,
               "--max-new-tokens", "5")
     assert bad.exit_code == 6 and "generation parity failed" in bad.stderr
@@ -264,3 +268,24 @@ def test_a_build_that_does_not_match_exits_6_or_makes_auto_use_torch(cli: Any, l
     data = auto.json()
     assert data["engine"] == "torch" and "did not verify" in data["engine_reason"]
     assert any("discarded" in w for w in data["warnings"]) and (tmp_path / "auto").is_file()
+
+
+def test_a_row_stopping_on_eos_counts_it_like_the_onnx_and_pytorch_paths(cli: Any, zoo_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    """Review finding: the runtime leaves the EOS that ends a run out of get_sequence, so the genai row was one
+    token short and stopped on 'max_new_tokens'. The trained tiny Llama ends this prompt with EOS (token 0)."""
+    folder = tmp_path / "genai"
+    assert cli("export", "onnx", zoo_dir / "tiny-llama", "-o", folder).exit_code == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time there was\nThe model")
+
+    def outputs(model: Path) -> list[tuple[list[int], str]]:
+        result = cli("generate", model, "--prompts", prompts, "--max-new-tokens", "8", "--warmup", "0", "--json")
+        assert result.exit_code == 0, result.output
+        return [(list(o["new_token_ids"]), o["stop_reason"]) for o in result.json()["results"][0]["outputs"]]
+
+    genai, pytorch = outputs(folder), outputs(zoo_dir / "tiny-llama")
+    assert genai == pytorch and genai[0][1] == "eos" and genai[0][0][-1] == 0
+    for option in (("--max-memory", "cpu=1GiB"), ("--offload-folder", str(tmp_path / "off"))):
+        refused = cli("generate", folder, "--prompt", "a", *option)
+        assert refused.exit_code == 2 and "--offload-folder" in refused.stderr, option

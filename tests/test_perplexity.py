@@ -153,3 +153,42 @@ def test_compress_of_an_onnx_kv_decoder_is_checked_by_its_perplexity(cli, gpt2: 
         assert abs(_figures(data)["relative_change"]) < 0.02
     refused = cli("compress", "half", decoder, "-o", tmp_path / "none.onnx")
     assert refused.exit_code == 2 and "--tokenizer" in refused.stderr and not (tmp_path / "none.onnx").exists()
+
+
+def test_an_explicit_tokenizer_that_cannot_be_loaded_exits_3_before_writing(cli, decoder: Path,
+                                                                             tmp_path: Path) -> None:
+    """Review finding: int4 only warned (then PASS) and half/int8 said 'pass --tokenizer' (exit 2) when the
+    --tokenizer given did not exist; auto-discovery alone falls back to a warning."""
+    missing = tmp_path / "nonexistent"
+    for args in (("int4",), ("half",), ("int8",), ("int8", "--weight-only")):
+        out = tmp_path / "out.onnx"
+        result = cli("compress", *args, decoder, "-o", out, "--tokenizer", missing)
+        assert result.exit_code == 3 and f"--tokenizer {missing}" in result.stderr, (args, result.output)
+        assert not out.exists()
+    found_none = cli("compress", "int4", decoder, "-o", tmp_path / "auto.onnx", "--json")
+    assert found_none.exit_code == 0 and any("perplexity not measured" in w for w in found_none.json()["warnings"])
+
+
+def test_plain_verify_parity_of_a_kv_decoder_says_use_generate(cli, gpt2: Path, decoder: Path) -> None:
+    """Review finding: HF vs its KV-cache export exited 3 ('the models take different inputs... --input'), and two
+    KV decoders crashed in ONNX Runtime's Gather: generated inputs cannot drive such a graph."""
+    for reference, candidate in ((gpt2, decoder), (decoder, decoder)):
+        result = cli("verify-parity", reference, candidate, "--repeats", "0")
+        assert result.exit_code == 2 and "--generate" in result.stderr, result.output
+
+
+def test_weight_only_refuses_drift_options_and_no_check_skips_the_perplexity(cli, gpt2: Path, decoder: Path,
+                                                                             tmp_path: Path) -> None:
+    """Review finding: --weight-only silently ignored the drift check's options, --no-check still measured the
+    perplexity, and --no-check --eval-text read a text it did not use."""
+    out = tmp_path / "w8.onnx"
+    for option in (("--atol", "1"), ("--rtol", "1"), ("--preset", "fp16"), ("--repeats", "3"),
+                   ("--input", "input_ids:1x4:int64"), ("--seed", "3"), ("--threads", "1")):
+        refused = cli("compress", "int8", decoder, "--weight-only", "-o", out, *option)
+        assert refused.exit_code == 2 and option[0] in refused.stderr, (option, refused.output)
+    assert not out.exists()
+    skipped = cli("compress", "int8", decoder, "--weight-only", "-o", out, "--tokenizer", gpt2, "--no-check", "--json")
+    assert skipped.exit_code == 0 and skipped.json()["perplexity"] is None, skipped.output
+    for command in (("int8", "--weight-only"), ("half",)):
+        both = cli("compress", *command, decoder, "-o", tmp_path / "x.onnx", "--no-check", "--eval-text", gpt2)
+        assert both.exit_code == 2 and "--no-check" in both.stderr and not (tmp_path / "x.onnx").exists()

@@ -46,7 +46,7 @@ compress_app = typer.Typer(help="Make checkpoints smaller (fp16/bf16, dynamic in
 
 CheckOpt = Annotated[bool, typer.Option(
     "--check/--no-check", help="Measure the drift of the result against the original (loads both models; causal "
-                               "LMs: also the perplexity, see --eval).")]
+                               "LMs: also the perplexity, see --eval; --no-check skips both).")]
 TokenizerOpt = Annotated[Path | None, typer.Option(
     "--tokenizer", rich_help_panel="Causal LMs", show_default=False,
     help="Folder with the tokenizer for the perplexity of an ONNX decoder (default: the .onnx file's folder).")]
@@ -131,7 +131,7 @@ def half_command(
             keep_io_types=keep_io_types, check=check, per_layer=per_layer, device=device.value,
             inputs=InputRequest(specs=tuple(inputs or ()), seed=seed), preset=chosen,
             tolerances=_tolerances(atol, rtol, chosen or dtype.value), repeats=repeats,
-            evaluation=evaluation_text(eval_text, evaluate), tokenizer=tokenizer))
+            evaluation=_checked_evaluation(eval_text, evaluate, check), tokenizer=tokenizer))
     render.emit(report, as_json, half_tables, quiet)
     if not report.passed:
         raise ValidationFailed(report.verdict, hint=half_failure_hint(report))
@@ -194,9 +194,11 @@ def int8_command(
     from mlops_cli.render.compress import int8_failure_hint, int8_tables
     from mlops_cli.services.compress import int8
 
-    evaluation = evaluation_text(eval_text, evaluate)
+    evaluation = _checked_evaluation(eval_text, evaluate, check)
     if weight_only:
-        _refuse_dynamic_options(quantize_embeddings, per_channel, exclude, op_types)
+        _refuse_dynamic_options(quantize_embeddings=quantize_embeddings, per_channel=per_channel, exclude=exclude,
+                                op_types=op_types, inputs=inputs, seed=seed, preset=preset, atol=atol, rtol=rtol,
+                                repeats=repeats, threads=threads)
         _weight_only(model, output, tokenizer, evaluation, force, as_json, quiet, bits=8)
         return
     chosen = _chosen(preset)
@@ -263,17 +265,35 @@ def _weight_only(model: str, output: Path, tokenizer: Path | None, evaluation: "
     render.emit(report, as_json, int4_tables, quiet)
 
 
-def _refuse_dynamic_options(quantize_embeddings: bool, per_channel: bool, exclude: list[str] | None,
-                            op_types: str) -> None:
-    """Options of dynamic int8 that mean nothing to --weight-only: refused rather than silently dropped."""
+def _refuse_dynamic_options(*, quantize_embeddings: bool, per_channel: bool, exclude: list[str] | None, op_types: str,
+                            inputs: list[str] | None, seed: int, preset: Preset, atol: list[str] | None,
+                            rtol: list[str] | None, repeats: int, threads: int | None) -> None:
+    """Options of dynamic int8 and of its drift check that mean nothing to --weight-only (no drift check: the
+    perplexity is the check, as for `compress int4`): refused rather than silently dropped."""
     from mlops_cli.core.errors import UsageError
 
     given = [name for name, used in (("--quantize-embeddings", quantize_embeddings), ("--per-tensor", not per_channel),
                                      ("--exclude", bool(exclude)),
-                                     ("--op-types", op_types != "MatMul,Gemm,Attention,LSTM")) if used]
+                                     ("--op-types", op_types != "MatMul,Gemm,Attention,LSTM"),
+                                     ("--input", bool(inputs)), ("--seed", seed != 0),
+                                     ("--preset", preset.value != "auto"), ("--atol", bool(atol)),
+                                     ("--rtol", bool(rtol)), ("--repeats", repeats != 20),
+                                     ("--threads", threads is not None)) if used]
     if given:
-        raise UsageError(f"{', '.join(given)}: dynamic int8 options, not for --weight-only",
-                         hint="--weight-only quantises every MatMul weight of the decoder in blocks; drop them.")
+        raise UsageError(f"{', '.join(given)}: dynamic int8 and drift-check options, not for --weight-only",
+                         hint="--weight-only quantises every MatMul weight of the decoder in blocks and checks it by "
+                              "its perplexity (like `compress int4`); drop them.")
+
+
+def _checked_evaluation(eval_text: Path | None, evaluate: bool, check: bool) -> "EvaluationText | None":
+    """The evaluation text, or None when --no-check (it skips the perplexity too); --no-check with --eval-text
+    contradict each other (exit 2) rather than the text being read and not used."""
+    from mlops_cli.core.errors import UsageError
+
+    if not check and eval_text is not None:
+        raise UsageError("--eval-text and --no-check contradict each other (--no-check skips the perplexity too)",
+                         hint="Drop one of them.")
+    return evaluation_text(eval_text, evaluate) if check else None
 
 
 def register(app: typer.Typer) -> None:

@@ -95,6 +95,7 @@ def verify_parity_command(
     Latency of both sides. Exit 6 on mismatch, NaN/inf or a non-deterministic side, naming the worst output and
     the failing criterion. Loading options apply to both sides. When both are causal LMs (HF, or ONNX decoders
     with KV cache), the perplexity of both on --eval-text and their greedy next-token agreement are reported too.
+    A decoder with a KV cache is compared with --generate (without it: exit 2).
 
     Example: mlops verify-parity builtin:tiny-bert bert.onnx --atol logits=1e-4 --json
     """
@@ -157,7 +158,8 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
         graph = read_genai_folder(candidate_ref.path).model_file
     else:
         graph = candidate_ref.path / DECODER_FILE if seq2seq else candidate_ref.path
-    precision = tolerances.preset if tolerances.preset != "auto" else onnx_precision(graph)[0]
+    precision, described = ((tolerances.preset, tolerances.preset) if tolerances.preset != "auto"
+                            else onnx_precision(graph))
     with progress_steps(f"generating with {reference} and {candidate}", quiet=quiet) as on_step:
         options = GenerationParityOptions(
             load=load, on_step=on_step, candidate=candidate_ref.path, max_new_tokens=max_new_tokens,
@@ -166,7 +168,8 @@ def _verify_generation(reference: str, candidate: str, prompts: list[str] | None
     render.emit(report, as_json, generation_parity_tables, quiet)
     if not report.passed:
         hint = ("An fp32 export must generate what the model generates: re-export it." if precision == "fp32" else
-                f"The candidate is {precision}: some drift is expected; --preset or --atol/--rtol set how much.")
+                f"Some drift is expected of this candidate ({described}): --preset or --atol/--rtol set how "
+                "much.")
         raise ValidationFailed(f"generation parity failed: {report.verdict}", hint=hint)
 
 

@@ -62,7 +62,7 @@ def onnx_precision(path: Any) -> tuple[str, str]:
     graph = onnx.load(str(path), load_external_data=False).graph
     quant = sorted({node.op_type for node in graph.node} & _QUANT_OPS)
     if quant:
-        return "int8", f"quantisation operators ({', '.join(quant[:3])})"
+        return "int8", _quantised_weights(graph, quant)
     counts: dict[int, int] = {}
     for init in graph.initializer:
         counts[init.data_type] = counts.get(init.data_type, 0) + int(np.prod(init.dims, dtype=np.int64))
@@ -72,3 +72,14 @@ def onnx_precision(path: Any) -> tuple[str, str]:
         if total and 2 * counts.get(kind, 0) > total:
             return name, f"{label} weights in the graph"
     return "fp32", "float32 weights"
+
+
+def _quantised_weights(graph: Any, quant: list[str]) -> str:
+    """What the quantisation operators say: int4 (or intN) weights for MatMulNBits, by its `bits` attribute (the
+    int8 preset's tolerances still apply: there is no coarser preset), else int8 operators."""
+    bits = sorted({attribute.i for node in graph.node if node.op_type == "MatMulNBits"
+                   for attribute in node.attribute if attribute.name == "bits"})
+    if bits:
+        return (f"weight-only int{'/'.join(map(str, bits))} (MatMulNBits; checked with the int8 preset's "
+                "tolerances)")
+    return f"quantisation operators ({', '.join(quant[:3])})"

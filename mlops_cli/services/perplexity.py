@@ -143,12 +143,21 @@ def is_causal_lm(loaded: LoadedModel) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         return type(loaded.module).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if loaded.kind == ModelKind.ONNX and loaded.path is not None:
-        import onnx
+    return is_kv_decoder(loaded) and "input_ids" in _onnx_inputs(loaded)
 
-        inputs = [i.name for i in onnx.load(str(loaded.path), load_external_data=False).graph.input]
-        return "input_ids" in inputs and any(name.startswith("past_key_values.") for name in inputs)
-    return False
+
+def is_kv_decoder(loaded: LoadedModel) -> bool:
+    """An ONNX graph exported with its KV cache (`past_key_values.*` inputs): generated inputs cannot drive it
+    (its attention mask must cover the past and the new tokens); generation and perplexity check it."""
+    return any(name.startswith("past_key_values.") for name in _onnx_inputs(loaded))
+
+
+def _onnx_inputs(loaded: LoadedModel) -> list[str]:
+    if loaded.kind != ModelKind.ONNX or loaded.path is None:
+        return []
+    import onnx
+
+    return [value.name for value in onnx.load(str(loaded.path), load_external_data=False).graph.input]
 
 
 def logits_fn_for(loaded: LoadedModel) -> LogitsFn:
@@ -162,19 +171,34 @@ def logits_fn_for(loaded: LoadedModel) -> LogitsFn:
 
 
 def find_tokenizer(*models: LoadedModel, folder: Path | None = None) -> Any:
-    """The first tokenizer loaded with a model, else the one in `folder` or beside an ONNX file (None if none)."""
-    from mlops_cli.services.onnx_lm.generate_onnx import load_text_side
-
+    """The tokenizer in `folder` (the user's --tokenizer: one that cannot be loaded is an InputError, exit 3,
+    naming it), else the first loaded with a model, else one beside an ONNX file (None if none is found there)."""
+    if folder is not None:
+        return explicit_tokenizer(folder)
     for model in models:
         if model.tokenizer is not None:
             return model.tokenizer
-    places = [folder] if folder is not None else [m.path.parent for m in models if m.path and m.path.is_file()]
-    for place in places:
+    from mlops_cli.services.onnx_lm.generate_onnx import load_text_side
+
+    for place in [m.path.parent for m in models if m.path and m.path.is_file()]:
         try:
             return load_text_side(place).tokenizer
         except InputError:
             continue
     return None
+
+
+def explicit_tokenizer(folder: Path) -> Any:
+    """The tokenizer of the folder the user named with --tokenizer: a missing or unloadable one is an error
+    (exit 3) rather than a perplexity silently not measured."""
+    from mlops_cli.services.onnx_lm.generate_onnx import load_text_side
+
+    try:
+        return load_text_side(folder).tokenizer
+    except InputError as exc:
+        raise InputError(f"--tokenizer {folder}: {exc.message}",
+                         hint="Name the HF folder holding the model's tokenizer files (tokenizer.json, "
+                              "tokenizer_config.json), or drop --tokenizer to use the one beside the model.") from exc
 
 
 def window_for(module: Any, window: int) -> int:

@@ -62,6 +62,7 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
     options.on_step("loading both models")
     ref_model = load_model(ref, options.load)
     cand_model = load_model(options.candidate, placement_for(options.candidate, options.load))
+    refuse_kv_decoders(ref_model, cand_model, options.inputs)
     plan = plan_for(ref_model, cand_model, options.inputs)
     preset, preset_source = choose_preset(options.tolerances, ref_model, cand_model)
     tolerances = options.tolerances.resolve(preset)
@@ -80,6 +81,21 @@ def run(ref: ModelRef, options: VerifyOptions) -> VerifyParityReport:
         warnings=tuple(dict.fromkeys((*ref_model.warnings, *cand_model.warnings,  # two placed sides: said once
                                       *([unmeasured] if unmeasured else [])))),
         perplexity=perplexity)
+
+
+def refuse_kv_decoders(ref_model: LoadedModel, cand_model: LoadedModel, request: InputRequest) -> None:
+    """A decoder with a KV cache cannot be driven by planned inputs (its attention mask must cover the past and
+    the new tokens; ONNX Runtime fails in Gather or the sides take different inputs): it is compared by
+    generation, `--generate`. Inputs the user gives (--input, --inputs-file) are used as given."""
+    from mlops_cli.services.perplexity import is_kv_decoder
+
+    decoder = next((m for m in (cand_model, ref_model) if is_kv_decoder(m)), None)
+    if decoder is None or request.specs or request.file:
+        return
+    raise UsageError(f"{decoder.reference} is a decoder with a KV cache: generated inputs cannot drive it (its "
+                     "attention mask must cover the past and the new tokens)",
+                     hint="Compare generation instead: mlops verify-parity HF_FOLDER MODEL.onnx --generate (greedy "
+                          "tokens, the logits of every cached pass, and perplexity).")
 
 
 def compare_perplexity(ref_model: LoadedModel, cand_model: LoadedModel, options: VerifyOptions

@@ -17,7 +17,7 @@ from mlops_cli.core.formats import Format, detect_format, torch_load_weights
 from mlops_cli.core.inputs import InputPlan, InputRequest, plan_inputs
 from mlops_cli.core.int8_state import PACKED, QUANTIZATION_INFO
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar
-from mlops_cli.services.perplexity import EvaluationText, PerplexityProbe, probe_for
+from mlops_cli.services.perplexity import EvaluationText, PerplexityProbe, is_kv_decoder, probe_for
 
 # Ops of a graph that is already quantised (ONNX Runtime's dynamic and QDQ/QOperator formats).
 QUANTISED_ONNX_OPS = frozenset({
@@ -98,7 +98,7 @@ def plan_check_inputs(loaded: Any, request: InputRequest, evaluated: bool = Fals
     """
     if request.specs or request.texts or request.file:
         return plan_inputs(loaded, request)  # a malformed --input fails with its own message
-    if _is_kv_decoder(loaded):
+    if is_kv_decoder(loaded):
         if evaluated:
             return None
         raise UsageError(f"{loaded.reference} is a decoder with a KV cache: the drift check's generated inputs "
@@ -113,15 +113,6 @@ def plan_check_inputs(loaded: Any, request: InputRequest, evaluated: bool = Fals
     except UsageError as exc:
         hint = f"{exc.hint or ''} Or pass --no-check to convert without measuring drift.".lstrip()
         raise UsageError(exc.message, hint=hint) from exc
-
-
-def _is_kv_decoder(loaded: Any) -> bool:
-    """A decoder exported with its KV cache needs a mask covering past + sequence: random inputs cannot drive it."""
-    from mlops_cli.core.inputs import onnx_input_specs
-
-    if loaded.path is None or loaded.kind.value != "onnx":
-        return False
-    return any(spec.name.startswith("past_key_values.") for spec in onnx_input_specs(loaded.path))
 
 
 def preset_label(chosen: str | None, auto: str, overridden: bool) -> str:

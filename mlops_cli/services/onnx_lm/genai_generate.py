@@ -25,26 +25,22 @@ from mlops_cli.services.decoding import DecodingParams
 from mlops_cli.services.generate import GenerateOptions, GenerateReport, StrategyResult
 from mlops_cli.services.generate_measure import RunRecord, StepClock, run_metrics, summarize_runs
 from mlops_cli.services.onnx_lm.genai import GenaiFolder, new_generator, open_model, read_genai_folder, token_array
-from mlops_cli.services.onnx_lm.generate_onnx import TextSide, generated_texts, load_text_side
+from mlops_cli.services.onnx_lm.generate_onnx import (
+    TextSide,
+    generated_texts,
+    load_text_side,
+    refuse_pytorch_options,
+)
 
 GENAI_STRATEGIES = ("greedy", "beam", "sample")  # beam-sample: the runtime's beam search does not sample
 
 
 def _check(options: GenerateOptions) -> tuple[str, ...]:
-    """The strategies to run (`all`: those the runtime has); options it cannot honour are usage errors."""
-    unsupported = [(options.strategy not in (*GENAI_STRATEGIES, "all"),
-                    f"--strategy {options.strategy!r} on ONNX Runtime GenAI: greedy, beam and sample are supported"),
-                   (options.engine != "generate", "--engine applies to PyTorch models"),
-                   (options.explain, "--explain applies to PyTorch models"),
-                   (bool(options.stop), "--stop applies to PyTorch models"),
-                   (options.chat, "--chat applies to PyTorch models"),
-                   (options.stream, "--stream applies to PyTorch models"),
-                   (options.dtype != "fp32", "--dtype: a genai folder runs in the precision it was built in"),
-                   (options.cache != "dynamic" or options.compile or options.load.device_map is not None,
-                    "--cache/--compile/--device-map apply to PyTorch models")]
-    for failed, message in unsupported:
-        if failed:
-            raise UsageError(message, hint="Drop the option, or generate from the PyTorch model.")
+    """The strategies to run (`all`: those the runtime has: greedy, beam and sample, where the ONNX cache loop
+    refuses `all`); options it cannot honour are usage errors, as on an ONNX graph."""
+    refuse_pytorch_options(options, (options.strategy not in (*GENAI_STRATEGIES, "all"),
+                                     f"--strategy {options.strategy!r} on ONNX Runtime GenAI: greedy, beam and "
+                                     "sample are supported"), "a genai folder runs in the precision it was built in")
     return tuple(s for s in options.strategies if s in GENAI_STRATEGIES)
 
 
@@ -76,8 +72,10 @@ def padded_rows(text: TextSide, prompts: Sequence[str]) -> tuple[list[list[int]]
     return [row + [text.pad_token_id] * (width - len(row)) for row in rows], sum(len(row) for row in rows)
 
 
-def timed_run(model: Any, rows: list[list[int]], max_length: int, search: dict[str, Any], pad: int) -> RunRecord:
-    """One generation, the clock ticking after each `generate_next_token`; rows padded with `pad` to one length."""
+def timed_run(model: Any, rows: list[list[int]], max_length: int, search: dict[str, Any],
+              folder: GenaiFolder) -> RunRecord:
+    """One generation, the clock ticking after each `generate_next_token`; rows padded to one length with the
+    folder's pad id."""
     clock = StepClock(cuda=False)
     clock.begin()
     generator = new_generator(model, max_length, **search)
@@ -86,10 +84,25 @@ def timed_run(model: Any, rows: list[list[int]], max_length: int, search: dict[s
         generator.generate_next_token()
         clock.tick()
     end = time.perf_counter()
-    produced = [[int(t) for t in generator.get_sequence(i)] for i in range(len(rows))]
+    last = [int(t) for t in generator.get_next_tokens()]
+    produced = [with_final_eos([int(t) for t in generator.get_sequence(i)], len(rows[0]), max_length, folder,
+                               last[i] if len(last) == len(rows) else None)
+                for i in range(len(rows))]
     longest = max(len(row) for row in produced)
-    sequences = torch.tensor([row + [pad] * (longest - len(row)) for row in produced], dtype=torch.long)
+    sequences = torch.tensor([row + [folder.pad_token_id] * (longest - len(row)) for row in produced],
+                             dtype=torch.long)
     return RunRecord(sequences, clock.start, clock.ticks, end, None)
+
+
+def with_final_eos(row: list[int], width: int, max_length: int, folder: GenaiFolder, last: int | None) -> list[int]:
+    """The row with the EOS that ended it: the runtime leaves the EOS chosen on the run's last step out of
+    `get_sequence` (a row that finished earlier keeps its own), so without it the row would count one token
+    fewer and stop on 'max_new_tokens' where the PyTorch and ONNX paths count the EOS and stop on 'eos'. A row
+    shorter than `max_length` stopped on an EOS (the search stops for nothing else); `last` is the token the
+    last step chose for it, when the search says (greedy and sampling: one per row)."""
+    if len(row) >= max_length or not folder.eos_token_ids or (len(row) > width and row[-1] in folder.eos_token_ids):
+        return row
+    return [*row, last if last in folder.eos_token_ids else folder.eos_token_ids[0]]
 
 
 def run_strategy(model: Any, folder: GenaiFolder, text: TextSide, options: GenerateOptions, strategy: str,
@@ -102,7 +115,7 @@ def run_strategy(model: Any, folder: GenaiFolder, text: TextSide, options: Gener
     for index in range(options.warmup + options.repeat):
         options.on_step(f"{strategy} decoding on ONNX Runtime GenAI")
         with memory:
-            record = timed_run(model, rows, max_length, search, folder.pad_token_id)
+            record = timed_run(model, rows, max_length, search, folder)
         if index >= options.warmup:
             records.append(replace(record, peak_memory_bytes=memory.growth_bytes))
     eos = () if options.fixed_length else folder.eos_token_ids

@@ -4,12 +4,14 @@ The same checks as for an ONNX decoder (`quality.py`), the candidate side run by
 tokens of each prompt (the argmax of the runtime's logits, fed back into its own cache) against our PyTorch
 loop, the first divergence named with both tokens and their logit gaps; then logit-level parity with the cache:
 the reference's greedy tokens appended one by one to the runtime's cache, and the logits of the prompt pass and
-of every cached pass (`generator.get_output("logits")`) compared with PyTorch's.
+of every cached pass (`generator.get_output("logits")`) compared with PyTorch's; then, unless --no-eval, the
+perplexity of both on the evaluation text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,13 @@ from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.parity import Tolerances
 from mlops_cli.services.decoding import DecodingParams, decode
-from mlops_cli.services.onnx_lm.genai import greedy_with_scores, open_model, read_genai_folder, teacher_forced_passes
+from mlops_cli.services.onnx_lm.genai import (
+    greedy_with_scores,
+    open_model,
+    pass_logits,
+    read_genai_folder,
+    teacher_forced_passes,
+)
 from mlops_cli.services.onnx_lm.quality import (
     GenerationParityOptions,
     GenerationParityReport,
@@ -25,7 +33,9 @@ from mlops_cli.services.onnx_lm.quality import (
     _first_divergence,
     _greedy,
     _reference,
-    generation_verdict,
+    check_parity_options,
+    compare_perplexity,
+    parity_report,
     pass_diffs,
     torch_passes,
 )
@@ -53,17 +63,13 @@ def compare_genai_generation(model: Any, genai_model: Any, tokenizer: Any, promp
 
 def genai_parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationParityReport:
     """`verify-parity MODEL GENAI_FOLDER --generate`: the PyTorch model is the reference, `options.candidate`
-    the genai folder."""
-    if options.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+    the genai folder; its perplexity is scored on the runtime's logits of whole windows (`pass_logits`)."""
+    check_parity_options(options)
     folder = read_genai_folder(Path(options.candidate))
     model, tokenizer, warnings = _reference(ref, options.load, options.tokenizer)
     genai_model = open_model(folder, options.threads)
     options.on_step("generating")
     prompts = compare_genai_generation(model, genai_model, tokenizer, options.prompts, options.max_new_tokens,
                                        options.tolerances)
-    return GenerationParityReport(
-        reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
-        atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
-        prompts=prompts, passed=all(p.passed for p in prompts), verdict=generation_verdict(prompts),
-        runtime="onnxruntime-genai", warnings=tuple(warnings))
+    perplexity = compare_perplexity(options, model, tokenizer, partial(pass_logits, genai_model))
+    return parity_report(ref, options, prompts, warnings, perplexity, runtime="onnxruntime-genai")

@@ -197,16 +197,27 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor
 
 def _check(options: GenerateOptions) -> None:
     """What the ONNX cache loop cannot do (the rest was checked like any `mlops generate` run)."""
-    unsupported = [(options.strategy not in ONNX_STRATEGIES,
-                    f"--strategy {options.strategy!r} on ONNX Runtime: greedy and sample are supported"),
+    refuse_pytorch_options(options, (options.strategy not in ONNX_STRATEGIES,
+                                     f"--strategy {options.strategy!r} on ONNX Runtime: greedy and sample are "
+                                     "supported"), "an ONNX graph runs in the precision it was exported in")
+
+
+def refuse_pytorch_options(options: GenerateOptions, strategy: tuple[bool, str], dtype_note: str) -> None:
+    """Options only the PyTorch path honours are usage errors (exit 2) on an ONNX graph or a genai folder; so is
+    placement (`--device-map/--max-memory/--tp-plan/--offload-folder`), which has nothing to place there."""
+    from mlops_cli.core.loading import wants_placement
+
+    unsupported = [strategy,
                    (options.engine != "generate", "--engine applies to PyTorch models"),
                    (options.explain, "--explain applies to PyTorch models"),
                    (bool(options.stop), "--stop applies to PyTorch models"),
                    (options.chat, "--chat applies to PyTorch models"),
                    (options.stream, "--stream applies to PyTorch models"),
-                   (options.dtype != "fp32", "--dtype: an ONNX graph runs in the precision it was exported in"),
-                   (options.cache != "dynamic" or options.compile or options.load.device_map is not None,
-                    "--cache/--compile/--device-map apply to PyTorch models")]
+                   (options.dtype != "fp32", f"--dtype: {dtype_note}"),
+                   (options.cache != "dynamic" or options.compile, "--cache/--compile apply to PyTorch models"),
+                   (wants_placement(options.load) or options.load.offload_folder is not None,
+                    "--device-map/--max-memory/--tp-plan/--offload-folder: placement does not apply to an ONNX "
+                    "graph (use --device)")]
     for failed, message in unsupported:
         if failed:
             raise UsageError(message, hint="Drop the option, or generate from the PyTorch model.")

@@ -27,6 +27,7 @@ from mlops_cli.services.perplexity import (
     EvaluationText,
     PerplexityComparison,
     PerplexityProbe,
+    explicit_tokenizer,
     onnx_logits_fn,
 )
 
@@ -117,8 +118,11 @@ def _probe(decoder: OnnxDecoder, options: Int4Options) -> tuple[PerplexityProbe 
         return None, None
     options.evaluation.read()  # an unreadable text is refused even when no tokenizer is found
     try:
-        tokenizer = load_text_side(options.tokenizer or decoder.path.parent).tokenizer
+        tokenizer = (explicit_tokenizer(options.tokenizer) if options.tokenizer
+                     else load_text_side(decoder.path.parent).tokenizer)
     except InputError as exc:
+        if options.tokenizer:
+            raise  # the user's --tokenizer: exit 3 naming it, not a warning
         return None, f"perplexity not measured: {exc.message}; pass the HF folder as the tokenizer"
     options.on_step("measuring perplexity")
     return PerplexityProbe.of(options.evaluation, onnx_logits_fn(decoder), tokenizer), None

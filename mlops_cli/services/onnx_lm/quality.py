@@ -8,7 +8,7 @@
   engine's `compare_arrays`, so a graph that is right on the prompt but wrong once the cache is used is caught,
   and the first failing pass is named.
 - Perplexity: sliding-window perplexity of both sides on a text, and the share of positions where their greedy
-  next-token predictions agree.
+  next-token predictions agree (services/perplexity.py, shared with every command that changes a causal LM).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from mlops_cli.services.decoding import DecodingParams, decode
 from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side, onnx_decode
 from mlops_cli.services.perplexity import (
     EvaluationText,
+    LogitsFn,
     PerplexityComparison,
     PerplexityProbe,
     onnx_logits_fn,
@@ -139,10 +140,11 @@ def pass_diffs(ref_logits: Sequence[np.ndarray], cand_logits: Sequence[np.ndarra
 
 
 def _greedy(decoder_loop: Callable[..., torch.Tensor], side: Any, input_ids: torch.Tensor,
-            params: DecodingParams) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            params: DecodingParams, attention_mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run one side's decoding loop, keeping each step's scores (the raw last-position logits when greedy)."""
     scores: list[torch.Tensor] = []
-    sequences = decoder_loop(side, input_ids, None, params,
+    sequences = decoder_loop(side, input_ids, attention_mask, params,
                              observers=[lambda _step, _tokens, step_scores: scores.append(step_scores[0].clone())])
     return sequences, scores
 
@@ -222,10 +224,7 @@ def generation_verdict(prompts: Sequence[PromptParity]) -> str:
 
 def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationParityReport:
     """`verify-parity MODEL model.onnx --generate`: the PyTorch model is the reference."""
-    if options.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
-    if options.evaluation is not None:
-        options.evaluation.read()  # a bad --eval-text fails before any model is loaded
+    check_parity_options(options)
     from mlops_cli.services.onnx_lm import seq2seq_generate, seq2seq_quality
 
     if seq2seq_generate.is_seq2seq_folder(options.candidate):  # written by export onnx --task seq2seq-lm
@@ -235,17 +234,38 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
     options.on_step("generating")
     prompts = compare_generation(model, decoder, tokenizer, options.prompts, options.max_new_tokens,
                                  options.tolerances)
-    perplexity = None
+    perplexity = compare_perplexity(options, model, tokenizer, onnx_logits_fn(decoder))
+    return parity_report(ref, options, prompts, warnings, perplexity)
+
+
+def check_parity_options(options: GenerationParityOptions) -> None:
+    """What every `--generate` run refuses before any model is loaded: no new tokens, a bad --eval-text."""
+    if options.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
     if options.evaluation is not None:
-        options.on_step("measuring perplexity")
-        probe = PerplexityProbe.of(options.evaluation, torch_logits_fn(model), tokenizer,
-                                   window_for(model, options.evaluation.window))
-        perplexity = probe.compare(onnx_logits_fn(decoder))
+        options.evaluation.read()
+
+
+def compare_perplexity(options: GenerationParityOptions, model: Any, tokenizer: Any,
+                       candidate: LogitsFn) -> PerplexityComparison | None:
+    """The candidate's perplexity on the evaluation text against the PyTorch model's (None: --no-eval)."""
+    if options.evaluation is None:
+        return None
+    options.on_step("measuring perplexity")
+    probe = PerplexityProbe.of(options.evaluation, torch_logits_fn(model), tokenizer,
+                               window_for(model, options.evaluation.window))
+    return probe.compare(candidate)
+
+
+def parity_report(ref: ModelRef, options: GenerationParityOptions, prompts: tuple[PromptParity, ...],
+                  warnings: Sequence[str], perplexity: PerplexityComparison | None = None,
+                  runtime: str = "onnxruntime") -> GenerationParityReport:
+    """The report of every `--generate` run (ONNX decoder, genai folder, encoder-decoder folder), built once."""
     return GenerationParityReport(
         reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
         atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
-        prompts=prompts, passed=all(p.passed for p in prompts),
-        verdict=generation_verdict(prompts), warnings=tuple(warnings), perplexity=perplexity)
+        prompts=prompts, passed=all(p.passed for p in prompts), verdict=generation_verdict(prompts),
+        perplexity=perplexity, runtime=runtime, warnings=tuple(warnings))
 
 
 def _reference(ref: ModelRef, load: Any, tokenizer_folder: Path | None) -> tuple[Any, Any, list[str]]:
@@ -261,52 +281,3 @@ def _reference(ref: ModelRef, load: Any, tokenizer_folder: Path | None) -> tuple
     if tokenizer_folder is not None or tokenizer is None:
         tokenizer = load_text_side(tokenizer_folder or loaded.path or Path(".")).tokenizer
     return loaded.module.eval(), tokenizer, list(loaded.warnings)
-
-
-# ---------------------------------------------------------------- perplexity
-
-
-@dataclass(frozen=True)
-class Perplexity:
-    backend: str
-    perplexity: float
-    mean_nll: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class PerplexityOptions(ServiceOptions, EvaluationText):
-    candidate: Path | None = None  # an ONNX decoder to score beside the PyTorch model
-    max_tokens: int = 1024
-
-
-@dataclass(frozen=True, kw_only=True)
-class PerplexityReport(Report):
-    model: str
-    text: str
-    tokens: int
-    scored_tokens: int
-    window: int
-    stride: int
-    results: tuple[Perplexity, ...]
-    greedy_agreement: float | None  # share of positions where both sides predict the same next token
-    relative_change: float | None  # candidate perplexity / reference perplexity - 1
-
-
-def perplexity_run(ref: ModelRef, options: PerplexityOptions) -> PerplexityReport:
-    """Perplexity of the PyTorch model (and of `candidate`, an ONNX export of it) on a text
-    (the machinery every command shares: services/perplexity.py)."""
-    options.read()  # bad --window/--stride or an unreadable text fail before the model is loaded
-    model, tokenizer, warnings = _reference(ref, options.load, None)
-    options.on_step("scoring")
-    probe = PerplexityProbe.of(options, torch_logits_fn(model), tokenizer, window_for(model, options.window))
-    results = [Perplexity("torch", probe.baseline.perplexity, probe.baseline.nll)]
-    agreement = change = None
-    if options.candidate is not None:
-        comparison = probe.compare(onnx_logits_fn(OnnxDecoder(options.candidate)))
-        results.append(Perplexity("onnxruntime", comparison.after, math.log(comparison.after)))
-        agreement, change = comparison.greedy_agreement, comparison.relative_change
-    return PerplexityReport(
-        model=str(ref), text=str(options.text_file), tokens=len(probe.tokens), scored_tokens=len(probe.tokens) - 1,
-        window=probe.window, stride=probe.stride, results=tuple(results), greedy_agreement=agreement,
-        relative_change=change, warnings=tuple(warnings))
-

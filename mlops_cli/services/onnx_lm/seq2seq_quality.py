@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 
-from mlops_cli.core.compare import compare_arrays
 from mlops_cli.core.contract import ModelRef
 from mlops_cli.core.errors import UsageError
 from mlops_cli.core.parity import Tolerances
@@ -23,11 +23,12 @@ from mlops_cli.services.decoding import DecodingParams
 from mlops_cli.services.onnx_lm.quality import (
     GenerationParityOptions,
     GenerationParityReport,
-    PassDiff,
     PromptParity,
     _first_divergence,
+    _greedy,
     _reference,
-    generation_verdict,
+    parity_report,
+    pass_diffs,
 )
 from mlops_cli.services.onnx_lm.seq2seq_generate import (
     OnnxSeq2Seq,
@@ -43,32 +44,22 @@ def compare_seq2seq(model: Any, candidate: OnnxSeq2Seq, tokenizer: Any, prompts:
     """Greedy tokens and per-pass logits of both sides, prompt by prompt (batch 1)."""
     reference = TorchSeq2Seq(model)
     params = DecodingParams(max_new_tokens=max_new_tokens)  # no EOS: every prompt runs all its steps
-    atol, rtol = tolerances.for_output("logits")
+    decode = partial(seq2seq_decode, start_token=start_token)
     results = []
     for prompt in prompts:
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         if input_ids.shape[1] == 0:
             raise UsageError(f"the prompt {prompt!r} encodes to no tokens")
         mask = torch.ones_like(input_ids)
-        ref_new, ref_scores = _greedy(reference, input_ids, mask, params, start_token)
-        cand_new, cand_scores = _greedy(candidate, input_ids, mask, params, start_token)
+        reference_ids, ref_scores = _greedy(decode, reference, input_ids, params, mask)
+        candidate_ids, cand_scores = _greedy(decode, candidate, input_ids, params, mask)
+        ref_new, cand_new = reference_ids[0, 1:].tolist(), candidate_ids[0, 1:].tolist()  # after the start token
         divergence = _first_divergence(ref_new, cand_new, ref_scores, cand_scores, tokenizer)
         fed = [start_token, *ref_new[:-1]]
-        passes = tuple(PassDiff(step, compare_arrays(f"logits (pass {step})", r, c, atol, rtol,
-                                                     agreement=tolerances.agreement))
-                       for step, (r, c) in enumerate(zip(decoder_passes(reference, input_ids, mask, fed),
-                                                         decoder_passes(candidate, input_ids, mask, fed), strict=True)))
+        passes = pass_diffs(decoder_passes(reference, input_ids, mask, fed),
+                            decoder_passes(candidate, input_ids, mask, fed), tolerances)
         results.append(PromptParity(prompt, tuple(ref_new), tuple(cand_new), divergence, passes))
     return tuple(results)
-
-
-def _greedy(side: Seq2SeqSide, input_ids: torch.Tensor, mask: torch.Tensor, params: DecodingParams,
-            start_token: int) -> tuple[list[int], list[torch.Tensor]]:
-    """One side's new tokens, and each step's scores (the raw logits when greedy)."""
-    scores: list[torch.Tensor] = []
-    sequences = seq2seq_decode(side, input_ids, mask, params, start_token,
-                               observers=[lambda _step, _tokens, step_scores: scores.append(step_scores[0].clone())])
-    return sequences[0, 1:].tolist(), scores
 
 
 def decoder_passes(side: Seq2SeqSide, input_ids: torch.Tensor, mask: torch.Tensor, tokens: Sequence[int]) -> list[Any]:
@@ -86,8 +77,4 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
     options.on_step("generating")
     prompts = compare_seq2seq(model, candidate, tokenizer, options.prompts, options.max_new_tokens,
                               options.tolerances, decoder_start_token(options.candidate))
-    return GenerationParityReport(
-        reference=str(ref), candidate=str(options.candidate), max_new_tokens=options.max_new_tokens,
-        atol=options.tolerances.atol, rtol=options.tolerances.rtol, preset=options.tolerances.preset,
-        prompts=prompts, passed=all(p.passed for p in prompts), verdict=generation_verdict(prompts),
-        warnings=tuple(warnings))
+    return parity_report(ref, options, prompts, warnings)

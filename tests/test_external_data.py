@@ -225,3 +225,25 @@ def test_a_graph_onnx_runtime_refuses_is_never_written(tmp_path) -> None:
     with pytest.raises(InputError, match="does not load in ONNX Runtime"), onnx_export.atomic_onnx(out) as written:
         onnx.save(model, str(written))
     assert not out.exists() and leftovers(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def fused_ext(fused, tmp_path_factory) -> Path:
+    """The fused graph with every initializer, shape constants included, in fused.onnx.data."""
+    path = tmp_path_factory.mktemp("fused-ext") / "fused.onnx"
+    onnx.save_model(onnx.load(str(fused)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="fused.onnx.data", size_threshold=0)
+    assert locations(path) == {"fused.onnx.data"}
+    return path
+
+
+def test_compress_half_of_a_fused_graph_with_external_data_from_another_folder(cli, fused_ext, tmp_path,
+                                                                                monkeypatch) -> None:
+    """Before: ONNX Runtime's symbolic inference read the external initializers relative to the current folder
+    (exit 1 from anywhere but the model's folder)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = cli("compress", "half", fused_ext, "-o", tmp_path / "half.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.json()["passed"] is True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -496,12 +497,12 @@ def load_onnx(path: Path, *, infer_shapes: bool = False) -> Any:
     model = onnx.load(str(path), load_external_data=False)
     declare_op_domains(model)
     if infer_shapes:
-        model = _infer_types(model)
+        model = _infer_types(model, path.parent)
     load_external_data_for_model(model, str(path.parent))
     return model
 
 
-def _infer_types(model: Any) -> Any:
+def _infer_types(model: Any, folder: Path) -> Any:
     """The graph with every value's type and shape inferred. onnx's inference does not know ONNX Runtime's
     contrib ops (the fused Attention, FastGelu, SkipLayerNormalization... of `export onnx --optimize`): their
     outputs would stay untyped and a float16 conversion would mix float32 and float16 around them. ONNX Runtime's
@@ -512,7 +513,31 @@ def _infer_types(model: Any) -> Any:
         return onnx.shape_inference.infer_shapes(model)
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    _load_external_for_inference(model, folder)
     return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+
+
+_SMALL_TENSOR = 1024 * 1024  # bytes: shape constants, indices, axes
+
+
+def _load_external_for_inference(model: Any, folder: Path) -> None:
+    """ONNX Runtime's symbolic inference reads the values of constant initializers (shapes, indices) with
+    `numpy_helper.to_array`, which resolves an external tensor's location against the current directory, not the
+    model's folder: a crash from elsewhere, or a same-named file's bytes. Read them from `folder` first: all of them
+    when the weights stay under the external-data threshold, else the small ones (the constants it reads)."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    external = [(tensor, _tensor_bytes(tensor)) for tensor in model.graph.initializer if uses_external_data(tensor)]
+    everything = sum(size for _, size in external) <= EXTERNAL_DATA_THRESHOLD
+    for tensor, size in external:
+        if everything or size < _SMALL_TENSOR:
+            load_external_data_for_tensor(tensor, str(folder))
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    import onnx
+
+    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 def has_external_data(path: Path) -> bool:

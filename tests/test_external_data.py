@@ -247,3 +247,19 @@ def test_compress_half_of_a_fused_graph_with_external_data_from_another_folder(c
     result = cli("compress", "half", fused_ext, "-o", tmp_path / "half.onnx", "--json")
     assert result.exit_code == 0, result.output
     assert result.json()["passed"] is True
+
+
+def test_compress_int8_of_a_fused_graph_that_does_not_import_its_domain(cli, fused, tmp_path) -> None:
+    """Before: quantize_dynamic read the file itself, whose com.microsoft nodes onnx's shape inference refused
+    without the domain's import (exit 1), and left `fused-inferred.onnx` beside the input."""
+    model = onnx.load(str(fused))
+    kept = [entry for entry in model.opset_import if entry.domain != "com.microsoft"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    source = tmp_path / "in" / "fused.onnx"
+    source.parent.mkdir()
+    onnx.save(model, str(source))
+    result = cli("compress", "int8", source, "-o", tmp_path / "int8.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.json()["passed"] is True
+    assert sorted(p.name for p in source.parent.iterdir()) == ["fused.onnx"]

@@ -183,12 +183,19 @@ AUTO_GENAI_REASON = ("auto: the builder supports the family, and ONNX Runtime Ge
                      "export (benchmarks/bench_onnx_lm.py) and builds in seconds")
 
 
-def run_auto(ref: ModelRef, options: GenaiExportOptions, torch_options: Any) -> GenaiExportReport | Any:
+def run_auto(ref: ModelRef, options: GenaiExportOptions, torch_options: Any, *, torch_only: tuple[str, ...] = ()
+             ) -> GenaiExportReport | Any:
     """`--engine auto`: the genai folder when -o names a folder, the runtime is installed, the builder supports
     the family and the fp32 build verifies; otherwise the torch exporter's single file (`torch_options`, an
-    `ExportWithPastOptions` with the same output), the reason said in the report."""
+    `ExportWithPastOptions` with the same output), the reason said in the report. `torch_only`: options the user
+    gave that only the torch exporter takes (--opset, --external-data): they choose it."""
     if options.precision != "fp32":  # only the builder quantises while exporting
+        if torch_only:
+            raise UsageError(f"{', '.join(torch_only)} apply to the torch exporter, --precision "
+                             f"{options.precision} to the genai builder", hint="Drop one or the other.")
         return run(ref, replace(options, engine_reason=f"auto: --precision {options.precision} is the builder's"))
+    if torch_only:
+        return _torch_export(ref, torch_options, f"auto: {', '.join(torch_only)} apply to the torch exporter")
     if Path(options.output).suffix == ".onnx":
         return _torch_export(ref, torch_options, "auto: -o names a .onnx file (the genai builder writes a folder)")
     try:

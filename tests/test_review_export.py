@@ -26,3 +26,42 @@ def test_options_the_kv_cache_export_would_ignore_are_refused(cli: Any, tmp_path
     assert result.exit_code == 2, result.output
     assert expected in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_a_folder_holding_model_onnx_and_the_tokenizer(cli: Any, tmp_path: Path) -> None:
+    """Before: `-o FOLDER` on a family the genai builder does not support (GPT-2) wrote a FILE named FOLDER."""
+    out = tmp_path / "lm"
+    report = cli("export", "onnx", "builtin:tiny-gpt2", "-o", out, "--json")
+    assert report.exit_code == 0, report.output
+    assert report.json()["engine"] == "torch" and "does not support the 'gpt2' family" in report.json()["engine_reason"]
+    assert report.json()["output"] == str(out / "model.onnx")
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    generated = cli("generate", out / "model.onnx", "--prompt", "Hello", "--max-new-tokens", "2", "--json")
+    assert generated.exit_code == 0, generated.output
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_torch_for_a_model_without_tokenizer_and_for_torch_only_options(
+        cli: Any, tmp_path: Path) -> None:
+    """Before: a supported family without a tokenizer stopped auto with exit 3 instead of using the torch
+    exporter; --opset now chooses the torch exporter too."""
+    llama = tmp_path / "llama"
+    assert cli("zoo", "save", "tiny-llama", llama).exit_code == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (llama / name).unlink(missing_ok=True)
+    report = cli("export", "onnx", llama, "-o", tmp_path / "lm", "--json")
+    assert report.exit_code == 0, report.output
+    assert report.json()["engine"] == "torch" and "has no tokenizer" in report.json()["engine_reason"]
+    assert (tmp_path / "lm" / "model.onnx").is_file()
+    chosen = cli("export", "onnx", llama, "-o", tmp_path / "lm17", "--opset", "16", "--json")
+    assert chosen.exit_code == 0, chosen.output
+    assert chosen.json()["engine_reason"].startswith("auto: the torch exporter takes --opset")
+    assert chosen.json()["opset"] == 16
+
+
+def test_a_family_genai_refuses_at_int4_is_pointed_at_compress_int4(cli: Any, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime_genai")
+    result = cli("export", "onnx", "builtin:tiny-gpt2", "-o", tmp_path / "lm", "--precision", "int4")
+    assert result.exit_code == 3
+    assert "--engine torch" in result.stderr and "mlops compress int4" in result.stderr

@@ -234,6 +234,15 @@ def _save(written: Path, external: bool) -> None:
                     location=f"{written.name}.data", size_threshold=1024)
 
 
+def save_text_side(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The config, generation config and tokenizer beside the graphs: the folder generates on its own."""
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 # (batch, sequence, past) of the passes checked on the written graph against the model itself: prompt passes with
 # an empty past (several tokens; one token on a batch), then a cached single-token pass.
 _CHECKED_PASSES = ((1, 4, 0), (3, 1, 0), (2, 1, 3))
@@ -280,6 +289,7 @@ class ExportWithPastOptions(OutputOptions):
 
     opset: int = DEFAULT_OPSET
     external_data: bool | None = None  # None: only for weights over protobuf's 2 GiB
+    text_side: bool = False  # also save the config and tokenizer beside the file (`generate FILE` finds them)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,6 +334,10 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
     options.on_step("exporting")
     written = export_with_past(loaded.module, options.output, force=options.force, opset=options.opset,
                                external_data=options.external_data, sources=ref.sources)
+    if options.text_side:
+        save_text_side(loaded.module, loaded.tokenizer, written.path.parent)
+        if loaded.tokenizer is None:
+            warnings.append(f"{ref} has no tokenizer: none was saved beside {written.path.name}")
     files = files_on_disk(written.path)
     layout = written.layout
     return ExportWithPastReport(

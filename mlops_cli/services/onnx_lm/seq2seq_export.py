@@ -31,7 +31,13 @@ import numpy as np
 
 from mlops_cli.core.contract import LoadOptions, ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError
-from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, _save, family_of
+from mlops_cli.services.onnx_lm.export_with_past import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_THRESHOLD,
+    _save,
+    family_of,
+    save_text_side,
+)
 
 ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE = (
     "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
@@ -281,7 +287,7 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
             for file in written.parent.iterdir():
                 file.rename(folder / file.name)
         shutil.rmtree(scratch)
-        _save_text_side(model, tokenizer, folder)
+        save_text_side(model, tokenizer, folder)
     return Seq2SeqExport(Path(output), family, layout, names, {g.file: g.checks for g in graphs}, opset, external)
 
 
@@ -335,15 +341,6 @@ def _check_graph(graph: _Graph, written: Path, family: str) -> tuple[tuple[str, 
                 problem = diff.problem or f"max |diff| {diff.max_abs:.3g}"
                 raise _unsupported(family, f"{where}: {name} differs from the model's: {problem}")
     return tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs())
-
-
-def _save_text_side(model: Any, tokenizer: Any, folder: Path) -> None:
-    """The config, generation config and tokenizer beside the graphs: the folder generates on its own."""
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- the service

@@ -65,3 +65,28 @@ def test_a_family_genai_refuses_at_int4_is_pointed_at_compress_int4(cli: Any, tm
     result = cli("export", "onnx", "builtin:tiny-gpt2", "-o", tmp_path / "lm", "--precision", "int4")
     assert result.exit_code == 3
     assert "--engine torch" in result.stderr and "mlops compress int4" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def genai_folder(cli: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-llama built by ONNX Runtime GenAI's builder: its model.onnx has symbolic KV head dims."""
+    pytest.importorskip("onnxruntime_genai")
+    folder = tmp_path_factory.mktemp("genai")
+    assert cli("zoo", "save", "tiny-llama", folder / "llama").exit_code == 0
+    built = cli("export", "onnx", folder / "llama", "--engine", "genai", "-o", folder / "g")
+    assert built.exit_code == 0, built.output
+    return folder / "g"
+
+
+@pytest.mark.slow
+def test_weight_only_quantisation_of_a_genai_folders_model(cli: Any, genai_folder: Path, tmp_path: Path) -> None:
+    """Before: int4 and int8 --weight-only built our generation loop's decoder even with --no-eval, which refuses
+    the builder's symbolic head dims, and its hint pointed back at the same export."""
+    int8 = cli("compress", "int8", genai_folder / "model.onnx", "--weight-only", "--no-eval", "-o",
+               tmp_path / "int8.onnx", "--json")
+    assert int8.exit_code == 0, int8.output
+    assert int8.json()["quantized_matmuls"] > 0
+    int4 = cli("compress", "int4", genai_folder / "model.onnx", "-o", tmp_path / "int4.onnx", "--json")
+    assert int4.exit_code == 0, int4.output
+    assert int4.json()["perplexity"] is None
+    assert any("symbolic dim" in w and "--engine torch" in w for w in int4.json()["warnings"])

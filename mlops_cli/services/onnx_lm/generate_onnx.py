@@ -97,7 +97,10 @@ def _fixed_dim(shape: Sequence[Any], index: int) -> int:
     value = shape[index] if len(shape) > index else None
     if not isinstance(value, int):
         raise InputError(f"the KV-cache inputs have a symbolic dim {index} ({value}); mlops needs the head count "
-                         "and head size fixed in the graph", hint="Re-export with `export onnx --task causal-lm`.")
+                         "and head size fixed in the graph",
+                         hint="For mlops' loop export with `mlops export onnx MODEL --engine torch -o lm.onnx`; a "
+                              "genai folder runs as a folder (`mlops generate FOLDER`), and is quantised while "
+                              "exporting (`export onnx MODEL --engine genai --precision int4 -o FOLDER`).")
     return value
 
 

@@ -73,8 +73,7 @@ def run(ref: ModelRef, options: Int4Options) -> Int4Report:
     if source is None or source.suffix != ".onnx" or not source.is_file():
         raise InputError(f"{ref} is not an ONNX file", hint="Export the model first: `export onnx --task causal-lm`.")
     target = check_onnx_output(options.output, options.force, [source])
-    decoder = OnnxDecoder(source)  # refuses a graph without the KV cache, like generation would
-    probe, unmeasured = _probe(decoder, options)  # a bad --eval-text fails before writing
+    probe, unmeasured = _probe(source, options)  # a bad --eval-text fails before writing
     options.on_step("quantizing")
     scratch = scratch_dir_beside(target)
     try:
@@ -110,15 +109,20 @@ def _quantize(model: Any, options: Int4Options) -> Any:
     return quantizer.model.model
 
 
-def _probe(decoder: OnnxDecoder, options: Int4Options) -> tuple[PerplexityProbe | None, str | None]:
+def _probe(source: Path, options: Int4Options) -> tuple[PerplexityProbe | None, str | None]:
     """The float graph scored on the evaluation text before anything is written (None and why, without a
-    tokenizer; None when measuring is off)."""
+    tokenizer or when our generation loop cannot run the graph; None when measuring is off). Quantising itself
+    needs no KV cache: a plain graph, or a genai folder's model.onnx, is quantised all the same."""
     if options.evaluation is None:
         return None, None
     options.evaluation.read()  # an unreadable text is refused even when no tokenizer is found
     try:
-        tokenizer = load_text_side(options.tokenizer or decoder.path.parent).tokenizer
+        tokenizer = load_text_side(options.tokenizer or source.parent).tokenizer
     except InputError as exc:
         return None, f"perplexity not measured: {exc.message}; pass the HF folder as the tokenizer"
+    try:
+        decoder = OnnxDecoder(source)
+    except InputError as exc:
+        return None, f"perplexity not measured: {exc.message}. {exc.hint or ''}".strip()
     options.on_step("measuring perplexity")
     return PerplexityProbe.of(options.evaluation, onnx_logits_fn(decoder), tokenizer), None

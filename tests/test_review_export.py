@@ -90,3 +90,30 @@ def test_weight_only_quantisation_of_a_genai_folders_model(cli: Any, genai_folde
     assert int4.exit_code == 0, int4.output
     assert int4.json()["perplexity"] is None
     assert any("symbolic dim" in w and "--engine torch" in w for w in int4.json()["warnings"])
+
+
+def test_messages_of_the_plain_graph_name_no_kv_cache(cli: Any, tmp_path: Path) -> None:
+    """Before: a --no-kv-cache user was told to add --task causal-lm (still the plain graph with --no-kv-cache)."""
+    from mlops_cli.core.contract import ModelRef
+    from mlops_cli.core.loading import LoadOptions, load_model
+    from mlops_cli.services.export_onnx import _generation_advice
+
+    refused = cli("export", "onnx", "builtin:tiny-gpt2", "-o", tmp_path / "x.onnx", "--no-kv-cache",
+                  "--engine", "torch")
+    assert refused.exit_code == 2 and "drop --no-kv-cache" in refused.stderr
+    assert "--task causal-lm" not in refused.stderr
+    advice = _generation_advice(load_model(ModelRef.parse("builtin:tiny-gpt2"), LoadOptions()))
+    assert len(advice) == 1 and "without --no-kv-cache" in advice[0] and "--task causal-lm" not in advice[0]
+
+
+def test_a_family_without_a_plain_kv_cache_is_pointed_at_no_kv_cache() -> None:
+    """Before: the hint said 'export without the cache', naming no flag (the cache export is now the default)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from mlops_cli.core.errors import InputError
+    from mlops_cli.services.onnx_lm.export_with_past import kv_layout
+
+    model = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1)).eval()
+    with pytest.raises(InputError) as refused:
+        kv_layout(model)
+    assert "'mamba'" in refused.value.message and "--no-kv-cache" in (refused.value.hint or "")

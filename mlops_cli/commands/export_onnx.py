@@ -108,9 +108,9 @@ def export_onnx_command(
                                 "local paths, module names): about twice the file size.")] = False,
     kv_cache: Annotated[bool, typer.Option(
         "--kv-cache/--no-kv-cache", rich_help_panel="Causal LMs (--task causal-lm)",
-        help="A causal LM (an HF decoder-only LM, or builtin:tiny-gpt2) is exported with its KV cache by default, "
-             "as with --task causal-lm; --no-kv-cache exports the plain graph instead (logits for the whole "
-             "sequence, re-run for every generated token). No effect on other models.")] = True,
+        help="A causal LM (an HF decoder-only LM, or the built-in tiny-gpt2 and tiny-llama) is exported with its "
+             "KV cache by default, as with --task causal-lm; --no-kv-cache exports the plain graph instead (logits "
+             "for the whole sequence, re-run for every generated token). No effect on other models.")] = True,
     engine: Annotated[LmEngine, typer.Option(
         "--engine", rich_help_panel="Causal LMs (--task causal-lm)",
         help="torch: our KV-cache export, one .onnx file; genai: ONNX Runtime GenAI's model builder, a folder "
@@ -181,7 +181,8 @@ def export_onnx_command(
         return
     if engine != LmEngine.auto or precision.value != "fp32":
         raise UsageError("--engine and --precision apply to the KV-cache export of a causal LM",
-                         hint="Drop them, or drop --no-kv-cache / add --task causal-lm.")
+                         hint="Drop them, or drop --no-kv-cache." if not kv_cache else
+                         "Drop them (add --task causal-lm if the model is a causal LM).")
     opset = PLAIN_OPSET if opset is None else opset
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value])
     request = InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)

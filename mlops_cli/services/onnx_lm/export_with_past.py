@@ -129,8 +129,9 @@ def _cache_pairs(cache: Any) -> list[tuple[Any, Any]] | None:
 
 def _unsupported(family: str, why: str) -> InputError:
     return InputError(f"cannot export the {family!r} model family with a KV cache: {why}",
-                      hint="Export a decoder-only causal LM with a standard KV cache (GPT-2, Llama, Qwen2, "
-                           "Mistral...), or export without the cache.")
+                      hint="Only decoder-only causal LMs with a standard KV cache (GPT-2, Llama, Qwen2, Mistral...) "
+                           "are exported with it: add --no-kv-cache for the plain graph (logits for the whole "
+                           "sequence).")
 
 
 def past_wrapper(model: Any, layout: KvLayout) -> Any:

@@ -71,7 +71,8 @@ def run(ref: ModelRef, options: Int4Options) -> Int4Report:
         raise UsageError(f"--block-size {options.block_size}: MatMulNBits needs a power of two >= 16")
     source = ref.path
     if source is None or source.suffix != ".onnx" or not source.is_file():
-        raise InputError(f"{ref} is not an ONNX file", hint="Export the model first: `export onnx --task causal-lm`.")
+        raise InputError(f"{ref} is not an ONNX file",
+                         hint="Export the model first: `mlops export onnx MODEL -o lm.onnx`.")
     target = check_onnx_output(options.output, options.force, [source])
     probe, unmeasured = _probe(source, options)  # a bad --eval-text fails before writing
     options.on_step("quantizing")

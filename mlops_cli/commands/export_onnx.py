@@ -221,6 +221,7 @@ def _export_lm(model: str, output: Path, force: bool, opset: int | None, externa
     from mlops_cli.render.export_onnx import export_with_past_tables
     from mlops_cli.render.genai import genai_export_tables
     from mlops_cli.services.onnx_lm import ExportWithPastOptions, ExportWithPastReport, export_run
+    from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET
     from mlops_cli.services.onnx_lm.genai_export import GenaiExportOptions, GenaiExportReport, run_auto
     from mlops_cli.services.onnx_lm.genai_export import run as genai_run
 
@@ -233,8 +234,8 @@ def _export_lm(model: str, output: Path, force: bool, opset: int | None, externa
     ref = ModelRef.parse(model)
     with progress_steps(f"exporting {model} to ONNX with its KV cache", quiet) as on_step:
         torch_options = ExportWithPastOptions(load=load, on_step=on_step, output=output, force=force,
-                                              external_data=external_data or None,
-                                              **({} if opset is None else {"opset": opset}))
+                                              opset=DEFAULT_OPSET if opset is None else opset,
+                                              external_data=external_data or None)
         genai_options = GenaiExportOptions(load=load, on_step=on_step, output=output, force=force,
                                            precision=precision)
         report: GenaiExportReport | ExportWithPastReport
@@ -277,11 +278,12 @@ def _export_seq2seq(model: str, output: Path, force: bool, opset: int | None, ex
     from mlops_cli.core.contract import ModelRef
     from mlops_cli.render.seq2seq_export import seq2seq_export_tables
     from mlops_cli.services.onnx_lm import Seq2SeqExportOptions, seq2seq_export_run
+    from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET
 
     with progress_steps(f"exporting {model} to ONNX (encoder, decoders with KV cache)", quiet) as on_step:
         options = Seq2SeqExportOptions(load=load, on_step=on_step, output=output, force=force,
-                                       external_data=external_data or None,
-                                       **({} if opset is None else {"opset": opset}))
+                                       opset=DEFAULT_OPSET if opset is None else opset,
+                                       external_data=external_data or None)
         report = seq2seq_export_run(ModelRef.parse(model), options)
     render.emit(report, as_json, seq2seq_export_tables, quiet)
 

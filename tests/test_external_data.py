@@ -263,3 +263,17 @@ def test_compress_int8_of_a_fused_graph_that_does_not_import_its_domain(cli, fus
     assert result.exit_code == 0, result.output
     assert result.json()["passed"] is True
     assert sorted(p.name for p in source.parent.iterdir()) == ["fused.onnx"]
+
+
+def test_the_kv_cache_export_and_its_int4_follow_the_one_threshold(cli, tmp_path, monkeypatch) -> None:
+    """Before: the KV-cache export (and seq2seq, int4) had their own 2 GiB threshold, and int4 wrote one file
+    even when its source kept its weights in a .data file."""
+    with monkeypatch.context() as lowered:
+        lowered.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", LOW_THRESHOLD)
+        kv = cli("export", "onnx", "builtin:tiny-gpt2", "-o", tmp_path / "kv.onnx", "--engine", "torch", "--json")
+    assert kv.exit_code == 0, kv.output
+    assert kv.json()["external_data"] and locations(tmp_path / "kv.onnx") == {"kv.onnx.data"}
+    int4 = cli("compress", "int4", tmp_path / "kv.onnx", "-o", tmp_path / "int4.onnx", "--no-eval", "--json")
+    assert int4.exit_code == 0, int4.output
+    assert locations(tmp_path / "int4.onnx") == {"int4.onnx.data"}
+    assert leftovers(tmp_path) == []

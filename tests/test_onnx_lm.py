@@ -316,7 +316,7 @@ def test_an_export_that_computes_other_logits_is_refused_and_never_written(monke
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
         onnx.save(model, str(written))
 
-    monkeypatch.setattr(module, "_save", save_broken)
+    monkeypatch.setattr(module, "gather_weights", save_broken)
     gpt2, _ = zoo.build("tiny-gpt2")
     with pytest.raises(InputError, match=r"'gpt2' model family.*logits differs from the model's"):
         export_with_past(gpt2.eval(), tmp_path / "broken.onnx")

@@ -83,7 +83,7 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
     axes = dynamic_axes_for(example, specs) if dynamic else {}
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example.tensors.values())
     wrapper, output_names = _named_io_module(loaded, input_names, args)
-    use_external = bool(external_data) or _weight_bytes(loaded.module) > EXTERNAL_DATA_THRESHOLD
+    use_external = bool(external_data) or weights_need_external_data(loaded.module)
     remove_stale_data(target)
     if loaded.kind == ModelKind.TORCHSCRIPT:  # already a TorchScript graph: only the legacy exporter reads it
         wrapper, exporter = loaded.module, "legacy"
@@ -228,9 +228,10 @@ def dynamic_axes_for(example: InputSet, specs: Sequence[InputSpec] | None) -> Ax
     return axes
 
 
-def _weight_bytes(module: Any) -> int:
+def weights_need_external_data(module: Any) -> bool:
+    """Do a torch module's parameters and buffers pass the external-data threshold (every ONNX writer's)?"""
     tensors = list(module.parameters()) + list(module.buffers()) if hasattr(module, "parameters") else []
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors) > EXTERNAL_DATA_THRESHOLD
 
 
 def data_file(path: Path) -> Path:

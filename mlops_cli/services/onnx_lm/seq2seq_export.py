@@ -31,13 +31,7 @@ import numpy as np
 
 from mlops_cli.core.contract import LoadOptions, ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError
-from mlops_cli.services.onnx_lm.export_with_past import (
-    DEFAULT_OPSET,
-    EXTERNAL_DATA_THRESHOLD,
-    _save,
-    family_of,
-    save_text_side,
-)
+from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET, family_of, gather_weights, save_text_side
 
 ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE = (
     "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
@@ -264,6 +258,7 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
     import torch
 
     from mlops_cli.core.io import atomic_dir, check_output
+    from mlops_cli.core.onnx_export import weights_need_external_data
 
     check_output(output, force, sources or [])
     model.eval()
@@ -272,8 +267,7 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
         raise InputError(f"the {family!r} model is not in float32: the seq2seq export traces float32 models",
                          hint="Load the model in float32 (`run` does), export, then convert the ONNX files.")
     layout = seq2seq_layout(model)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    external = weights > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    external = weights_need_external_data(model) if external_data is None else external_data
     graphs = _graphs(model, layout)
     names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     with atomic_dir(output, force, sources or []) as folder:
@@ -282,7 +276,7 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
             written = scratch / graph.file.removesuffix(".onnx") / graph.file
             written.parent.mkdir(parents=True)
             _export_graph(graph, written, opset, family)
-            _save(written, external)
+            gather_weights(written, external)
             names[graph.file] = _check_graph(graph, written, family)
             for file in written.parent.iterdir():
                 file.rename(folder / file.name)

@@ -245,7 +245,7 @@ def test_an_onnx_file_without_kv_inputs_is_refused_with_how_to_export(folders: d
                           input_names=["input_ids"], output_names=["logits"], opset_version=17)
     with pytest.raises(InputError, match="re-run the whole sequence") as caught:
         generate_run(ModelRef.parse(str(plain)), GenerateOptions(prompts=("hi",), tokenizer=folders["gpt2"]))
-    assert caught.value.exit_code == 3 and "--task causal-lm" in (caught.value.hint or "")
+    assert caught.value.exit_code == 3 and "without --no-kv-cache" in (caught.value.hint or "")
 
 
 def test_an_unsupported_family_is_refused_by_name_and_nothing_is_written(tmp_path: Path) -> None:

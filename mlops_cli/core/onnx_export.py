@@ -486,8 +486,9 @@ def load_onnx(path: Path, *, infer_shapes: bool = False) -> Any:
     """An ONNX model with its weights, external data included (read from beside it once every location is
     checked to stay inside the model's folder: exit 4 otherwise, where onnx would raise a bare error).
 
-    `infer_shapes`: run onnx's shape inference on the graph before its external weights are read. Inference in
-    memory serialises the model, which protobuf refuses past 2 GiB; without the weights the graph is small.
+    `infer_shapes`: run shape inference on the graph before its big external weights are read. Inference in
+    memory serialises the model, which protobuf refuses past 2 GiB; without the weights the graph is small (ONNX
+    Runtime's symbolic inference gets the external tensors it may read loaded first: `_load_external_for_inference`).
     """
     import onnx
     from onnx.external_data_helper import load_external_data_for_model

@@ -225,3 +225,55 @@ def test_a_graph_onnx_runtime_refuses_is_never_written(tmp_path) -> None:
     with pytest.raises(InputError, match="does not load in ONNX Runtime"), onnx_export.atomic_onnx(out) as written:
         onnx.save(model, str(written))
     assert not out.exists() and leftovers(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def fused_ext(fused, tmp_path_factory) -> Path:
+    """The fused graph with every initializer, shape constants included, in fused.onnx.data."""
+    path = tmp_path_factory.mktemp("fused-ext") / "fused.onnx"
+    onnx.save_model(onnx.load(str(fused)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="fused.onnx.data", size_threshold=0)
+    assert locations(path) == {"fused.onnx.data"}
+    return path
+
+
+def test_compress_half_of_a_fused_graph_with_external_data_from_another_folder(cli, fused_ext, tmp_path,
+                                                                                monkeypatch) -> None:
+    """Before: ONNX Runtime's symbolic inference read the external initializers relative to the current folder
+    (exit 1 from anywhere but the model's folder)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = cli("compress", "half", fused_ext, "-o", tmp_path / "half.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.json()["passed"] is True
+
+
+def test_compress_int8_of_a_fused_graph_that_does_not_import_its_domain(cli, fused, tmp_path) -> None:
+    """Before: quantize_dynamic read the file itself, whose com.microsoft nodes onnx's shape inference refused
+    without the domain's import (exit 1), and left `fused-inferred.onnx` beside the input."""
+    model = onnx.load(str(fused))
+    kept = [entry for entry in model.opset_import if entry.domain != "com.microsoft"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    source = tmp_path / "in" / "fused.onnx"
+    source.parent.mkdir()
+    onnx.save(model, str(source))
+    result = cli("compress", "int8", source, "-o", tmp_path / "int8.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.json()["passed"] is True
+    assert sorted(p.name for p in source.parent.iterdir()) == ["fused.onnx"]
+
+
+def test_the_kv_cache_export_and_its_int4_follow_the_one_threshold(cli, tmp_path, monkeypatch) -> None:
+    """Before: the KV-cache export (and seq2seq, int4) had their own 2 GiB threshold, and int4 wrote one file
+    even when its source kept its weights in a .data file."""
+    with monkeypatch.context() as lowered:
+        lowered.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", LOW_THRESHOLD)
+        kv = cli("export", "onnx", "builtin:tiny-gpt2", "-o", tmp_path / "kv.onnx", "--engine", "torch", "--json")
+    assert kv.exit_code == 0, kv.output
+    assert kv.json()["external_data"] and locations(tmp_path / "kv.onnx") == {"kv.onnx.data"}
+    int4 = cli("compress", "int4", tmp_path / "kv.onnx", "-o", tmp_path / "int4.onnx", "--no-eval", "--json")
+    assert int4.exit_code == 0, int4.output
+    assert locations(tmp_path / "int4.onnx") == {"int4.onnx.data"}
+    assert leftovers(tmp_path) == []

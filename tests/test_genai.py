@@ -234,7 +234,7 @@ def test_engine_auto_picks_genai_for_a_folder_and_torch_for_a_file_or_an_unsuppo
     gpt2 = cli("export", "onnx", "builtin:tiny-gpt2", "--task", "causal-lm", "-o", tmp_path / "gpt2", "--json")
     assert gpt2.exit_code == 0, gpt2.output
     assert gpt2.json()["engine"] == "torch" and "'gpt2'" in gpt2.json()["engine_reason"]
-    assert (tmp_path / "gpt2").is_file()
+    assert (tmp_path / "gpt2" / "model.onnx").is_file() and (tmp_path / "gpt2" / "tokenizer.json").is_file()
 
 
 @pytest.mark.slow
@@ -267,7 +267,7 @@ def test_a_build_that_does_not_match_exits_6_or_makes_auto_use_torch(cli: Any, l
     assert auto.exit_code == 0, auto.output
     data = auto.json()
     assert data["engine"] == "torch" and "did not verify" in data["engine_reason"]
-    assert any("discarded" in w for w in data["warnings"]) and (tmp_path / "auto").is_file()
+    assert any("discarded" in w for w in data["warnings"]) and (tmp_path / "auto" / "model.onnx").is_file()
 
 
 def test_a_row_stopping_on_eos_counts_it_like_the_onnx_and_pytorch_paths(cli: Any, zoo_dir: Path,

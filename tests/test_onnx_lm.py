@@ -245,7 +245,7 @@ def test_an_onnx_file_without_kv_inputs_is_refused_with_how_to_export(folders: d
                           input_names=["input_ids"], output_names=["logits"], opset_version=17)
     with pytest.raises(InputError, match="re-run the whole sequence") as caught:
         generate_run(ModelRef.parse(str(plain)), GenerateOptions(prompts=("hi",), tokenizer=folders["gpt2"]))
-    assert caught.value.exit_code == 3 and "--task causal-lm" in (caught.value.hint or "")
+    assert caught.value.exit_code == 3 and "without --no-kv-cache" in (caught.value.hint or "")
 
 
 def test_an_unsupported_family_is_refused_by_name_and_nothing_is_written(tmp_path: Path) -> None:
@@ -318,7 +318,7 @@ def test_an_export_that_computes_other_logits_is_refused_and_never_written(monke
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
         onnx.save(model, str(written))
 
-    monkeypatch.setattr(module, "_save", save_broken)
+    monkeypatch.setattr(module, "gather_weights", save_broken)
     gpt2, _ = zoo.build("tiny-gpt2")
     with pytest.raises(InputError, match=r"'gpt2' model family.*logits differs from the model's"):
         export_with_past(gpt2.eval(), tmp_path / "broken.onnx")

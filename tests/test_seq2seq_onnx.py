@@ -253,7 +253,7 @@ def test_an_export_whose_graph_differs_from_the_model_is_refused_and_nothing_wri
             weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
             onnx.save(model, str(written))
 
-    monkeypatch.setattr(module, "_save", save_broken)
+    monkeypatch.setattr(module, "gather_weights", save_broken)
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("kept")

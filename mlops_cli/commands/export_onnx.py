@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from mlops_cli.core.loading import LoadOptions
 
 
+PLAIN_OPSET = 20  # the plain graph's default opset (the KV-cache export's is 17)
+
+
 class Exporter(str, Enum):
     auto = "auto"
     dynamo = "dynamo"
@@ -63,7 +66,10 @@ class Optimize(str, Enum):
 def export_onnx_command(
     model: ModelArg,
     output: OutputOpt,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset: 20 (default), 18-21 (legacy: <= 20).")] = 20,
+    opset: Annotated[int | None, typer.Option(
+        "--opset", show_default=False,
+        help="ONNX opset: 20 (default), 18-21 (legacy: <= 20); the KV-cache export: 17 (default) or lower.")
+    ] = None,
     static: Annotated[bool, typer.Option("--static", help="Fix every dim to the example's shape.")] = False,
     exporter: Annotated[Exporter, typer.Option(
         "--exporter", help="dynamo (torch.export), legacy (TorchScript tracing), or auto: for Hugging Face "
@@ -102,9 +108,9 @@ def export_onnx_command(
                                 "local paths, module names): about twice the file size.")] = False,
     kv_cache: Annotated[bool, typer.Option(
         "--kv-cache/--no-kv-cache", rich_help_panel="Causal LMs (--task causal-lm)",
-        help="A causal LM (an HF decoder-only LM, or builtin:tiny-gpt2) is exported with its KV cache by default, "
-             "as with --task causal-lm; --no-kv-cache exports the plain graph instead (logits for the whole "
-             "sequence, re-run for every generated token). No effect on other models.")] = True,
+        help="A causal LM (an HF decoder-only LM, or the built-in tiny-gpt2 and tiny-llama) is exported with its "
+             "KV cache by default, as with --task causal-lm; --no-kv-cache exports the plain graph instead (logits "
+             "for the whole sequence, re-run for every generated token). No effect on other models.")] = True,
     engine: Annotated[LmEngine, typer.Option(
         "--engine", rich_help_panel="Causal LMs (--task causal-lm)",
         help="torch: our KV-cache export, one .onnx file; genai: ONNX Runtime GenAI's model builder, a folder "
@@ -157,12 +163,14 @@ def export_onnx_command(
             ("--optimize", optimize, Optimize.auto), ("--input", inputs, None), ("--batch-size", batch_size, None),
             ("--seq-len", seq_len, None), ("--atol", atol, None), ("--rtol", rtol, None),
             ("--preset", preset.value, "auto"), ("--include-padding", include_padding, False),
-            ("--repeats", repeats, 0), ("--keep-metadata", keep_metadata, False)) if value != default]
+            ("--repeats", repeats, 0), ("--keep-metadata", keep_metadata, False), ("--device", device, Device.auto),
+            ("--seed", seed, 0)) if value != default]
         task = "seq2seq-lm" if seq2seq else "causal-lm"
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do(es) not apply to --task {task} (the KV-cache export is "
-                             "checked against the model at its own sizes)",
+                             "traced on the CPU and checked against the model at its own sizes)",
                              hint="Drop them" + ("." if seq2seq else ", or add --no-kv-cache for the plain graph."))
+        _check_lm_opset(opset, engine)
         if seq2seq:
             if engine != LmEngine.auto or precision.value != "fp32":
                 raise UsageError("--engine and --precision apply to --task causal-lm",
@@ -173,7 +181,9 @@ def export_onnx_command(
         return
     if engine != LmEngine.auto or precision.value != "fp32":
         raise UsageError("--engine and --precision apply to the KV-cache export of a causal LM",
-                         hint="Drop them, or drop --no-kv-cache / add --task causal-lm.")
+                         hint="Drop them, or drop --no-kv-cache." if not kv_cache else
+                         "Drop them (add --task causal-lm if the model is a causal LM).")
+    opset = PLAIN_OPSET if opset is None else opset
     tolerances = parse_tolerances(atol, rtol, PRESETS["fp32" if preset.value == "auto" else preset.value])
     request = InputRequest(specs=tuple(inputs or ()), batch_size=batch_size, seq_len=seq_len, seed=seed)
     with progress_steps(f"exporting {model} to ONNX", quiet) as on_step:
@@ -188,7 +198,21 @@ def export_onnx_command(
         raise ValidationFailed(report.verdict, hint=f"{report.output} was kept for inspection.")
 
 
-def _export_lm(model: str, output: Path, force: bool, opset: int, external_data: bool, engine: LmEngine,
+def _check_lm_opset(opset: int | None, engine: LmEngine) -> None:
+    """The KV-cache exports trace with the legacy exporter at opset 17 at most; the genai builder picks its own."""
+    from mlops_cli.core.errors import UsageError
+    from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET
+
+    if opset is not None and opset > DEFAULT_OPSET:
+        raise UsageError(f"--opset {opset}: the KV-cache export takes opset {DEFAULT_OPSET} at most",
+                         hint=f"Use --opset {DEFAULT_OPSET} or lower (the default), or --no-kv-cache for the plain "
+                              "graph.")
+    if engine == LmEngine.genai and opset is not None:
+        raise UsageError("--opset applies to --engine torch: the genai builder picks its own opset",
+                         hint="Drop --opset, or use --engine torch.")
+
+
+def _export_lm(model: str, output: Path, force: bool, opset: int | None, external_data: bool, engine: LmEngine,
                precision: str, load: "LoadOptions", as_json: bool, quiet: bool) -> None:
     """`--task causal-lm`: the decoder with its KV cache (torch), or ONNX Runtime GenAI's folder (genai)."""
     from mlops_cli import render
@@ -197,24 +221,31 @@ def _export_lm(model: str, output: Path, force: bool, opset: int, external_data:
     from mlops_cli.render.export_onnx import export_with_past_tables
     from mlops_cli.render.genai import genai_export_tables
     from mlops_cli.services.onnx_lm import ExportWithPastOptions, ExportWithPastReport, export_run
+    from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET
     from mlops_cli.services.onnx_lm.genai_export import GenaiExportOptions, GenaiExportReport, run_auto
     from mlops_cli.services.onnx_lm.genai_export import run as genai_run
 
+    if engine == LmEngine.genai and external_data:
+        raise UsageError("--external-data applies to --engine torch: the genai builder writes model.onnx.data "
+                         "itself", hint="Drop --external-data, or use --engine torch.")
     if engine == LmEngine.torch and precision != "fp32":
         raise UsageError(f"--precision {precision} is the genai builder's; --engine torch exports fp32",
                          hint="Use --engine genai, or quantise the .onnx file with `mlops compress int4`.")
     ref = ModelRef.parse(model)
     with progress_steps(f"exporting {model} to ONNX with its KV cache", quiet) as on_step:
         torch_options = ExportWithPastOptions(load=load, on_step=on_step, output=output, force=force,
-                                              opset=min(opset, 17), external_data=external_data or None)
+                                              opset=DEFAULT_OPSET if opset is None else opset,
+                                              external_data=external_data or None)
         genai_options = GenaiExportOptions(load=load, on_step=on_step, output=output, force=force,
                                            precision=precision)
         report: GenaiExportReport | ExportWithPastReport
         if engine == LmEngine.torch:
             report = export_run(ref, torch_options)
         else:
-            report = genai_run(ref, genai_options) if engine == LmEngine.genai else run_auto(ref, genai_options,
-                                                                                              torch_options)
+            torch_only = tuple(name for name, given in (("--opset", opset is not None),
+                                                        ("--external-data", external_data)) if given)
+            report = genai_run(ref, genai_options) if engine == LmEngine.genai else run_auto(
+                ref, genai_options, torch_options, torch_only=torch_only)
     if not isinstance(report, GenaiExportReport):
         render.emit(report, as_json, export_with_past_tables, quiet)
         return
@@ -239,16 +270,19 @@ def _is_seq2seq_lm(model: str) -> bool:
     return is_seq2seq_lm_folder(ModelRef.parse(model).path)
 
 
-def _export_seq2seq(model: str, output: Path, force: bool, opset: int, external_data: bool, load: "LoadOptions",
+def _export_seq2seq(model: str, output: Path, force: bool, opset: int | None, external_data: bool,
+                    load: "LoadOptions",
                     as_json: bool, quiet: bool) -> None:
     """`--task seq2seq-lm` (or an encoder-decoder LM exported to a folder): Optimum's encoder + decoders layout."""
     from mlops_cli import render
     from mlops_cli.core.contract import ModelRef
     from mlops_cli.render.seq2seq_export import seq2seq_export_tables
     from mlops_cli.services.onnx_lm import Seq2SeqExportOptions, seq2seq_export_run
+    from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET
 
     with progress_steps(f"exporting {model} to ONNX (encoder, decoders with KV cache)", quiet) as on_step:
-        options = Seq2SeqExportOptions(load=load, on_step=on_step, output=output, force=force, opset=min(opset, 17),
+        options = Seq2SeqExportOptions(load=load, on_step=on_step, output=output, force=force,
+                                       opset=DEFAULT_OPSET if opset is None else opset,
                                        external_data=external_data or None)
         report = seq2seq_export_run(ModelRef.parse(model), options)
     render.emit(report, as_json, seq2seq_export_tables, quiet)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -82,7 +83,7 @@ def write_onnx(loaded: LoadedModel, path: str | Path, example: InputSet, *, dyna
     axes = dynamic_axes_for(example, specs) if dynamic else {}
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example.tensors.values())
     wrapper, output_names = _named_io_module(loaded, input_names, args)
-    use_external = bool(external_data) or _weight_bytes(loaded.module) > EXTERNAL_DATA_THRESHOLD
+    use_external = bool(external_data) or weights_need_external_data(loaded.module)
     remove_stale_data(target)
     if loaded.kind == ModelKind.TORCHSCRIPT:  # already a TorchScript graph: only the legacy exporter reads it
         wrapper, exporter = loaded.module, "legacy"
@@ -227,9 +228,10 @@ def dynamic_axes_for(example: InputSet, specs: Sequence[InputSpec] | None) -> Ax
     return axes
 
 
-def _weight_bytes(module: Any) -> int:
+def weights_need_external_data(module: Any) -> bool:
+    """Do a torch module's parameters and buffers pass the external-data threshold (every ONNX writer's)?"""
     tensors = list(module.parameters()) + list(module.buffers()) if hasattr(module, "parameters") else []
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors) > EXTERNAL_DATA_THRESHOLD
 
 
 def data_file(path: Path) -> Path:
@@ -484,8 +486,9 @@ def load_onnx(path: Path, *, infer_shapes: bool = False) -> Any:
     """An ONNX model with its weights, external data included (read from beside it once every location is
     checked to stay inside the model's folder: exit 4 otherwise, where onnx would raise a bare error).
 
-    `infer_shapes`: run onnx's shape inference on the graph before its external weights are read. Inference in
-    memory serialises the model, which protobuf refuses past 2 GiB; without the weights the graph is small.
+    `infer_shapes`: run shape inference on the graph before its big external weights are read. Inference in
+    memory serialises the model, which protobuf refuses past 2 GiB; without the weights the graph is small (ONNX
+    Runtime's symbolic inference gets the external tensors it may read loaded first: `_load_external_for_inference`).
     """
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
@@ -496,12 +499,12 @@ def load_onnx(path: Path, *, infer_shapes: bool = False) -> Any:
     model = onnx.load(str(path), load_external_data=False)
     declare_op_domains(model)
     if infer_shapes:
-        model = _infer_types(model)
+        model = _infer_types(model, path.parent)
     load_external_data_for_model(model, str(path.parent))
     return model
 
 
-def _infer_types(model: Any) -> Any:
+def _infer_types(model: Any, folder: Path) -> Any:
     """The graph with every value's type and shape inferred. onnx's inference does not know ONNX Runtime's
     contrib ops (the fused Attention, FastGelu, SkipLayerNormalization... of `export onnx --optimize`): their
     outputs would stay untyped and a float16 conversion would mix float32 and float16 around them. ONNX Runtime's
@@ -512,7 +515,31 @@ def _infer_types(model: Any) -> Any:
         return onnx.shape_inference.infer_shapes(model)
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    _load_external_for_inference(model, folder)
     return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+
+
+_SMALL_TENSOR = 1024 * 1024  # bytes: shape constants, indices, axes
+
+
+def _load_external_for_inference(model: Any, folder: Path) -> None:
+    """ONNX Runtime's symbolic inference reads the values of constant initializers (shapes, indices) with
+    `numpy_helper.to_array`, which resolves an external tensor's location against the current directory, not the
+    model's folder: a crash from elsewhere, or a same-named file's bytes. Read them from `folder` first: all of them
+    when the weights stay under the external-data threshold, else the small ones (the constants it reads)."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    external = [(tensor, _tensor_bytes(tensor)) for tensor in model.graph.initializer if uses_external_data(tensor)]
+    everything = sum(size for _, size in external) <= EXTERNAL_DATA_THRESHOLD
+    for tensor, size in external:
+        if everything or size < _SMALL_TENSOR:
+            load_external_data_for_tensor(tensor, str(folder))
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    import onnx
+
+    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 def has_external_data(path: Path) -> bool:

@@ -173,7 +173,8 @@ def _generation_advice(loaded: LoadedModel) -> list[str]:
     architectures = getattr(loaded.config, "architectures", None) or []
     if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
         return ["this graph has no KV cache: generating with it re-runs the whole sequence for every token; "
-                "export with --task causal-lm for generation (past_key_values in, present out)"]
+                "the default export (without --no-kv-cache) writes the decoder with its cache (past_key_values in, "
+                "present out) for generation"]
     if getattr(loaded.config, "is_encoder_decoder", False) and any(
             name.endswith(SEQ2SEQ_LM_ARCHITECTURES) for name in architectures):
         return ["this graph has no KV cache: generating with it re-runs the encoder and the whole decoder sequence "

@@ -41,7 +41,13 @@ from mlops_cli.core.int8_state import (
 )
 from mlops_cli.core.io import atomic_dir, check_output, save_torch
 from mlops_cli.core.loading import LoadedModel, load_model
-from mlops_cli.core.onnx_export import atomic_onnx, check_onnx_output, has_external_data, quiet_exporters
+from mlops_cli.core.onnx_export import (
+    atomic_onnx,
+    check_onnx_output,
+    has_external_data,
+    load_onnx,
+    quiet_exporters,
+)
 from mlops_cli.core.parity import ParityReport, Tolerances, check_parity
 from mlops_cli.core.sidecar import SIDECAR, read_sidecar, write_sidecar
 from mlops_cli.core.timing import Timing, measure_interleaved
@@ -188,7 +194,10 @@ def _onnx_int8(source: Path, original: LoadedModel, plan: InputPlan | None, prob
     # Weights in `<output>.data` when the source kept them apart (a source under the threshold in one file
     # quantises to an int8 file under it too); written beside the output under its name, then moved into place.
     with atomic_onnx(output, options.force, [source]) as written, quiet_exporters():
-        quantize_dynamic(str(source), str(written), op_types_to_quantize=list(op_types),
+        # A ModelProto, not the path: its op domains declared (a fused graph may not import com.microsoft, which
+        # onnx's shape inference refuses), and ONNX Runtime writes its `-inferred.onnx` in a temporary folder
+        # rather than beside the source.
+        quantize_dynamic(load_onnx(source), str(written), op_types_to_quantize=list(op_types),
                          per_channel=options.per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                          nodes_to_exclude=excluded,
                          # DefaultTensorType: the outputs of contrib ops (fused graphs) have no inferred type

@@ -18,7 +18,6 @@ moved into place it is run on an empty past and on a cached pass at other sizes 
 from __future__ import annotations
 
 import inspect
-import shutil
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +28,6 @@ import numpy as np
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError
 
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, minus room for the graph
 _EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 3, 2
 DEFAULT_OPSET = 17
 
@@ -129,8 +127,9 @@ def _cache_pairs(cache: Any) -> list[tuple[Any, Any]] | None:
 
 def _unsupported(family: str, why: str) -> InputError:
     return InputError(f"cannot export the {family!r} model family with a KV cache: {why}",
-                      hint="Export a decoder-only causal LM with a standard KV cache (GPT-2, Llama, Qwen2, "
-                           "Mistral...), or export without the cache.")
+                      hint="Only decoder-only causal LMs with a standard KV cache (GPT-2, Llama, Qwen2, Mistral...) "
+                           "are exported with it: add --no-kv-cache for the plain graph (logits for the whole "
+                           "sequence).")
 
 
 def past_wrapper(model: Any, layout: KvLayout) -> Any:
@@ -181,27 +180,23 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
 
     The file appears only once exported and checked (empty-past and cached passes agree with the model);
     a family that cannot be exported raises InputError naming it and leaves nothing behind.
-    `external_data`: weights in `<output>.data` (None: only when they exceed protobuf's 2 GiB).
+    `external_data`: weights in `<output>.data` (None: only past the external-data threshold).
     """
     import torch
 
-    from mlops_cli.core.io import scratch_dir_beside
-    from mlops_cli.core.onnx_export import check_onnx_output, move_into_place
+    from mlops_cli.core.onnx_export import atomic_onnx, check_onnx_output, weights_need_external_data
 
     target = check_onnx_output(output, force, sources or [])
     model.eval()
     family = family_of(model)
     layout = kv_layout(model)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    external = weights > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    external = weights_need_external_data(model) if external_data is None else external_data
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise InputError(f"the {family!r} model is not in float32: the KV-cache export traces float32 models",
                          hint="Load the model in float32 (`run` does), export, then convert the ONNX file.")
     feed = example_feed(layout, int(model.config.get_text_config().vocab_size), np.float32)
     args = tuple(torch.from_numpy(feed[name]) for name in layout.input_names())
-    scratch = scratch_dir_beside(target)
-    try:
-        written = scratch / target.name
+    with atomic_onnx(target, force, sources or []) as written:
         try:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about Python branches, checked below
@@ -210,28 +205,35 @@ def export_with_past(model: Any, output: Path, *, force: bool = False, opset: in
                                   dynamic_axes=layout.dynamic_axes(), opset_version=opset)  # type: ignore[arg-type]
         except Exception as exc:
             raise _unsupported(family, f"the ONNX exporter failed: {str(exc).strip().splitlines()[0]}") from exc
-        _save(written, external)
+        gather_weights(written, external)
         _check_against_model(written, model, layout, family)
-        move_into_place(written, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return ExportWithPast(target, family, layout, tuple(layout.input_names()), tuple(layout.output_names()),
                           opset, external, _CHECKED_PASSES)
 
 
-def _save(written: Path, external: bool) -> None:
+def gather_weights(written: Path, external: bool) -> None:
     """Gather the weights into one `<name>.data` beside the graph when external (the exporter may have written
-    one file per tensor), else keep a single self-contained file."""
+    one file per tensor), else keep a single self-contained file. `written` is alone in a private folder."""
     if not external and len(list(written.parent.iterdir())) == 1:
         return
     import onnx
+
+    from mlops_cli.core.onnx_export import save_model_proto
 
     model = onnx.load(str(written))
     for other in written.parent.iterdir():
         if other != written:
             other.unlink()
-    onnx.save_model(model, str(written), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{written.name}.data", size_threshold=1024)
+    save_model_proto(model, written, external)
+
+
+def save_text_side(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The config, generation config and tokenizer beside the graphs: the folder generates on its own."""
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 # (batch, sequence, past) of the passes checked on the written graph against the model itself: prompt passes with
@@ -279,7 +281,8 @@ class ExportWithPastOptions(OutputOptions):
     """`mlops export onnx MODEL --task causal-lm`: a decoder graph with KV-cache inputs and outputs."""
 
     opset: int = DEFAULT_OPSET
-    external_data: bool | None = None  # None: only for weights over protobuf's 2 GiB
+    external_data: bool | None = None  # None: only past the external-data threshold (core.onnx_export)
+    text_side: bool = False  # also save the config and tokenizer beside the file (`generate FILE` finds them)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,6 +327,10 @@ def run(ref: ModelRef, options: ExportWithPastOptions) -> ExportWithPastReport:
     options.on_step("exporting")
     written = export_with_past(loaded.module, options.output, force=options.force, opset=options.opset,
                                external_data=options.external_data, sources=ref.sources)
+    if options.text_side:
+        save_text_side(loaded.module, loaded.tokenizer, written.path.parent)
+        if loaded.tokenizer is None:
+            warnings.append(f"{ref} has no tokenizer: none was saved beside {written.path.name}")
     files = files_on_disk(written.path)
     layout = written.layout
     return ExportWithPastReport(

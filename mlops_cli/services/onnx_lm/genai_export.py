@@ -61,7 +61,8 @@ class GenaiExportReport(Report):
 
 
 class GenaiUnsupported(InputError):
-    """The builder has no recipe for this architecture (`--engine auto` then uses the torch exporter)."""
+    """The builder cannot build this model: no recipe for its architecture, no tokenizer, or the build failed
+    (`--engine auto` then uses the torch exporter)."""
 
 
 class GenaiUnverified(InputError):
@@ -122,7 +123,8 @@ def _load(ref: ModelRef, options: GenaiExportOptions) -> Any:
         raise InputError(f"{ref} is not a transformers model ({loaded.kind.value}); the genai builder needs one",
                          hint="Pass a Hugging Face folder holding a causal LM.")
     if loaded.tokenizer is None:
-        raise InputError(f"{ref} has no tokenizer: a genai folder carries one, and verification generates text",
+        raise GenaiUnsupported(f"{ref} has no tokenizer: a genai folder carries one, and verification generates "
+                               "text",
                          hint="Save the tokenizer files (tokenizer.json, tokenizer_config.json...) beside the model.")
     loaded.module.float().eval()
     return loaded
@@ -150,13 +152,14 @@ def build(source: Path, output: Path, precision: str, family: str, architecture:
             extra = builder.parse_extra_options("", str(source), str(output), precision, "cpu", str(cache), [])
             builder.create_model("", str(source), str(output), precision, "cpu", str(cache), **extra)
         except NotImplementedError as exc:
+            quantise = "" if precision == "fp32" else f", then `mlops compress int4 lm.onnx -o lm-{precision}.onnx`"
             raise GenaiUnsupported(
                 f"ONNX Runtime GenAI's model builder does not support the {family!r} family ({architecture})",
-                hint="--engine torch exports it: `mlops export onnx MODEL --task causal-lm --engine torch "
-                     "-o lm.onnx`.") from exc
+                hint=f"--engine torch exports it: `mlops export onnx MODEL --engine torch -o lm.onnx`{quantise}."
+            ) from exc
         except Exception as exc:
             log = captured.getvalue().strip().splitlines()[-3:]
-            raise InputError(f"ONNX Runtime GenAI's model builder failed on the {family!r} model: "
+            raise GenaiUnsupported(f"ONNX Runtime GenAI's model builder failed on the {family!r} model: "
                              f"{type(exc).__name__}: {str(exc).strip()[:300]}",
                              hint=f"--engine torch exports it without the builder. Builder log: {' | '.join(log)}"
                              ) from exc
@@ -183,12 +186,19 @@ AUTO_GENAI_REASON = ("auto: the builder supports the family, and ONNX Runtime Ge
                      "export (benchmarks/bench_onnx_lm.py) and builds in seconds")
 
 
-def run_auto(ref: ModelRef, options: GenaiExportOptions, torch_options: Any) -> GenaiExportReport | Any:
+def run_auto(ref: ModelRef, options: GenaiExportOptions, torch_options: Any, *, torch_only: tuple[str, ...] = ()
+             ) -> GenaiExportReport | Any:
     """`--engine auto`: the genai folder when -o names a folder, the runtime is installed, the builder supports
     the family and the fp32 build verifies; otherwise the torch exporter's single file (`torch_options`, an
-    `ExportWithPastOptions` with the same output), the reason said in the report."""
+    `ExportWithPastOptions` with the same output), the reason said in the report. `torch_only`: options the user
+    gave that only the torch exporter takes (--opset, --external-data): they choose it."""
     if options.precision != "fp32":  # only the builder quantises while exporting
+        if torch_only:
+            raise UsageError(f"{', '.join(torch_only)} apply to the torch exporter, --precision "
+                             f"{options.precision} to the genai builder", hint="Drop one or the other.")
         return run(ref, replace(options, engine_reason=f"auto: --precision {options.precision} is the builder's"))
+    if torch_only:
+        return _torch_export(ref, torch_options, f"auto: the torch exporter takes {', '.join(torch_only)}")
     if Path(options.output).suffix == ".onnx":
         return _torch_export(ref, torch_options, "auto: -o names a .onnx file (the genai builder writes a folder)")
     try:
@@ -205,6 +215,14 @@ def run_auto(ref: ModelRef, options: GenaiExportOptions, torch_options: Any) -> 
 
 
 def _torch_export(ref: ModelRef, options: Any, reason: str) -> Any:
+    """The torch exporter's file; when -o names a folder (meant for genai), FOLDER/model.onnx with the config and
+    tokenizer beside it, so that `generate FOLDER/model.onnx` finds them."""
+    from mlops_cli.core.io import atomic_dir
     from mlops_cli.services.onnx_lm.export_with_past import run as export_run
 
-    return replace(export_run(ref, options), engine_reason=reason)
+    if Path(options.output).suffix == ".onnx":
+        return replace(export_run(ref, options), engine_reason=reason)
+    model = Path(options.output) / "model.onnx"
+    with atomic_dir(options.output, options.force, ref.sources) as temp:
+        report = export_run(ref, replace(options, output=temp / model.name, force=False, text_side=True))
+    return replace(report, output=str(model), engine_reason=f"{reason}; written as {model} with the tokenizer")

@@ -54,7 +54,8 @@ class OnnxDecoder:
         missing = [name for name in ["logits", *self.present_names] if name not in self.output_names]
         if missing:
             raise InputError(f"{self.path} takes a KV cache but does not return {', '.join(missing)}",
-                             hint="Export it with `mlops export onnx --task causal-lm` (Optimum's names).")
+                             hint="Export it with `mlops export onnx MODEL --engine torch -o lm.onnx` (Optimum's "
+                                  "names).")
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
@@ -97,7 +98,10 @@ def _fixed_dim(shape: Sequence[Any], index: int) -> int:
     value = shape[index] if len(shape) > index else None
     if not isinstance(value, int):
         raise InputError(f"the KV-cache inputs have a symbolic dim {index} ({value}); mlops needs the head count "
-                         "and head size fixed in the graph", hint="Re-export with `export onnx --task causal-lm`.")
+                         "and head size fixed in the graph",
+                         hint="For mlops' loop export with `mlops export onnx MODEL --engine torch -o lm.onnx`; a "
+                              "genai folder runs as a folder (`mlops generate FOLDER`), and is quantised while "
+                              "exporting (`export onnx MODEL --engine genai --precision int4 -o FOLDER`).")
     return value
 
 
@@ -105,8 +109,8 @@ def no_kv_cache_error(path: Path, inputs: Sequence[str]) -> InputError:
     return InputError(
         f"{path} has no KV-cache inputs (it takes {', '.join(inputs) or 'nothing'}): generating with it would "
         "re-run the whole sequence for every new token, so each token would cost as much as the prompt",
-        hint="Export the model with its cache: `mlops export onnx MODEL --task causal-lm` writes "
-             "past_key_values.N.key/value inputs and present.N.key/value outputs.")
+        hint="Export the model with its cache: `mlops export onnx MODEL -o lm.onnx` (without --no-kv-cache) "
+             "writes past_key_values.N.key/value inputs and present.N.key/value outputs.")
 
 
 @torch.inference_mode()

@@ -13,7 +13,6 @@ perplexity of both graphs on a text and the share of positions where their greed
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from typing import Any
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, UsageError
 from mlops_cli.core.onnx_export import quiet_exporters
-from mlops_cli.services.onnx_lm.export_with_past import EXTERNAL_DATA_THRESHOLD
 from mlops_cli.services.onnx_lm.generate_onnx import OnnxDecoder, load_text_side
 from mlops_cli.services.perplexity import (
     EvaluationText,
@@ -61,10 +59,15 @@ class Int4Report(Report):
 
 def run(ref: ModelRef, options: Int4Options) -> Int4Report:
     """Quantise the MatMul weights of an ONNX decoder to 4 (or 8) bits, then measure what it cost."""
-    import onnx
-
-    from mlops_cli.core.io import scratch_dir_beside
-    from mlops_cli.core.onnx_export import check_onnx_output, files_on_disk, load_onnx, move_into_place
+    from mlops_cli.core.onnx_export import (
+        atomic_onnx,
+        check_onnx_output,
+        files_on_disk,
+        has_external_data,
+        load_onnx,
+        needs_external_data,
+        save_model_proto,
+    )
 
     if options.bits not in BITS:
         raise UsageError(f"{options.bits} bits: MatMulNBits quantises weights to {' or '.join(map(str, BITS))} bits")
@@ -72,24 +75,17 @@ def run(ref: ModelRef, options: Int4Options) -> Int4Report:
         raise UsageError(f"--block-size {options.block_size}: MatMulNBits needs a power of two >= 16")
     source = ref.path
     if source is None or source.suffix != ".onnx" or not source.is_file():
-        raise InputError(f"{ref} is not an ONNX file", hint="Export the model first: `export onnx --task causal-lm`.")
+        raise InputError(f"{ref} is not an ONNX file",
+                         hint="Export the model first: `mlops export onnx MODEL -o lm.onnx`.")
     target = check_onnx_output(options.output, options.force, [source])
-    decoder = OnnxDecoder(source)  # refuses a graph without the KV cache, like generation would
-    probe, unmeasured = _probe(decoder, options)  # a bad --eval-text fails before writing
+    probe, unmeasured = _probe(source, options)  # a bad --eval-text fails before writing
     options.on_step("quantizing")
-    scratch = scratch_dir_beside(target)
-    try:
-        written = scratch / target.name
-        quantized = _quantize(load_onnx(source), options)  # .data locations checked to stay beside it
-        count = sum(1 for node in quantized.graph.node if node.op_type == "MatMulNBits")
-        if count == 0:
-            raise InputError(f"{ref} has no MatMul with a constant weight: nothing to quantise to int{options.bits}")
-        external = quantized.ByteSize() > EXTERNAL_DATA_THRESHOLD
-        onnx.save_model(quantized, str(written), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=f"{written.name}.data", size_threshold=1024)
-        move_into_place(written, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    quantized = _quantize(load_onnx(source), options)  # .data locations checked to stay beside it
+    count = sum(1 for node in quantized.graph.node if node.op_type == "MatMulNBits")
+    if count == 0:
+        raise InputError(f"{ref} has no MatMul with a constant weight: nothing to quantise to int{options.bits}")
+    with atomic_onnx(target, options.force, [source]) as written:
+        save_model_proto(quantized, written, needs_external_data(quantized, has_external_data(source)))
     comparison = None
     if probe is not None:
         options.on_step("measuring perplexity")
@@ -111,18 +107,23 @@ def _quantize(model: Any, options: Int4Options) -> Any:
     return quantizer.model.model
 
 
-def _probe(decoder: OnnxDecoder, options: Int4Options) -> tuple[PerplexityProbe | None, str | None]:
+def _probe(source: Path, options: Int4Options) -> tuple[PerplexityProbe | None, str | None]:
     """The float graph scored on the evaluation text before anything is written (None and why, without a
-    tokenizer; None when measuring is off)."""
+    tokenizer or when our generation loop cannot run the graph; None when measuring is off). Quantising itself
+    needs no KV cache: a plain graph, or a genai folder's model.onnx, is quantised all the same."""
     if options.evaluation is None:
         return None, None
     options.evaluation.read()  # an unreadable text is refused even when no tokenizer is found
     try:
         tokenizer = (explicit_tokenizer(options.tokenizer) if options.tokenizer
-                     else load_text_side(decoder.path.parent).tokenizer)
+                     else load_text_side(source.parent).tokenizer)
     except InputError as exc:
         if options.tokenizer:
             raise  # the user's --tokenizer: exit 3 naming it, not a warning
         return None, f"perplexity not measured: {exc.message}; pass the HF folder as the tokenizer"
+    try:
+        decoder = OnnxDecoder(source)
+    except InputError as exc:
+        return None, f"perplexity not measured: {exc.message}. {exc.hint or ''}".strip()
     options.on_step("measuring perplexity")
     return PerplexityProbe.of(options.evaluation, onnx_logits_fn(decoder), tokenizer), None

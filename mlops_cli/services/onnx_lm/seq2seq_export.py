@@ -31,7 +31,7 @@ import numpy as np
 
 from mlops_cli.core.contract import LoadOptions, ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError
-from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, _save, family_of
+from mlops_cli.services.onnx_lm.export_with_past import DEFAULT_OPSET, family_of, gather_weights, save_text_side
 
 ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE = (
     "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
@@ -258,6 +258,7 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
     import torch
 
     from mlops_cli.core.io import atomic_dir, check_output
+    from mlops_cli.core.onnx_export import weights_need_external_data
 
     check_output(output, force, sources or [])
     model.eval()
@@ -266,8 +267,7 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
         raise InputError(f"the {family!r} model is not in float32: the seq2seq export traces float32 models",
                          hint="Load the model in float32 (`run` does), export, then convert the ONNX files.")
     layout = seq2seq_layout(model)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    external = weights > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    external = weights_need_external_data(model) if external_data is None else external_data
     graphs = _graphs(model, layout)
     names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     with atomic_dir(output, force, sources or []) as folder:
@@ -276,12 +276,12 @@ def export_seq2seq(model: Any, output: Path, *, tokenizer: Any = None, force: bo
             written = scratch / graph.file.removesuffix(".onnx") / graph.file
             written.parent.mkdir(parents=True)
             _export_graph(graph, written, opset, family)
-            _save(written, external)
+            gather_weights(written, external)
             names[graph.file] = _check_graph(graph, written, family)
             for file in written.parent.iterdir():
                 file.rename(folder / file.name)
         shutil.rmtree(scratch)
-        _save_text_side(model, tokenizer, folder)
+        save_text_side(model, tokenizer, folder)
     return Seq2SeqExport(Path(output), family, layout, names, {g.file: g.checks for g in graphs}, opset, external)
 
 
@@ -335,15 +335,6 @@ def _check_graph(graph: _Graph, written: Path, family: str) -> tuple[tuple[str, 
                 problem = diff.problem or f"max |diff| {diff.max_abs:.3g}"
                 raise _unsupported(family, f"{where}: {name} differs from the model's: {problem}")
     return tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs())
-
-
-def _save_text_side(model: Any, tokenizer: Any, folder: Path) -> None:
-    """The config, generation config and tokenizer beside the graphs: the folder generates on its own."""
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- the service

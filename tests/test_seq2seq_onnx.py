@@ -297,3 +297,12 @@ def test_the_decoder_starts_from_decoder_start_token_id_before_any_bos(tmp_path:
     (tmp_path / "generation_config.json").unlink()
     with pytest.raises(InputError, match="no decoder_start_token_id"):
         decoder_start_token(tmp_path)
+
+
+def test_no_kv_cache_gives_an_encoder_decoder_its_plain_graph(cli: Any, folders: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """--no-kv-cache was ignored for an encoder-decoder exported to a folder (the cache layout was written)."""
+    out = tmp_path / "plain"
+    result = cli("export", "onnx", folders["t5"], "-o", out, "--no-kv-cache", "--optimize", "none", "--json")
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "decoder_input_ids" in [value["name"] for value in result.json()["inputs"]]

@@ -110,7 +110,8 @@ def export_onnx_command(
         "--kv-cache/--no-kv-cache", rich_help_panel="Causal LMs (--task causal-lm)",
         help="A causal LM (an HF decoder-only LM, or the built-in tiny-gpt2 and tiny-llama) is exported with its "
              "KV cache by default, as with --task causal-lm; --no-kv-cache exports the plain graph instead (logits "
-             "for the whole sequence, re-run for every generated token). No effect on other models.")] = True,
+             "for the whole sequence, re-run for every generated token), also for an encoder-decoder LM exported to "
+             "a folder. No effect on other models.")] = True,
     engine: Annotated[LmEngine, typer.Option(
         "--engine", rich_help_panel="Causal LMs (--task causal-lm)",
         help="torch: our KV-cache export, one .onnx file; genai: ONNX Runtime GenAI's model builder, a folder "
@@ -154,8 +155,8 @@ def export_onnx_command(
     from mlops_cli.render.export_onnx import export_onnx_tables
     from mlops_cli.services.export_onnx import ExportOnnxOptions, run
 
-    seq2seq = load.task == "seq2seq-lm" or (load.task is None and output.suffix != ".onnx"
-                                            and _is_seq2seq_lm(model))
+    seq2seq = kv_cache and (load.task == "seq2seq-lm" or (load.task is None and output.suffix != ".onnx"
+                                                          and _is_seq2seq_lm(model)))
     causal = kv_cache and (load.task == "causal-lm" or (load.task is None and _is_causal_lm(model)))
     if causal or seq2seq:
         ignored = [name for name, value, default in (

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops_cli.core.contract import ModelRef
-from mlops_cli.core.errors import UsageError
 from mlops_cli.core.parity import Tolerances
-from mlops_cli.services.decoding import DecodingParams, decode
 from mlops_cli.services.onnx_lm.genai import (
     greedy_with_scores,
     open_model,
@@ -30,35 +28,22 @@ from mlops_cli.services.onnx_lm.quality import (
     GenerationParityOptions,
     GenerationParityReport,
     PromptParity,
-    _first_divergence,
-    _greedy,
     _reference,
     check_parity_options,
+    compare_generation,
     compare_perplexity,
     parity_report,
-    pass_diffs,
-    torch_passes,
 )
 
 
 def compare_genai_generation(model: Any, genai_model: Any, tokenizer: Any, prompts: Sequence[str],
                              max_new_tokens: int, tolerances: Tolerances) -> tuple[PromptParity, ...]:
     """Greedy tokens and per-pass logits of the PyTorch model and the genai model, prompt by prompt (batch 1)."""
-    params = DecodingParams(max_new_tokens=max_new_tokens)  # no EOS: every prompt runs all its steps
-    results = []
-    for prompt in prompts:
-        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        if input_ids.shape[1] == 0:
-            raise UsageError(f"the prompt {prompt!r} encodes to no tokens")
-        prompt_ids = input_ids[0].tolist()
-        reference, ref_scores = _greedy(decode, model, input_ids, params)
-        ref_new = reference[0, len(prompt_ids):].tolist()
-        cand_new, cand_scores = greedy_with_scores(genai_model, prompt_ids, max_new_tokens)
-        divergence = _first_divergence(ref_new, cand_new, ref_scores, cand_scores, tokenizer)  # type: ignore[arg-type]
-        passes = pass_diffs(torch_passes(model, input_ids, ref_new),
-                            teacher_forced_passes(genai_model, prompt_ids, ref_new), tolerances)
-        results.append(PromptParity(prompt, tuple(ref_new), tuple(cand_new), divergence, passes))
-    return tuple(results)
+    return compare_generation(
+        model, tokenizer, prompts, max_new_tokens, tolerances,
+        greedy=lambda input_ids, params: greedy_with_scores(genai_model, input_ids[0].tolist(),
+                                                            params.max_new_tokens),
+        passes=lambda input_ids, tokens: teacher_forced_passes(genai_model, input_ids[0].tolist(), tokens))
 
 
 def genai_parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationParityReport:

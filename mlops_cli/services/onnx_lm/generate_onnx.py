@@ -187,12 +187,15 @@ def load_text_side(where: Path) -> TextSide:
     return TextSide(where, tokenizer, eos_ids, int(pad))
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and mask; several prompts are left-padded (decoder-only models continue from the end)."""
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], padding_side: str = "left"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask; several prompts are padded on `padding_side`: left for a decoder-only model (it
+    continues from the end), right for an encoder's input (the mask hides the padding, and absolute-position
+    encoders such as BART's keep the positions they were trained with)."""
     if len(prompts) > 1:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        tokenizer.padding_side = "left"
+        tokenizer.padding_side = padding_side
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=len(prompts) > 1)
     if encoded["input_ids"].shape[1] == 0:
         raise UsageError("the prompt encodes to no tokens")

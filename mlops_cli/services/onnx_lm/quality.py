@@ -17,6 +17,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,16 @@ class GenerationParityReport(Report):
     runtime: str = "onnxruntime"  # what ran the candidate: "onnxruntime" (our loop) or "onnxruntime-genai"
 
 
-def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts: Sequence[str],
-                       max_new_tokens: int, tolerances: Tolerances) -> tuple[PromptParity, ...]:
-    """Greedy tokens and per-pass logits of both sides, prompt by prompt (batch 1: no padding involved)."""
+CandidateGreedy = Callable[[torch.Tensor, DecodingParams], tuple[list[int], Sequence[Any]]]
+CandidatePasses = Callable[[torch.Tensor, Sequence[int]], list[np.ndarray]]
+
+
+def compare_generation(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                       tolerances: Tolerances, greedy: CandidateGreedy, passes: CandidatePasses
+                       ) -> tuple[PromptParity, ...]:
+    """Greedy tokens and per-pass logits of the PyTorch model and a candidate, prompt by prompt (batch 1: no
+    padding involved). The candidate's side: `greedy(input_ids, params)` -> (new tokens, the scores each was
+    chosen from); `passes(input_ids, tokens)` -> logits of its prompt pass and of each cached pass."""
     params = DecodingParams(max_new_tokens=max_new_tokens)  # no EOS: every prompt runs all its steps
     results = []
     for prompt in prompts:
@@ -120,14 +128,19 @@ def compare_generation(model: Any, decoder: OnnxDecoder, tokenizer: Any, prompts
         if input_ids.shape[1] == 0:
             raise UsageError(f"the prompt {prompt!r} encodes to no tokens")
         reference, ref_scores = _greedy(decode, model, input_ids, params)
-        candidate, cand_scores = _greedy(onnx_decode, decoder, input_ids, params)
-        prompt_length = int(input_ids.shape[1])
-        ref_new, cand_new = reference[0, prompt_length:].tolist(), candidate[0, prompt_length:].tolist()
+        ref_new = reference[0, input_ids.shape[1]:].tolist()
+        cand_new, cand_scores = greedy(input_ids, params)
         divergence = _first_divergence(ref_new, cand_new, ref_scores, cand_scores, tokenizer)
-        passes = pass_diffs(torch_passes(model, input_ids, ref_new), onnx_passes(decoder, input_ids, ref_new),
-                            tolerances)
-        results.append(PromptParity(prompt, tuple(ref_new), tuple(cand_new), divergence, passes))
+        diffs = pass_diffs(torch_passes(model, input_ids, ref_new), passes(input_ids, ref_new), tolerances)
+        results.append(PromptParity(prompt, tuple(ref_new), tuple(cand_new), divergence, diffs))
     return tuple(results)
+
+
+def onnx_greedy(decoder: OnnxDecoder, input_ids: torch.Tensor, params: DecodingParams
+                ) -> tuple[list[int], list[torch.Tensor]]:
+    """Our ONNX cache loop's greedy new tokens and their scores (the candidate side of `compare_generation`)."""
+    candidate, scores = _greedy(onnx_decode, decoder, input_ids, params)
+    return candidate[0, input_ids.shape[1]:].tolist(), scores
 
 
 def pass_diffs(ref_logits: Sequence[np.ndarray], cand_logits: Sequence[np.ndarray],
@@ -150,7 +163,7 @@ def _greedy(decoder_loop: Callable[..., torch.Tensor], side: Any, input_ids: tor
 
 
 def _first_divergence(reference: list[int], candidate: list[int], ref_scores: list[torch.Tensor],
-                      cand_scores: list[torch.Tensor], tokenizer: Any) -> Divergence | None:
+                      cand_scores: Sequence[Any], tokenizer: Any) -> Divergence | None:
     for index, (ref_token, cand_token) in enumerate(zip(reference, candidate, strict=False)):
         if ref_token != cand_token:
             ref_row, cand_row = ref_scores[index], cand_scores[index]
@@ -232,8 +245,8 @@ def parity_run(ref: ModelRef, options: GenerationParityOptions) -> GenerationPar
     model, tokenizer, warnings = _reference(ref, options.load, options.tokenizer)
     decoder = OnnxDecoder(options.candidate)
     options.on_step("generating")
-    prompts = compare_generation(model, decoder, tokenizer, options.prompts, options.max_new_tokens,
-                                 options.tolerances)
+    prompts = compare_generation(model, tokenizer, options.prompts, options.max_new_tokens, options.tolerances,
+                                 partial(onnx_greedy, decoder), partial(onnx_passes, decoder))
     perplexity = compare_perplexity(options, model, tokenizer, onnx_logits_fn(decoder))
     return parity_report(ref, options, prompts, warnings, perplexity)
 

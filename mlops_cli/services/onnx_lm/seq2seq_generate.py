@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mlops_cli.core.contract import ModelRef
-from mlops_cli.core.errors import InputError, UsageError
+from mlops_cli.core.errors import InputError
 from mlops_cli.services.decoding import DecodingParams, StopState, logits_processors, take_step
 from mlops_cli.services.generate import GenerateOptions, GenerateReport
 from mlops_cli.services.generate_measure import RunRecord, StepClock
@@ -29,6 +29,7 @@ from mlops_cli.services.onnx_lm.generate_onnx import (
     TextSide,
     _check,
     decoding_params,
+    encode_prompts,
     generation_session,
     load_text_side,
     measured_report,
@@ -193,16 +194,8 @@ def ignored_generation_defaults(folder: Path) -> list[str]:
 
 
 def encode_sources(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and mask of the encoder's input; several prompts are right-padded (the mask hides the padding,
-    and absolute-position encoders such as BART's keep the positions they were trained with)."""
-    if len(prompts) > 1:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        tokenizer.padding_side = "right"
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=len(prompts) > 1)
-    if encoded["input_ids"].shape[1] == 0:
-        raise UsageError("the prompt encodes to no tokens")
-    return encoded["input_ids"], encoded.get("attention_mask", torch.ones_like(encoded["input_ids"]))
+    """Token ids and mask of the encoder's input, several prompts right-padded."""
+    return encode_prompts(tokenizer, prompts, padding_side="right")
 
 
 @dataclass(frozen=True)

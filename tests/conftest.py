@@ -48,3 +48,15 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in zoo.ENTRIES:
         save_model(name, root / name)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """torch at one thread for a module (LM tests: tiny models run no slower and no less reproducibly on one
+    thread, and the other core stays free); the thread count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,12 +39,7 @@ PROMPTS = ("The model", "Hello there, how are you doing today", "a")
 FAMILIES = ("gpt2", "llama")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _llama(vocab_size: int) -> Any:

@@ -30,12 +30,7 @@ FAMILIES = ("t5", "bart")
 PROMPTS = ("The model", "Once upon a time there was", "a")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokenizer() -> Any:

@@ -454,15 +454,20 @@ def _folder_config(path: Path | None) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _architectures_end_with(config: dict[str, Any], suffixes: tuple[str, ...]) -> bool:
-    return any(isinstance(name, str) and name.endswith(suffixes) for name in config.get("architectures") or [])
+def lm_task(architectures: Any, is_encoder_decoder: Any) -> str | None:
+    """"causal-lm", "seq2seq-lm" or None, from the classes a config names (nothing loaded): the one rule for
+    which models `export onnx` gives a KV cache (and advises about when exported without it)."""
+    names = [name for name in architectures or [] if isinstance(name, str)]
+    if is_encoder_decoder:
+        return "seq2seq-lm" if any(name.endswith(SEQ2SEQ_LM_ARCHITECTURES) for name in names) else None
+    return "causal-lm" if any(name.endswith(CAUSAL_LM_ARCHITECTURES) for name in names) else None
 
 
 def is_seq2seq_lm_folder(path: Path | None) -> bool:
     """An HF folder whose config.json describes an encoder-decoder LM, the models `export onnx` exports with
     `--task seq2seq-lm` when the output is a folder."""
     config = _folder_config(path)
-    return bool(config.get("is_encoder_decoder")) and _architectures_end_with(config, SEQ2SEQ_LM_ARCHITECTURES)
+    return lm_task(config.get("architectures"), config.get("is_encoder_decoder")) == "seq2seq-lm"
 
 
 def is_causal_lm(ref: ModelRef) -> bool:
@@ -473,7 +478,7 @@ def is_causal_lm(ref: ModelRef) -> bool:
 
         return zoo.entry(ref.builtin).task == "causal-lm"
     config = _folder_config(ref.path)
-    return not config.get("is_encoder_decoder") and _architectures_end_with(config, CAUSAL_LM_ARCHITECTURES)
+    return lm_task(config.get("architectures"), config.get("is_encoder_decoder")) == "causal-lm"
 
 
 def hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mlops_cli.core.contract import ModelRef, OutputOptions, Report
 from mlops_cli.core.errors import InputError, MlopsError, UsageError
 from mlops_cli.core.inputs import InputPlan, InputRequest, InputSet
-from mlops_cli.core.loading import SEQ2SEQ_LM_ARCHITECTURES, LoadedModel, ModelKind
+from mlops_cli.core.loading import LoadedModel, ModelKind, lm_task
 from mlops_cli.core.onnx_export import (
     DYNAMIC_DIM_NAMES,
     EXPORTERS,
@@ -170,13 +170,12 @@ def run(ref: ModelRef, options: ExportOnnxOptions) -> ExportOnnxReport:
 
 def _generation_advice(loaded: LoadedModel) -> list[str]:
     """A causal LM exported without its KV cache re-runs the whole sequence for every generated token."""
-    architectures = getattr(loaded.config, "architectures", None) or []
-    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+    task = lm_task(getattr(loaded.config, "architectures", None), getattr(loaded.config, "is_encoder_decoder", False))
+    if task == "causal-lm":
         return ["this graph has no KV cache: generating with it re-runs the whole sequence for every token; "
                 "the default export (without --no-kv-cache) writes the decoder with its cache (past_key_values in, "
                 "present out) for generation"]
-    if getattr(loaded.config, "is_encoder_decoder", False) and any(
-            name.endswith(SEQ2SEQ_LM_ARCHITECTURES) for name in architectures):
+    if task == "seq2seq-lm":
         return ["this graph has no KV cache: generating with it re-runs the encoder and the whole decoder sequence "
                 "for every token; export to a folder (-o DIR, or --task seq2seq-lm) for Optimum's encoder + "
                 "decoders with their caches"]
